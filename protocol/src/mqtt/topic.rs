@@ -1,0 +1,201 @@
+//! The vehicle topic scheme (SPEC.md, "Vehicles over MQTT") and its access rule.
+//!
+//! ```text
+//! vehicles/{VIN}/up/{kind}     vehicle -> cloud   (the vehicle publishes)
+//! vehicles/{VIN}/down/{kind}   cloud -> vehicle   (the vehicle subscribes to vehicles/{VIN}/down/#)
+//! ```
+//!
+//! One level per meaning, the VIN in a fixed position: routing a downlink is a string format,
+//! and access control is a prefix comparison, never a scan over subscriptions.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::ids::Vin;
+
+/// First level of every vehicle topic.
+pub const ROOT: &str = "vehicles";
+
+macro_rules! kinds {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every kind.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The topic's last level, also the metric label.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = TopicError;
+            fn from_str(s: &str) -> Result<Self, TopicError> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(TopicError::UnknownKind),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+kinds!(
+    /// What a vehicle publishes (`vehicles/{VIN}/up/{kind}`).
+    UplinkKind {
+        /// Ask for a QR id to show on the screen.
+        QrRequest = "qr_request",
+        /// Report local activation, carrying the activation security code.
+        ActivationReport = "activation_report",
+        /// OTA package download progress.
+        OtaDownloadProgress = "ota_download_progress",
+        /// OTA installation progress.
+        OtaUpgradeProgress = "ota_upgrade_progress",
+        /// OTA status transition.
+        OtaStatus = "ota_status",
+        /// The result of a generic command.
+        CommandResult = "command_result",
+    }
+);
+
+kinds!(
+    /// What the cloud sends a vehicle (`vehicles/{VIN}/down/{kind}`).
+    DownlinkKind {
+        /// A QR id to display.
+        QrId = "qr_id",
+        /// The activation security code, after the owner confirmed.
+        ActivationCode = "activation_code",
+        /// The outcome of an activation report.
+        ActivationResult = "activation_result",
+        /// An OTA upgrade notification.
+        OtaNotify = "ota_notify",
+        /// An OTA task was cancelled.
+        OtaCancel = "ota_cancel",
+        /// A generic command.
+        Command = "command",
+    }
+);
+
+/// Why a topic is not a vehicle topic the gateway accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    /// Not of the form `vehicles/{VIN}/up/{kind}`.
+    #[error("failed to parse vehicle topic: not of the form vehicles/{{VIN}}/up/{{kind}}")]
+    Shape,
+    /// The VIN level is not the publishing vehicle's VIN.
+    #[error("failed to accept vehicle topic: another vehicle's VIN")]
+    ForeignVin,
+    /// The last level names no known kind.
+    #[error("failed to parse vehicle topic: unknown kind")]
+    UnknownKind,
+}
+
+impl TopicError {
+    /// The metric label (`reason="..."`).
+    pub fn label(self) -> &'static str {
+        match self {
+            TopicError::Shape => "topic_shape",
+            TopicError::ForeignVin => "foreign_vin",
+            TopicError::UnknownKind => "unknown_kind",
+        }
+    }
+}
+
+/// The topic a vehicle publishes `kind` on.
+pub fn uplink_topic(vin: &Vin, kind: UplinkKind) -> String {
+    format!("{ROOT}/{vin}/up/{kind}")
+}
+
+/// The topic the cloud sends `kind` to `vin` on.
+pub fn downlink_topic(vin: &Vin, kind: DownlinkKind) -> String {
+    format!("{ROOT}/{vin}/down/{kind}")
+}
+
+/// The filter a vehicle subscribes to for all its downlinks.
+pub fn downlink_filter(vin: &Vin) -> String {
+    format!("{ROOT}/{vin}/down/#")
+}
+
+/// Checks that `vin` may publish on `topic`, and which uplink it is.
+///
+/// # Errors
+/// [`TopicError`] when the topic is not `vehicles/{vin}/up/{kind}` for this VIN and a known kind.
+pub fn parse_uplink(vin: &Vin, topic: &str) -> Result<UplinkKind, TopicError> {
+    let mut levels = topic.split('/');
+    let (Some(root), Some(topic_vin), Some(dir), Some(kind), None) =
+        (levels.next(), levels.next(), levels.next(), levels.next(), levels.next())
+    else {
+        return Err(TopicError::Shape);
+    };
+    if root != ROOT || dir != "up" {
+        return Err(TopicError::Shape);
+    }
+    if topic_vin != vin.as_str() {
+        return Err(TopicError::ForeignVin);
+    }
+    kind.parse()
+}
+
+/// `true` if `vin` may subscribe to `filter`: the filter must name this VIN literally in its
+/// second level, so that it can match no other vehicle's topics. What it matches below that is
+/// the vehicle's own business (it only ever receives its own downlinks).
+///
+/// `filter` must already be a valid filter ([`check_topic_filter`](super::validate::check_topic_filter)).
+pub fn may_subscribe(vin: &Vin, filter: &str) -> bool {
+    let mut levels = filter.split('/');
+    levels.next() == Some(ROOT) && levels.next() == Some(vin.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vin() -> Vin {
+        Vin::new("LSVAU2180N2183294").expect("valid vin")
+    }
+
+    #[test]
+    fn uplink_round_trip() {
+        for kind in UplinkKind::ALL {
+            assert_eq!(parse_uplink(&vin(), &uplink_topic(&vin(), *kind)), Ok(*kind));
+        }
+    }
+
+    #[test]
+    fn uplink_refusals() {
+        let v = vin();
+        assert_eq!(parse_uplink(&v, "vehicles/LSVAU2180N2183295/up/ota_status"), Err(TopicError::ForeignVin));
+        assert_eq!(parse_uplink(&v, "vehicles/LSVAU2180N2183294/down/command"), Err(TopicError::Shape));
+        assert_eq!(parse_uplink(&v, "vehicles/LSVAU2180N2183294/up/nope"), Err(TopicError::UnknownKind));
+        assert_eq!(parse_uplink(&v, "vehicles/LSVAU2180N2183294/up/ota_status/x"), Err(TopicError::Shape));
+        assert_eq!(parse_uplink(&v, "cars/LSVAU2180N2183294/up/ota_status"), Err(TopicError::Shape));
+        assert_eq!(parse_uplink(&v, "vehicles/LSVAU2180N2183294/up"), Err(TopicError::Shape));
+    }
+
+    #[test]
+    fn subscribe_rule() {
+        let v = vin();
+        assert!(may_subscribe(&v, &downlink_filter(&v)));
+        assert!(may_subscribe(&v, "vehicles/LSVAU2180N2183294/down/command"));
+        assert!(may_subscribe(&v, "vehicles/LSVAU2180N2183294/#"));
+        assert!(!may_subscribe(&v, "vehicles/+/down/#"));
+        assert!(!may_subscribe(&v, "vehicles/#"));
+        assert!(!may_subscribe(&v, "#"));
+        assert!(!may_subscribe(&v, "vehicles/LSVAU2180N2183295/down/#"));
+        assert!(!may_subscribe(&v, "$share/g/vehicles/LSVAU2180N2183294/down/#"));
+    }
+}

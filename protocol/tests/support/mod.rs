@@ -1,0 +1,3 @@
+//! Helpers shared by the protocol tests.
+
+pub(crate) mod spec_examples;
