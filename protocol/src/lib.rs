@@ -5,8 +5,10 @@
 //! - [`ids`]: device ids, VINs and order ids, validated once where they enter;
 //! - [`cabinet`]: the binary cabinet protocol of `SPEC.md` (frames, messages, codec);
 //! - [`mqtt`]: the server-side MQTT codec, its extra checks, and the vehicle topic scheme;
-//! - [`vehicle`]: the JSON payloads carried on the vehicle topics.
+//! - [`vehicle`]: the JSON payloads carried on the vehicle topics;
+//! - [`bus`]: what gateway nodes and the device service exchange through Redis.
 
+pub mod bus;
 pub mod cabinet;
 pub mod ids;
 pub mod mqtt;

@@ -473,3 +473,59 @@ fn password_is_not_printed() {
     assert!(!text.contains("token"), "{text}");
     assert!(text.contains("***"));
 }
+
+// === bytes from a client nobody here wrote ===
+
+/// Every packet of a byte stream captured from a real client, decoded by a server codec.
+fn decode_stream(bytes: &[u8]) -> Vec<Packet> {
+    let mut server = MqttCodec::server(Limits::default());
+    let mut buf = BytesMut::from(bytes);
+    let mut packets = Vec::new();
+    while let Some(p) = server.decode(&mut buf).expect("real client bytes decode") {
+        packets.push(p);
+    }
+    assert!(buf.is_empty());
+    packets
+}
+
+const VIN: &str = "LSVAU2180N2183294";
+
+#[test]
+fn mosquitto_pub_captures_decode() {
+    // Captured from Debian's mosquitto_pub 2.0 (`-q 1`), kept as fuzz seeds.
+    for (bytes, version, kind) in [
+        (&include_bytes!("../fuzz/corpus/mqtt_packet/mosquitto_pub_v311_qos1")[..], Version::V3_1_1, "ota_status"),
+        (&include_bytes!("../fuzz/corpus/mqtt_packet/mosquitto_pub_v5_qos1")[..], Version::V5, "qr_request"),
+    ] {
+        let packets = decode_stream(bytes);
+        let [Packet::Connect(c), Packet::Publish(p), Packet::Disconnect(_)] = &packets[..] else {
+            panic!("unexpected packets {packets:?}");
+        };
+        assert_eq!(c.version, version);
+        assert_eq!(c.client_id, VIN);
+        assert_eq!(c.username.as_deref(), Some(VIN));
+        assert_eq!(c.password.as_deref(), Some(&b"tok"[..]));
+        assert_eq!(p.topic, format!("vehicles/{VIN}/up/{kind}"));
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+        assert!(p.packet_id.is_some());
+        assert!(serde_json::from_slice::<serde_json::Value>(&p.payload).is_ok());
+    }
+}
+
+#[test]
+fn mosquitto_sub_captures_decode() {
+    for (bytes, version) in [
+        (&include_bytes!("../fuzz/corpus/mqtt_packet/mosquitto_sub_v311")[..], Version::V3_1_1),
+        (&include_bytes!("../fuzz/corpus/mqtt_packet/mosquitto_sub_v5")[..], Version::V5),
+    ] {
+        let packets = decode_stream(bytes);
+        let Some(Packet::Connect(c)) = packets.first() else { panic!("CONNECT first: {packets:?}") };
+        assert_eq!(c.version, version);
+        assert!(c.session_expiry_s > 0, "persistent session requested");
+        let subscribed = packets.iter().any(|p| {
+            matches!(p, Packet::Subscribe { filters, .. }
+                if filters == &vec![(format!("vehicles/{VIN}/down/#"), QoS::AtLeastOnce)])
+        });
+        assert!(subscribed, "{packets:?}");
+    }
+}

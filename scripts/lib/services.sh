@@ -1,0 +1,165 @@
+# Shared by scripts/test and scripts/demo: find or start the Redis and PostgreSQL the project
+# needs, and install what is missing. Sourced, not run.
+#
+# After `services_up`:
+#   REDIS_URL      redis://host:port/          (the given one, the local one, or a private one)
+#   DATABASE_URL   postgres://user@host:port/db (a server where CREATE DATABASE is allowed)
+# `services_down` stops only what `services_up` started.
+#
+# Knobs (environment):
+#   REDIS_URL, DATABASE_URL   use these servers as they are
+#   PRIVATE_SERVICES=1        ignore servers on the standard ports; start private ones
+#   NO_INSTALL=1              never install packages; fail with a clear message instead
+
+SERVICES_DIR=""
+STARTED_REDIS_PID=""
+STARTED_PG_DATA=""
+PG_BIN=""
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Runs apt-get install for the named packages, if allowed and possible.
+install_packages() {
+  if [ "${NO_INSTALL:-0}" = 1 ]; then
+    die "missing: $* (NO_INSTALL=1 is set; install them, or set REDIS_URL/DATABASE_URL)"
+  fi
+  command -v apt-get >/dev/null 2>&1 || die "missing: $* and no apt-get to install them"
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    sudo -n true 2>/dev/null || die "missing: $* (not root and no passwordless sudo to install them)"
+    sudo="sudo -n"
+  fi
+  say "installing Debian packages: $*"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null \
+    || { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; } \
+    || die "failed to install: $*"
+}
+
+# True if something accepts TCP connections on 127.0.0.1:$1.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Prints a free local TCP port.
+free_port() {
+  local p
+  for _ in $(seq 1 200); do
+    p=$(( 20000 + RANDOM % 30000 ))
+    port_open "$p" || { echo "$p"; return 0; }
+  done
+  die "no free local port found"
+}
+
+services_tmpdir() {
+  if [ -z "$SERVICES_DIR" ]; then
+    SERVICES_DIR=$(mktemp -d "${TMPDIR:-/tmp}/iotgw-services.XXXXXX")
+    chmod 755 "$SERVICES_DIR"
+  fi
+}
+
+# True if a Redis answers PING at 127.0.0.1:$1.
+redis_answers() {
+  local reply
+  reply=$( { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'PING\r\n' >&3 && timeout 2 head -c 5 <&3; } 2>/dev/null ) || return 1
+  [ "$reply" = "+PONG" ]
+}
+
+ensure_redis() {
+  if [ -n "${REDIS_URL:-}" ]; then
+    say "Redis: using REDIS_URL"
+    return
+  fi
+  if [ "${PRIVATE_SERVICES:-0}" != 1 ] && redis_answers 6379; then
+    REDIS_URL="redis://127.0.0.1:6379/"
+    say "Redis: using the server on 127.0.0.1:6379"
+    return
+  fi
+  command -v redis-server >/dev/null 2>&1 || install_packages redis-server
+  services_tmpdir
+  local port; port=$(free_port)
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+    --dir "$SERVICES_DIR" --pidfile "$SERVICES_DIR/redis.pid" --logfile "$SERVICES_DIR/redis.log" >/dev/null \
+    || die "failed to start redis-server (log: $SERVICES_DIR/redis.log)"
+  for _ in $(seq 1 50); do redis_answers "$port" && break; sleep 0.1; done
+  redis_answers "$port" || die "redis-server did not come up on port $port (log: $SERVICES_DIR/redis.log)"
+  STARTED_REDIS_PID=$(cat "$SERVICES_DIR/redis.pid")
+  REDIS_URL="redis://127.0.0.1:$port/"
+  say "Redis: started a private server on 127.0.0.1:$port"
+}
+
+pg_bin() {
+  if [ -z "$PG_BIN" ]; then
+    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  fi
+  [ -n "$PG_BIN" ] && [ -x "$PG_BIN/initdb" ]
+}
+
+# True if $1 (a URL) accepts a query.
+pg_answers() {
+  command -v psql >/dev/null 2>&1 || return 1
+  PGCONNECT_TIMEOUT=3 psql "$1" -XAtqc 'select 1' >/dev/null 2>&1
+}
+
+# Runs a PostgreSQL server tool as an unprivileged user when we are root (initdb refuses root).
+as_pg_user() {
+  if [ "$(id -u)" = 0 ]; then
+    id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/sh postgres
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+ensure_postgres() {
+  if [ -n "${DATABASE_URL:-}" ]; then
+    say "PostgreSQL: using DATABASE_URL"
+    return
+  fi
+  if [ "${PRIVATE_SERVICES:-0}" != 1 ] && port_open 5432; then
+    local url
+    for url in "postgres://postgres@127.0.0.1:5432/postgres" "postgres://$(id -un)@127.0.0.1:5432/postgres"; do
+      if pg_answers "$url"; then
+        DATABASE_URL="$url"
+        say "PostgreSQL: using the server on 127.0.0.1:5432"
+        return
+      fi
+    done
+    say "PostgreSQL: 127.0.0.1:5432 does not accept us without a password; starting a private one"
+  fi
+  { pg_bin && command -v psql >/dev/null 2>&1; } || install_packages postgresql postgresql-client
+  pg_bin || die "PostgreSQL server binaries not found under /usr/lib/postgresql"
+  services_tmpdir
+  local port; port=$(free_port)
+  local data="$SERVICES_DIR/pgdata"
+  mkdir -p "$data"
+  [ "$(id -u)" = 0 ] && chown postgres "$data" "$SERVICES_DIR"
+  as_pg_user "$PG_BIN/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --no-sync >"$SERVICES_DIR/initdb.log" 2>&1 \
+    || die "initdb failed (log: $SERVICES_DIR/initdb.log)"
+  as_pg_user "$PG_BIN/pg_ctl" -D "$data" -l "$SERVICES_DIR/postgres.log" -w -t 30 \
+    -o "-p $port -k $SERVICES_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
+    start >/dev/null || die "PostgreSQL did not start (log: $SERVICES_DIR/postgres.log)"
+  STARTED_PG_DATA="$data"
+  DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  pg_answers "$DATABASE_URL" || die "private PostgreSQL on port $port does not answer"
+  say "PostgreSQL: started a private server on 127.0.0.1:$port"
+}
+
+services_up() {
+  ensure_redis
+  ensure_postgres
+  export REDIS_URL DATABASE_URL
+}
+
+services_down() {
+  if [ -n "$STARTED_REDIS_PID" ]; then
+    kill "$STARTED_REDIS_PID" 2>/dev/null || true
+    STARTED_REDIS_PID=""
+  fi
+  if [ -n "$STARTED_PG_DATA" ]; then
+    as_pg_user "$PG_BIN/pg_ctl" -D "$STARTED_PG_DATA" -m immediate -w stop >/dev/null 2>&1 || true
+    STARTED_PG_DATA=""
+  fi
+  if [ -n "$SERVICES_DIR" ]; then
+    rm -rf "$SERVICES_DIR"
+    SERVICES_DIR=""
+  fi
+}
