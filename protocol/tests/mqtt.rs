@@ -494,8 +494,8 @@ const VIN: &str = "LSVAU2180N2183294";
 fn mosquitto_pub_captures_decode() {
     // Captured from Debian's mosquitto_pub 2.0 (`-q 1`), kept as fuzz seeds.
     for (bytes, version, kind) in [
-        (&include_bytes!("../fuzz/corpus/mqtt_packet/mosquitto_pub_v311_qos1")[..], Version::V3_1_1, "ota_status"),
-        (&include_bytes!("../fuzz/corpus/mqtt_packet/mosquitto_pub_v5_qos1")[..], Version::V5, "qr_request"),
+        (&include_bytes!("../fuzz/seeds/mqtt_packet/mosquitto_pub_v311_qos1")[..], Version::V3_1_1, "ota_status"),
+        (&include_bytes!("../fuzz/seeds/mqtt_packet/mosquitto_pub_v5_qos1")[..], Version::V5, "qr_request"),
     ] {
         let packets = decode_stream(bytes);
         let [Packet::Connect(c), Packet::Publish(p), Packet::Disconnect(_)] = &packets[..] else {
@@ -515,8 +515,8 @@ fn mosquitto_pub_captures_decode() {
 #[test]
 fn mosquitto_sub_captures_decode() {
     for (bytes, version) in [
-        (&include_bytes!("../fuzz/corpus/mqtt_packet/mosquitto_sub_v311")[..], Version::V3_1_1),
-        (&include_bytes!("../fuzz/corpus/mqtt_packet/mosquitto_sub_v5")[..], Version::V5),
+        (&include_bytes!("../fuzz/seeds/mqtt_packet/mosquitto_sub_v311")[..], Version::V3_1_1),
+        (&include_bytes!("../fuzz/seeds/mqtt_packet/mosquitto_sub_v5")[..], Version::V5),
     ] {
         let packets = decode_stream(bytes);
         let Some(Packet::Connect(c)) = packets.first() else { panic!("CONNECT first: {packets:?}") };
