@@ -87,6 +87,25 @@ byte_enum!(
     }
 );
 
+impl MessageType {
+    /// The metric label (`type="..."`).
+    pub fn label(self) -> &'static str {
+        match self {
+            MessageType::Login => "login",
+            MessageType::Heartbeat => "heartbeat",
+            MessageType::WeightReport => "weight_report",
+            MessageType::DoorEvent => "door_event",
+            MessageType::CommandResult => "command_result",
+            MessageType::LoginResult => "login_result",
+            MessageType::HeartbeatAck => "heartbeat_ack",
+            MessageType::Ack => "ack",
+            MessageType::Command => "command",
+            MessageType::Notice => "notice",
+            MessageType::Error => "error",
+        }
+    }
+}
+
 byte_enum!(
     /// Outcome of a login.
     LoginStatus, "status" {

@@ -160,6 +160,26 @@ pub fn may_subscribe(vin: &Vin, filter: &str) -> bool {
     levels.next() == Some(ROOT) && levels.next() == Some(vin.as_str())
 }
 
+/// `true` if the topic name `topic` matches the topic filter `filter` (MQTT 3.1.1 §4.7):
+/// `+` matches one level, a final `#` matches the parent level and everything below it.
+/// Topics starting with `$` are not matched by a filter starting with a wildcard.
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +204,31 @@ mod tests {
         assert_eq!(parse_uplink(&v, "vehicles/LSVAU2180N2183294/up/ota_status/x"), Err(TopicError::Shape));
         assert_eq!(parse_uplink(&v, "cars/LSVAU2180N2183294/up/ota_status"), Err(TopicError::Shape));
         assert_eq!(parse_uplink(&v, "vehicles/LSVAU2180N2183294/up"), Err(TopicError::Shape));
+    }
+
+    #[test]
+    fn filter_matching() {
+        for (filter, topic) in [
+            ("vehicles/V/down/#", "vehicles/V/down/command"),
+            ("vehicles/V/down/#", "vehicles/V/down"),
+            ("vehicles/V/#", "vehicles/V/down/qr_id"),
+            ("vehicles/+/down/+", "vehicles/V/down/qr_id"),
+            ("#", "a/b"),
+            ("a/b", "a/b"),
+            ("+/+", "/x"),
+        ] {
+            assert!(matches(filter, topic), "{filter} should match {topic}");
+        }
+        for (filter, topic) in [
+            ("vehicles/V/down/+", "vehicles/V/down/a/b"),
+            ("vehicles/V/down/command", "vehicles/V/down/qr_id"),
+            ("a/b", "a/b/c"),
+            ("a/b/c", "a/b"),
+            ("#", "$SYS/x"),
+            ("+/x", "$SYS/x"),
+        ] {
+            assert!(!matches(filter, topic), "{filter} should not match {topic}");
+        }
     }
 
     #[test]

@@ -1,0 +1,71 @@
+//! Cabinet connections (SPEC.md part 1): the login handshake ([`login`]) and the session that
+//! follows ([`session`]).
+
+mod login;
+mod session;
+
+use std::sync::Arc;
+
+use protocol::cabinet::{self, ErrorCode, ErrorMessage, Frame, FrameError, Message, MessageError};
+
+use crate::context::Ctx;
+use crate::transport::Conn;
+
+/// The `protocol` metric label of everything here.
+pub(crate) const PROTOCOL: &str = "cabinet";
+
+/// Serves one cabinet connection from its first byte to its close.
+pub async fn serve(mut conn: Conn, ctx: Arc<Ctx>) {
+    // Boxed: the login's futures (Redis calls) are large and needed once; the session loop that
+    // lives for days should not carry their size.
+    let Some(session) = Box::pin(login::login(&mut conn, &ctx)).await else {
+        let _ = conn.flush().await;
+        conn.close().await;
+        return;
+    };
+    session::run(conn, session, ctx).await;
+}
+
+/// Encodes `frame` into the connection's write buffer and counts it.
+pub(crate) fn queue(conn: &mut Conn, ctx: &Ctx, frame: &Frame) {
+    match cabinet::encode(frame, conn.write_buf()) {
+        Ok(()) => {
+            ctx.metrics.frames_out.with_label_values(&[PROTOCOL, frame.message.message_type().label()]).inc();
+        }
+        Err(e) => tracing::error!(error = %e, "failed to encode frame to cabinet"),
+    }
+}
+
+/// The `ERROR` frame answering a rejected frame (SPEC.md 1.7, `ERROR`).
+pub(crate) fn error_frame(err: &FrameError) -> Frame {
+    let (seq, code) = match err {
+        FrameError::BadMagic(_) => (0, ErrorCode::BadMagic),
+        FrameError::UnsupportedVersion(_) => (0, ErrorCode::UnsupportedVersion),
+        FrameError::TooLarge { .. } => (0, ErrorCode::TooLarge),
+        FrameError::BadChecksum { .. } => (0, ErrorCode::BadChecksum),
+        FrameError::Invalid { seq, reason: MessageError::UnknownType(_), .. } => (*seq, ErrorCode::UnknownType),
+        FrameError::Invalid { seq, .. } => (*seq, ErrorCode::Malformed),
+    };
+    let detail = match err {
+        FrameError::UnsupportedVersion(_) => format!("supported versions: {}", cabinet::frame::VERSION),
+        other => other.to_string(),
+    };
+    let detail = truncate(detail, cabinet::TEXT_MAX_LEN);
+    Frame::new(seq, Message::Error(ErrorMessage { code, detail }))
+}
+
+/// A plain `ERROR` frame.
+pub(crate) fn error(seq: u32, code: ErrorCode, detail: &str) -> Frame {
+    Frame::new(seq, Message::Error(ErrorMessage { code, detail: detail.to_owned() }))
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}

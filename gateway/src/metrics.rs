@@ -1,0 +1,266 @@
+//! The gateway's Prometheus metrics, one registry per gateway instance (tests run several in
+//! one process), and the `/metrics` + `/healthz` endpoint.
+//!
+//! Names follow Prometheus conventions (`_total` counters, base units, help on every metric);
+//! `docs/metrics.md` lists them and the dashboards in `grafana/` query exactly these names.
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Every metric the gateway exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// The registry they are all in.
+    pub registry: Registry,
+    /// `gateway_connections_open{protocol}`
+    pub connections_open: IntGaugeVec,
+    /// `gateway_connections_accepted_total{protocol}`
+    pub connections_accepted: IntCounterVec,
+    /// `gateway_accept_errors_total{protocol}`
+    pub accept_errors: IntCounterVec,
+    /// `gateway_admission_delays_total{protocol,reason}`: accepts held back by the limit or the pacing.
+    pub admission_delays: IntCounterVec,
+    /// `gateway_tls_handshake_failures_total{protocol}`
+    pub tls_failures: IntCounterVec,
+    /// `gateway_logins_total{protocol,result}`
+    pub logins: IntCounterVec,
+    /// `gateway_frames_received_total{protocol,type}`
+    pub frames_in: IntCounterVec,
+    /// `gateway_frames_sent_total{protocol,type}`
+    pub frames_out: IntCounterVec,
+    /// `gateway_frames_rejected_total{protocol,reason}`
+    pub frames_rejected: IntCounterVec,
+    /// `gateway_bytes_received_total{protocol}`
+    pub bytes_in: IntCounterVec,
+    /// `gateway_bytes_sent_total{protocol}`
+    pub bytes_out: IntCounterVec,
+    /// `gateway_takeovers_total{protocol,scope}`
+    pub takeovers: IntCounterVec,
+    /// `gateway_sessions_closed_total{protocol,reason}` (idle timeouts, slow readers, ...)
+    pub sessions_closed: IntCounterVec,
+    /// `gateway_mqtt_acl_denied_total{action}`
+    pub acl_denied: IntCounterVec,
+    /// `gateway_heartbeats_total`
+    pub heartbeats: IntCounter,
+    /// `gateway_commands_total{protocol,outcome}`
+    pub commands: IntCounterVec,
+    /// `gateway_command_duration_seconds{protocol}`: from reading the command to the device's answer.
+    pub command_duration: HistogramVec,
+    /// `gateway_upstream_events_total{type}`: entries written to the upstream streams.
+    pub upstream_events: IntCounterVec,
+    /// `gateway_upstream_dropped_total{reason}`
+    pub upstream_dropped: IntCounterVec,
+    /// `gateway_upstream_buffer_events`: entries accepted and not yet in Redis.
+    pub upstream_buffer: IntGauge,
+    /// `gateway_reply_buffer_entries`: command replies accepted and not yet in Redis.
+    pub reply_buffer: IntGauge,
+    /// `gateway_replies_written_total{outcome}`
+    pub replies_written: IntCounterVec,
+    /// `gateway_redis_errors_total{op}`
+    pub redis_errors: IntCounterVec,
+    /// `gateway_mqtt_stored_downlinks_total{action}`: persistent-session downlinks kept and resent.
+    pub stored_downlinks: IntCounterVec,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    /// Creates and registers every metric in a fresh registry (plus process CPU and memory).
+    ///
+    /// # Panics
+    /// Never for the fixed definitions below.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        }
+        let connections_open = IntGaugeVec::new(
+            Opts::new("gateway_connections_open", "Device connections currently open, by protocol."),
+            &["protocol"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(connections_open.clone())).expect("registered once");
+        let upstream_buffer = IntGauge::new(
+            "gateway_upstream_buffer_events",
+            "Device events accepted and not yet written to the upstream streams.",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(upstream_buffer.clone())).expect("registered once");
+        let reply_buffer = IntGauge::new(
+            "gateway_reply_buffer_entries",
+            "Command replies accepted and not yet written to the reply streams.",
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(reply_buffer.clone())).expect("registered once");
+        let heartbeats = IntCounter::new("gateway_heartbeats_total", "Cabinet heartbeats received.")
+            .expect("valid metric definition");
+        registry.register(Box::new(heartbeats.clone())).expect("registered once");
+        let command_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_command_duration_seconds",
+                "Time from reading a command off the command stream to the device's answer.",
+            )
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            &["protocol"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(command_duration.clone())).expect("registered once");
+
+        let r = &registry;
+        Self {
+            connections_accepted: counter_vec(
+                r,
+                "gateway_connections_accepted_total",
+                "TCP connections accepted.",
+                &["protocol"],
+            ),
+            accept_errors: counter_vec(r, "gateway_accept_errors_total", "Failed accept calls.", &["protocol"]),
+            admission_delays: counter_vec(
+                r,
+                "gateway_admission_delays_total",
+                "Accepts held back by the connection limit or the accept pacing.",
+                &["protocol", "reason"],
+            ),
+            tls_failures: counter_vec(
+                r,
+                "gateway_tls_handshake_failures_total",
+                "TLS handshakes that failed or timed out.",
+                &["protocol"],
+            ),
+            logins: counter_vec(r, "gateway_logins_total", "Login attempts by result.", &["protocol", "result"]),
+            frames_in: counter_vec(
+                r,
+                "gateway_frames_received_total",
+                "Frames (cabinet) or packets (MQTT) received, by type.",
+                &["protocol", "type"],
+            ),
+            frames_out: counter_vec(
+                r,
+                "gateway_frames_sent_total",
+                "Frames (cabinet) or packets (MQTT) sent, by type.",
+                &["protocol", "type"],
+            ),
+            frames_rejected: counter_vec(
+                r,
+                "gateway_frames_rejected_total",
+                "Frames or packets rejected, by reason.",
+                &["protocol", "reason"],
+            ),
+            bytes_in: counter_vec(r, "gateway_bytes_received_total", "Bytes received from devices.", &["protocol"]),
+            bytes_out: counter_vec(r, "gateway_bytes_sent_total", "Bytes sent to devices.", &["protocol"]),
+            takeovers: counter_vec(
+                r,
+                "gateway_takeovers_total",
+                "Sessions ended because the device logged in again, on this node (local) or another (remote).",
+                &["protocol", "scope"],
+            ),
+            sessions_closed: counter_vec(
+                r,
+                "gateway_sessions_closed_total",
+                "Sessions ended, by reason (idle_timeout, slow_reader, taken_over, peer_closed, ...).",
+                &["protocol", "reason"],
+            ),
+            acl_denied: counter_vec(
+                r,
+                "gateway_mqtt_acl_denied_total",
+                "MQTT publishes or subscriptions outside the vehicle's own topics.",
+                &["action"],
+            ),
+            heartbeats,
+            commands: counter_vec(
+                r,
+                "gateway_commands_total",
+                "Commands handled, by outcome.",
+                &["protocol", "outcome"],
+            ),
+            command_duration,
+            upstream_events: counter_vec(
+                r,
+                "gateway_upstream_events_total",
+                "Entries written to the upstream streams, by type.",
+                &["type"],
+            ),
+            upstream_dropped: counter_vec(
+                r,
+                "gateway_upstream_dropped_total",
+                "Device events not accepted because the upstream buffer was full, by reason.",
+                &["reason"],
+            ),
+            upstream_buffer,
+            reply_buffer,
+            replies_written: counter_vec(
+                r,
+                "gateway_replies_written_total",
+                "Command replies written to the reply streams, by outcome.",
+                &["outcome"],
+            ),
+            redis_errors: counter_vec(r, "gateway_redis_errors_total", "Failed Redis operations.", &["op"]),
+            stored_downlinks: counter_vec(
+                r,
+                "gateway_mqtt_stored_downlinks_total",
+                "QoS 1 downlinks kept for persistent sessions (stored) and sent again after a reconnect (resent).",
+                &["action"],
+            ),
+            connections_open,
+            registry,
+        }
+    }
+
+    /// The registry rendered in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response() }
+            }),
+        )
+        .route("/healthz", get(|| async { StatusCode::OK }));
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "metrics endpoint stopped");
+    }
+}
+
+/// Binds the metrics listener, if configured.
+///
+/// # Errors
+/// The bind error.
+pub async fn bind(listen: &str) -> std::io::Result<Option<(TcpListener, SocketAddr)>> {
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    Ok(Some((listener, addr)))
+}

@@ -1,0 +1,232 @@
+//! The MQTT handshake (SPEC.md 2.1): CONNECT within the deadline, the VIN from the client
+//! certificate or the user name, the token checked against its stored hash, the device claimed
+//! in the connection map, the persistent session restored, CONNACK.
+
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::Vin;
+use protocol::bus::{DeviceKey, UpEvent};
+use protocol::mqtt::{ConnAck, Connect, ConnectCode, MqttCodec, Packet, QoS, Version};
+use tokio::time::Instant;
+use tokio_util::codec::Decoder;
+
+use super::persist::{self, StoredDownlink};
+use super::{PROTOCOL, queue};
+use crate::clock::now_ms;
+use crate::context::Ctx;
+use crate::credentials::Lookup;
+use crate::registry::LocalInsert;
+use crate::session::{EndReason, SessionHandle};
+use crate::transport::Conn;
+
+/// A connected vehicle.
+#[derive(Debug)]
+pub(super) struct Connected {
+    pub(super) handle: Arc<SessionHandle>,
+    pub(super) vin: Vin,
+    pub(super) version: Version,
+    /// Close the connection after this long without a packet (1.5 x keep-alive).
+    pub(super) idle_timeout: Duration,
+    /// Seconds the session outlives the connection; 0 = not persistent.
+    pub(super) session_expiry_s: u32,
+    pub(super) subscriptions: Vec<(String, QoS)>,
+    /// Unacknowledged downlinks of the previous connection, to send again.
+    pub(super) resend: Vec<StoredDownlink>,
+    /// QoS 1 downlinks in flight at most (ours, and the vehicle's 5.0 Receive Maximum).
+    pub(super) max_inflight: u16,
+}
+
+fn count(ctx: &Ctx, result: &str) {
+    ctx.metrics.logins.with_label_values(&[PROTOCOL, result]).inc();
+}
+
+/// Who the vehicle is: the VIN from its certificate, or its user name with a token.
+fn identify(connect: &Connect, cert_vin: Option<&Vin>) -> Result<(Vin, bool), (ConnectCode, &'static str)> {
+    let vin = match cert_vin {
+        Some(vin) => vin.clone(),
+        None => {
+            let Some(user) = connect.username.as_deref() else {
+                return Err((ConnectCode::BadCredentials, "no_username"));
+            };
+            Vin::new(user).map_err(|_| (ConnectCode::BadCredentials, "bad_username"))?
+        }
+    };
+    // The client id is the VIN; an empty one is taken to mean it.
+    if !connect.client_id.is_empty() && connect.client_id != vin.as_str() {
+        return Err((ConnectCode::IdentifierRejected, "identifier_rejected"));
+    }
+    Ok((vin, cert_vin.is_some()))
+}
+
+/// Runs the handshake. On success CONNACK (and any resent downlinks) are queued, not yet
+/// flushed; on failure a refusal CONNACK may be queued and `None` is returned.
+pub(super) async fn connect(
+    conn: &mut Conn,
+    codec: &mut MqttCodec,
+    ctx: &Ctx,
+    cert_vin: Option<&Vin>,
+) -> Option<Connected> {
+    let cfg = &ctx.config.mqtt;
+    let deadline = Instant::now() + Duration::from_millis(cfg.connect_timeout_ms);
+    let connect = loop {
+        match codec.decode(conn.read_buf()) {
+            Ok(Some(Packet::Connect(c))) => break c,
+            Ok(Some(other)) => {
+                // The codec only lets CONNECT through first; anything else is a bug upstream.
+                tracing::warn!(packet = other.label(), "unexpected first packet");
+                count(ctx, "protocol_error");
+                return None;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, e.label()]).inc();
+                count(ctx, "protocol_error");
+                tracing::debug!(error = %e, "connect rejected");
+                return None;
+            }
+        }
+        match tokio::time::timeout_at(deadline, conn.fill()).await {
+            Err(_) => {
+                count(ctx, "timeout");
+                return None;
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                count(ctx, "peer_closed");
+                return None;
+            }
+            Ok(Ok(n)) => ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64),
+        }
+    };
+    ctx.metrics.frames_in.with_label_values(&[PROTOCOL, "connect"]).inc();
+    let version = connect.version;
+    let refuse = |conn: &mut Conn, codec: &mut MqttCodec, code: ConnectCode, result: &str| {
+        count(ctx, result);
+        queue(conn, codec, ctx, Packet::ConnAck(ConnAck::new(code, false)));
+        tracing::info!(result, "vehicle connect refused");
+    };
+
+    let (vin, by_certificate) = match identify(&connect, cert_vin) {
+        Ok(v) => v,
+        Err((code, result)) => {
+            refuse(conn, codec, code, result);
+            return None;
+        }
+    };
+    tracing::Span::current().record("device_id", vin.as_str());
+    let device = DeviceKey::Vehicle(vin.clone());
+    let credential = match ctx.credentials.lookup(&device).await {
+        Lookup::Found(c) => c,
+        Lookup::Unknown => {
+            refuse(conn, codec, ConnectCode::BadCredentials, "unknown_device");
+            return None;
+        }
+        Lookup::Unavailable => {
+            refuse(conn, codec, ConnectCode::ServerUnavailable, "unavailable");
+            return None;
+        }
+    };
+    if !by_certificate {
+        let token = connect.password.as_deref().unwrap_or_default();
+        if !credential.vehicle_token_matches(token) {
+            refuse(conn, codec, ConnectCode::BadCredentials, "bad_credentials");
+            return None;
+        }
+    }
+    if !credential.enabled {
+        refuse(conn, codec, ConnectCode::NotAuthorized, "disabled");
+        return None;
+    }
+
+    let session_id = ctx.registry.new_session_id();
+    let claim = match ctx.registry.claim(&device, &session_id).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to claim the vehicle in the connection map");
+            refuse(conn, codec, ConnectCode::ServerUnavailable, "unavailable");
+            return None;
+        }
+    };
+    let handle = Arc::new(SessionHandle::new(device.clone(), claim.epoch, session_id, cfg.command_queue_len));
+    match ctx.registry.insert_local(Arc::clone(&handle)) {
+        LocalInsert::Fresh => {}
+        LocalInsert::Replaced(old) => {
+            ctx.metrics.takeovers.with_label_values(&[PROTOCOL, "local"]).inc();
+            old.end(EndReason::TakenOver);
+        }
+        LocalInsert::Stale => {
+            refuse(conn, codec, ConnectCode::ServerBusy, "superseded");
+            return None;
+        }
+    }
+    if let Some(previous) = claim.previous_node.as_deref().filter(|n| *n != ctx.node()) {
+        ctx.metrics.takeovers.with_label_values(&[PROTOCOL, "remote"]).inc();
+        if let Err(e) = ctx.kick(previous, &device, claim.epoch).await {
+            tracing::warn!(node = previous, error = %e, "failed to tell the previous node to end its session");
+        }
+    }
+
+    // Session state: a clean start discards what was stored; a persistent session resumes it.
+    let session_expiry_s = connect.session_expiry_s.min(cfg.max_session_expiry_s);
+    let mut session_present = false;
+    let mut stored = persist::Stored::default();
+    if connect.clean_start {
+        if let Err(e) = persist::delete(ctx, &vin).await {
+            tracing::warn!(error = %e, "failed to clear the stored session");
+        }
+    } else {
+        match persist::load(ctx, &vin).await {
+            Ok(Some(s)) => {
+                session_present = true;
+                stored = s;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "failed to load the stored session; starting clean"),
+        }
+    }
+    if session_expiry_s > 0
+        && !session_present
+        && let Err(e) = persist::create(ctx, &vin).await
+    {
+        tracing::warn!(error = %e, "failed to create the stored session");
+    }
+
+    let keep_alive_s = if connect.keep_alive_s == 0 { cfg.default_keep_alive_s } else { connect.keep_alive_s };
+    let mut ack = ConnAck::new(ConnectCode::Accepted, session_present);
+    if version == Version::V5 {
+        ack.max_packet_size = Some(cfg.max_packet_bytes);
+        if connect.keep_alive_s == 0 {
+            ack.server_keepalive_s = Some(keep_alive_s);
+        }
+        if session_expiry_s != connect.session_expiry_s {
+            ack.session_expiry_s = Some(session_expiry_s);
+        }
+        if let Some(max) = connect.max_packet_size {
+            codec.set_max_outbound_bytes(max);
+        }
+    }
+    count(ctx, "accepted");
+    queue(conn, codec, ctx, Packet::ConnAck(ack));
+    ctx.upstream
+        .send(&UpEvent::SessionOpened {
+            device,
+            epoch: claim.epoch,
+            node: ctx.node().to_owned(),
+            at_ms: now_ms(),
+            info: format!("mqtt {}", version.label()),
+        })
+        .await;
+    tracing::info!(epoch = claim.epoch, version = version.label(), session_present, "vehicle connected");
+    let max_inflight = connect.receive_max.map_or(cfg.max_inflight, NonZeroU16::get).min(cfg.max_inflight);
+    Some(Connected {
+        handle,
+        vin,
+        version,
+        idle_timeout: Duration::from_millis(u64::from(keep_alive_s) * 1500),
+        session_expiry_s,
+        subscriptions: stored.subscriptions,
+        resend: stored.inflight,
+        max_inflight,
+    })
+}

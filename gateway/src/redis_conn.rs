@@ -1,0 +1,116 @@
+//! One Redis handle for a single server or a Redis Cluster, so the rest of the gateway writes
+//! each operation once.
+//!
+//! Both variants reconnect by themselves: a Redis restart costs failed operations (which the
+//! callers retry or buffer), never a gateway restart. Connections are made lazily, so a gateway
+//! starts and holds connections while Redis is still down.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+/// A multiplexed connection to Redis or Redis Cluster. Cheap to clone; clones share the socket.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// A single Redis server.
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RedisConn::Single(_) => "RedisConn::Single",
+            RedisConn::Cluster(_) => "RedisConn::Cluster",
+        })
+    }
+}
+
+/// Where Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server.
+    Single(String),
+    /// Cluster seed nodes.
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// From the configuration: cluster seeds win when given.
+    pub fn from_config(url: &str, cluster_urls: &[String]) -> Self {
+        if cluster_urls.is_empty() {
+            RedisTarget::Single(url.to_owned())
+        } else {
+            RedisTarget::Cluster(cluster_urls.to_vec())
+        }
+    }
+}
+
+/// Per-operation response timeout: an operation against a dead Redis fails within this time
+/// instead of hanging a session.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl RedisConn {
+    /// Opens a handle. For a single server nothing is dialled yet; for a cluster the slot map
+    /// is fetched now.
+    ///
+    /// `response_timeout` bounds each operation; use a longer one for blocking reads.
+    ///
+    /// # Errors
+    /// An invalid URL, or (cluster) no seed reachable.
+    pub async fn open(target: &RedisTarget, response_timeout: Option<Duration>) -> RedisResult<Self> {
+        let response_timeout = response_timeout.unwrap_or(RESPONSE_TIMEOUT);
+        match target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(response_timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(1));
+                Ok(RedisConn::Single(ConnectionManager::new_lazy_with_config(client, config)?))
+            }
+            RedisTarget::Cluster(urls) => {
+                let client = ClusterClient::builder(urls.clone())
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(response_timeout)
+                    .retries(2)
+                    .build()?;
+                Ok(RedisConn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}

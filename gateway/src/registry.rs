@@ -1,0 +1,322 @@
+//! Who is connected: the node-local session table and this node's part of the connection map
+//! in Redis (SPEC.md 3.1).
+//!
+//! Single live session per device, across nodes: a login *claims* the device's map entry,
+//! which increments its epoch (the fencing token) and names this node and session. The claim
+//! returns the previous holder, which is told to end (locally, or through its node's command
+//! stream). When a session ends it *releases* the entry only if the entry still names it, so a
+//! late cleanup can never remove a newer session's entry.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use protocol::bus::{DeviceKey, Keys};
+use redis::{RedisResult, Script};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ms;
+use crate::metrics::Metrics;
+use crate::redis_conn::RedisConn;
+use crate::session::SessionHandle;
+
+/// Increments the epoch, names the new holder, returns `{epoch, previous node, previous session}`.
+const CLAIM: &str = r"
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+local prev = redis.call('HMGET', KEYS[1], 'node', 'session')
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'since_ms', ARGV[3])
+return {epoch, prev[1] or '', prev[2] or ''}
+";
+
+/// Compare-and-delete: clears the holder only if it is still `ARGV[1]`; the epoch stays.
+const RELEASE: &str = r"
+if redis.call('HGET', KEYS[1], 'session') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'node', 'session', 'since_ms')
+  return 1
+end
+return 0
+";
+
+/// Clears an entry this node (`ARGV[1]`) wrote in an earlier incarnation (session not starting
+/// with `ARGV[2]`). Returns the cleared session's epoch, or -1.
+const CLEAR_LEFTOVER: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'node', 'session', 'epoch')
+if cur[1] == ARGV[1] and cur[2] and string.sub(cur[2], 1, #ARGV[2]) ~= ARGV[2] then
+  redis.call('HDEL', KEYS[1], 'node', 'session', 'since_ms')
+  return tonumber(cur[3])
+end
+return -1
+";
+
+/// What a successful claim learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The new session's epoch.
+    pub epoch: u64,
+    /// The node that held the device before, if any.
+    pub previous_node: Option<String>,
+}
+
+/// Outcome of adding a session to the local table.
+#[derive(Debug)]
+pub enum LocalInsert {
+    /// No session for this device was here.
+    Fresh,
+    /// An older session was here; the caller ends it.
+    Replaced(Arc<SessionHandle>),
+    /// A newer session is already here (two logins raced): the new one must end.
+    Stale,
+}
+
+/// The local session table plus this node's Redis map operations.
+#[derive(Debug)]
+pub struct Registry {
+    local: DashMap<DeviceKey, Arc<SessionHandle>>,
+    redis: RedisConn,
+    keys: Keys,
+    node: String,
+    /// Start time of this process (ms): distinguishes this run's sessions from a previous
+    /// run's in the map.
+    incarnation: u64,
+    next_session: AtomicU64,
+    node_ttl: Duration,
+    claim: Script,
+    release: Script,
+    clear_leftover: Script,
+    /// Releases that failed (Redis down) and are retried by [`Registry::run_janitor`].
+    retry_tx: mpsc::UnboundedSender<(DeviceKey, String)>,
+    retry_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(DeviceKey, String)>>>,
+    metrics: Metrics,
+}
+
+impl Registry {
+    /// A registry for `node`, talking to Redis through `redis`.
+    pub fn new(redis: RedisConn, keys: Keys, node: String, node_ttl: Duration, metrics: Metrics) -> Self {
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        Self {
+            local: DashMap::new(),
+            redis,
+            keys,
+            node,
+            incarnation: now_ms(),
+            next_session: AtomicU64::new(1),
+            node_ttl,
+            claim: Script::new(CLAIM),
+            release: Script::new(RELEASE),
+            clear_leftover: Script::new(CLEAR_LEFTOVER),
+            retry_tx,
+            retry_rx: std::sync::Mutex::new(Some(retry_rx)),
+            metrics,
+        }
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn session_prefix(&self) -> String {
+        format!("{}/{}/", self.node, self.incarnation)
+    }
+
+    /// A session id no other session of any node or run has.
+    pub fn new_session_id(&self) -> String {
+        let n = self.next_session.fetch_add(1, Ordering::Relaxed);
+        format!("{}{n}", self.session_prefix())
+    }
+
+    /// Claims `device` for `session_id` in the connection map.
+    ///
+    /// # Errors
+    /// Any Redis error; the login is then refused as "unavailable".
+    pub async fn claim(&self, device: &DeviceKey, session_id: &str) -> RedisResult<Claim> {
+        let mut con = self.redis.clone();
+        let (epoch, prev_node, _prev_session): (u64, String, String) = self
+            .claim
+            .key(self.keys.conn(device))
+            .arg(&self.node)
+            .arg(session_id)
+            .arg(now_ms())
+            .invoke_async(&mut con)
+            .await
+            .inspect_err(|_| self.metrics.redis_errors.with_label_values(&["claim"]).inc())?;
+        // Remembered so that a restart of this node can clear what a crash left behind.
+        let _: RedisResult<()> = redis::cmd("SADD")
+            .arg(self.keys.node_conns(&self.node))
+            .arg(device.to_string())
+            .query_async(&mut con)
+            .await;
+        Ok(Claim { epoch, previous_node: (!prev_node.is_empty()).then_some(prev_node) })
+    }
+
+    /// Releases `device` if the map still names `session_id`. On a Redis error the release is
+    /// queued and retried until it succeeds.
+    pub async fn release(&self, device: &DeviceKey, session_id: &str) {
+        if self.try_release(device, session_id).await.is_err() {
+            let _ = self.retry_tx.send((device.clone(), session_id.to_owned()));
+        }
+    }
+
+    async fn try_release(&self, device: &DeviceKey, session_id: &str) -> RedisResult<bool> {
+        let mut con = self.redis.clone();
+        let released: i64 = self
+            .release
+            .key(self.keys.conn(device))
+            .arg(session_id)
+            .invoke_async(&mut con)
+            .await
+            .inspect_err(|_| self.metrics.redis_errors.with_label_values(&["release"]).inc())?;
+        if released == 1 {
+            let _: RedisResult<()> = redis::cmd("SREM")
+                .arg(self.keys.node_conns(&self.node))
+                .arg(device.to_string())
+                .query_async(&mut con)
+                .await;
+        }
+        Ok(released == 1)
+    }
+
+    /// Retries failed releases every second until `shutdown`, then once more.
+    pub async fn run_janitor(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(mut rx) = self.retry_rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() else {
+            return;
+        };
+        let mut pending: Vec<(DeviceKey, String)> = Vec::new();
+        loop {
+            tokio::select! {
+                item = rx.recv() => match item {
+                    Some(item) => pending.push(item),
+                    None => break,
+                },
+                () = tokio::time::sleep(Duration::from_secs(1)), if !pending.is_empty() => {
+                    let mut still = Vec::new();
+                    for (device, session) in pending.drain(..) {
+                        if self.try_release(&device, &session).await.is_err() {
+                            still.push((device, session));
+                        }
+                    }
+                    pending = still;
+                }
+                () = shutdown.cancelled() => break,
+            }
+        }
+        while let Ok(item) = rx.try_recv() {
+            pending.push(item);
+        }
+        for (device, session) in pending {
+            let _ = self.try_release(&device, &session).await;
+        }
+    }
+
+    /// Adds a session that has claimed its device. Sessions of one device on one node are
+    /// ordered by epoch: the newer one stays.
+    pub fn insert_local(&self, handle: Arc<SessionHandle>) -> LocalInsert {
+        match self.local.entry(handle.device.clone()) {
+            Entry::Vacant(v) => {
+                v.insert(handle);
+                LocalInsert::Fresh
+            }
+            Entry::Occupied(mut o) => {
+                if o.get().epoch > handle.epoch {
+                    LocalInsert::Stale
+                } else {
+                    LocalInsert::Replaced(o.insert(handle))
+                }
+            }
+        }
+    }
+
+    /// Removes a session from the local table, only if the entry is this very session.
+    pub fn remove_local(&self, handle: &SessionHandle) {
+        self.local.remove_if(&handle.device, |_, h| h.session_id == handle.session_id);
+    }
+
+    /// The live local session of `device`.
+    pub fn get(&self, device: &DeviceKey) -> Option<Arc<SessionHandle>> {
+        self.local.get(device).map(|h| Arc::clone(h.value()))
+    }
+
+    /// Every live local session (for the drain).
+    pub fn all(&self) -> Vec<Arc<SessionHandle>> {
+        self.local.iter().map(|e| Arc::clone(e.value())).collect()
+    }
+
+    /// Number of live local sessions.
+    pub fn len(&self) -> usize {
+        self.local.len()
+    }
+
+    /// `true` when no session is live here.
+    pub fn is_empty(&self) -> bool {
+        self.local.is_empty()
+    }
+
+    /// Refreshes this node's liveness key.
+    ///
+    /// # Errors
+    /// Any Redis error.
+    pub async fn refresh_alive(&self) -> RedisResult<()> {
+        let mut con = self.redis.clone();
+        let ttl_ms = u64::try_from(self.node_ttl.as_millis()).unwrap_or(u64::MAX);
+        redis::cmd("SET")
+            .arg(self.keys.node_alive(&self.node))
+            .arg(self.incarnation)
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async::<()>(&mut con)
+            .await
+            .inspect_err(|_| self.metrics.redis_errors.with_label_values(&["node_alive"]).inc())
+    }
+
+    /// Keeps the liveness key fresh until `shutdown`, then deletes it.
+    pub async fn run_liveness(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut con = self.redis.clone();
+        let _: RedisResult<()> =
+            redis::cmd("ZADD").arg(self.keys.nodes()).arg(self.incarnation).arg(&self.node).query_async(&mut con).await;
+        let mut tick = tokio::time::interval(self.node_ttl / 3);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.refresh_alive().await {
+                        tracing::warn!(error = %e, "failed to refresh node liveness");
+                    }
+                }
+                () = shutdown.cancelled() => break,
+            }
+        }
+        let _: RedisResult<()> = redis::cmd("DEL").arg(self.keys.node_alive(&self.node)).query_async(&mut con).await;
+    }
+
+    /// Clears the map entries an earlier run of this node left behind (a crash skips the
+    /// releases). Returns each cleared device with the epoch of the dead session.
+    ///
+    /// # Errors
+    /// Any Redis error.
+    pub async fn clear_leftovers(&self) -> RedisResult<Vec<(DeviceKey, u64)>> {
+        let mut con = self.redis.clone();
+        let set = self.keys.node_conns(&self.node);
+        let members: Vec<String> = redis::cmd("SMEMBERS").arg(&set).query_async(&mut con).await?;
+        let prefix = self.session_prefix();
+        let mut cleared = Vec::new();
+        for member in members {
+            let Ok(device) = DeviceKey::parse(&member) else { continue };
+            let epoch: i64 = self
+                .clear_leftover
+                .key(self.keys.conn(&device))
+                .arg(&self.node)
+                .arg(&prefix)
+                .invoke_async(&mut con)
+                .await?;
+            if self.local.get(&device).is_none() {
+                let _: () = redis::cmd("SREM").arg(&set).arg(&member).query_async(&mut con).await?;
+            }
+            if let Ok(epoch) = u64::try_from(epoch) {
+                cleared.push((device, epoch));
+            }
+        }
+        Ok(cleared)
+    }
+}

@@ -1,0 +1,162 @@
+//! Downstream: this node's command stream (SPEC.md 3.3), read in consumer group `gateway`, each
+//! command handed to the device's session or answered at once.
+//!
+//! A command never meets silence: a device not connected here gets `not_connected`, a full
+//! device queue `busy`, a passed deadline `timed_out`. Entries are acknowledged after they were
+//! handed over or answered; on start the node first re-reads what an earlier run read and never
+//! acknowledged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::bus::{CommandBody, CommandRequest, DeviceKey, Outcome};
+use redis::streams::StreamReadReply;
+use redis::{RedisResult, Value};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ms;
+use crate::context::Ctx;
+use crate::redis_conn::RedisConn;
+use crate::session::{Downlink, EndReason};
+
+/// The consumer group every node reads its own command stream in.
+pub const GROUP: &str = "gateway";
+
+fn protocol_of(device: &DeviceKey) -> &'static str {
+    match device {
+        DeviceKey::Cabinet(_) => crate::cabinet::PROTOCOL,
+        DeviceKey::Vehicle(_) => crate::mqtt::PROTOCOL,
+    }
+}
+
+/// Hands one command to its session, or answers it.
+pub fn dispatch(ctx: &Ctx, request: CommandRequest) {
+    let protocol = protocol_of(&request.device);
+    if let CommandBody::Kick { epoch } = request.body {
+        if let Some(handle) = ctx.registry.get(&request.device)
+            && handle.epoch < epoch
+        {
+            handle.end(EndReason::TakenOver);
+        }
+        return;
+    }
+    if request.deadline_ms <= now_ms() {
+        ctx.reply(protocol, &request.request_id, &request.reply_to, &request.device, Outcome::TimedOut);
+        return;
+    }
+    let Some(handle) = ctx.registry.get(&request.device) else {
+        ctx.reply(protocol, &request.request_id, &request.reply_to, &request.device, Outcome::NotConnected);
+        return;
+    };
+    let downlink = Downlink {
+        request_id: request.request_id,
+        reply_to: request.reply_to,
+        deadline_ms: request.deadline_ms,
+        received: Instant::now(),
+        body: request.body,
+    };
+    if let Err((_, d)) = handle.push(downlink) {
+        ctx.reply(protocol, &d.request_id, &d.reply_to, &request.device, Outcome::Busy);
+    }
+}
+
+/// Reads this node's command stream until `stop`. `redis` must be a connection of its own:
+/// the blocking read would hold up anything else multiplexed on it.
+pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
+    let stream = ctx.keys.commands(ctx.node());
+    let consumer = ctx.node().to_owned();
+    let block_ms = ctx.config.commands.block_ms;
+    // "0": first what an earlier run of this node read and did not acknowledge; then new.
+    let mut cursor = "0";
+    let mut group_ready = false;
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        if !group_ready {
+            match ensure_group(&mut redis, &stream).await {
+                Ok(()) => group_ready = true,
+                Err(e) => {
+                    ctx.metrics.redis_errors.with_label_values(&["commands"]).inc();
+                    tracing::warn!(error = %e, "failed to create the command consumer group");
+                    wait(&stop, &mut backoff).await;
+                    continue;
+                }
+            }
+        }
+        let read: RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&consumer)
+            .arg("COUNT")
+            .arg(256)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(cursor)
+            .query_async(&mut redis)
+            .await;
+        let reply = match read {
+            Ok(r) => r,
+            Err(e) => {
+                ctx.metrics.redis_errors.with_label_values(&["commands"]).inc();
+                if e.code() == Some("NOGROUP") {
+                    // The stream was deleted (e.g. by an operator): recreate the group.
+                    group_ready = false;
+                }
+                tracing::warn!(error = %e, "failed to read the command stream");
+                wait(&stop, &mut backoff).await;
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        let entries = reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default();
+        if entries.is_empty() {
+            cursor = ">";
+            continue;
+        }
+        let mut ids = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let fields: HashMap<String, Vec<u8>> = entry
+                .map
+                .into_iter()
+                .filter_map(|(k, v)| match v {
+                    Value::BulkString(b) => Some((k, b)),
+                    _ => None,
+                })
+                .collect();
+            match CommandRequest::from_fields(&fields) {
+                Ok(request) => dispatch(&ctx, request),
+                Err(e) => {
+                    ctx.metrics.commands.with_label_values(&["unknown", "invalid"]).inc();
+                    tracing::warn!(id = %entry.id, error = %e, "invalid command entry");
+                }
+            }
+            ids.push(entry.id);
+        }
+        let acked: RedisResult<i64> =
+            redis::cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).query_async(&mut redis).await;
+        if let Err(e) = acked {
+            ctx.metrics.redis_errors.with_label_values(&["commands"]).inc();
+            tracing::warn!(error = %e, "failed to acknowledge commands");
+        }
+    }
+}
+
+async fn ensure_group(redis: &mut RedisConn, stream: &str) -> RedisResult<()> {
+    let created: RedisResult<()> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("$").arg("MKSTREAM").query_async(redis).await;
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+async fn wait(stop: &CancellationToken, backoff: &mut Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(*backoff) => {}
+        () = stop.cancelled() => {}
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+}

@@ -1,0 +1,142 @@
+//! Device traffic on its way to the device service (SPEC.md 3.2).
+//!
+//! Sessions hand events to [`Upstream`], which puts each on its device's shard stream through
+//! a [`StreamWriter`]: order per device is kept (one device, one shard, one writer), and
+//! while Redis is away accepted events wait in the bounded buffer. Heartbeats are aggregated:
+//! each window becomes one `hb` entry with the node's count and each device's last heartbeat,
+//! instead of one entry per heartbeat.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::bus::{DeviceKey, HeartbeatSeen, Keys, UpEvent};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now_ms;
+use crate::metrics::Metrics;
+use crate::stream_writer::{Entry, StreamWriter};
+
+/// The buffer is full; the event was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferFull;
+
+#[derive(Debug, Default)]
+struct HeartbeatWindow {
+    start_ms: u64,
+    count: u64,
+    last: HashMap<DeviceKey, (u64, u64)>,
+}
+
+/// The sessions' side of the upstream path.
+#[derive(Debug)]
+pub struct Upstream {
+    writer: StreamWriter,
+    keys: Keys,
+    shards: u16,
+    node: String,
+    /// The current heartbeat window. A std mutex: one insert per heartbeat, never held across
+    /// an `.await`.
+    window: Mutex<HeartbeatWindow>,
+    metrics: Metrics,
+}
+
+impl Upstream {
+    /// The upstream of `node`, writing through `writer`.
+    pub fn new(writer: StreamWriter, keys: Keys, shards: u16, node: String, metrics: Metrics) -> Self {
+        let window = Mutex::new(HeartbeatWindow { start_ms: now_ms(), ..HeartbeatWindow::default() });
+        Self { writer, keys, shards, node, window, metrics }
+    }
+
+    /// This node's id, as events carry it.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn entry(&self, event: &UpEvent) -> Option<Entry> {
+        // Heartbeat windows are node-wide; they travel on shard 0.
+        let shard = event.device().map_or(0, |d| d.shard(self.shards));
+        match event.to_fields() {
+            Ok(fields) => Some(Entry { key: self.keys.upstream(shard), fields, label: event.label() }),
+            Err(e) => {
+                tracing::error!(error = %e, event = event.label(), "failed to encode upstream event");
+                None
+            }
+        }
+    }
+
+    /// Accepts an event for forwarding.
+    ///
+    /// # Errors
+    /// [`BufferFull`] if the buffer is full; nothing was accepted and the drop is counted.
+    pub fn offer(&self, event: &UpEvent) -> Result<(), BufferFull> {
+        let Some(entry) = self.entry(event) else { return Err(BufferFull) };
+        self.writer.offer(entry).map_err(|_| {
+            self.metrics.upstream_dropped.with_label_values(&[event.label()]).inc();
+            BufferFull
+        })
+    }
+
+    /// Accepts an event, waiting for room in the buffer: for session open and close events,
+    /// which must not be dropped, from tasks that can afford to wait.
+    pub async fn send(&self, event: &UpEvent) {
+        if let Some(entry) = self.entry(event) {
+            self.writer.send(entry).await;
+        }
+    }
+
+    /// Records a heartbeat of `device` in the current window.
+    pub fn heartbeat(&self, device: &DeviceKey, epoch: u64) {
+        self.metrics.heartbeats.inc();
+        let now = now_ms();
+        let mut w = self.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        w.count += 1;
+        match w.last.get_mut(device) {
+            Some(slot) => *slot = (now, epoch),
+            None => {
+                w.last.insert(device.clone(), (now, epoch));
+            }
+        }
+    }
+
+    /// Closes the current window. Empty windows are sent too: a window without heartbeats is
+    /// exactly what the device service must see when a node's cabinets go quiet.
+    fn take_window(&self) -> UpEvent {
+        let now = now_ms();
+        let w = {
+            let mut w = self.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::replace(&mut *w, HeartbeatWindow { start_ms: now, ..HeartbeatWindow::default() })
+        };
+        let devices =
+            w.last.into_iter().map(|(device, (at_ms, epoch))| HeartbeatSeen { device, at_ms, epoch }).collect();
+        UpEvent::Heartbeats {
+            node: self.node.clone(),
+            window_start_ms: w.start_ms,
+            window_ms: now.saturating_sub(w.start_ms),
+            count: w.count,
+            devices,
+        }
+    }
+
+    /// Closes a heartbeat window every `window` until `stop`, then closes the last one.
+    /// Windows wait for room in the buffer rather than being refused: while Redis is away a
+    /// window is late, never lost.
+    pub async fn run_windows(self: Arc<Self>, window: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(window);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            let stopping = tokio::select! {
+                _ = tick.tick() => false,
+                () = stop.cancelled() => true,
+            };
+            let event = self.take_window();
+            if let Some(entry) = self.entry(&event) {
+                self.writer.send(entry).await;
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+}
