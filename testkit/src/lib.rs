@@ -11,6 +11,8 @@
 //! alike; anything a crashed test leaves behind carries the run id, and `scripts/test` removes it
 //! at the end of the run.
 
+pub mod redis_server;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 

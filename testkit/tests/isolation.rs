@@ -39,3 +39,29 @@ fn namespace_keys_are_deleted_and_others_kept() {
     assert_eq!(kept, 1);
     let _: () = redis::cmd("DEL").arg(&outside).query(&mut con).expect("del");
 }
+
+#[test]
+fn private_server_restarts_empty_on_the_same_port() {
+    let mut server = testkit::redis_server::RedisServer::start();
+    let client = redis::Client::open(server.url()).expect("url");
+    let mut con = client.get_connection().expect("up");
+    let _: () = redis::cmd("SET").arg("k").arg(1).query(&mut con).expect("set");
+    let port = server.port;
+    server.restart();
+    assert_eq!(server.port, port);
+    let mut con = client.get_connection().expect("up again");
+    let v: Option<i64> = redis::cmd("GET").arg("k").query(&mut con).expect("get");
+    assert_eq!(v, None, "no persistence");
+}
+
+#[test]
+fn private_cluster_forms() {
+    let cluster = testkit::redis_server::RedisCluster::start(3);
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("client");
+    let mut con = client.get_connection().expect("cluster connection");
+    for i in 0..50 {
+        let _: () = redis::cmd("SET").arg(format!("key{i}")).arg(i).query(&mut con).expect("set across slots");
+    }
+    let v: i64 = redis::cmd("GET").arg("key42").query(&mut con).expect("get");
+    assert_eq!(v, 42);
+}

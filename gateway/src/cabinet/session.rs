@@ -302,6 +302,8 @@ impl Session {
         for d in self.handle.take_all() {
             self.ctx.reply(PROTOCOL, &d.request_id, &d.reply_to, &self.key, Outcome::NotConnected);
         }
+        // Counted before the close event goes upstream, so whoever sees the event sees the count.
+        self.ctx.metrics.sessions_closed.with_label_values(&[PROTOCOL, end.label()]).inc();
         self.ctx.registry.remove_local(&self.handle);
         self.ctx.registry.release(&self.key, &self.handle.session_id).await;
         self.ctx
@@ -314,7 +316,6 @@ impl Session {
                 reason: end.label().to_owned(),
             })
             .await;
-        self.ctx.metrics.sessions_closed.with_label_values(&[PROTOCOL, end.label()]).inc();
         match end {
             End::ProtocolError(why) => tracing::info!(reason = end.label(), why, "cabinet session ended"),
             _ => tracing::info!(reason = end.label(), "cabinet session ended"),

@@ -553,6 +553,8 @@ impl Session {
             self.ctx.metrics.redis_errors.with_label_values(&["mqtt_session"]).inc();
             tracing::warn!(error = %e, "failed to update the stored session");
         }
+        // Counted before the close event goes upstream, so whoever sees the event sees the count.
+        self.ctx.metrics.sessions_closed.with_label_values(&[PROTOCOL, end.label()]).inc();
         self.ctx.registry.remove_local(&self.handle);
         self.ctx.registry.release(&self.key, &self.handle.session_id).await;
         self.ctx
@@ -565,7 +567,6 @@ impl Session {
                 reason: end.label().to_owned(),
             })
             .await;
-        self.ctx.metrics.sessions_closed.with_label_values(&[PROTOCOL, end.label()]).inc();
         match end {
             End::ProtocolError(why) => tracing::info!(reason = end.label(), why, "vehicle session ended"),
             _ => tracing::info!(reason = end.label(), "vehicle session ended"),

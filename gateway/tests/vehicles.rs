@@ -1,0 +1,204 @@
+//! Vehicles against a real gateway with rumqttc (an MQTT client nobody here wrote): token
+//! authentication, the topic access rule, downlinks with PUBACK, uplinks forwarded,
+//! persistent sessions, keep-alive, takeover.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, Vehicle, metric, payload, vehicle_options};
+use protocol::bus::{CommandBody, DeviceKey, Outcome, UpEvent};
+use protocol::mqtt::topic::{DownlinkKind, UplinkKind, uplink_topic};
+use rumqttc::{ConnectReturnCode, Packet, QoS, SubscribeReasonCode};
+
+const VIN: &str = "LSVAU2180N2183294";
+
+#[tokio::test]
+async fn downlink_and_uplink_round_trip() {
+    let mut env = Env::single().await;
+    let gw = env.start("gw-a").await;
+    let (vin, token) = env.provision_vehicle(VIN).await;
+    let mut car = Vehicle::connect(gw.addresses.mqtt.unwrap(), &vin, &token).await;
+    car.subscribe_downlinks().await;
+    let device = DeviceKey::Vehicle(vin.clone());
+
+    let body = CommandBody::Vehicle { kind: DownlinkKind::QrId, payload: payload(r#"{"qr_id":"abc"}"#) };
+    let (reply, publish) = tokio::join!(
+        env.command(&device, body, Duration::from_secs(5)),
+        car.wait_for("downlink", |p| matches!(p, Packet::Publish(_)))
+    );
+    let Packet::Publish(p) = publish else { unreachable!() };
+    assert_eq!(p.topic, format!("vehicles/{VIN}/down/qr_id"));
+    assert_eq!(p.qos, QoS::AtLeastOnce);
+    assert_eq!(&p.payload[..], br#"{"qr_id":"abc"}"#);
+    assert_eq!(reply.outcome, Outcome::Delivered, "PUBACK completes the command");
+
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let body = format!(r#"{{"request_id":"r-{}","seat":"driver"}}"#, qos as u8);
+        car.client.publish(uplink_topic(&vin, UplinkKind::QrRequest), qos, false, body.clone()).await.unwrap();
+        let forwarded = env
+            .wait_upstream(
+                "uplink",
+                |e| matches!(e, UpEvent::Vehicle { payload, .. } if payload[..] == *body.as_bytes()),
+            )
+            .await;
+        assert!(matches!(forwarded, UpEvent::Vehicle { kind: UplinkKind::QrRequest, epoch: 1, .. }));
+    }
+    car.wait_for("puback", |p| matches!(p, Packet::PubAck(_))).await;
+    assert_eq!(metric(&gw, "gateway_logins_total", &[("protocol", "mqtt"), ("result", "accepted")]), 1.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_token_and_unknown_vehicle_are_refused() {
+    let env = Env::single().await;
+    let gw = env.start("gw-a").await;
+    let addr = gw.addresses.mqtt.unwrap();
+    let (vin, _) = env.provision_vehicle(VIN).await;
+    for (vin, token) in [(vin.clone(), "wrong"), (protocol::Vin::new("LSVAU2180N2183295").unwrap(), "x")] {
+        let mut car = Vehicle::start(vehicle_options(addr, &vin, token), &vin);
+        let err = car.incoming().await.expect_err("refused");
+        assert!(err.contains("BadUserNamePassword"), "{err}");
+    }
+    assert_eq!(metric(&gw, "gateway_logins_total", &[("protocol", "mqtt"), ("result", "bad_credentials")]), 1.0);
+    assert_eq!(metric(&gw, "gateway_logins_total", &[("protocol", "mqtt"), ("result", "unknown_device")]), 1.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn foreign_topics_are_refused_and_counted() {
+    let env = Env::single().await;
+    let gw = env.start("gw-a").await;
+    let (vin, token) = env.provision_vehicle(VIN).await;
+    let mut car = Vehicle::connect(gw.addresses.mqtt.unwrap(), &vin, &token).await;
+
+    // Subscribing to another vehicle's downlinks (or everyone's): failure code, connection kept.
+    car.client
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new("vehicles/+/down/#".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new(format!("vehicles/{VIN}/down/#"), QoS::AtLeastOnce),
+        ])
+        .await
+        .unwrap();
+    let ack = car.wait_for("suback", |p| matches!(p, Packet::SubAck(_))).await;
+    let Packet::SubAck(ack) = ack else { unreachable!() };
+    assert_eq!(ack.return_codes, [SubscribeReasonCode::Failure, SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+
+    // Publishing as another vehicle: a 3.1.1 connection is closed.
+    let foreign = "vehicles/LSVAU2180N2183295/up/ota_status";
+    car.client.publish(foreign, QoS::AtLeastOnce, false, "{}").await.unwrap();
+    let ended = loop {
+        match car.incoming().await {
+            Ok(Packet::PubAck(_)) => panic!("a foreign publish must not be acknowledged"),
+            Ok(_) => {}
+            Err(e) => break e,
+        }
+    };
+    assert!(!ended.is_empty());
+    assert_eq!(metric(&gw, "gateway_mqtt_acl_denied_total", &[("action", "subscribe")]), 1.0);
+    assert_eq!(metric(&gw, "gateway_mqtt_acl_denied_total", &[("action", "publish")]), 1.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn persistent_session_resends_unacknowledged_downlinks() {
+    let env = Env::single().await;
+    let gw = env.start("gw-a").await;
+    let addr = gw.addresses.mqtt.unwrap();
+    let (vin, token) = env.provision_vehicle(VIN).await;
+    let device = DeviceKey::Vehicle(vin.clone());
+
+    let persistent = || {
+        let mut o = vehicle_options(addr, &vin, &token);
+        o.set_clean_session(false);
+        o.set_manual_acks(true);
+        o
+    };
+    let mut car = Vehicle::connect_with(persistent(), &vin).await;
+    car.subscribe_downlinks().await;
+    // Received but never acknowledged: the command times out, the downlink stays stored.
+    let body = CommandBody::Vehicle { kind: DownlinkKind::OtaNotify, payload: payload(r#"{"task_id":"t-1"}"#) };
+    let (reply, first) = tokio::join!(
+        env.command(&device, body, Duration::from_millis(500)),
+        car.wait_for("downlink", |p| matches!(p, Packet::Publish(_)))
+    );
+    assert_eq!(reply.outcome, Outcome::TimedOut);
+    let Packet::Publish(first) = first else { unreachable!() };
+    assert!(!first.dup);
+    drop(car);
+
+    // Reconnect without subscribing again: the session is present and the downlink comes back.
+    let mut car = Vehicle::start(persistent(), &vin);
+    let ack = car.incoming().await.expect("connack");
+    assert!(matches!(&ack, Packet::ConnAck(a) if a.code == ConnectReturnCode::Success && a.session_present), "{ack:?}");
+    let again = car.wait_for("resent downlink", |p| matches!(p, Packet::Publish(_))).await;
+    let Packet::Publish(again) = again else { unreachable!() };
+    assert!(again.dup);
+    assert_eq!(again.pkid, first.pkid);
+    assert_eq!(again.payload, first.payload);
+    car.client.ack(&again).await.unwrap();
+    // Once acknowledged it is gone from the stored session.
+    let mut con = env.redis.clone();
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let left: i64 = redis::cmd("LLEN").arg(env.keys.mqtt_inflight(&vin)).query_async(&mut con).await.unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "stored downlink not removed");
+        car.client.publish(uplink_topic(&vin, UplinkKind::OtaStatus), QoS::AtLeastOnce, false, "{}").await.unwrap();
+        car.wait_for("puback", |p| matches!(p, Packet::PubAck(_))).await;
+    }
+    assert_eq!(metric(&gw, "gateway_mqtt_stored_downlinks_total", &[("action", "resent")]), 1.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn keep_alive_closes_a_silent_vehicle() {
+    let mut env = Env::single().await;
+    let gw = env.start("gw-a").await;
+    let (vin, token) = env.provision_vehicle(VIN).await;
+    // A raw 3.1.1 CONNECT with keep-alive 1 s, then silence.
+    let mut connect = vec![0x10, 0];
+    connect.extend_from_slice(b"\x00\x04MQTT\x04\xC2\x00\x01");
+    for s in [vin.as_str(), vin.as_str(), token.as_str()] {
+        connect.extend_from_slice(&u16::try_from(s.len()).unwrap().to_be_bytes());
+        connect.extend_from_slice(s.as_bytes());
+    }
+    connect[1] = u8::try_from(connect.len() - 2).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(gw.addresses.mqtt.unwrap()).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 4];
+    tcp.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(common::WAIT, tcp.read_to_end(&mut rest)).await.expect("closed in time").unwrap();
+    assert_eq!(n, 0, "3.1.1: closed without a DISCONNECT");
+    assert!(started.elapsed() >= Duration::from_millis(1400), "1.5 x keep-alive");
+    env.wait_upstream("close", |e| matches!(e, UpEvent::SessionClosed { reason, .. } if reason == "idle_timeout"))
+        .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_connection_takes_over() {
+    let env = Env::single().await;
+    let gw = env.start("gw-a").await;
+    let addr = gw.addresses.mqtt.unwrap();
+    let (vin, token) = env.provision_vehicle(VIN).await;
+    let mut first = Vehicle::connect(addr, &vin, &token).await;
+    let _second = Vehicle::connect(addr, &vin, &token).await;
+    let ended = loop {
+        if let Err(e) = first.incoming().await {
+            break e;
+        }
+    };
+    assert!(!ended.is_empty());
+    let entry = env.map_entry(&DeviceKey::Vehicle(vin)).await;
+    assert_eq!(entry.get("epoch").map(String::as_str), Some("2"));
+    assert_eq!(entry.get("node").map(String::as_str), Some("gw-a"));
+    assert_eq!(metric(&gw, "gateway_takeovers_total", &[("protocol", "mqtt"), ("scope", "local")]), 1.0);
+    gw.stop().await;
+}
