@@ -1,6 +1,8 @@
 //! Cabinets against a real gateway over real sockets, with a real Redis: login and its
 //! refusals, every kind of bad input, idle timeout, forwarding, commands and the drain.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::time::Duration;
@@ -426,5 +428,50 @@ async fn metrics_endpoint_serves_prometheus_text() {
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("gateway_connections_open{protocol=\"cabinet\"} 1"), "{body}");
     assert!(body.contains("# HELP gateway_connections_open"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn cabinets_log_in_over_tls() {
+    use futures_util::{SinkExt, StreamExt};
+    use rustls_pki_types::pem::PemObject;
+
+    let env = Env::single().await;
+    let pki = common::Pki::new("unused");
+    let mut config = env.config("gw-a");
+    config.cabinet.tls_listen = "127.0.0.1:0".into();
+    config.cabinet.tls_cert = pki.path("server.pem");
+    config.cabinet.tls_key = pki.path("server.key");
+    let gw = env.start_with(config).await;
+    let (id, secret) = env.provision_cabinet("CAB-TLS").await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_file(pki.path("ca.pem")).unwrap()).unwrap();
+    let client =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(gw.addresses.cabinet_tls.unwrap()).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let mut framed = tokio_util::codec::Framed::new(tls, protocol::cabinet::CabinetCodec::default());
+
+    let login = Login::sign(id, "2.0.0", gateway::clock::now_ms(), &secret).unwrap();
+    framed.send(Frame::new(1, Message::Login(login))).await.unwrap();
+    let answer = framed.next().await.expect("answer").expect("valid").expect("frame");
+    assert!(matches!(answer.message, Message::LoginResult(r) if r.status == LoginStatus::Accepted));
+    framed.send(Frame::new(2, Message::Heartbeat(Heartbeat { device_time_ms: 0 }))).await.unwrap();
+    let ack = framed.next().await.expect("answer").expect("valid").expect("frame");
+    assert_eq!(ack.seq, 2);
+    assert!(matches!(ack.message, Message::HeartbeatAck(_)));
+
+    // A plain-TCP client on the TLS port never gets a session.
+    let mut plain = Cabinet::connect(gw.addresses.cabinet_tls.unwrap(), &DeviceId::new("CAB-TLS").unwrap()).await;
+    plain.send(Message::Heartbeat(Heartbeat { device_time_ms: 0 })).await;
+    assert!(plain.until_closed().await.is_empty());
+    assert_eq!(metric(&gw, "gateway_tls_handshake_failures_total", &[("protocol", "cabinet")]), 1.0);
     gw.stop().await;
 }

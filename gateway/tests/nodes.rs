@@ -3,6 +3,8 @@
 //! run left behind. Every test runs against a single Redis and against a three-node Redis
 //! Cluster started here.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::time::Duration;

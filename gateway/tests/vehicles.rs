@@ -2,6 +2,8 @@
 //! authentication, the topic access rule, downlinks with PUBACK, uplinks forwarded,
 //! persistent sessions, keep-alive, takeover.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::time::Duration;

@@ -143,6 +143,25 @@ ensure_postgres() {
   say "PostgreSQL: started a private server on 127.0.0.1:$port"
 }
 
+# The tools tests run as real peers: redis-server/redis-cli (private servers and clusters for
+# tests that restart Redis), Debian's MQTT clients, and paho-mqtt from PyPI.
+ensure_test_tools() {
+  local missing=()
+  command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || missing+=(redis-server redis-tools)
+  command -v mosquitto_sub >/dev/null 2>&1 && command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  command -v stdbuf >/dev/null 2>&1 || missing+=(coreutils)
+  [ "${#missing[@]}" -eq 0 ] || install_packages "${missing[@]}"
+  if ! python3 -c 'import paho.mqtt.client as m; m.CallbackAPIVersion' >/dev/null 2>&1; then
+    [ "${NO_INSTALL:-0}" = 1 ] && die "missing: paho-mqtt 2.x for python3 (NO_INSTALL=1 is set)"
+    python3 -m pip --version >/dev/null 2>&1 || install_packages python3-pip
+    say "installing paho-mqtt from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3' >/dev/null 2>&1 \
+      || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3' >/dev/null \
+      || die "failed to install paho-mqtt"
+  fi
+}
+
 services_up() {
   ensure_redis
   ensure_postgres

@@ -172,7 +172,7 @@ impl Env {
         for shard in 0..self.shards {
             let cursor = self.cursors.entry(shard).or_insert_with(|| "0".into()).clone();
             let mut con = self.redis.clone();
-            let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+            let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(1000)
                 .arg("BLOCK")
@@ -181,8 +181,9 @@ impl Env {
                 .arg(self.keys.upstream(shard))
                 .arg(&cursor)
                 .query_async(&mut con)
-                .await
-                .unwrap();
+                .await;
+            // A Redis that was just restarted fails the first request; the next one reconnects.
+            let Ok(reply) = read else { continue };
             for key in reply.map(|r| r.keys).unwrap_or_default() {
                 for entry in key.ids {
                     self.cursors.insert(shard, entry.id.clone());
@@ -467,5 +468,47 @@ impl Vehicle {
             matches!(&ack, rumqttc::Packet::SubAck(s) if s.return_codes == [rumqttc::SubscribeReasonCode::Success(rumqttc::QoS::AtLeastOnce)]),
             "{ack:?}"
         );
+    }
+}
+
+/// A throwaway PKI in a temporary folder: a CA, a server certificate for 127.0.0.1/localhost,
+/// and a client certificate whose subject CN is a VIN. Removed on drop.
+pub struct Pki {
+    pub dir: std::path::PathBuf,
+}
+
+impl Pki {
+    pub fn new(client_vin: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let dir = std::env::temp_dir().join(testkit::unique_name("pki"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "iotgw test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
+        write("ca.pem", ca.pem());
+
+        let server_key = KeyPair::generate().unwrap();
+        let server_params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        write("server.pem", server_params.signed_by(&server_key, &ca).unwrap().pem());
+        write("server.key", server_key.serialize_pem());
+
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client_params.distinguished_name.push(DnType::CommonName, client_vin);
+        write("client.pem", client_params.signed_by(&client_key, &ca).unwrap().pem());
+        write("client.key", client_key.serialize_pem());
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
