@@ -1,13 +1,171 @@
-//! The `loadtest` binary: simulated fleets of cabinets and vehicles.
+//! The `loadtest` binary: simulated fleets of cabinets and vehicles against a running system,
+//! spread over worker processes, with latency histograms and a JSON report.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
-/// Simulates fleets of cabinets and vehicles against a running system and reports latencies.
+use anyhow::Context;
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use loadtest::{compare, fleet, fleet_ids, worker};
+use serde_json::json;
+
+/// Simulates fleets of cabinets (SPEC.md part 1) and vehicles (MQTT) against a running system
+/// and reports connect, command and publish latencies and server memory. Every run is bounded
+/// in time and count and stops by itself; targets must be local.
 #[derive(Debug, Parser)]
 #[command(version, about)]
-struct Args {}
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Connect a fleet, hold it, send commands; write a JSON report.
+    Fleet(FleetArgs),
+    /// The same MQTT fleet and publish load against Mosquitto and the gateway.
+    MqttCompare {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Port for the Mosquitto started for the comparison.
+        #[arg(long, default_value_t = 18830)]
+        mosquitto_port: u16,
+    },
+    /// Write the simulated fleet's credentials to Redis (fleet does this itself).
+    Provision {
+        #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+        redis_url: String,
+        #[arg(long, default_value = "iotgw:")]
+        key_prefix: String,
+        #[arg(long, default_value_t = 0)]
+        cabinets: usize,
+        #[arg(long, default_value_t = 0)]
+        vehicles: usize,
+    },
+    /// Internal: one worker process of a fleet.
+    #[command(hide = true)]
+    Worker {
+        /// The worker's plan, JSON.
+        plan: String,
+    },
+}
+
+#[derive(Debug, Clone, ClapArgs)]
+struct FleetArgs {
+    /// Name of the run, recorded in the report.
+    #[arg(long, default_value = "fleet")]
+    label: String,
+    /// Redis of the system under test.
+    #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+    /// Key prefix of the system under test.
+    #[arg(long, default_value = "iotgw:")]
+    key_prefix: String,
+    /// Gateway cabinet listener (repeat for several nodes).
+    #[arg(long = "cabinet-addr")]
+    cabinet_addrs: Vec<SocketAddr>,
+    /// Gateway MQTT listener (repeat for several nodes).
+    #[arg(long = "mqtt-addr")]
+    mqtt_addrs: Vec<SocketAddr>,
+    /// Cabinets to simulate.
+    #[arg(long, default_value_t = 0)]
+    cabinets: usize,
+    /// Vehicles to simulate.
+    #[arg(long, default_value_t = 0)]
+    vehicles: usize,
+    /// Worker processes (0: as few as the 20,000-file limit allows, 9,000 devices each).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Local source addresses for cabinets: 127.0.0.2 .. 127.0.0.(1+N).
+    #[arg(long, default_value_t = 4)]
+    source_ips: usize,
+    /// New connections per second, whole fleet.
+    #[arg(long, default_value_t = 2000)]
+    ramp_per_s: u32,
+    /// Cabinet heartbeat interval, seconds.
+    #[arg(long, default_value_t = 30)]
+    heartbeat_s: u64,
+    /// Seconds to hold the connected fleet.
+    #[arg(long, default_value_t = 30)]
+    hold_s: u64,
+    /// Commands per second during the hold.
+    #[arg(long, default_value_t = 0)]
+    commands_per_s: u32,
+    /// QoS 1 uplinks per second per vehicle.
+    #[arg(long, default_value_t = 0.0)]
+    publish_per_s: f64,
+    /// Server process whose memory is measured (repeat).
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// Hard bound on the run, seconds.
+    #[arg(long, default_value_t = 600)]
+    max_duration_s: u64,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = "loadtest/results/fleet.json")]
+    out: PathBuf,
+}
+
+impl FleetArgs {
+    fn plan(&self) -> anyhow::Result<fleet::FleetPlan> {
+        for addr in self.cabinet_addrs.iter().chain(&self.mqtt_addrs) {
+            anyhow::ensure!(addr.ip().is_loopback(), "load tests target loopback only, not {addr}");
+        }
+        anyhow::ensure!(self.max_duration_s <= 3600, "--max-duration-s is capped at 3600");
+        Ok(fleet::FleetPlan {
+            label: self.label.clone(),
+            redis_url: self.redis_url.clone(),
+            key_prefix: self.key_prefix.clone(),
+            cabinet_addrs: self.cabinet_addrs.clone(),
+            mqtt_addrs: self.mqtt_addrs.clone(),
+            cabinets: self.cabinets,
+            vehicles: self.vehicles,
+            workers: self.workers,
+            source_ips: self.source_ips,
+            ramp_per_s: self.ramp_per_s,
+            heartbeat_s: self.heartbeat_s,
+            hold_s: self.hold_s,
+            commands_per_s: self.commands_per_s,
+            publish_per_s: self.publish_per_s,
+            server_pids: self.server_pids.clone(),
+            credentials: true,
+            max_duration_s: self.max_duration_s,
+        })
+    }
+}
 
 fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    Ok(())
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Cmd::Worker { plan } => {
+                let plan: worker::WorkerPlan = serde_json::from_str(&plan).context("invalid worker plan")?;
+                worker::run(plan).await;
+            }
+            Cmd::Provision { redis_url, key_prefix, cabinets, vehicles } => {
+                let client = redis::Client::open(redis_url)?;
+                let mut con = client.get_multiplexed_async_connection().await?;
+                fleet_ids::provision_credentials(&mut con, &protocol::bus::Keys::new(key_prefix), cabinets, vehicles)
+                    .await?;
+            }
+            Cmd::Fleet(args) => {
+                let plan = args.plan()?;
+                let result = fleet::run(&plan).await?;
+                let results = serde_json::to_value(&result)?;
+                fleet::write_report(&args.out, &serde_json::to_value(&plan)?, &results)?;
+                eprintln!("{}", serde_json::to_string_pretty(&results)?);
+                eprintln!("report: {}", args.out.display());
+            }
+            Cmd::MqttCompare { fleet: args, mosquitto_port } => {
+                let plan = args.plan()?;
+                let gateway_mqtt = *args.mqtt_addrs.first().context("--mqtt-addr of the gateway is required")?;
+                let pid = *args.server_pids.first().context("--server-pid of the gateway is required")?;
+                let results = compare::run(&plan, mosquitto_port, gateway_mqtt, pid).await?;
+                fleet::write_report(&args.out, &json!({"fleet": plan, "mosquitto_port": mosquitto_port}), &results)?;
+                eprintln!("{}", serde_json::to_string_pretty(&results["ratios"])?);
+                eprintln!("report: {}", args.out.display());
+            }
+        }
+        Ok(())
+    })
 }

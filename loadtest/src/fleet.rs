@@ -1,0 +1,340 @@
+//! The orchestrator: provisions the simulated fleet, spreads it over worker processes (each
+//! under the 20,000-file limit) and local source addresses, follows their progress, measures
+//! the servers' memory, sends commands, and writes the JSON report.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use protocol::bus::{DeviceKey, Keys};
+use serde::Serialize;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::commander;
+use crate::fleet_ids::{cabinet_id, provision_credentials, vin};
+use crate::rss::rss_bytes;
+use crate::stats::{Merged, summarize};
+use crate::worker::{Report, WorkerPlan};
+
+/// Most devices one worker process simulates: each is a socket, and a process may open 20,000
+/// files at most.
+pub const MAX_PER_WORKER: usize = 9_000;
+
+/// What a fleet run does.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetPlan {
+    /// A name for the report.
+    pub label: String,
+    /// Redis of the system under test (credentials, connection map, commands).
+    pub redis_url: String,
+    /// Its key prefix.
+    pub key_prefix: String,
+    /// Gateway cabinet listeners.
+    pub cabinet_addrs: Vec<SocketAddr>,
+    /// MQTT listeners (gateways, or a broker for comparison).
+    pub mqtt_addrs: Vec<SocketAddr>,
+    /// Cabinets to simulate.
+    pub cabinets: usize,
+    /// Vehicles to simulate.
+    pub vehicles: usize,
+    /// Worker processes (0 = as few as the file limit allows).
+    pub workers: usize,
+    /// Source addresses 127.0.0.2 .. 127.0.0.(1+n) for cabinets.
+    pub source_ips: usize,
+    /// New connections per second, whole fleet.
+    pub ramp_per_s: u32,
+    /// Cabinet heartbeat interval, s.
+    pub heartbeat_s: u64,
+    /// How long to hold the fleet after it is connected, s.
+    pub hold_s: u64,
+    /// Commands per second during the hold.
+    pub commands_per_s: u32,
+    /// QoS 1 uplinks per second per vehicle during the whole run.
+    pub publish_per_s: f64,
+    /// Processes whose memory is measured (gateways, broker).
+    pub server_pids: Vec<u32>,
+    /// Vehicles send user name and token (false for a bare broker).
+    pub credentials: bool,
+    /// Hard bound on the whole run, s.
+    pub max_duration_s: u64,
+}
+
+struct Worker {
+    child: Child,
+    plan: WorkerPlan,
+}
+
+/// The outcome of a run, as written to the report.
+#[derive(Debug, Serialize)]
+pub struct FleetResult {
+    /// Devices connected at the end of the ramp.
+    pub connected: u64,
+    /// Seconds from the first connection to all connected (or to the ramp timeout).
+    pub ramp_s: f64,
+    /// Logins per second over the ramp.
+    pub login_rate_per_s: f64,
+    /// Memory of each measured process before the fleet, bytes.
+    pub rss_before: Vec<u64>,
+    /// ... with the fleet connected and idle, bytes.
+    pub rss_connected: Vec<u64>,
+    /// ... at the end of the hold, bytes.
+    pub rss_end: Vec<u64>,
+    /// Memory per connection over all measured processes: (connected - before) / devices.
+    pub rss_per_connection_bytes: f64,
+    /// Everything else measured.
+    pub details: serde_json::Value,
+}
+
+fn split(total: usize, parts: usize, i: usize) -> (usize, usize) {
+    let base = total / parts;
+    let extra = total % parts;
+    let start = i * base + i.min(extra);
+    (start, start + base + usize::from(i < extra))
+}
+
+async fn spawn_workers(
+    plan: &FleetPlan,
+    reports: mpsc::UnboundedSender<(usize, Report)>,
+) -> anyhow::Result<Vec<Worker>> {
+    let devices = plan.cabinets + plan.vehicles;
+    let workers = if plan.workers == 0 { devices.div_ceil(MAX_PER_WORKER).max(1) } else { plan.workers };
+    let exe = std::env::current_exe().context("failed to find the loadtest binary")?;
+    let mut out = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let source_ip = (plan.source_ips > 0).then(|| {
+            let last = u8::try_from(2 + w % plan.source_ips).unwrap_or(2);
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+        });
+        let wp = WorkerPlan {
+            cabinet_addrs: plan.cabinet_addrs.clone(),
+            mqtt_addrs: plan.mqtt_addrs.clone(),
+            cabinets: split(plan.cabinets, workers, w),
+            vehicles: split(plan.vehicles, workers, w),
+            source_ip,
+            ramp_per_s: (plan.ramp_per_s / u32::try_from(workers).unwrap_or(1)).max(1),
+            heartbeat_s: plan.heartbeat_s,
+            publish_per_s: plan.publish_per_s,
+            credentials: plan.credentials,
+            max_duration_s: plan.max_duration_s + 30,
+        };
+        let mut child = Command::new(&exe)
+            .arg("worker")
+            .arg(serde_json::to_string(&wp)?)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("failed to start a worker process")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let tx = reports.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(report) = serde_json::from_str::<Report>(&line) {
+                    let _ = tx.send((w, report));
+                }
+            }
+        });
+        out.push(Worker { child, plan: wp });
+    }
+    Ok(out)
+}
+
+fn rss_all(pids: &[u32]) -> Vec<u64> {
+    pids.iter().map(|p| rss_bytes(*p).unwrap_or(0)).collect()
+}
+
+/// Runs the plan; returns the result (also printed as it goes).
+///
+/// # Errors
+/// Redis unreachable, or workers that cannot be started.
+pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
+    let deadline = Instant::now() + Duration::from_secs(plan.max_duration_s);
+    let keys = Keys::new(plan.key_prefix.clone());
+    if plan.credentials {
+        let client = redis::Client::open(plan.redis_url.as_str())?;
+        let mut con = client.get_multiplexed_async_connection().await.context("failed to reach Redis")?;
+        provision_credentials(&mut con, &keys, plan.cabinets, plan.vehicles).await?;
+    }
+    let rss_before = rss_all(&plan.server_pids);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut workers = spawn_workers(plan, tx).await?;
+    let target = (plan.cabinets + plan.vehicles) as u64;
+    let mut connected = vec![0u64; workers.len()];
+    let started = Instant::now();
+    let ramp_limit = started + Duration::from_secs_f64(target as f64 / f64::from(plan.ramp_per_s.max(1)) + 60.0);
+    let mut last_print = Instant::now();
+    let ramp_s = loop {
+        let total: u64 = connected.iter().sum();
+        if total >= target || Instant::now() >= ramp_limit.min(deadline) {
+            break started.elapsed().as_secs_f64();
+        }
+        tokio::select! {
+            Some((w, report)) = rx.recv() => {
+                if let Report::Progress { connected: c } = report {
+                    connected[w] = c;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            let total: u64 = connected.iter().sum();
+            eprintln!(
+                "[{:>5.1}s] connected {total}/{target} ({:.0}/s) rss {:?} MiB",
+                started.elapsed().as_secs_f64(),
+                total as f64 / started.elapsed().as_secs_f64().max(0.001),
+                rss_all(&plan.server_pids).iter().map(|b| b / (1 << 20)).collect::<Vec<_>>()
+            );
+        }
+    };
+    let connected_total: u64 = connected.iter().sum();
+    eprintln!("ramp done: {connected_total}/{target} in {ramp_s:.1}s");
+    // Let allocations from the ramp settle (login buffers freed, first heartbeats answered).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_connected = rss_all(&plan.server_pids);
+
+    let targets: Vec<DeviceKey> = (0..plan.cabinets)
+        .map(|i| DeviceKey::Cabinet(cabinet_id(i)))
+        .chain((0..plan.vehicles).map(|i| DeviceKey::Vehicle(vin(i))))
+        .collect();
+    let hold = Duration::from_secs(plan.hold_s).min(deadline.saturating_duration_since(Instant::now()));
+    let stop = CancellationToken::new();
+    let timer = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        timer.cancel();
+    });
+    // Keep draining progress reports during the hold.
+    let drain = tokio::spawn(async move {
+        let mut last = Vec::new();
+        while let Some(r) = rx.recv().await {
+            last.push(r);
+        }
+        last
+    });
+    let commands = if plan.commands_per_s > 0 && plan.credentials {
+        Some(commander::run(&plan.redis_url, &keys, &targets, plan.commands_per_s, stop.clone()).await?)
+    } else {
+        stop.cancelled().await;
+        None
+    };
+    let rss_end = rss_all(&plan.server_pids);
+
+    // Stop the workers: closing stdin makes each emit its final snapshot and exit.
+    for w in &mut workers {
+        if let Some(mut stdin) = w.child.stdin.take() {
+            let _ = stdin.shutdown().await;
+        }
+    }
+    for w in &mut workers {
+        let _ = tokio::time::timeout(Duration::from_secs(20), w.child.wait()).await;
+    }
+    let reports =
+        tokio::time::timeout(Duration::from_secs(5), drain).await.ok().and_then(Result::ok).unwrap_or_default();
+    let mut merged = Merged::default();
+    for (_, r) in &reports {
+        if let Report::Final { snapshot } = r {
+            merged.add(snapshot);
+        }
+    }
+    let mut details = json!({
+        "counters": merged.counters,
+        "latency": merged.summaries(),
+        "workers": workers.iter().map(|w| json!({"cabinets": w.plan.cabinets, "vehicles": w.plan.vehicles, "source_ip": w.plan.source_ip})).collect::<Vec<_>>(),
+    });
+    if let Some(c) = &commands {
+        details["commands"] = json!({
+            "sent": c.sent,
+            "unmapped": c.unmapped,
+            "outcomes": c.outcomes,
+            "round_trip": summarize(&c.rtt),
+        });
+    }
+    let growth: u64 = rss_connected.iter().zip(&rss_before).map(|(a, b)| a.saturating_sub(*b)).sum();
+    let result = FleetResult {
+        connected: connected_total,
+        ramp_s,
+        login_rate_per_s: connected_total as f64 / ramp_s.max(0.001),
+        rss_per_connection_bytes: if connected_total > 0 { growth as f64 / connected_total as f64 } else { 0.0 },
+        rss_before,
+        rss_connected,
+        rss_end,
+        details,
+    };
+    Ok(result)
+}
+
+/// Where the report goes and what it records besides the results.
+pub fn write_report(path: &PathBuf, plan: &serde_json::Value, results: &serde_json::Value) -> anyhow::Result<()> {
+    let report = json!({
+        "commit": git_commit(),
+        "date": date_utc(),
+        "machine": machine(),
+        "parameters": plan,
+        "results": results,
+    });
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    Ok(())
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn date_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    json!({"cpu": model, "cores": cores, "memory_gib": mem_kib / (1 << 20), "kernel": kernel})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn splits_cover_everything_once() {
+        let parts: Vec<_> = (0..3).map(|i| split(10, 3, i)).collect();
+        assert_eq!(parts, [(0, 4), (4, 7), (7, 10)]);
+        assert_eq!(split(0, 2, 1), (0, 0));
+    }
+}

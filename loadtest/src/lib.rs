@@ -1,0 +1,21 @@
+//! The load-test harness: simulated cabinets and vehicles, spread over worker processes, with
+//! latency histograms, server memory measurements and JSON reports.
+//!
+//! # Layout
+//! - [`cabinet`], [`vehicle`]: one simulated device each, behaving as the documents say;
+//! - [`worker`]: a process simulating a slice of the fleet;
+//! - [`fleet`]: the orchestrator (workers, progress, memory, report); [`compare`]: the same
+//!   MQTT load against Mosquitto;
+//! - [`commander`]: commands through the connection map, with round-trip times;
+//! - [`fleet_ids`]: identities and credentials; [`stats`]: histograms and counters; [`rss`]:
+//!   process memory.
+
+pub mod cabinet;
+pub mod commander;
+pub mod compare;
+pub mod fleet;
+pub mod fleet_ids;
+pub mod rss;
+pub mod stats;
+pub mod vehicle;
+pub mod worker;

@@ -1,0 +1,155 @@
+//! A worker process: simulates a slice of the fleet and reports to the orchestrator on stdout
+//! (one JSON object per line: progress every second, then a final snapshot). It stops when
+//! its stdin closes, when the orchestrator dies, or after its time bound.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cabinet::{self, CabinetBehaviour, Target};
+use crate::fleet_ids::{cabinet_id, cabinet_secret, vehicle_token, vin};
+use crate::stats::{Snapshot, Stats};
+use crate::vehicle::{self, VehicleBehaviour};
+
+/// What one worker simulates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerPlan {
+    /// Cabinet listeners; cabinet `i` uses `cabinet_addrs[i % len]`.
+    pub cabinet_addrs: Vec<SocketAddr>,
+    /// MQTT listeners; vehicle `i` uses `mqtt_addrs[i % len]`.
+    pub mqtt_addrs: Vec<SocketAddr>,
+    /// Cabinet numbers `[start, end)`.
+    pub cabinets: (usize, usize),
+    /// Vehicle numbers `[start, end)`.
+    pub vehicles: (usize, usize),
+    /// Local address cabinets bind to.
+    pub source_ip: Option<IpAddr>,
+    /// New connections per second.
+    pub ramp_per_s: u32,
+    /// Heartbeat interval, seconds.
+    pub heartbeat_s: u64,
+    /// QoS 1 uplinks per second per vehicle.
+    pub publish_per_s: f64,
+    /// Vehicles authenticate (false against a bare broker).
+    pub credentials: bool,
+    /// Hard bound on the worker's life, seconds.
+    pub max_duration_s: u64,
+}
+
+/// One line of worker output.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Report {
+    /// Every second.
+    Progress {
+        /// Devices connected now.
+        connected: u64,
+    },
+    /// At the end.
+    Final {
+        /// Everything measured.
+        snapshot: Snapshot,
+    },
+}
+
+fn emit(report: &Report) {
+    if let Ok(line) = serde_json::to_string(report) {
+        #[allow(clippy::print_stdout)] // the worker's protocol with the orchestrator
+        {
+            println!("{line}");
+        }
+    }
+}
+
+/// Runs the plan until stdin closes or the time bound.
+pub async fn run(plan: WorkerPlan) {
+    let stats = Arc::new(Stats::default());
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let cab_behaviour =
+        Arc::new(CabinetBehaviour { heartbeat: Duration::from_secs(plan.heartbeat_s), ..CabinetBehaviour::default() });
+    let veh_behaviour = Arc::new(VehicleBehaviour {
+        publish_per_s: plan.publish_per_s,
+        credentials: plan.credentials,
+        ..VehicleBehaviour::default()
+    });
+
+    // Stop when the orchestrator closes our stdin (or dies), or at the bound.
+    let watch = stop.clone();
+    tokio::spawn(async move {
+        let mut sink = [0u8; 64];
+        let mut stdin = tokio::io::stdin();
+        while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
+        watch.cancel();
+    });
+    let bound = stop.clone();
+    let max = Duration::from_secs(plan.max_duration_s);
+    tokio::spawn(async move {
+        tokio::time::sleep(max).await;
+        bound.cancel();
+    });
+    let progress_stats = Arc::clone(&stats);
+    let progress_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => emit(&Report::Progress { connected: progress_stats.connected.load(std::sync::atomic::Ordering::Relaxed) }),
+                () = progress_stop.cancelled() => return,
+            }
+        }
+    });
+
+    let gap = Duration::from_secs(1) / plan.ramp_per_s.max(1);
+    let mut pace = tokio::time::interval(gap);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let spawn_list =
+        (plan.cabinets.0..plan.cabinets.1).map(Some).chain((plan.vehicles.0..plan.vehicles.1).map(|_| None));
+    let mut vehicle_n = plan.vehicles.0;
+    for cabinet_n in spawn_list {
+        tokio::select! {
+            _ = pace.tick() => {}
+            () = stop.cancelled() => break,
+        }
+        match cabinet_n {
+            Some(n) if !plan.cabinet_addrs.is_empty() => {
+                let id = cabinet_id(n);
+                let secret = cabinet_secret(&id);
+                let target = Target { addr: plan.cabinet_addrs[n % plan.cabinet_addrs.len()], source: plan.source_ip };
+                tracker.spawn(cabinet::run(
+                    id,
+                    secret,
+                    target,
+                    Arc::clone(&cab_behaviour),
+                    Arc::clone(&stats),
+                    stop.clone(),
+                ));
+            }
+            None if !plan.mqtt_addrs.is_empty() => {
+                let n = vehicle_n;
+                vehicle_n += 1;
+                let v = vin(n);
+                let token = vehicle_token(&v);
+                let addr = plan.mqtt_addrs[n % plan.mqtt_addrs.len()];
+                tracker.spawn(vehicle::run(
+                    v,
+                    token,
+                    addr,
+                    Arc::clone(&veh_behaviour),
+                    Arc::clone(&stats),
+                    stop.clone(),
+                ));
+            }
+            _ => {}
+        }
+    }
+    stop.cancelled().await;
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    emit(&Report::Final { snapshot: stats.snapshot() });
+}
