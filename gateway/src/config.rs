@@ -276,7 +276,7 @@ impl Default for CommandsConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { cache_ttl_s: 60, negative_cache_ttl_s: 5 }
+        Self { cache_ttl_s: 10, negative_cache_ttl_s: 5 }
     }
 }
 

@@ -105,10 +105,12 @@ impl Credentials {
         value.map_or(Lookup::Unknown, Lookup::Found)
     }
 
-    /// Drops expired cache entries, so the cache holds only recently seen devices.
+    /// Drops expired cache entries and gives their memory back, so the cache holds only
+    /// recently seen devices: after a login storm it shrinks to nothing.
     pub fn sweep(&self) {
         let ttl = self.ttl.max(self.negative_ttl);
         self.cache.retain(|_, c| c.at.elapsed() < ttl);
+        self.cache.shrink_to_fit();
     }
 }
 

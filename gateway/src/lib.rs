@@ -224,7 +224,7 @@ impl Gateway {
         let sweeper = Arc::clone(&ctx);
         let sweep_stop = liveness_stop.clone();
         services.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
                     _ = tick.tick() => sweeper.credentials.sweep(),
@@ -338,13 +338,17 @@ impl Drain {
         let deadline = tokio::time::Instant::now() + grace;
         tracing::info!(sessions = self.ctx.registry.len(), grace_s = grace.as_secs(), "draining");
         self.listeners.wait().await;
+        // Sessions still logging in see the drain token when they start serving.
+        for handle in self.ctx.registry.all() {
+            handle.end(EndReason::Drain);
+        }
         self.sessions.close();
         let session_budget = Duration::from_millis(self.ctx.config.drain.spread_ms + 2000).min(grace);
         if tokio::time::timeout(session_budget, self.sessions.wait()).await.is_err() {
             let left = self.ctx.registry.all();
             tracing::warn!(sessions = left.len(), "sessions still open after the spread; ending them");
             for handle in left {
-                handle.end(EndReason::Drain);
+                handle.end(EndReason::Close);
             }
             let _ = tokio::time::timeout_at(deadline, self.sessions.wait()).await;
         }

@@ -71,10 +71,36 @@ pub enum LocalInsert {
     Stale,
 }
 
+/// A live session keyed by its own device, so the table stores each device key once (inside the
+/// handle) rather than twice.
+#[derive(Debug, Clone)]
+struct ByDevice(Arc<SessionHandle>);
+
+impl PartialEq for ByDevice {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.device == other.0.device
+    }
+}
+
+impl Eq for ByDevice {}
+
+impl std::hash::Hash for ByDevice {
+    // Must hash exactly like the `DeviceKey` it borrows as.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.device.hash(state);
+    }
+}
+
+impl std::borrow::Borrow<DeviceKey> for ByDevice {
+    fn borrow(&self) -> &DeviceKey {
+        &self.0.device
+    }
+}
+
 /// The local session table plus this node's Redis map operations.
 #[derive(Debug)]
 pub struct Registry {
-    local: DashMap<DeviceKey, Arc<SessionHandle>>,
+    local: DashMap<ByDevice, ()>,
     redis: RedisConn,
     keys: Keys,
     node: String,
@@ -122,9 +148,14 @@ impl Registry {
         format!("{}/{}/", self.node, self.incarnation)
     }
 
-    /// A session id no other session of any node or run has.
-    pub fn new_session_id(&self) -> String {
-        let n = self.next_session.fetch_add(1, Ordering::Relaxed);
+    /// A new session number; [`Registry::session_id`] makes it unique across nodes and runs.
+    pub fn new_session(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The id the map entry names for session `n` of this run: `node/incarnation/n`. Built when
+    /// needed rather than stored, to keep each live session small.
+    pub fn session_id(&self, n: u64) -> String {
         format!("{}{n}", self.session_prefix())
     }
 
@@ -132,13 +163,13 @@ impl Registry {
     ///
     /// # Errors
     /// Any Redis error; the login is then refused as "unavailable".
-    pub async fn claim(&self, device: &DeviceKey, session_id: &str) -> RedisResult<Claim> {
+    pub async fn claim(&self, device: &DeviceKey, session: u64) -> RedisResult<Claim> {
         let mut con = self.redis.clone();
         let (epoch, prev_node, _prev_session): (u64, String, String) = self
             .claim
             .key(self.keys.conn(device))
             .arg(&self.node)
-            .arg(session_id)
+            .arg(self.session_id(session))
             .arg(now_ms())
             .invoke_async(&mut con)
             .await
@@ -152,11 +183,12 @@ impl Registry {
         Ok(Claim { epoch, previous_node: (!prev_node.is_empty()).then_some(prev_node) })
     }
 
-    /// Releases `device` if the map still names `session_id`. On a Redis error the release is
-    /// queued and retried until it succeeds.
-    pub async fn release(&self, device: &DeviceKey, session_id: &str) {
-        if self.try_release(device, session_id).await.is_err() {
-            let _ = self.retry_tx.send((device.clone(), session_id.to_owned()));
+    /// Releases `device` if the map still names session `session`. On a Redis error the
+    /// release is queued and retried until it succeeds.
+    pub async fn release(&self, device: &DeviceKey, session: u64) {
+        let session_id = self.session_id(session);
+        if self.try_release(device, &session_id).await.is_err() {
+            let _ = self.retry_tx.send((device.clone(), session_id));
         }
     }
 
@@ -214,16 +246,19 @@ impl Registry {
     /// Adds a session that has claimed its device. Sessions of one device on one node are
     /// ordered by epoch: the newer one stays.
     pub fn insert_local(&self, handle: Arc<SessionHandle>) -> LocalInsert {
-        match self.local.entry(handle.device.clone()) {
+        let epoch = handle.epoch;
+        match self.local.entry(ByDevice(handle)) {
             Entry::Vacant(v) => {
-                v.insert(handle);
+                v.insert(());
                 LocalInsert::Fresh
             }
-            Entry::Occupied(mut o) => {
-                if o.get().epoch > handle.epoch {
+            Entry::Occupied(o) => {
+                if o.key().0.epoch > epoch {
                     LocalInsert::Stale
                 } else {
-                    LocalInsert::Replaced(o.insert(handle))
+                    // Replaces the stored key, which is the handle itself.
+                    let (old, ()) = o.replace_entry(());
+                    LocalInsert::Replaced(old.0)
                 }
             }
         }
@@ -231,17 +266,17 @@ impl Registry {
 
     /// Removes a session from the local table, only if the entry is this very session.
     pub fn remove_local(&self, handle: &SessionHandle) {
-        self.local.remove_if(&handle.device, |_, h| h.session_id == handle.session_id);
+        self.local.remove_if(&handle.device, |k, ()| k.0.session == handle.session);
     }
 
     /// The live local session of `device`.
     pub fn get(&self, device: &DeviceKey) -> Option<Arc<SessionHandle>> {
-        self.local.get(device).map(|h| Arc::clone(h.value()))
+        self.local.get(device).map(|e| Arc::clone(&e.key().0))
     }
 
     /// Every live local session (for the drain).
     pub fn all(&self) -> Vec<Arc<SessionHandle>> {
-        self.local.iter().map(|e| Arc::clone(e.value())).collect()
+        self.local.iter().map(|e| Arc::clone(&e.key().0)).collect()
     }
 
     /// Number of live local sessions.

@@ -9,8 +9,9 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use prometheus::IntGauge;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -145,52 +146,73 @@ pub async fn run(listener: Listener, ctx: Arc<Ctx>, tracker: TaskTracker, stop: 
         };
         let _ = tcp.set_nodelay(true);
         ctx.metrics.connections_accepted.with_label_values(&[label]).inc();
-        let ctx = Arc::clone(&ctx);
-        let tls = listener.tls.clone();
-        let protocol = listener.protocol;
+        let guard = ConnGuard::new(permit, ctx.metrics.connections_open.with_label_values(&[label]));
         let span = tracing::info_span!("conn", %peer, protocol = label, device_id = tracing::field::Empty);
-        tracker.spawn(
-            async move {
-                let _permit = permit;
-                let open = ctx.metrics.connections_open.with_label_values(&[label]);
-                open.inc();
-                serve_connection(tcp, tls, protocol, ctx).await;
-                open.dec();
+        let ctx = Arc::clone(&ctx);
+        match listener.tls.clone() {
+            // Plain TCP: the session future is the task itself, with no wrapper around it, so an
+            // idle connection costs one allocation of exactly its protocol's state.
+            None => {
+                let conn = Conn::new(Stream::Tcp(tcp));
+                match listener.protocol {
+                    Protocol::Cabinet => tracker.spawn(crate::cabinet::serve(conn, ctx, guard).instrument(span)),
+                    Protocol::Mqtt => tracker.spawn(crate::mqtt::serve(conn, ctx, None, guard).instrument(span)),
+                };
             }
-            .instrument(span),
-        );
+            Some(acceptor) => {
+                tracker.spawn(handshake(tcp, acceptor, listener.protocol, ctx, guard).instrument(span));
+            }
+        }
     }
 }
 
-async fn serve_connection(tcp: tokio::net::TcpStream, tls: Option<TlsAcceptor>, protocol: Protocol, ctx: Arc<Ctx>) {
-    let (write_timeout, handshake_timeout) = match protocol {
-        Protocol::Cabinet => (ctx.config.cabinet.write_timeout_ms, ctx.config.cabinet.login_timeout_ms),
-        Protocol::Mqtt => (ctx.config.mqtt.write_timeout_ms, ctx.config.mqtt.connect_timeout_ms),
-    };
-    let stream = match tls {
-        None => Stream::Tcp(tcp),
-        Some(acceptor) => {
-            match tokio::time::timeout(Duration::from_millis(handshake_timeout), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => Stream::Tls(Box::new(s)),
-                Ok(Err(e)) => {
-                    ctx.metrics.tls_failures.with_label_values(&[protocol.label()]).inc();
-                    tracing::debug!(error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    ctx.metrics.tls_failures.with_label_values(&[protocol.label()]).inc();
-                    tracing::debug!("TLS handshake timed out");
-                    return;
-                }
-            }
+/// Held by a connection's task for its whole life: its admission permit and its place in the
+/// open-connections gauge, both given back on drop.
+#[derive(Debug)]
+pub struct ConnGuard {
+    _permit: OwnedSemaphorePermit,
+    open: IntGauge,
+}
+
+impl ConnGuard {
+    fn new(permit: OwnedSemaphorePermit, open: IntGauge) -> Self {
+        open.inc();
+        Self { _permit: permit, open }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// A TLS connection: handshake within the login deadline, then the protocol's session.
+async fn handshake(tcp: TcpStream, acceptor: TlsAcceptor, protocol: Protocol, ctx: Arc<Ctx>, guard: ConnGuard) {
+    let limit = Duration::from_millis(match protocol {
+        Protocol::Cabinet => ctx.config.cabinet.login_timeout_ms,
+        Protocol::Mqtt => ctx.config.mqtt.connect_timeout_ms,
+    });
+    // Boxed: a handshake's state is large and needed once.
+    let stream = match tokio::time::timeout(limit, Box::pin(acceptor.accept(tcp))).await {
+        Ok(Ok(s)) => Stream::Tls(Box::new(s)),
+        Ok(Err(e)) => {
+            ctx.metrics.tls_failures.with_label_values(&[protocol.label()]).inc();
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.tls_failures.with_label_values(&[protocol.label()]).inc();
+            tracing::debug!("TLS handshake timed out");
+            return;
         }
     };
-    let conn = Conn::new(stream, Duration::from_millis(write_timeout));
+    let conn = Conn::new(stream);
     match protocol {
-        Protocol::Cabinet => crate::cabinet::serve(conn, ctx).await,
+        Protocol::Cabinet => crate::cabinet::serve(conn, ctx, guard).await,
         Protocol::Mqtt => {
             let cert_vin = conn.tls().and_then(crate::tls::client_vin);
-            crate::mqtt::serve(conn, ctx, cert_vin).await;
+            crate::mqtt::serve(conn, ctx, cert_vin, guard).await;
         }
     }
 }

@@ -7,10 +7,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::task::{Context, Poll};
 
+use futures_util::task::AtomicWaker;
 use protocol::bus::{CommandBody, DeviceKey};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// A command on its way to one device.
@@ -28,23 +29,27 @@ pub struct Downlink {
     pub body: CommandBody,
 }
 
-/// Why a session is being ended from outside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the node asks of a session from outside. Requests only escalate: a later, stronger
+/// request replaces a weaker one, never the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum EndReason {
-    /// Not being ended.
+    /// Nothing asked.
     None = 0,
-    /// The device logged in again (here or on another node).
-    TakenOver = 1,
-    /// The node is draining.
-    Drain = 2,
+    /// The node is draining: tell the device to reconnect elsewhere and leave after a delay.
+    Drain = 1,
+    /// The device logged in again (here or on another node): end now.
+    TakenOver = 2,
+    /// The drain's grace is running out: end now.
+    Close = 3,
 }
 
 impl EndReason {
     fn from_u8(v: u8) -> Self {
         match v {
-            1 => EndReason::TakenOver,
-            2 => EndReason::Drain,
+            1 => EndReason::Drain,
+            2 => EndReason::TakenOver,
+            3 => EndReason::Close,
             _ => EndReason::None,
         }
     }
@@ -61,27 +66,31 @@ pub struct SessionHandle {
     pub device: DeviceKey,
     /// The session's fencing token from the connection map.
     pub epoch: u64,
-    /// Unique across nodes and restarts (`node/incarnation/n`): what the map entry names.
-    pub session_id: String,
+    /// This node's number for the session; with the node and its incarnation it forms the id
+    /// the map entry names (`node/incarnation/n`, see [`Registry::session_id`](crate::registry::Registry::session_id)).
+    pub session: u64,
     /// Downlinks waiting for the session task. A std mutex: held for a push or a drain, never
     /// across an `.await`.
     queue: Mutex<VecDeque<Downlink>>,
     queue_max: usize,
-    /// Wakes the session task for a downlink or an end request.
-    notify: Notify,
+    /// Wakes the session task for a downlink or an end request: a flag plus the task's waker,
+    /// polled by the session loop without any per-wait state.
+    woken: AtomicBool,
+    waker: AtomicWaker,
     end: AtomicU8,
 }
 
 impl SessionHandle {
     /// A handle for a session that just logged in.
-    pub fn new(device: DeviceKey, epoch: u64, session_id: String, queue_max: usize) -> Self {
+    pub fn new(device: DeviceKey, epoch: u64, session: u64, queue_max: usize) -> Self {
         Self {
             device,
             epoch,
-            session_id,
+            session,
             queue: Mutex::new(VecDeque::new()),
             queue_max,
-            notify: Notify::new(),
+            woken: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             end: AtomicU8::new(EndReason::None as u8),
         }
     }
@@ -98,7 +107,7 @@ impl SessionHandle {
             }
             queue.push_back(downlink);
         }
-        self.notify.notify_one();
+        self.wake();
         Ok(())
     }
 
@@ -108,10 +117,10 @@ impl SessionHandle {
         std::mem::take(&mut *queue)
     }
 
-    /// Asks the session to end. The first reason wins.
+    /// Asks something of the session (see [`EndReason`]); the strongest request stands.
     pub fn end(&self, reason: EndReason) {
-        let _ = self.end.compare_exchange(EndReason::None as u8, reason as u8, Ordering::AcqRel, Ordering::Acquire);
-        self.notify.notify_one();
+        self.end.fetch_max(reason as u8, Ordering::AcqRel);
+        self.wake();
     }
 
     /// Whether (and why) the session was asked to end.
@@ -119,12 +128,25 @@ impl SessionHandle {
         EndReason::from_u8(self.end.load(Ordering::Acquire))
     }
 
-    /// Completes when a downlink or an end request arrives.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: a wake-up that arrives while nobody waits is kept as a permit.
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once a downlink or an end request arrived since the last time it was ready. A
+    /// wake-up that arrives while nobody polls is kept.
+    pub fn poll_wakeup(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A wake between the check and the registration must not be lost.
+        if self.woken.swap(false, Ordering::AcqRel) { Poll::Ready(()) } else { Poll::Pending }
+    }
+
+    /// [`SessionHandle::poll_wakeup`] as a future.
     pub async fn wakeup(&self) {
-        self.notify.notified().await;
+        std::future::poll_fn(|cx| self.poll_wakeup(cx)).await;
     }
 }
 
@@ -144,7 +166,7 @@ mod tests {
 
     fn handle(max: usize) -> SessionHandle {
         let device = DeviceKey::parse("cab:C1").expect("valid");
-        SessionHandle::new(device, 1, "n/1/1".into(), max)
+        SessionHandle::new(device, 1, 1, max)
     }
 
     #[tokio::test]
@@ -162,12 +184,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn first_end_reason_wins() {
+    async fn requests_only_escalate() {
         let h = handle(1);
         assert_eq!(h.end_reason(), EndReason::None);
-        h.end(EndReason::TakenOver);
         h.end(EndReason::Drain);
         h.wakeup().await;
+        assert_eq!(h.end_reason(), EndReason::Drain);
+        h.end(EndReason::TakenOver);
+        h.end(EndReason::Drain);
         assert_eq!(h.end_reason(), EndReason::TakenOver);
+        h.end(EndReason::Close);
+        assert_eq!(h.end_reason(), EndReason::Close);
     }
 }

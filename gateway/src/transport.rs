@@ -11,12 +11,24 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 /// Bytes reserved for one read.
 const READ_CHUNK: usize = 1024;
+
+/// What [`Conn::wait`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// This many bytes were read; 0 means the peer closed the connection.
+    Read(usize),
+    /// The socket can take queued bytes.
+    Writable,
+}
 
 /// The socket under a connection.
 #[derive(Debug)]
@@ -44,13 +56,12 @@ pub struct Conn {
     stream: Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    write_timeout: Duration,
 }
 
 impl Conn {
     /// Wraps a stream.
-    pub fn new(stream: Stream, write_timeout: Duration) -> Self {
-        Self { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new(), write_timeout }
+    pub fn new(stream: Stream) -> Self {
+        Self { stream, rbuf: BytesMut::new(), wbuf: BytesMut::new() }
     }
 
     /// The peer's address.
@@ -69,33 +80,58 @@ impl Conn {
         }
     }
 
-    /// Reads more bytes into the read buffer.
+    /// Polls for bytes to arrive (and reads them into the read buffer) or, when `want_write`,
+    /// for the socket to take queued bytes again.
+    ///
+    /// A poll function rather than an `async fn`: it keeps no state between polls (readiness
+    /// wakers live in the socket's registration), so a session loop waiting on it carries no
+    /// future for it at all (BENCHMARKS.md, memory).
     ///
     /// # Returns
-    /// The number of bytes read; 0 means the peer closed the connection.
+    /// [`Event::Read`] with the number of bytes read (0: the peer closed), or
+    /// [`Event::Writable`].
+    pub fn poll_wait(&mut self, cx: &mut Context<'_>, want_write: bool) -> Poll<io::Result<Event>> {
+        match &mut self.stream {
+            Stream::Tcp(s) => {
+                if want_write && s.poll_write_ready(cx)?.is_ready() {
+                    return Poll::Ready(Ok(Event::Writable));
+                }
+                loop {
+                    ready!(s.poll_read_ready(cx))?;
+                    if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
+                        self.rbuf.reserve(READ_CHUNK);
+                    }
+                    match s.try_read_buf(&mut self.rbuf) {
+                        Ok(n) => return Poll::Ready(Ok(Event::Read(n))),
+                        // Readiness was stale (it stays set until a read would block): give the
+                        // buffer back before waiting, or every idle connection keeps one.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if self.rbuf.is_empty() {
+                                self.rbuf = BytesMut::new();
+                            }
+                        }
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+            }
+            Stream::Tls(s) => {
+                if want_write && s.get_ref().0.poll_write_ready(cx)?.is_ready() {
+                    return Poll::Ready(Ok(Event::Writable));
+                }
+                if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
+                    self.rbuf.reserve(READ_CHUNK);
+                }
+                tokio_util::io::poll_read_buf(Pin::new(&mut **s), cx, &mut self.rbuf).map_ok(Event::Read)
+            }
+        }
+    }
+
+    /// [`Conn::poll_wait`] as a future, for the login phase.
     ///
     /// # Cancel safety
     /// Cancel safe: bytes are either in the read buffer or still in the socket.
-    pub async fn fill(&mut self) -> io::Result<usize> {
-        match &mut self.stream {
-            Stream::Tcp(s) => loop {
-                s.readable().await?;
-                if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
-                    self.rbuf.reserve(READ_CHUNK);
-                }
-                match s.try_read_buf(&mut self.rbuf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            },
-            Stream::Tls(s) => {
-                if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
-                    self.rbuf.reserve(READ_CHUNK);
-                }
-                s.read_buf(&mut self.rbuf).await
-            }
-        }
+    pub async fn wait(&mut self, want_write: bool) -> io::Result<Event> {
+        std::future::poll_fn(|cx| self.poll_wait(cx, want_write)).await
     }
 
     /// The bytes read and not yet decoded.
@@ -110,20 +146,81 @@ impl Conn {
         }
     }
 
-    /// Where outgoing frames are encoded; [`Conn::flush`] sends them.
+    /// Where outgoing frames are encoded; [`Conn::try_flush`] or [`Conn::flush`] sends them.
     pub fn write_buf(&mut self) -> &mut BytesMut {
         &mut self.wbuf
     }
 
-    /// Sends everything in the write buffer, then releases it.
+    /// Bytes queued and not yet taken by the socket (TLS: not yet past rustls either).
+    pub fn pending_write(&self) -> usize {
+        match &self.stream {
+            Stream::Tcp(_) => self.wbuf.len(),
+            // rustls may hold records it could not yet write to the socket.
+            Stream::Tls(s) => self.wbuf.len() + usize::from(s.get_ref().1.wants_write()),
+        }
+    }
+
+    /// Writes as much of the queue as the socket takes now, without waiting. What it does not
+    /// take stays queued; the caller waits for [`Conn::writable`] and bounds how long and how
+    /// much (a slow reader is disconnected, never buffered without limit).
+    ///
+    /// # Returns
+    /// The number of bytes the socket took.
+    ///
+    /// # Errors
+    /// The socket failed; close the connection.
+    pub fn try_flush(&mut self) -> io::Result<usize> {
+        use futures_util::FutureExt;
+        let mut written = 0;
+        match &mut self.stream {
+            Stream::Tcp(s) => {
+                while !self.wbuf.is_empty() {
+                    match s.try_write(&self.wbuf) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => {
+                            written += n;
+                            bytes::Buf::advance(&mut self.wbuf, n);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Stream::Tls(s) => {
+                // One poll each: whatever rustls takes is its to deliver; a pending write is
+                // retried when the socket becomes writable.
+                while !self.wbuf.is_empty() {
+                    match s.write(&self.wbuf).now_or_never() {
+                        Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                        Some(Ok(n)) => {
+                            written += n;
+                            bytes::Buf::advance(&mut self.wbuf, n);
+                        }
+                        Some(Err(e)) => return Err(e),
+                        None => break,
+                    }
+                }
+                if let Some(Err(e)) = s.flush().now_or_never() {
+                    return Err(e);
+                }
+            }
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() > 0 {
+            self.wbuf = BytesMut::new();
+        }
+        Ok(written)
+    }
+
+    /// Sends everything in the write buffer within `limit`, then releases it. For the login and
+    /// the end of a session; the session loop uses [`Conn::try_flush`] instead.
     ///
     /// # Returns
     /// The number of bytes sent.
     ///
     /// # Errors
-    /// [`WriteError::Timeout`] if the peer does not take the bytes within the write timeout,
+    /// [`WriteError::Timeout`] if the peer does not take the bytes within `limit`,
     /// [`WriteError::Io`] if the socket fails. The connection should then be closed.
-    pub async fn flush(&mut self) -> Result<usize, WriteError> {
+    pub async fn flush(&mut self, limit: Duration) -> Result<usize, WriteError> {
         if self.wbuf.is_empty() {
             return Ok(0);
         }
@@ -137,13 +234,13 @@ impl Conn {
                 }
             }
         };
-        match tokio::time::timeout(self.write_timeout, write).await {
+        match tokio::time::timeout(limit, write).await {
             Ok(Ok(())) => {
                 self.wbuf = BytesMut::new();
                 Ok(n)
             }
             Ok(Err(e)) => Err(WriteError::Io(e)),
-            Err(_) => Err(WriteError::Timeout(self.write_timeout)),
+            Err(_) => Err(WriteError::Timeout(limit)),
         }
     }
 

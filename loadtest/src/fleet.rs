@@ -86,8 +86,11 @@ pub struct FleetResult {
     pub rss_connected: Vec<u64>,
     /// ... at the end of the hold, bytes.
     pub rss_end: Vec<u64>,
-    /// Memory per connection over all measured processes: (connected - before) / devices.
+    /// Memory per connection over all measured processes, right after the ramp:
+    /// (connected - before) / devices.
     pub rss_per_connection_bytes: f64,
+    /// The same at the end of the hold: the steady state of an idle fleet.
+    pub rss_per_connection_end_bytes: f64,
     /// Everything else measured.
     pub details: serde_json::Value,
 }
@@ -259,11 +262,17 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         });
     }
     let growth: u64 = rss_connected.iter().zip(&rss_before).map(|(a, b)| a.saturating_sub(*b)).sum();
+    let growth_end: u64 = rss_end.iter().zip(&rss_before).map(|(a, b)| a.saturating_sub(*b)).sum();
     let result = FleetResult {
         connected: connected_total,
         ramp_s,
         login_rate_per_s: connected_total as f64 / ramp_s.max(0.001),
         rss_per_connection_bytes: if connected_total > 0 { growth as f64 / connected_total as f64 } else { 0.0 },
+        rss_per_connection_end_bytes: if connected_total > 0 {
+            growth_end as f64 / connected_total as f64
+        } else {
+            0.0
+        },
         rss_before,
         rss_connected,
         rss_end,

@@ -79,6 +79,14 @@ impl DeviceKey {
         }
     }
 
+    /// The cabinet id, if this is a cabinet.
+    pub fn cabinet_id(&self) -> Option<&DeviceId> {
+        match self {
+            DeviceKey::Cabinet(id) => Some(id),
+            DeviceKey::Vehicle(_) => None,
+        }
+    }
+
     /// Parses `cab:ID` or `veh:VIN`.
     ///
     /// # Errors

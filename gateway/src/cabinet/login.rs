@@ -15,7 +15,7 @@ use crate::context::Ctx;
 use crate::credentials::Lookup;
 use crate::registry::LocalInsert;
 use crate::session::{EndReason, SessionHandle};
-use crate::transport::Conn;
+use crate::transport::{Conn, Event};
 
 /// Largest payload accepted before a successful login: a `LOGIN` is under 200 bytes, and an
 /// unauthenticated peer must not make us buffer 4 KiB.
@@ -28,7 +28,6 @@ const RETRY_AFTER_S: u16 = 5;
 #[derive(Debug)]
 pub(super) struct LoggedIn {
     pub(super) handle: Arc<SessionHandle>,
-    pub(super) device: protocol::DeviceId,
 }
 
 fn count(ctx: &Ctx, result: &str) {
@@ -52,17 +51,17 @@ pub(super) async fn login(conn: &mut Conn, ctx: &Ctx) -> Option<LoggedIn> {
                 return None;
             }
         }
-        match tokio::time::timeout_at(deadline, conn.fill()).await {
+        match tokio::time::timeout_at(deadline, conn.wait(false)).await {
             Err(_) => {
                 count(ctx, "timeout");
                 tracing::debug!("no login before the deadline");
                 return None;
             }
-            Ok(Ok(0)) | Ok(Err(_)) => {
+            Ok(Ok(Event::Read(0) | Event::Writable)) | Ok(Err(_)) => {
                 count(ctx, "peer_closed");
                 return None;
             }
-            Ok(Ok(n)) => ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64),
+            Ok(Ok(Event::Read(n))) => ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64),
         }
     };
     ctx.metrics.frames_in.with_label_values(&[PROTOCOL, frame.message.message_type().label()]).inc();
@@ -115,8 +114,8 @@ pub(super) async fn login(conn: &mut Conn, ctx: &Ctx) -> Option<LoggedIn> {
         return None;
     }
 
-    let session_id = ctx.registry.new_session_id();
-    let claim = match ctx.registry.claim(&device, &session_id).await {
+    let session = ctx.registry.new_session();
+    let claim = match ctx.registry.claim(&device, session).await {
         Ok(claim) => claim,
         Err(e) => {
             tracing::warn!(error = %e, "failed to claim the device in the connection map");
@@ -125,7 +124,7 @@ pub(super) async fn login(conn: &mut Conn, ctx: &Ctx) -> Option<LoggedIn> {
         }
     };
     let handle =
-        Arc::new(SessionHandle::new(device.clone(), claim.epoch, session_id, ctx.config.cabinet.command_queue_len));
+        Arc::new(SessionHandle::new(device.clone(), claim.epoch, session, ctx.config.cabinet.command_queue_len));
     match ctx.registry.insert_local(Arc::clone(&handle)) {
         LocalInsert::Fresh => {}
         LocalInsert::Replaced(old) => {
@@ -163,5 +162,5 @@ pub(super) async fn login(conn: &mut Conn, ctx: &Ctx) -> Option<LoggedIn> {
         })
         .await;
     tracing::info!(epoch = claim.epoch, "cabinet logged in");
-    Some(LoggedIn { handle, device: login.device_id().clone() })
+    Some(LoggedIn { handle })
 }

@@ -5,25 +5,28 @@ mod login;
 mod session;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use protocol::cabinet::{self, ErrorCode, ErrorMessage, Frame, FrameError, Message, MessageError};
 
 use crate::context::Ctx;
+use crate::server::ConnGuard;
 use crate::transport::Conn;
 
 /// The `protocol` metric label of everything here.
 pub(crate) const PROTOCOL: &str = "cabinet";
 
 /// Serves one cabinet connection from its first byte to its close.
-pub async fn serve(mut conn: Conn, ctx: Arc<Ctx>) {
+pub async fn serve(mut conn: Conn, ctx: Arc<Ctx>, _guard: ConnGuard) {
     // Boxed: the login's futures (Redis calls) are large and needed once; the session loop that
     // lives for days should not carry their size.
-    let Some(session) = Box::pin(login::login(&mut conn, &ctx)).await else {
-        let _ = conn.flush().await;
+    let Some(login) = Box::pin(login::login(&mut conn, &ctx)).await else {
+        let _ = conn.flush(Duration::from_millis(ctx.config.cabinet.write_timeout_ms)).await;
         conn.close().await;
         return;
     };
-    session::run(conn, session, ctx).await;
+    let mut live = session::Live::new(login);
+    session::run(&mut conn, &ctx, &mut live).await;
 }
 
 /// Encodes `frame` into the connection's write buffer and counts it.

@@ -8,17 +8,34 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::DeviceId;
 use protocol::bus::{CommandBody, DeviceKey, Outcome, UpEvent};
 use protocol::cabinet::{self, Command, ErrorCode, Frame, HeartbeatAck, MAX_PAYLOAD_LEN, Message, Notice, NoticeKind};
-use tokio::time::{Instant, sleep, sleep_until};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::login::LoggedIn;
 use super::{PROTOCOL, error, error_frame, queue};
 use crate::clock::now_ms;
 use crate::context::Ctx;
 use crate::session::{Downlink, EndReason, SessionHandle};
-use crate::transport::{Conn, WriteError};
+use crate::transport::{Conn, Event};
+
+/// What woke the session loop.
+enum Wake {
+    /// A downlink or an end request.
+    Handle,
+    /// The earliest deadline passed.
+    Timer,
+    /// The socket: bytes read, or room to write.
+    Io(std::io::Result<Event>),
+}
+
+/// Bytes a cabinet may leave unread before it counts as a slow reader: far above anything a
+/// cabinet is sent in a burst (commands are tens of bytes).
+const MAX_PENDING_WRITE: usize = 64 * 1024;
 
 /// Why a session ended: the `reason` label of `gateway_sessions_closed_total` and of the
 /// `close` upstream event.
@@ -57,92 +74,148 @@ struct Pending {
     received: Instant,
 }
 
-struct Session {
-    conn: Conn,
-    ctx: Arc<Ctx>,
+/// What a logged-in cabinet's session keeps. Owned by the connection's task (its future holds
+/// it once) and lent to the loop, so nothing is copied from one nested future into the next:
+/// an idle connection's memory is mostly this, the socket and one timer (BENCHMARKS.md).
+#[derive(Debug)]
+pub(super) struct Live {
+    /// Identity, epoch and queue; `handle.device` is this cabinet's key.
     handle: Arc<SessionHandle>,
-    device: DeviceId,
-    key: DeviceKey,
     /// Sequence numbers of frames we originate (SPEC.md 1.6).
     next_seq: u32,
     pending: Vec<Pending>,
+    /// Set while written bytes wait for the socket: past it the reader is too slow.
+    write_deadline: Option<Instant>,
 }
 
-pub(super) async fn run(conn: Conn, login: LoggedIn, ctx: Arc<Ctx>) {
-    let key = login.handle.device.clone();
-    let mut s =
-        Session { conn, ctx, handle: login.handle, device: login.device, key, next_seq: 1, pending: Vec::new() };
-    let end = match s.flush().await {
+impl Live {
+    pub(super) fn new(login: LoggedIn) -> Self {
+        Self { handle: login.handle, next_seq: 1, pending: Vec::new(), write_deadline: None }
+    }
+}
+
+struct Session<'a> {
+    conn: &'a mut Conn,
+    ctx: &'a Ctx,
+    live: &'a mut Live,
+}
+
+/// Serves a logged-in cabinet until its session ends, then cleans up.
+pub(super) async fn run(conn: &mut Conn, ctx: &Ctx, live: &mut Live) {
+    let mut s = Session { conn, ctx, live };
+    s.conn.release_read_buf();
+    let end = match s.push_out() {
         Ok(()) => s.serve().await,
         Err(end) => end,
     };
-    s.finish(end).await;
+    // Boxed: the clean-up's Redis calls are large futures, needed once at the end; the loop that
+    // lives for days should not carry their size.
+    Box::pin(s.finish(end)).await;
 }
 
-impl Session {
+impl Session<'_> {
+    fn key(&self) -> &DeviceKey {
+        &self.live.handle.device
+    }
+
+    /// The loop. One timer serves the idle timeout, command deadlines, the write deadline and
+    /// the drain delay, so an idle session carries one timer entry, not four. Writes never
+    /// block the loop: what the socket does not take waits, bounded in time and size.
     async fn serve(&mut self) -> End {
         let idle_timeout = Duration::from_millis(self.ctx.config.cabinet.idle_timeout_ms);
-        let idle = sleep(idle_timeout);
-        tokio::pin!(idle);
+        let mut idle_deadline = Instant::now() + idle_timeout;
         let mut drain_deadline: Option<Instant> = None;
-        let drain = self.ctx.drain.clone();
+        if self.ctx.drain.is_cancelled() {
+            // Logged in while the node started draining.
+            self.live.handle.end(EndReason::Drain);
+        }
+        let timer = sleep_until(idle_deadline);
+        tokio::pin!(timer);
         loop {
-            let next_deadline = self.pending.iter().map(|p| p.deadline).min();
-            tokio::select! {
-                read = self.conn.fill() => match read {
-                    Ok(0) => return End::PeerClosed,
-                    Ok(n) => {
-                        self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
-                        idle.as_mut().reset(Instant::now() + idle_timeout);
-                        if let Err(end) = self.on_bytes() {
-                            let _ = self.flush().await;
-                            return end;
+            let wake = [
+                Some(idle_deadline),
+                drain_deadline,
+                self.live.write_deadline,
+                self.live.pending.iter().map(|p| p.deadline).min(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(idle_deadline);
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
+            let waiting_to_write = self.conn.pending_write() > 0;
+            let step = match self.next_wake(timer.as_mut(), waiting_to_write).await {
+                Wake::Handle => match self.live.handle.end_reason() {
+                    EndReason::TakenOver => Err(End::TakenOver),
+                    EndReason::Close => Err(End::Drain),
+                    reason => {
+                        if reason == EndReason::Drain && drain_deadline.is_none() {
+                            let delay_ms = fastrand::u64(0..self.ctx.config.drain.spread_ms.max(1));
+                            self.send_notice(NoticeKind::Reconnect, delay_ms, "gateway draining");
+                            // Keep serving until the cabinet leaves, a moment after its delay.
+                            drain_deadline = Some(Instant::now() + Duration::from_millis(delay_ms + 1000));
                         }
-                        if let Err(end) = self.flush().await {
-                            return end;
-                        }
+                        self.send_downlinks();
+                        Ok(())
                     }
-                    Err(_) => return End::Io,
                 },
-                () = self.handle.wakeup() => {
-                    match self.handle.end_reason() {
-                        EndReason::TakenOver => return End::TakenOver,
-                        EndReason::Drain => return End::Drain,
-                        EndReason::None => {}
+                Wake::Timer => {
+                    let now = Instant::now();
+                    if now >= idle_deadline {
+                        Err(End::IdleTimeout)
+                    } else if drain_deadline.is_some_and(|d| now >= d) {
+                        Err(End::Drain)
+                    } else if self.live.write_deadline.is_some_and(|d| now >= d) {
+                        Err(End::SlowReader)
+                    } else {
+                        self.expire_pending();
+                        Ok(())
                     }
-                    self.send_downlinks();
-                    if let Err(end) = self.flush().await {
-                        return end;
-                    }
                 }
-                () = sleep_until(next_deadline.unwrap_or_else(Instant::now)), if next_deadline.is_some() => {
-                    self.expire_pending();
+                Wake::Io(Ok(Event::Read(0))) => Err(End::PeerClosed),
+                Wake::Io(Ok(Event::Read(n))) => {
+                    self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+                    idle_deadline = Instant::now() + idle_timeout;
+                    self.on_bytes()
                 }
-                () = &mut idle => return End::IdleTimeout,
-                () = drain.cancelled(), if drain_deadline.is_none() => {
-                    let delay_ms = fastrand::u64(0..self.ctx.config.drain.spread_ms.max(1));
-                    self.send_notice(NoticeKind::Reconnect, delay_ms, "gateway draining");
-                    if let Err(end) = self.flush().await {
-                        return end;
-                    }
-                    // Keep serving until the cabinet leaves, a moment after its delay.
-                    drain_deadline = Some(Instant::now() + Duration::from_millis(delay_ms + 1000));
-                }
-                () = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
-                    return End::Drain;
-                }
+                // Room again: push_out below sends what waited.
+                Wake::Io(Ok(Event::Writable)) => Ok(()),
+                Wake::Io(Err(_)) => Err(End::Io),
+            };
+            // Whatever the step queued (answers, an ERROR before a close) goes out now.
+            let pushed = self.push_out();
+            if let Err(end) = step.and(pushed) {
+                return end;
             }
         }
     }
 
+    /// Waits for the next thing to do: the handle (downlinks, end requests) first, then the
+    /// timer, then the socket, so a device flooding bytes cannot starve its own commands.
+    /// Poll functions throughout: the wait itself keeps no state (BENCHMARKS.md, memory).
+    async fn next_wake(&mut self, mut timer: Pin<&mut Sleep>, want_write: bool) -> Wake {
+        std::future::poll_fn(|cx| {
+            if self.live.handle.poll_wakeup(cx).is_ready() {
+                return Poll::Ready(Wake::Handle);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+            self.conn.poll_wait(cx, want_write).map(Wake::Io)
+        })
+        .await
+    }
+
     fn seq(&mut self) -> u32 {
-        let seq = self.next_seq;
-        self.next_seq = if self.next_seq == u32::MAX { 1 } else { self.next_seq + 1 };
+        let seq = self.live.next_seq;
+        self.live.next_seq = if self.live.next_seq == u32::MAX { 1 } else { self.live.next_seq + 1 };
         seq
     }
 
     fn send(&mut self, frame: &Frame) {
-        queue(&mut self.conn, &self.ctx, frame);
+        queue(self.conn, self.ctx, frame);
     }
 
     fn send_notice(&mut self, kind: NoticeKind, delay_ms: u64, text: &str) {
@@ -157,15 +230,23 @@ impl Session {
         self.send(&Frame::new(seq, Message::Notice(notice)));
     }
 
-    async fn flush(&mut self) -> Result<(), End> {
-        match self.conn.flush().await {
-            Ok(n) => {
-                self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64);
-                Ok(())
-            }
-            Err(WriteError::Timeout(_)) => Err(End::SlowReader),
-            Err(WriteError::Io(_)) => Err(End::Io),
+    /// Writes what the socket takes now. Bytes left waiting arm the write deadline; more than
+    /// `MAX_PENDING_WRITE` of them, or the deadline passing, means a reader too slow to keep.
+    fn push_out(&mut self) -> Result<(), End> {
+        match self.conn.try_flush() {
+            Ok(n) => self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64),
+            Err(_) => return Err(End::Io),
         }
+        let waiting = self.conn.pending_write();
+        if waiting == 0 {
+            self.live.write_deadline = None;
+        } else if waiting > MAX_PENDING_WRITE {
+            return Err(End::SlowReader);
+        } else if self.live.write_deadline.is_none() {
+            self.live.write_deadline =
+                Some(Instant::now() + Duration::from_millis(self.ctx.config.cabinet.write_timeout_ms));
+        }
+        Ok(())
     }
 
     /// Decodes and handles every whole frame in the read buffer.
@@ -194,16 +275,18 @@ impl Session {
         let seq = frame.seq;
         match frame.message {
             Message::Heartbeat(_) => {
-                self.ctx.upstream.heartbeat(&self.key, self.handle.epoch);
+                self.ctx.upstream.heartbeat(self.key(), self.live.handle.epoch);
                 let ack = HeartbeatAck { server_time_ms: now_ms() };
                 self.send(&Frame::new(seq, Message::HeartbeatAck(ack)));
             }
             message @ (Message::WeightReport(_) | Message::DoorEvent(_)) => {
                 // Door events are always acknowledged (SPEC.md 1.4); reports when asked.
                 let must_ack = frame.flags.ack_requested() || matches!(message, Message::DoorEvent(_));
+                // A cabinet session's key is always a cabinet's.
+                let Some(device) = self.key().cabinet_id().cloned() else { return };
                 let event = UpEvent::Cabinet {
-                    device: self.device.clone(),
-                    epoch: self.handle.epoch,
+                    device,
+                    epoch: self.live.handle.epoch,
                     node: self.ctx.node().to_owned(),
                     at_ms: now_ms(),
                     seq,
@@ -219,15 +302,15 @@ impl Session {
                     self.send(&answer);
                 }
             }
-            Message::CommandResult(result) => match self.pending.iter().position(|p| p.seq == seq) {
+            Message::CommandResult(result) => match self.live.pending.iter().position(|p| p.seq == seq) {
                 Some(i) => {
-                    let p = self.pending.swap_remove(i);
+                    let p = self.live.pending.swap_remove(i);
                     self.ctx
                         .metrics
                         .command_duration
                         .with_label_values(&[PROTOCOL])
                         .observe(p.received.elapsed().as_secs_f64());
-                    self.ctx.reply(PROTOCOL, &p.request_id, &p.reply_to, &self.key, Outcome::Cabinet(result));
+                    self.ctx.reply(PROTOCOL, &p.request_id, &p.reply_to, self.key(), Outcome::Cabinet(result));
                 }
                 None => {
                     // Late (after its deadline) or never asked for.
@@ -252,10 +335,10 @@ impl Session {
 
     fn send_downlinks(&mut self) {
         let now = now_ms();
-        for d in self.handle.take_all() {
+        for d in self.live.handle.take_all() {
             let Downlink { request_id, reply_to, deadline_ms, received, body } = d;
             if deadline_ms <= now {
-                self.ctx.reply(PROTOCOL, &request_id, &reply_to, &self.key, Outcome::TimedOut);
+                self.ctx.reply(PROTOCOL, &request_id, &reply_to, self.key(), Outcome::TimedOut);
                 continue;
             }
             let CommandBody::Cabinet(action) = body else {
@@ -263,7 +346,7 @@ impl Session {
                     PROTOCOL,
                     &request_id,
                     &reply_to,
-                    &self.key,
+                    self.key(),
                     Outcome::Invalid("not a cabinet command".into()),
                 );
                 continue;
@@ -271,17 +354,17 @@ impl Session {
             let seq = self.seq();
             self.send(&Frame::new(seq, Message::Command(Command { expires_at_ms: deadline_ms, action })));
             let deadline = Instant::now() + Duration::from_millis(deadline_ms - now);
-            self.pending.push(Pending { seq, request_id, reply_to, deadline, received });
+            self.live.pending.push(Pending { seq, request_id, reply_to, deadline, received });
         }
     }
 
     fn expire_pending(&mut self) {
         let now = Instant::now();
         let (expired, kept): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.pending).into_iter().partition(|p| p.deadline <= now);
-        self.pending = kept;
+            std::mem::take(&mut self.live.pending).into_iter().partition(|p| p.deadline <= now);
+        self.live.pending = kept;
         for p in expired {
-            self.ctx.reply(PROTOCOL, &p.request_id, &p.reply_to, &self.key, Outcome::TimedOut);
+            self.ctx.reply(PROTOCOL, &p.request_id, &p.reply_to, self.key(), Outcome::TimedOut);
         }
     }
 
@@ -292,25 +375,27 @@ impl Session {
             self.send_notice(NoticeKind::SessionReplaced, 0, "another connection logged in with this device id");
         }
         if !matches!(end, End::SlowReader | End::Io | End::PeerClosed) {
-            let _ = self.flush().await;
+            if let Ok(n) = self.conn.flush(Duration::from_millis(self.ctx.config.cabinet.write_timeout_ms)).await {
+                self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+            }
             self.conn.close().await;
         }
         // The device can no longer answer; senders learn it now rather than at their deadline.
-        for p in std::mem::take(&mut self.pending) {
-            self.ctx.reply(PROTOCOL, &p.request_id, &p.reply_to, &self.key, Outcome::NotConnected);
+        for p in std::mem::take(&mut self.live.pending) {
+            self.ctx.reply(PROTOCOL, &p.request_id, &p.reply_to, self.key(), Outcome::NotConnected);
         }
-        for d in self.handle.take_all() {
-            self.ctx.reply(PROTOCOL, &d.request_id, &d.reply_to, &self.key, Outcome::NotConnected);
+        for d in self.live.handle.take_all() {
+            self.ctx.reply(PROTOCOL, &d.request_id, &d.reply_to, self.key(), Outcome::NotConnected);
         }
         // Counted before the close event goes upstream, so whoever sees the event sees the count.
         self.ctx.metrics.sessions_closed.with_label_values(&[PROTOCOL, end.label()]).inc();
-        self.ctx.registry.remove_local(&self.handle);
-        self.ctx.registry.release(&self.key, &self.handle.session_id).await;
+        self.ctx.registry.remove_local(&self.live.handle);
+        self.ctx.registry.release(self.key(), self.live.handle.session).await;
         self.ctx
             .upstream
             .send(&UpEvent::SessionClosed {
-                device: self.key.clone(),
-                epoch: self.handle.epoch,
+                device: self.live.handle.device.clone(),
+                epoch: self.live.handle.epoch,
                 node: self.ctx.node().to_owned(),
                 at_ms: now_ms(),
                 reason: end.label().to_owned(),

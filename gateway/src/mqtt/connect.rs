@@ -19,7 +19,7 @@ use crate::context::Ctx;
 use crate::credentials::Lookup;
 use crate::registry::LocalInsert;
 use crate::session::{EndReason, SessionHandle};
-use crate::transport::Conn;
+use crate::transport::{Conn, Event};
 
 /// A connected vehicle.
 #[derive(Debug)]
@@ -87,16 +87,16 @@ pub(super) async fn connect(
                 return None;
             }
         }
-        match tokio::time::timeout_at(deadline, conn.fill()).await {
+        match tokio::time::timeout_at(deadline, conn.wait(false)).await {
             Err(_) => {
                 count(ctx, "timeout");
                 return None;
             }
-            Ok(Ok(0)) | Ok(Err(_)) => {
+            Ok(Ok(Event::Read(0) | Event::Writable)) | Ok(Err(_)) => {
                 count(ctx, "peer_closed");
                 return None;
             }
-            Ok(Ok(n)) => ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64),
+            Ok(Ok(Event::Read(n))) => ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64),
         }
     };
     ctx.metrics.frames_in.with_label_values(&[PROTOCOL, "connect"]).inc();
@@ -139,8 +139,8 @@ pub(super) async fn connect(
         return None;
     }
 
-    let session_id = ctx.registry.new_session_id();
-    let claim = match ctx.registry.claim(&device, &session_id).await {
+    let session = ctx.registry.new_session();
+    let claim = match ctx.registry.claim(&device, session).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "failed to claim the vehicle in the connection map");
@@ -148,7 +148,7 @@ pub(super) async fn connect(
             return None;
         }
     };
-    let handle = Arc::new(SessionHandle::new(device.clone(), claim.epoch, session_id, cfg.command_queue_len));
+    let handle = Arc::new(SessionHandle::new(device.clone(), claim.epoch, session, cfg.command_queue_len));
     match ctx.registry.insert_local(Arc::clone(&handle)) {
         LocalInsert::Fresh => {}
         LocalInsert::Replaced(old) => {

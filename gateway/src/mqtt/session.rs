@@ -12,13 +12,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use protocol::Vin;
-use protocol::bus::{CommandBody, DeviceKey, Outcome, UpEvent};
+use protocol::bus::{CommandBody, Outcome, UpEvent};
 use protocol::mqtt::topic::{self, DownlinkKind};
 use protocol::mqtt::{
     Disconnect, DisconnectReason, MqttCodec, Packet, Publish, QoS, REASON_NOT_AUTHORIZED, REASON_SUCCESS, SubAckResult,
     Version,
 };
-use tokio::time::{Instant, sleep, sleep_until};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::codec::Decoder;
 
 use super::connect::Connected;
@@ -27,7 +31,21 @@ use super::{PROTOCOL, queue};
 use crate::clock::now_ms;
 use crate::context::Ctx;
 use crate::session::{Downlink, EndReason, SessionHandle};
-use crate::transport::{Conn, WriteError};
+use crate::transport::{Conn, Event};
+
+/// What woke the session loop.
+enum Wake {
+    /// A downlink or an end request.
+    Handle,
+    /// The earliest deadline passed.
+    Timer,
+    /// The socket: bytes read, or room to write.
+    Io(std::io::Result<Event>),
+}
+
+/// Bytes a vehicle may leave unread before it counts as a slow reader: several of the largest
+/// downlinks (an OTA notification is a few hundred bytes; packets are capped at 16 KiB).
+const MAX_PENDING_WRITE: usize = 256 * 1024;
 
 /// PUBACK reason 0x97: quota exceeded (the upstream buffer is full; retry later).
 const REASON_QUOTA_EXCEEDED: u8 = 0x97;
@@ -91,12 +109,12 @@ struct Inflight {
     stored: Option<Vec<u8>>,
 }
 
-struct Session {
-    conn: Conn,
-    codec: MqttCodec,
-    ctx: Arc<Ctx>,
+/// What a connected vehicle's session keeps. Owned by the connection's task (its future holds
+/// it once) and lent to the loop, so nothing is copied from one nested future into the next.
+#[derive(Debug)]
+pub(super) struct Live {
+    /// Identity, epoch and queue; `handle.device` is this vehicle's key.
     handle: Arc<SessionHandle>,
-    key: DeviceKey,
     vin: Vin,
     version: Version,
     session_expiry_s: u32,
@@ -108,96 +126,165 @@ struct Session {
     next_packet_id: u16,
     /// Inbound QoS 2 packet ids between PUBREC and PUBREL (the publish is forwarded once).
     qos2_received: Vec<NonZeroU16>,
+    /// Set while written bytes wait for the socket: past it the reader is too slow.
+    write_deadline: Option<Instant>,
+    idle_timeout: Duration,
 }
 
-pub(super) async fn run(conn: Conn, codec: MqttCodec, c: Connected, ctx: Arc<Ctx>) {
-    let key = c.handle.device.clone();
-    let mut s = Session {
-        conn,
-        codec,
-        ctx,
-        handle: c.handle,
-        key,
-        vin: c.vin,
-        version: c.version,
-        session_expiry_s: c.session_expiry_s,
-        subscriptions: c.subscriptions,
-        inflight: Vec::new(),
-        max_inflight: usize::from(c.max_inflight),
-        waiting: VecDeque::new(),
-        next_packet_id: 1,
-        qos2_received: Vec::new(),
-    };
-    s.resend(c.resend);
-    let end = match s.flush().await {
-        Ok(()) => s.serve(c.idle_timeout).await,
+impl Live {
+    /// The live state of a vehicle that just connected, and the downlinks of its stored session
+    /// to send again.
+    pub(super) fn new(c: Connected) -> (Self, Vec<StoredDownlink>) {
+        let live = Self {
+            handle: c.handle,
+            vin: c.vin,
+            version: c.version,
+            session_expiry_s: c.session_expiry_s,
+            subscriptions: c.subscriptions,
+            inflight: Vec::new(),
+            max_inflight: usize::from(c.max_inflight),
+            waiting: VecDeque::new(),
+            next_packet_id: 1,
+            qos2_received: Vec::new(),
+            write_deadline: None,
+            idle_timeout: c.idle_timeout,
+        };
+        (live, c.resend)
+    }
+}
+
+struct Session<'a> {
+    conn: &'a mut Conn,
+    codec: &'a mut MqttCodec,
+    ctx: &'a Ctx,
+    live: &'a mut Live,
+}
+
+/// Serves a connected vehicle until its session ends, then cleans up.
+pub(super) async fn run(
+    conn: &mut Conn,
+    codec: &mut MqttCodec,
+    ctx: &Ctx,
+    live: &mut Live,
+    resend: Vec<StoredDownlink>,
+) {
+    let mut s = Session { conn, codec, ctx, live };
+    s.conn.release_read_buf();
+    s.resend(resend);
+    let end = match s.push_out() {
+        Ok(()) => s.serve().await,
         Err(end) => end,
     };
-    s.finish(end).await;
+    // Boxed: the clean-up's Redis calls are large futures, needed once at the end; the loop that
+    // lives for days should not carry their size.
+    Box::pin(s.finish(end)).await;
 }
 
-impl Session {
-    async fn serve(&mut self, idle_timeout: Duration) -> End {
-        let idle = sleep(idle_timeout);
-        tokio::pin!(idle);
-        let drain = self.ctx.drain.clone();
+impl Session<'_> {
+    /// The loop. One timer serves the keep-alive, downlink deadlines, the write deadline and
+    /// the drain delay. Writes never block the loop: what the socket does not take waits,
+    /// bounded in time and size.
+    async fn serve(&mut self) -> End {
+        let idle_timeout = self.live.idle_timeout;
+        let mut idle_deadline = Instant::now() + idle_timeout;
         let mut drain_deadline: Option<Instant> = None;
+        if self.ctx.drain.is_cancelled() {
+            self.live.handle.end(EndReason::Drain);
+        }
+        let timer = sleep_until(idle_deadline);
+        tokio::pin!(timer);
         loop {
-            let next_deadline = self.inflight.iter().filter_map(|i| i.deadline).min();
-            tokio::select! {
-                read = self.conn.fill() => match read {
-                    Ok(0) => return End::PeerClosed,
-                    Ok(n) => {
-                        self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
-                        idle.as_mut().reset(Instant::now() + idle_timeout);
-                        let result = self.on_bytes().await;
-                        let flushed = self.flush().await;
-                        if let Err(end) = result.and(flushed) {
-                            return end;
+            let next_deadline = self.live.inflight.iter().filter_map(|i| i.deadline).min();
+            let wake = [Some(idle_deadline), drain_deadline, self.live.write_deadline, next_deadline]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(idle_deadline);
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
+            let waiting_to_write = self.conn.pending_write() > 0;
+            let step = match self.next_wake(timer.as_mut(), waiting_to_write).await {
+                Wake::Handle => match self.live.handle.end_reason() {
+                    EndReason::TakenOver => Err(End::TakenOver),
+                    EndReason::Close => Err(End::Drain),
+                    reason => {
+                        if reason == EndReason::Drain && drain_deadline.is_none() {
+                            // Spread the vehicles' reconnects over the drain's spread.
+                            let delay_ms = fastrand::u64(0..self.ctx.config.drain.spread_ms.max(1));
+                            drain_deadline = Some(Instant::now() + Duration::from_millis(delay_ms));
                         }
+                        self.live.waiting.extend(self.live.handle.take_all());
+                        Box::pin(self.pump()).await;
+                        Ok(())
                     }
-                    Err(_) => return End::Io,
                 },
-                () = self.handle.wakeup() => {
-                    match self.handle.end_reason() {
-                        EndReason::TakenOver => return End::TakenOver,
-                        EndReason::Drain => return End::Drain,
-                        EndReason::None => {}
+                Wake::Timer => {
+                    let now = Instant::now();
+                    if now >= idle_deadline {
+                        Err(End::IdleTimeout)
+                    } else if drain_deadline.is_some_and(|d| now >= d) {
+                        Err(End::Drain)
+                    } else if self.live.write_deadline.is_some_and(|d| now >= d) {
+                        Err(End::SlowReader)
+                    } else {
+                        self.expire_inflight();
+                        Ok(())
                     }
-                    self.waiting.extend(self.handle.take_all());
-                    self.pump().await;
-                    if let Err(end) = self.flush().await {
-                        return end;
-                    }
                 }
-                () = sleep_until(next_deadline.unwrap_or_else(Instant::now)), if next_deadline.is_some() => {
-                    self.expire_inflight();
+                Wake::Io(Ok(Event::Read(0))) => Err(End::PeerClosed),
+                Wake::Io(Ok(Event::Read(n))) => {
+                    self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+                    idle_deadline = Instant::now() + idle_timeout;
+                    Box::pin(self.on_bytes()).await
                 }
-                () = &mut idle => return End::IdleTimeout,
-                () = drain.cancelled(), if drain_deadline.is_none() => {
-                    let delay_ms = fastrand::u64(0..self.ctx.config.drain.spread_ms.max(1));
-                    drain_deadline = Some(Instant::now() + Duration::from_millis(delay_ms));
-                }
-                () = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
-                    return End::Drain;
-                }
+                Wake::Io(Ok(Event::Writable)) => Ok(()),
+                Wake::Io(Err(_)) => Err(End::Io),
+            };
+            let pushed = self.push_out();
+            if let Err(end) = step.and(pushed) {
+                return end;
             }
         }
+    }
+
+    /// Waits for the next thing to do: the handle first, then the timer, then the socket, so a
+    /// vehicle flooding packets cannot starve its own downlinks. Poll functions throughout: the
+    /// wait itself keeps no state (BENCHMARKS.md, memory).
+    async fn next_wake(&mut self, mut timer: Pin<&mut Sleep>, want_write: bool) -> Wake {
+        std::future::poll_fn(|cx| {
+            if self.live.handle.poll_wakeup(cx).is_ready() {
+                return Poll::Ready(Wake::Handle);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+            self.conn.poll_wait(cx, want_write).map(Wake::Io)
+        })
+        .await
     }
 
     fn send(&mut self, packet: Packet) -> bool {
-        queue(&mut self.conn, &mut self.codec, &self.ctx, packet)
+        queue(self.conn, self.codec, self.ctx, packet)
     }
 
-    async fn flush(&mut self) -> Result<(), End> {
-        match self.conn.flush().await {
-            Ok(n) => {
-                self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64);
-                Ok(())
-            }
-            Err(WriteError::Timeout(_)) => Err(End::SlowReader),
-            Err(WriteError::Io(_)) => Err(End::Io),
+    /// Writes what the socket takes now. Bytes left waiting arm the write deadline; more than
+    /// `MAX_PENDING_WRITE` of them, or the deadline passing, means a reader too slow to keep.
+    fn push_out(&mut self) -> Result<(), End> {
+        match self.conn.try_flush() {
+            Ok(n) => self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64),
+            Err(_) => return Err(End::Io),
         }
+        let waiting = self.conn.pending_write();
+        if waiting == 0 {
+            self.live.write_deadline = None;
+        } else if waiting > MAX_PENDING_WRITE {
+            return Err(End::SlowReader);
+        } else if self.live.write_deadline.is_none() {
+            self.live.write_deadline =
+                Some(Instant::now() + Duration::from_millis(self.ctx.config.mqtt.write_timeout_ms));
+        }
+        Ok(())
     }
 
     async fn on_bytes(&mut self) -> Result<(), End> {
@@ -230,7 +317,7 @@ impl Session {
                 Ok(())
             }
             Packet::PubRel { packet_id, .. } => {
-                self.qos2_received.retain(|id| *id != packet_id);
+                self.live.qos2_received.retain(|id| *id != packet_id);
                 self.send(Packet::PubComp { packet_id, reason: REASON_SUCCESS });
                 Ok(())
             }
@@ -242,16 +329,16 @@ impl Session {
             Packet::Unsubscribe { packet_id, filters } => {
                 let mut reasons = Vec::with_capacity(filters.len());
                 for f in &filters {
-                    let before = self.subscriptions.len();
-                    self.subscriptions.retain(|(s, _)| s != f);
-                    reasons.push(if self.subscriptions.len() < before {
+                    let before = self.live.subscriptions.len();
+                    self.live.subscriptions.retain(|(s, _)| s != f);
+                    reasons.push(if self.live.subscriptions.len() < before {
                         REASON_SUCCESS
                     } else {
                         REASON_NO_SUBSCRIPTION
                     });
                 }
                 self.save_subscriptions().await;
-                if self.version.is_v3() {
+                if self.live.version.is_v3() {
                     reasons.clear();
                 }
                 self.send(Packet::UnsubAck { packet_id, reasons });
@@ -262,8 +349,8 @@ impl Session {
                 Ok(())
             }
             Packet::Disconnect(d) => {
-                if let Some(expiry) = d.session_expiry_s.filter(|_| self.session_expiry_s > 0) {
-                    self.session_expiry_s = expiry.min(self.ctx.config.mqtt.max_session_expiry_s);
+                if let Some(expiry) = d.session_expiry_s.filter(|_| self.live.session_expiry_s > 0) {
+                    self.live.session_expiry_s = expiry.min(self.ctx.config.mqtt.max_session_expiry_s);
                 }
                 Err(End::PeerDisconnect)
             }
@@ -280,14 +367,14 @@ impl Session {
     }
 
     fn on_publish(&mut self, p: Publish) -> Result<(), End> {
-        let kind = match topic::parse_uplink(&self.vin, &p.topic) {
+        let kind = match topic::parse_uplink(&self.live.vin, &p.topic) {
             Ok(kind) => kind,
             Err(e) => {
                 self.ctx.metrics.acl_denied.with_label_values(&["publish"]).inc();
                 self.ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, e.label()]).inc();
                 tracing::info!(topic = %p.topic, reason = e.label(), "publish refused");
                 // 3.1.1 cannot refuse a publish except by closing; 5.0 answers with a reason.
-                if self.version.is_v3() {
+                if self.live.version.is_v3() {
                     return Err(End::AclDenied);
                 }
                 self.ack(&p, REASON_NOT_AUTHORIZED);
@@ -295,22 +382,22 @@ impl Session {
             }
         };
         if let (QoS::ExactlyOnce, Some(id)) = (p.qos, p.packet_id)
-            && self.qos2_received.contains(&id)
+            && self.live.qos2_received.contains(&id)
         {
             // A retransmission before PUBREL: already forwarded once.
             self.send(Packet::PubRec { packet_id: id, reason: REASON_SUCCESS });
             return Ok(());
         }
         let event = UpEvent::Vehicle {
-            vin: self.vin.clone(),
-            epoch: self.handle.epoch,
+            vin: self.live.vin.clone(),
+            epoch: self.live.handle.epoch,
             node: self.ctx.node().to_owned(),
             at_ms: now_ms(),
             kind,
             payload: p.payload.clone(),
         };
         if self.ctx.upstream.offer(&event).is_err() {
-            return match (p.qos, self.version.is_v3()) {
+            return match (p.qos, self.live.version.is_v3()) {
                 (QoS::AtMostOnce, _) => Ok(()),
                 // Without a PUBACK a 3.1.1 client resends only after a reconnect.
                 (_, true) => Err(End::UpstreamFull),
@@ -331,7 +418,7 @@ impl Session {
             }
             (QoS::ExactlyOnce, Some(packet_id)) => {
                 if reason == REASON_SUCCESS {
-                    self.qos2_received.push(packet_id);
+                    self.live.qos2_received.push(packet_id);
                 }
                 self.send(Packet::PubRec { packet_id, reason });
             }
@@ -342,11 +429,11 @@ impl Session {
     async fn on_subscribe(&mut self, packet_id: NonZeroU16, filters: Vec<(String, QoS)>) {
         let mut results = Vec::with_capacity(filters.len());
         for (filter, qos) in filters {
-            if topic::may_subscribe(&self.vin, &filter) {
+            if topic::may_subscribe(&self.live.vin, &filter) {
                 // QoS 1 at most (SPEC.md 2.1).
                 let granted = qos.min(QoS::AtLeastOnce);
-                self.subscriptions.retain(|(f, _)| *f != filter);
-                self.subscriptions.push((filter, granted));
+                self.live.subscriptions.retain(|(f, _)| *f != filter);
+                self.live.subscriptions.push((filter, granted));
                 results.push(SubAckResult::Granted(granted));
             } else {
                 self.ctx.metrics.acl_denied.with_label_values(&["subscribe"]).inc();
@@ -361,8 +448,8 @@ impl Session {
     }
 
     async fn save_subscriptions(&mut self) {
-        if self.session_expiry_s > 0
-            && let Err(e) = persist::save_subscriptions(&self.ctx, &self.vin, &self.subscriptions).await
+        if self.live.session_expiry_s > 0
+            && let Err(e) = persist::save_subscriptions(self.ctx, &self.live.vin, &self.live.subscriptions).await
         {
             self.ctx.metrics.redis_errors.with_label_values(&["mqtt_session"]).inc();
             tracing::warn!(error = %e, "failed to store subscriptions");
@@ -372,14 +459,14 @@ impl Session {
     /// The QoS a downlink on `topic` goes out with: the highest granted by a matching
     /// subscription, or `None` if the vehicle is not subscribed.
     fn granted_qos(&self, topic_name: &str) -> Option<QoS> {
-        self.subscriptions.iter().filter(|(f, _)| topic::matches(f, topic_name)).map(|(_, q)| *q).max()
+        self.live.subscriptions.iter().filter(|(f, _)| topic::matches(f, topic_name)).map(|(_, q)| *q).max()
     }
 
     fn packet_id(&mut self) -> NonZeroU16 {
         loop {
-            let id = NonZeroU16::new(self.next_packet_id).unwrap_or(NonZeroU16::MIN);
-            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            if !self.inflight.iter().any(|i| i.packet_id == id) {
+            let id = NonZeroU16::new(self.live.next_packet_id).unwrap_or(NonZeroU16::MIN);
+            self.live.next_packet_id = self.live.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.live.inflight.iter().any(|i| i.packet_id == id) {
                 return id;
             }
         }
@@ -388,11 +475,11 @@ impl Session {
     /// Sends waiting downlinks while the in-flight window has room.
     async fn pump(&mut self) {
         let now = now_ms();
-        while self.inflight.len() < self.max_inflight {
-            let Some(d) = self.waiting.pop_front() else { break };
+        while self.live.inflight.len() < self.live.max_inflight {
+            let Some(d) = self.live.waiting.pop_front() else { break };
             let Downlink { request_id, reply_to, deadline_ms, received, body } = d;
             if deadline_ms <= now {
-                self.ctx.reply(PROTOCOL, &request_id, &reply_to, &self.key, Outcome::TimedOut);
+                self.ctx.reply(PROTOCOL, &request_id, &reply_to, &self.live.handle.device, Outcome::TimedOut);
                 continue;
             }
             let CommandBody::Vehicle { kind, payload } = body else {
@@ -400,18 +487,18 @@ impl Session {
                     PROTOCOL,
                     &request_id,
                     &reply_to,
-                    &self.key,
+                    &self.live.handle.device,
                     Outcome::Invalid("not a vehicle command".into()),
                 );
                 continue;
             };
-            let topic_name = topic::downlink_topic(&self.vin, kind);
+            let topic_name = topic::downlink_topic(&self.live.vin, kind);
             let Some(qos) = self.granted_qos(&topic_name) else {
                 self.ctx.reply(
                     PROTOCOL,
                     &request_id,
                     &reply_to,
-                    &self.key,
+                    &self.live.handle.device,
                     Outcome::Invalid(format!("vehicle not subscribed to {topic_name}")),
                 );
                 continue;
@@ -420,7 +507,7 @@ impl Session {
                 let sent = self.publish(topic_name, None, payload, false);
                 let outcome =
                     if sent { Outcome::Delivered } else { Outcome::Invalid("too large for the vehicle".into()) };
-                self.ctx.reply(PROTOCOL, &request_id, &reply_to, &self.key, outcome);
+                self.ctx.reply(PROTOCOL, &request_id, &reply_to, &self.live.handle.device, outcome);
                 continue;
             }
             let packet_id = self.packet_id();
@@ -429,18 +516,18 @@ impl Session {
                     PROTOCOL,
                     &request_id,
                     &reply_to,
-                    &self.key,
+                    &self.live.handle.device,
                     Outcome::Invalid("too large for the vehicle".into()),
                 );
                 continue;
             }
-            let stored = if self.session_expiry_s > 0 {
+            let stored = if self.live.session_expiry_s > 0 {
                 Some(self.store(packet_id, kind, &request_id, payload).await)
             } else {
                 None
             };
             let deadline = Instant::now() + Duration::from_millis(deadline_ms - now);
-            self.inflight.push(Inflight {
+            self.live.inflight.push(Inflight {
                 packet_id,
                 request_id,
                 reply_to,
@@ -454,7 +541,7 @@ impl Session {
     async fn store(&mut self, packet_id: NonZeroU16, kind: DownlinkKind, request_id: &str, payload: Bytes) -> Vec<u8> {
         let record =
             StoredDownlink { packet_id: packet_id.get(), kind, request_id: request_id.to_owned(), payload }.to_bytes();
-        match persist::push(&self.ctx, &self.vin, &record, self.ctx.config.mqtt.max_stored_downlinks).await {
+        match persist::push(self.ctx, &self.live.vin, &record, self.ctx.config.mqtt.max_stored_downlinks).await {
             Ok(()) => self.ctx.metrics.stored_downlinks.with_label_values(&["stored"]).inc(),
             Err(e) => {
                 self.ctx.metrics.redis_errors.with_label_values(&["mqtt_session"]).inc();
@@ -475,11 +562,11 @@ impl Session {
         for d in stored {
             let Some(packet_id) = NonZeroU16::new(d.packet_id) else { continue };
             let record = d.to_bytes();
-            let topic_name = topic::downlink_topic(&self.vin, d.kind);
+            let topic_name = topic::downlink_topic(&self.live.vin, d.kind);
             if self.publish(topic_name, Some(packet_id), d.payload, true) {
                 self.ctx.metrics.stored_downlinks.with_label_values(&["resent"]).inc();
-                self.next_packet_id = self.next_packet_id.max(packet_id.get().saturating_add(1));
-                self.inflight.push(Inflight {
+                self.live.next_packet_id = self.live.next_packet_id.max(packet_id.get().saturating_add(1));
+                self.live.inflight.push(Inflight {
                     packet_id,
                     request_id: d.request_id,
                     reply_to: String::new(),
@@ -492,13 +579,13 @@ impl Session {
     }
 
     async fn on_puback(&mut self, packet_id: NonZeroU16) {
-        let Some(i) = self.inflight.iter().position(|f| f.packet_id == packet_id) else {
+        let Some(i) = self.live.inflight.iter().position(|f| f.packet_id == packet_id) else {
             self.ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, "unmatched_puback"]).inc();
             return;
         };
-        let done = self.inflight.swap_remove(i);
+        let done = self.live.inflight.swap_remove(i);
         if let Some(record) = &done.stored
-            && let Err(e) = persist::remove(&self.ctx, &self.vin, record).await
+            && let Err(e) = persist::remove(self.ctx, &self.live.vin, record).await
         {
             self.ctx.metrics.redis_errors.with_label_values(&["mqtt_session"]).inc();
             tracing::warn!(error = %e, "failed to remove an acknowledged downlink");
@@ -509,7 +596,7 @@ impl Session {
                 .command_duration
                 .with_label_values(&[PROTOCOL])
                 .observe(done.received.elapsed().as_secs_f64());
-            self.ctx.reply(PROTOCOL, &done.request_id, &done.reply_to, &self.key, Outcome::Delivered);
+            self.ctx.reply(PROTOCOL, &done.request_id, &done.reply_to, &self.live.handle.device, Outcome::Delivered);
         }
         self.pump().await;
     }
@@ -518,36 +605,38 @@ impl Session {
     /// PUBACK still completes them, silently).
     fn expire_inflight(&mut self) {
         let now = Instant::now();
-        for i in &mut self.inflight {
+        for i in &mut self.live.inflight {
             if i.deadline.is_some_and(|d| d <= now) {
                 i.deadline = None;
                 let reply_to = std::mem::take(&mut i.reply_to);
-                self.ctx.reply(PROTOCOL, &i.request_id, &reply_to, &self.key, Outcome::TimedOut);
+                self.ctx.reply(PROTOCOL, &i.request_id, &reply_to, &self.live.handle.device, Outcome::TimedOut);
             }
         }
     }
 
     async fn finish(mut self, end: End) {
-        if let (Version::V5, Some(reason)) = (self.version, end.disconnect_reason()) {
+        if let (Version::V5, Some(reason)) = (self.live.version, end.disconnect_reason()) {
             self.send(Packet::Disconnect(Disconnect::new(reason)));
         }
         if !matches!(end, End::SlowReader | End::Io | End::PeerClosed) {
-            let _ = self.flush().await;
+            if let Ok(n) = self.conn.flush(Duration::from_millis(self.ctx.config.mqtt.write_timeout_ms)).await {
+                self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+            }
             self.conn.close().await;
         }
-        for i in std::mem::take(&mut self.inflight) {
+        for i in std::mem::take(&mut self.live.inflight) {
             if i.deadline.is_some() {
-                self.ctx.reply(PROTOCOL, &i.request_id, &i.reply_to, &self.key, Outcome::NotConnected);
+                self.ctx.reply(PROTOCOL, &i.request_id, &i.reply_to, &self.live.handle.device, Outcome::NotConnected);
             }
         }
-        let waiting: Vec<Downlink> = self.waiting.drain(..).chain(self.handle.take_all()).collect();
+        let waiting: Vec<Downlink> = self.live.waiting.drain(..).chain(self.live.handle.take_all()).collect();
         for d in waiting {
-            self.ctx.reply(PROTOCOL, &d.request_id, &d.reply_to, &self.key, Outcome::NotConnected);
+            self.ctx.reply(PROTOCOL, &d.request_id, &d.reply_to, &self.live.handle.device, Outcome::NotConnected);
         }
-        let state = if self.session_expiry_s > 0 {
-            persist::expire(&self.ctx, &self.vin, self.session_expiry_s).await
+        let state = if self.live.session_expiry_s > 0 {
+            persist::expire(self.ctx, &self.live.vin, self.live.session_expiry_s).await
         } else {
-            persist::delete(&self.ctx, &self.vin).await
+            persist::delete(self.ctx, &self.live.vin).await
         };
         if let Err(e) = state {
             self.ctx.metrics.redis_errors.with_label_values(&["mqtt_session"]).inc();
@@ -555,13 +644,13 @@ impl Session {
         }
         // Counted before the close event goes upstream, so whoever sees the event sees the count.
         self.ctx.metrics.sessions_closed.with_label_values(&[PROTOCOL, end.label()]).inc();
-        self.ctx.registry.remove_local(&self.handle);
-        self.ctx.registry.release(&self.key, &self.handle.session_id).await;
+        self.ctx.registry.remove_local(&self.live.handle);
+        self.ctx.registry.release(&self.live.handle.device, self.live.handle.session).await;
         self.ctx
             .upstream
             .send(&UpEvent::SessionClosed {
-                device: self.key.clone(),
-                epoch: self.handle.epoch,
+                device: self.live.handle.device.clone(),
+                epoch: self.live.handle.epoch,
                 node: self.ctx.node().to_owned(),
                 at_ms: now_ms(),
                 reason: end.label().to_owned(),
@@ -574,8 +663,8 @@ impl Session {
     }
 }
 
-impl std::fmt::Debug for Session {
+impl std::fmt::Debug for Session<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("vin", &self.vin).field("epoch", &self.handle.epoch).finish()
+        f.debug_struct("Session").field("vin", &self.live.vin).field("epoch", &self.live.handle.epoch).finish()
     }
 }
