@@ -67,6 +67,9 @@ pub struct Metrics {
     pub replies_written: IntCounterVec,
     /// `gateway_redis_errors_total{op}`
     pub redis_errors: IntCounterVec,
+    /// `gateway_backpressure_pauses_total{protocol}`: a device's reading paused because the
+    /// upstream buffer was full.
+    pub backpressure: IntCounterVec,
     /// `gateway_mqtt_stored_downlinks_total{action}`: persistent-session downlinks kept and resent.
     pub stored_downlinks: IntCounterVec,
 }
@@ -209,6 +212,12 @@ impl Metrics {
                 &["outcome"],
             ),
             redis_errors: counter_vec(r, "gateway_redis_errors_total", "Failed Redis operations.", &["op"]),
+            backpressure: counter_vec(
+                r,
+                "gateway_backpressure_pauses_total",
+                "Times a device's input was paused because the upstream buffer was full.",
+                &["protocol"],
+            ),
             stored_downlinks: counter_vec(
                 r,
                 "gateway_mqtt_stored_downlinks_total",

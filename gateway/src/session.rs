@@ -55,6 +55,29 @@ impl EndReason {
     }
 }
 
+/// Gives an empty collection's memory back. Per-session queues are empty almost all the time;
+/// keeping the capacity of the last burst would cost every idle session that burst's size.
+pub trait ReleaseIfEmpty {
+    /// Frees the allocation if there are no elements.
+    fn release_if_empty(&mut self);
+}
+
+impl<T> ReleaseIfEmpty for Vec<T> {
+    fn release_if_empty(&mut self) {
+        if self.is_empty() && self.capacity() > 0 {
+            *self = Vec::new();
+        }
+    }
+}
+
+impl<T> ReleaseIfEmpty for VecDeque<T> {
+    fn release_if_empty(&mut self) {
+        if self.is_empty() && self.capacity() > 0 {
+            *self = VecDeque::new();
+        }
+    }
+}
+
 /// The queue was full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull;

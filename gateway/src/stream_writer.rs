@@ -8,12 +8,13 @@
 //!   is ever dropped by the writer itself).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGauge};
 use protocol::bus::Fields;
 use redis::Pipeline;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::redis_conn::RedisConn;
@@ -47,38 +48,59 @@ pub struct WriterMetrics {
 }
 
 /// The accepting side; cheap to clone.
+///
+/// The bound is exact: every accepted entry holds one of `capacity` permits until Redis has
+/// taken it, whether it waits in the channel or in the batch being retried.
 #[derive(Debug, Clone)]
 pub struct StreamWriter {
-    tx: mpsc::Sender<Entry>,
+    tx: mpsc::UnboundedSender<Entry>,
+    room: Arc<Semaphore>,
     metrics: WriterMetrics,
 }
 
+/// The writer task's side: entries, and the permits to give back once they are written.
+#[derive(Debug)]
+pub struct Intake {
+    rx: mpsc::UnboundedReceiver<Entry>,
+    room: Arc<Semaphore>,
+}
+
 impl StreamWriter {
-    /// A writer buffering up to `capacity` entries; run the receiver with [`run`].
-    pub fn new(capacity: usize, metrics: WriterMetrics) -> (Self, mpsc::Receiver<Entry>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (Self { tx, metrics }, rx)
+    /// A writer holding up to `capacity` entries not yet in Redis; run the intake with [`run`].
+    pub fn new(capacity: usize, metrics: WriterMetrics) -> (Self, Intake) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let room = Arc::new(Semaphore::new(capacity));
+        (Self { tx, room: Arc::clone(&room), metrics }, Intake { rx, room })
+    }
+
+    fn accept(&self, permit: tokio::sync::SemaphorePermit<'_>, entry: Entry) -> Result<(), BufferFull> {
+        match self.tx.send(entry) {
+            Ok(()) => {
+                // The permit is given back by the writer, after Redis took the entry.
+                permit.forget();
+                self.metrics.depth.inc();
+                Ok(())
+            }
+            Err(mpsc::error::SendError(e)) => Err(BufferFull(e)),
+        }
     }
 
     /// Accepts an entry without waiting.
     ///
     /// # Errors
-    /// [`BufferFull`] with the entry, when the buffer is full.
+    /// [`BufferFull`] with the entry, when `capacity` entries are not yet written.
     pub fn offer(&self, entry: Entry) -> Result<(), BufferFull> {
-        match self.tx.try_send(entry) {
-            Ok(()) => {
-                self.metrics.depth.inc();
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(e) | mpsc::error::TrySendError::Closed(e)) => Err(BufferFull(e)),
+        match self.room.try_acquire() {
+            Ok(permit) => self.accept(permit, entry),
+            Err(_) => Err(BufferFull(entry)),
         }
     }
 
     /// Accepts an entry, waiting for room. For entries that must not be refused (heartbeat
-    /// windows), from tasks that can afford to wait.
+    /// windows, session events), from tasks that can afford to wait.
     pub async fn send(&self, entry: Entry) {
-        if self.tx.send(entry).await.is_ok() {
-            self.metrics.depth.inc();
+        if let Ok(permit) = self.room.acquire().await {
+            let _ = self.accept(permit, entry);
         }
     }
 }
@@ -94,13 +116,8 @@ pub struct WriterConfig {
 
 /// Writes entries until `stop` is cancelled; then writes what is still buffered and returns.
 /// The caller bounds that final flush with its grace period.
-pub async fn run(
-    mut rx: mpsc::Receiver<Entry>,
-    redis: RedisConn,
-    cfg: WriterConfig,
-    metrics: WriterMetrics,
-    stop: CancellationToken,
-) {
+pub async fn run(intake: Intake, redis: RedisConn, cfg: WriterConfig, metrics: WriterMetrics, stop: CancellationToken) {
+    let Intake { mut rx, room } = intake;
     let mut batch: Vec<Entry> = Vec::with_capacity(cfg.batch_max);
     let mut stopping = false;
     loop {
@@ -125,14 +142,21 @@ pub async fn run(
             }
             continue;
         }
-        write_with_retry(&redis, cfg, &metrics, &mut batch).await;
+        write_with_retry(&redis, cfg, &metrics, &room, &mut batch).await;
     }
 }
 
-async fn write_with_retry(redis: &RedisConn, cfg: WriterConfig, metrics: &WriterMetrics, batch: &mut Vec<Entry>) {
+async fn write_with_retry(
+    redis: &RedisConn,
+    cfg: WriterConfig,
+    metrics: &WriterMetrics,
+    room: &Semaphore,
+    batch: &mut Vec<Entry>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let failed = write_batch(redis, cfg, batch).await;
+        let before = batch.len();
         // Entries of streams that took their pipeline are done; only the others are retried,
         // so a partial failure does not write the successful streams twice.
         batch.retain(|e| {
@@ -143,6 +167,8 @@ async fn write_with_retry(redis: &RedisConn, cfg: WriterConfig, metrics: &Writer
             }
             !done
         });
+        // Room for new entries as soon as Redis has these.
+        room.add_permits(before - batch.len());
         let Some(error) = failed.into_values().next() else { return };
         metrics.errors.with_label_values(&[metrics.op]).inc();
         tracing::warn!(%error, entries = batch.len(), retry_in_ms = backoff.as_millis(), op = metrics.op, "failed to write streams");

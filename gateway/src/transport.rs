@@ -80,8 +80,9 @@ impl Conn {
         }
     }
 
-    /// Polls for bytes to arrive (and reads them into the read buffer) or, when `want_write`,
-    /// for the socket to take queued bytes again.
+    /// Polls for bytes to arrive (and reads them into the read buffer) when `want_read`, or,
+    /// when `want_write`, for the socket to take queued bytes again. Not reading is how a
+    /// session applies backpressure: the peer's bytes wait in TCP.
     ///
     /// A poll function rather than an `async fn`: it keeps no state between polls (readiness
     /// wakers live in the socket's registration), so a session loop waiting on it carries no
@@ -90,11 +91,14 @@ impl Conn {
     /// # Returns
     /// [`Event::Read`] with the number of bytes read (0: the peer closed), or
     /// [`Event::Writable`].
-    pub fn poll_wait(&mut self, cx: &mut Context<'_>, want_write: bool) -> Poll<io::Result<Event>> {
+    pub fn poll_wait(&mut self, cx: &mut Context<'_>, want_read: bool, want_write: bool) -> Poll<io::Result<Event>> {
         match &mut self.stream {
             Stream::Tcp(s) => {
                 if want_write && s.poll_write_ready(cx)?.is_ready() {
                     return Poll::Ready(Ok(Event::Writable));
+                }
+                if !want_read {
+                    return Poll::Pending;
                 }
                 loop {
                     ready!(s.poll_read_ready(cx))?;
@@ -118,6 +122,9 @@ impl Conn {
                 if want_write && s.get_ref().0.poll_write_ready(cx)?.is_ready() {
                     return Poll::Ready(Ok(Event::Writable));
                 }
+                if !want_read {
+                    return Poll::Pending;
+                }
                 if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
                     self.rbuf.reserve(READ_CHUNK);
                 }
@@ -131,7 +138,7 @@ impl Conn {
     /// # Cancel safety
     /// Cancel safe: bytes are either in the read buffer or still in the socket.
     pub async fn wait(&mut self, want_write: bool) -> io::Result<Event> {
-        std::future::poll_fn(|cx| self.poll_wait(cx, want_write)).await
+        std::future::poll_fn(|cx| self.poll_wait(cx, true, want_write)).await
     }
 
     /// The bytes read and not yet decoded.

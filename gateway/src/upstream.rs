@@ -77,6 +77,16 @@ impl Upstream {
         })
     }
 
+    /// Like [`Upstream::offer`], without counting a refusal: for retries of an event whose
+    /// first refusal was counted already.
+    ///
+    /// # Errors
+    /// [`BufferFull`] if the buffer is still full.
+    pub fn offer_quietly(&self, event: &UpEvent) -> Result<(), BufferFull> {
+        let Some(entry) = self.entry(event) else { return Err(BufferFull) };
+        self.writer.offer(entry).map_err(|_| BufferFull)
+    }
+
     /// Accepts an event, waiting for room in the buffer: for session open and close events,
     /// which must not be dropped, from tasks that can afford to wait.
     pub async fn send(&self, event: &UpEvent) {

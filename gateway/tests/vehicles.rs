@@ -204,3 +204,39 @@ async fn a_second_connection_takes_over() {
     assert_eq!(metric(&gw, "gateway_takeovers_total", &[("protocol", "mqtt"), ("scope", "local")]), 1.0);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_upstream_buffer_pauses_the_vehicle_and_loses_nothing() {
+    let mut env = Env::private().await;
+    let mut config = env.config("gw-a");
+    config.upstream.buffer_max = 3;
+    let gw = env.start_with(config).await;
+    let (vin, token) = env.provision_vehicle(VIN).await;
+    let mut car = Vehicle::connect(gw.addresses.mqtt.unwrap(), &vin, &token).await;
+
+    // Redis goes away: the buffer fills after three events, then the gateway stops reading.
+    tokio::task::block_in_place(|| env.server_mut().stop());
+    for i in 0..10 {
+        let body = format!(r#"{{"task_id":"t","status":"downloading","ts_ms":{i}}}"#);
+        car.client.publish(uplink_topic(&vin, UplinkKind::OtaStatus), QoS::AtLeastOnce, false, body).await.unwrap();
+    }
+    // The first three are acknowledged (held in the buffer), then the fourth stalls.
+    for _ in 0..3 {
+        car.wait_for("puback", |p| matches!(p, Packet::PubAck(_))).await;
+    }
+    let stalled =
+        tokio::time::timeout(Duration::from_millis(500), car.wait_for("puback", |p| matches!(p, Packet::PubAck(_))))
+            .await;
+    assert!(stalled.is_err(), "no acknowledgement while the buffer is full");
+    assert!(metric(&gw, "gateway_backpressure_pauses_total", &[("protocol", "mqtt")]) >= 1.0);
+
+    // Redis is back: the buffer drains, the vehicle is read again, everything arrives once.
+    tokio::task::block_in_place(|| env.server_mut().restart());
+    for _ in 3..10 {
+        car.wait_for("puback", |p| matches!(p, Packet::PubAck(_))).await;
+    }
+    let events = env.wait_upstream_count("all ten", 10, |e| matches!(e, UpEvent::Vehicle { .. })).await;
+    assert_eq!(events.len(), 10);
+    assert_eq!(metric(&gw, "gateway_sessions_closed_total", &[("protocol", "mqtt"), ("reason", "io_error")]), 0.0);
+    gw.stop().await;
+}

@@ -71,9 +71,7 @@ pub async fn run(
     };
     eprintln!("== gateway");
     let g = fleet::run(&gateway).await?;
-    let throughput = |r: &fleet::FleetResult| {
-        r.details["counters"]["uplinks_acked"].as_f64().unwrap_or(0.0) / base.hold_s.max(1) as f64
-    };
+    let throughput = |r: &fleet::FleetResult| r.details["uplinks_acked_per_s_in_hold"].as_f64().unwrap_or(0.0);
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     Ok(json!({
         "mosquitto": m,

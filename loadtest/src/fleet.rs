@@ -171,6 +171,7 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
     let mut workers = spawn_workers(plan, tx).await?;
     let target = (plan.cabinets + plan.vehicles) as u64;
     let mut connected = vec![0u64; workers.len()];
+    let mut acked = vec![0u64; workers.len()];
     let started = Instant::now();
     let ramp_limit = started + Duration::from_secs_f64(target as f64 / f64::from(plan.ramp_per_s.max(1)) + 60.0);
     let mut last_print = Instant::now();
@@ -181,8 +182,9 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         }
         tokio::select! {
             Some((w, report)) = rx.recv() => {
-                if let Report::Progress { connected: c } = report {
+                if let Report::Progress { connected: c, acked: a } = report {
                     connected[w] = c;
+                    acked[w] = a;
                 }
             }
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -215,13 +217,22 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         tokio::time::sleep(hold).await;
         timer.cancel();
     });
-    // Keep draining progress reports during the hold.
+    // Keep following progress during the hold: the uplinks acknowledged within it give the
+    // publish throughput.
+    let hold_started = Instant::now();
+    let acked_at_start: u64 = acked.iter().sum();
     let drain = tokio::spawn(async move {
         let mut last = Vec::new();
-        while let Some(r) = rx.recv().await {
-            last.push(r);
+        // Per worker: its acknowledged count as last reported within the hold.
+        while let Some((w, r)) = rx.recv().await {
+            if let Report::Progress { acked: a, .. } = r
+                && hold_started.elapsed() <= hold
+            {
+                acked[w] = a;
+            }
+            last.push((w, r));
         }
-        last
+        (last, acked)
     });
     let commands = if plan.commands_per_s > 0 && plan.credentials {
         Some(commander::run(&plan.redis_url, &keys, &targets, plan.commands_per_s, stop.clone()).await?)
@@ -230,6 +241,7 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         None
     };
     let rss_end = rss_all(&plan.server_pids);
+    let hold_s = hold_started.elapsed().as_secs_f64().min(hold.as_secs_f64()).max(0.001);
 
     // Stop the workers: closing stdin makes each emit its final snapshot and exit.
     for w in &mut workers {
@@ -240,7 +252,7 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
     for w in &mut workers {
         let _ = tokio::time::timeout(Duration::from_secs(20), w.child.wait()).await;
     }
-    let reports =
+    let (reports, acked) =
         tokio::time::timeout(Duration::from_secs(5), drain).await.ok().and_then(Result::ok).unwrap_or_default();
     let mut merged = Merged::default();
     for (_, r) in &reports {
@@ -248,7 +260,10 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
             merged.add(snapshot);
         }
     }
+    let acked_in_hold = acked.iter().sum::<u64>().saturating_sub(acked_at_start);
     let mut details = json!({
+        "hold_s": hold_s,
+        "uplinks_acked_per_s_in_hold": acked_in_hold as f64 / hold_s,
         "counters": merged.counters,
         "latency": merged.summaries(),
         "workers": workers.iter().map(|w| json!({"cabinets": w.plan.cabinets, "vehicles": w.plan.vehicles, "source_ip": w.plan.source_ip})).collect::<Vec<_>>(),

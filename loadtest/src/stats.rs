@@ -32,6 +32,11 @@ impl Stats {
         *self.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(name).or_default() += n;
     }
 
+    /// The current value of counter `name`.
+    pub fn count(&self, name: &str) -> u64 {
+        self.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).copied().unwrap_or(0)
+    }
+
     /// Records a latency.
     pub fn record(&self, series: &'static str, d: Duration) {
         let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).clamp(1, 600_000_000);

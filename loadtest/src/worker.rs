@@ -49,6 +49,9 @@ pub enum Report {
     Progress {
         /// Devices connected now.
         connected: u64,
+        /// QoS 1 uplinks acknowledged so far.
+        #[serde(default)]
+        acked: u64,
     },
     /// At the end.
     Final {
@@ -99,7 +102,10 @@ pub async fn run(plan: WorkerPlan) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                _ = tick.tick() => emit(&Report::Progress { connected: progress_stats.connected.load(std::sync::atomic::Ordering::Relaxed) }),
+                _ = tick.tick() => emit(&Report::Progress {
+                    connected: progress_stats.connected.load(std::sync::atomic::Ordering::Relaxed),
+                    acked: progress_stats.count("uplinks_acked"),
+                }),
                 () = progress_stop.cancelled() => return,
             }
         }

@@ -20,7 +20,7 @@ use super::login::LoggedIn;
 use super::{PROTOCOL, error, error_frame, queue};
 use crate::clock::now_ms;
 use crate::context::Ctx;
-use crate::session::{Downlink, EndReason, SessionHandle};
+use crate::session::{Downlink, EndReason, ReleaseIfEmpty, SessionHandle};
 use crate::transport::{Conn, Event};
 
 /// What woke the session loop.
@@ -186,6 +186,7 @@ impl Session<'_> {
             };
             // Whatever the step queued (answers, an ERROR before a close) goes out now.
             let pushed = self.push_out();
+            self.live.pending.release_if_empty();
             if let Err(end) = step.and(pushed) {
                 return end;
             }
@@ -203,7 +204,7 @@ impl Session<'_> {
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Wake::Timer);
             }
-            self.conn.poll_wait(cx, want_write).map(Wake::Io)
+            self.conn.poll_wait(cx, true, want_write).map(Wake::Io)
         })
         .await
     }

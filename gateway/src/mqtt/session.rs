@@ -30,7 +30,7 @@ use super::persist::{self, StoredDownlink};
 use super::{PROTOCOL, queue};
 use crate::clock::now_ms;
 use crate::context::Ctx;
-use crate::session::{Downlink, EndReason, SessionHandle};
+use crate::session::{Downlink, EndReason, ReleaseIfEmpty, SessionHandle};
 use crate::transport::{Conn, Event};
 
 /// What woke the session loop.
@@ -47,8 +47,8 @@ enum Wake {
 /// downlinks (an OTA notification is a few hundred bytes; packets are capped at 16 KiB).
 const MAX_PENDING_WRITE: usize = 256 * 1024;
 
-/// PUBACK reason 0x97: quota exceeded (the upstream buffer is full; retry later).
-const REASON_QUOTA_EXCEEDED: u8 = 0x97;
+/// How often a publish stalled by a full upstream buffer is offered again.
+const STALL_RETRY: Duration = Duration::from_millis(20);
 /// UNSUBACK reason 0x11: no subscription existed.
 const REASON_NO_SUBSCRIPTION: u8 = 0x11;
 
@@ -61,7 +61,6 @@ enum End {
     Drain,
     ProtocolError(&'static str),
     AclDenied,
-    UpstreamFull,
     SlowReader,
     Io,
 }
@@ -76,7 +75,6 @@ impl End {
             End::Drain => "drain",
             End::ProtocolError(_) => "protocol_error",
             End::AclDenied => "acl_denied",
-            End::UpstreamFull => "upstream_full",
             End::SlowReader => "slow_reader",
             End::Io => "io_error",
         }
@@ -90,7 +88,6 @@ impl End {
             End::Drain => Some(DisconnectReason::UseAnotherServer),
             End::ProtocolError(_) => Some(DisconnectReason::ProtocolError),
             End::AclDenied => Some(DisconnectReason::NotAuthorized),
-            End::UpstreamFull => Some(DisconnectReason::QuotaExceeded),
             End::PeerDisconnect | End::PeerClosed | End::SlowReader | End::Io => None,
         }
     }
@@ -129,6 +126,17 @@ pub(super) struct Live {
     /// Set while written bytes wait for the socket: past it the reader is too slow.
     write_deadline: Option<Instant>,
     idle_timeout: Duration,
+    /// A QoS 1/2 publish the upstream buffer could not take yet. While it waits the session
+    /// reads nothing more (the vehicle's bytes wait in TCP) and retries every
+    /// `STALL_RETRY`: backpressure instead of loss or a disconnect.
+    stalled: Option<Box<Stalled>>,
+}
+
+/// A publish waiting for room upstream.
+#[derive(Debug)]
+struct Stalled {
+    publish: Publish,
+    event: UpEvent,
 }
 
 impl Live {
@@ -148,6 +156,7 @@ impl Live {
             qos2_received: Vec::new(),
             write_deadline: None,
             idle_timeout: c.idle_timeout,
+            stalled: None,
         };
         (live, c.resend)
     }
@@ -195,7 +204,8 @@ impl Session<'_> {
         tokio::pin!(timer);
         loop {
             let next_deadline = self.live.inflight.iter().filter_map(|i| i.deadline).min();
-            let wake = [Some(idle_deadline), drain_deadline, self.live.write_deadline, next_deadline]
+            let retry = self.live.stalled.as_ref().map(|_| Instant::now() + STALL_RETRY);
+            let wake = [Some(idle_deadline), drain_deadline, self.live.write_deadline, next_deadline, retry]
                 .into_iter()
                 .flatten()
                 .min()
@@ -221,6 +231,10 @@ impl Session<'_> {
                 },
                 Wake::Timer => {
                     let now = Instant::now();
+                    if self.live.stalled.is_some() {
+                        // Not idle: we are the ones not reading.
+                        idle_deadline = now + idle_timeout;
+                    }
                     if now >= idle_deadline {
                         Err(End::IdleTimeout)
                     } else if drain_deadline.is_some_and(|d| now >= d) {
@@ -229,7 +243,7 @@ impl Session<'_> {
                         Err(End::SlowReader)
                     } else {
                         self.expire_inflight();
-                        Ok(())
+                        if self.retry_stalled() { Box::pin(self.on_bytes()).await } else { Ok(()) }
                     }
                 }
                 Wake::Io(Ok(Event::Read(0))) => Err(End::PeerClosed),
@@ -242,6 +256,9 @@ impl Session<'_> {
                 Wake::Io(Err(_)) => Err(End::Io),
             };
             let pushed = self.push_out();
+            self.live.inflight.release_if_empty();
+            self.live.waiting.release_if_empty();
+            self.live.qos2_received.release_if_empty();
             if let Err(end) = step.and(pushed) {
                 return end;
             }
@@ -259,7 +276,7 @@ impl Session<'_> {
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Wake::Timer);
             }
-            self.conn.poll_wait(cx, want_write).map(Wake::Io)
+            self.conn.poll_wait(cx, self.live.stalled.is_none(), want_write).map(Wake::Io)
         })
         .await
     }
@@ -288,7 +305,8 @@ impl Session<'_> {
     }
 
     async fn on_bytes(&mut self) -> Result<(), End> {
-        loop {
+        // A stalled publish stops decoding: what follows it waits in the read buffer.
+        while self.live.stalled.is_none() {
             match self.codec.decode(self.conn.read_buf()) {
                 Ok(Some(packet)) => self.on_packet(packet).await?,
                 Ok(None) => break,
@@ -397,18 +415,27 @@ impl Session<'_> {
             payload: p.payload.clone(),
         };
         if self.ctx.upstream.offer(&event).is_err() {
-            return match (p.qos, self.live.version.is_v3()) {
-                (QoS::AtMostOnce, _) => Ok(()),
-                // Without a PUBACK a 3.1.1 client resends only after a reconnect.
-                (_, true) => Err(End::UpstreamFull),
-                (_, false) => {
-                    self.ack(&p, REASON_QUOTA_EXCEEDED);
-                    Ok(())
-                }
-            };
+            // QoS 0 may be dropped (and is counted); QoS 1 and 2 wait for room.
+            if p.qos != QoS::AtMostOnce {
+                self.ctx.metrics.backpressure.with_label_values(&[PROTOCOL]).inc();
+                self.live.stalled = Some(Box::new(Stalled { publish: p, event }));
+            }
+            return Ok(());
         }
         self.ack(&p, REASON_SUCCESS);
         Ok(())
+    }
+
+    /// Offers the stalled publish again; on success acknowledges it. Returns `true` if the
+    /// session may read again.
+    fn retry_stalled(&mut self) -> bool {
+        let Some(stalled) = self.live.stalled.take() else { return true };
+        if self.ctx.upstream.offer_quietly(&stalled.event).is_err() {
+            self.live.stalled = Some(stalled);
+            return false;
+        }
+        self.ack(&stalled.publish, REASON_SUCCESS);
+        true
     }
 
     fn ack(&mut self, p: &Publish, reason: u8) {

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The gateway benchmarks of BENCHMARKS.md, end to end on this machine: release builds, real
+# gateway processes on loopback, a real Redis, the load harness, and Mosquitto for comparison.
+# Every run is bounded in time; results go to loadtest/results/*.json.
+#
+#   loadtest/bench/gateway.sh            all of them (about 10 minutes)
+#   loadtest/bench/gateway.sh idle       only the named ones: idle login nodes mqtt
+#
+# Redis: REDIS_URL, or the local one; keys go under a prefix of their own, removed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/}"
+PREFIX="bench$$:"
+OUT=loadtest/results
+RUNS=("$@")
+[ "${#RUNS[@]}" -gt 0 ] || RUNS=(idle login nodes mqtt)
+
+cargo build --release -q -p gateway -p loadtest
+GW=target/release/gateway
+LT=target/release/loadtest
+command -v mosquitto >/dev/null || { echo "mosquitto is needed for the comparison (apt install mosquitto)"; exit 1; }
+
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}*" | xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null || true
+}
+trap cleanup EXIT
+
+# start_gateway NODE CABINET_PORT MQTT_PORT METRICS_PORT [ACCEPT_RATE]
+start_gateway() {
+  local conf; conf=$(mktemp)
+  cat > "$conf" <<TOML
+node_id = "$1"
+key_prefix = "$PREFIX"
+[redis]
+url = "$REDIS_URL"
+[cabinet]
+listen = "0.0.0.0:$2"
+accept_rate_per_s = ${5:-2000}
+[mqtt]
+listen = "0.0.0.0:$3"
+accept_rate_per_s = ${5:-2000}
+[metrics]
+listen = "127.0.0.1:$4"
+TOML
+  RUST_LOG=warn "$GW" --config "$conf" >"/tmp/bench-$1.log" 2>&1 &
+  PIDS+=("$!")
+  for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null && break; sleep 0.1; done
+  LAST_PID=$!
+}
+
+stop_gateways() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  PIDS=()
+}
+
+for run in "${RUNS[@]}"; do
+  case "$run" in
+    idle)
+      start_gateway bench-a 17100 11883 19100
+      "$LT" fleet --label idle-cabinets-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --cabinet-addr 127.0.0.1:17100 --cabinets 15000 --ramp-per-s 2000 --hold-s 60 \
+        --commands-per-s 200 --server-pid "$LAST_PID" --out "$OUT/gateway-idle-cabinets-15k.json"
+      stop_gateways
+      start_gateway bench-a 17100 11883 19100
+      "$LT" fleet --label idle-vehicles-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --mqtt-addr 127.0.0.1:11883 --vehicles 15000 --ramp-per-s 2000 --hold-s 60 \
+        --commands-per-s 200 --server-pid "$LAST_PID" --out "$OUT/gateway-idle-vehicles-15k.json"
+      stop_gateways
+      ;;
+    login)
+      start_gateway bench-a 17100 11883 19100 50000
+      "$LT" fleet --label login-rate-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --cabinet-addr 127.0.0.1:17100 --cabinets 15000 --ramp-per-s 50000 --hold-s 10 \
+        --server-pid "$LAST_PID" --out "$OUT/gateway-login-rate-15k.json"
+      stop_gateways
+      ;;
+    nodes)
+      start_gateway bench-a 17100 11883 19100; A=$LAST_PID
+      start_gateway bench-b 17200 11983 19200; B=$LAST_PID
+      "$LT" fleet --label two-nodes-30k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --cabinet-addr 127.0.0.1:17100 --cabinet-addr 127.0.0.1:17200 --cabinets 30000 \
+        --ramp-per-s 3000 --hold-s 60 --commands-per-s 500 --server-pid "$A" --server-pid "$B" \
+        --out "$OUT/gateway-two-nodes-30k.json"
+      stop_gateways
+      ;;
+    mqtt)
+      start_gateway bench-a 17100 11883 19100
+      "$LT" mqtt-compare --label mqtt-idle-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --mqtt-addr 127.0.0.1:11883 --vehicles 15000 --ramp-per-s 2000 --hold-s 30 --publish-per-s 0.1 \
+        --server-pid "$LAST_PID" --mosquitto-port 18830 --out "$OUT/mqtt-vs-mosquitto-15k.json"
+      stop_gateways
+      start_gateway bench-a 17100 11883 19100
+      "$LT" mqtt-compare --label mqtt-throughput-2k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --mqtt-addr 127.0.0.1:11883 --vehicles 2000 --ramp-per-s 2000 --hold-s 20 --publish-per-s 100 \
+        --server-pid "$LAST_PID" --mosquitto-port 18831 --out "$OUT/mqtt-vs-mosquitto-throughput.json"
+      stop_gateways
+      ;;
+    *) echo "unknown run: $run (idle login nodes mqtt)"; exit 2 ;;
+  esac
+done
+echo "results in $OUT/"
