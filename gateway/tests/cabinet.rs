@@ -475,3 +475,30 @@ async fn cabinets_log_in_over_tls() {
     assert_eq!(metric(&gw, "gateway_tls_handshake_failures_total", &[("protocol", "cabinet")]), 1.0);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn the_connection_limit_holds_excess_connections_back() {
+    let env = Env::single().await;
+    let mut config = env.config("gw-a");
+    config.cabinet.max_connections = 1;
+    let gw = env.start_with(config).await;
+    let first = logged_in(&env, &gw, "CAB-L1").await;
+    let (id, secret) = env.provision_cabinet("CAB-L2").await;
+
+    // The second connection waits in the backlog: its login is not read while the first lives.
+    let mut second = Cabinet::connect(gw.addresses.cabinet.unwrap(), &id).await;
+    let login = Login::sign(id.clone(), "1.0.0", gateway::clock::now_ms(), &secret).unwrap();
+    second.send(Message::Login(login)).await;
+    let early = tokio::time::timeout(Duration::from_millis(300), second.recv()).await;
+    assert!(early.is_err(), "no answer while the limit is reached");
+    assert!(
+        metric(&gw, "gateway_admission_delays_total", &[("protocol", "cabinet"), ("reason", "connection_limit")])
+            >= 1.0
+    );
+
+    // Room again: the waiting connection is taken and served.
+    drop(first);
+    let answer = second.recv().await.expect("answered once admitted");
+    assert!(matches!(answer.message, Message::LoginResult(r) if r.status == LoginStatus::Accepted));
+    gw.stop().await;
+}

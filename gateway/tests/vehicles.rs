@@ -240,3 +240,58 @@ async fn a_full_upstream_buffer_pauses_the_vehicle_and_loses_nothing() {
     assert_eq!(metric(&gw, "gateway_sessions_closed_total", &[("protocol", "mqtt"), ("reason", "io_error")]), 0.0);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_vehicle_that_stops_reading_is_disconnected_as_a_slow_reader() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut env = Env::single().await;
+    let mut config = env.config("gw-a");
+    config.mqtt.write_timeout_ms = 500;
+    let gw = env.start_with(config).await;
+    let (vin, token) = env.provision_vehicle(VIN).await;
+
+    // A raw 3.1.1 client with a tiny receive buffer: it connects, subscribes at QoS 0, then
+    // never reads again.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(gw.addresses.mqtt.unwrap()).await.unwrap();
+    let mut connect = vec![0x10, 0];
+    connect.extend_from_slice(b"\x00\x04MQTT\x04\xC2\x00\x3c");
+    for s in [vin.as_str(), vin.as_str(), token.as_str()] {
+        connect.extend_from_slice(&u16::try_from(s.len()).unwrap().to_be_bytes());
+        connect.extend_from_slice(s.as_bytes());
+    }
+    connect[1] = u8::try_from(connect.len() - 2).unwrap();
+    tcp.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 4];
+    tcp.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    let filter = format!("vehicles/{VIN}/down/#");
+    let mut subscribe = vec![0x82, 0, 0x00, 0x01];
+    subscribe.extend_from_slice(&u16::try_from(filter.len()).unwrap().to_be_bytes());
+    subscribe.extend_from_slice(filter.as_bytes());
+    subscribe.push(0); // QoS 0: no in-flight window holds the gateway back
+    subscribe[1] = u8::try_from(subscribe.len() - 2).unwrap();
+    tcp.write_all(&subscribe).await.unwrap();
+    let mut suback = [0u8; 5];
+    tcp.read_exact(&mut suback).await.unwrap();
+    assert_eq!(suback, [0x90, 0x03, 0x00, 0x01, 0x00]);
+
+    // Downlinks of 8 KiB until the gateway gives up on it.
+    let device = DeviceKey::Vehicle(vin);
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(8 * 1024));
+    let mut outcome = Outcome::Delivered;
+    for _ in 0..2000 {
+        let body = CommandBody::Vehicle { kind: DownlinkKind::Command, payload: payload(&big) };
+        outcome = env.command_via("gw-a", &device, body, Duration::from_secs(5)).await.outcome;
+        if outcome != Outcome::Delivered {
+            break;
+        }
+    }
+    assert_eq!(outcome, Outcome::NotConnected, "the session ended");
+    env.wait_upstream("close", |e| matches!(e, UpEvent::SessionClosed { reason, .. } if reason == "slow_reader")).await;
+    assert_eq!(metric(&gw, "gateway_sessions_closed_total", &[("protocol", "mqtt"), ("reason", "slow_reader")]), 1.0);
+    drop(tcp);
+    gw.stop().await;
+}

@@ -18,10 +18,12 @@ pub async fn start_mosquitto(port: u16) -> anyhow::Result<(tokio::process::Child
     let dir = std::env::temp_dir().join(format!("loadtest-mosquitto-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let conf = dir.join("mosquitto.conf");
+    // Quiet, as in production: logging every connection would slow it down.
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\nmax_inflight_messages 32\n"
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\n\
+             max_inflight_messages 32\nlog_dest none\n"
         ),
     )?;
     let child = Command::new("mosquitto")
