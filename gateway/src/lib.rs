@@ -169,8 +169,13 @@ impl Gateway {
         let (up_writer, up_rx) = StreamWriter::new(config.upstream.buffer_max, up_metrics.clone());
         let reply_metrics = writer_metrics(metrics.reply_buffer.clone(), metrics.replies_written.clone(), "replies");
         let (reply_writer, reply_rx) = StreamWriter::new(config.upstream.buffer_max, reply_metrics.clone());
-        let upstream =
-            Arc::new(Upstream::new(up_writer, keys.clone(), config.upstream.shards, node.clone(), metrics.clone()));
+        let upstream = Arc::new(Upstream::new(
+            up_writer,
+            keys.clone(),
+            config.upstream.shards,
+            Arc::clone(&registry),
+            metrics.clone(),
+        ));
         let credentials = Credentials::new(
             redis.clone(),
             keys.clone(),

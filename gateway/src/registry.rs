@@ -108,6 +108,8 @@ pub struct Registry {
     /// run's in the map.
     incarnation: u64,
     next_session: AtomicU64,
+    /// Live cabinet sessions here, reported with every heartbeat window.
+    cabinet_sessions: AtomicU64,
     node_ttl: Duration,
     claim: Script,
     release: Script,
@@ -129,6 +131,7 @@ impl Registry {
             node,
             incarnation: now_ms(),
             next_session: AtomicU64::new(1),
+            cabinet_sessions: AtomicU64::new(0),
             node_ttl,
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
@@ -247,9 +250,13 @@ impl Registry {
     /// ordered by epoch: the newer one stays.
     pub fn insert_local(&self, handle: Arc<SessionHandle>) -> LocalInsert {
         let epoch = handle.epoch;
+        let cabinet = handle.device.kind() == protocol::bus::DeviceKind::Cabinet;
         match self.local.entry(ByDevice(handle)) {
             Entry::Vacant(v) => {
                 v.insert(());
+                if cabinet {
+                    self.cabinet_sessions.fetch_add(1, Ordering::Relaxed);
+                }
                 LocalInsert::Fresh
             }
             Entry::Occupied(o) => {
@@ -266,7 +273,15 @@ impl Registry {
 
     /// Removes a session from the local table, only if the entry is this very session.
     pub fn remove_local(&self, handle: &SessionHandle) {
-        self.local.remove_if(&handle.device, |k, ()| k.0.session == handle.session);
+        let removed = self.local.remove_if(&handle.device, |k, ()| k.0.session == handle.session);
+        if removed.is_some() && handle.device.kind() == protocol::bus::DeviceKind::Cabinet {
+            self.cabinet_sessions.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Live cabinet sessions on this node.
+    pub fn cabinet_sessions(&self) -> u64 {
+        self.cabinet_sessions.load(Ordering::Relaxed)
     }
 
     /// The live local session of `device`.

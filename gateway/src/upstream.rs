@@ -35,6 +35,8 @@ pub struct Upstream {
     keys: Keys,
     shards: u16,
     node: String,
+    /// Where the live cabinet session count comes from.
+    registry: Arc<crate::registry::Registry>,
     /// The current heartbeat window. A std mutex: one insert per heartbeat, never held across
     /// an `.await`.
     window: Mutex<HeartbeatWindow>,
@@ -43,9 +45,16 @@ pub struct Upstream {
 
 impl Upstream {
     /// The upstream of `node`, writing through `writer`.
-    pub fn new(writer: StreamWriter, keys: Keys, shards: u16, node: String, metrics: Metrics) -> Self {
+    pub fn new(
+        writer: StreamWriter,
+        keys: Keys,
+        shards: u16,
+        registry: Arc<crate::registry::Registry>,
+        metrics: Metrics,
+    ) -> Self {
         let window = Mutex::new(HeartbeatWindow { start_ms: now_ms(), ..HeartbeatWindow::default() });
-        Self { writer, keys, shards, node, window, metrics }
+        let node = registry.node().to_owned();
+        Self { writer, keys, shards, node, registry, window, metrics }
     }
 
     /// This node's id, as events carry it.
@@ -124,6 +133,7 @@ impl Upstream {
             window_start_ms: w.start_ms,
             window_ms: now.saturating_sub(w.start_ms),
             count: w.count,
+            sessions: self.registry.cabinet_sessions(),
             devices,
         }
     }

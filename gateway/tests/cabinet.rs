@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{Cabinet, Env, metric};
 use protocol::bus::{CommandBody, DeviceKey, Outcome, UpEvent};
 use protocol::cabinet::{
-    CommandAction, CommandResult, CommandStatus, DoorEvent, DoorState, DoorStatus, ErrorCode, Flags, Frame, Heartbeat,
+    CommandAction, CommandResult, CommandStatus, DoorEvent, DoorState, DoorStatus, ErrorCode, Frame, Heartbeat,
     LaneWeight, Login, LoginStatus, Message, NoticeKind, WeightReport,
 };
 use protocol::{DeviceId, OrderId};
@@ -270,14 +270,6 @@ async fn door_events_and_weights_are_acknowledged_and_forwarded_in_order() {
         .collect();
     assert_eq!(times, (200..220).collect::<Vec<_>>(), "order kept");
     gw.stop().await;
-}
-
-impl Cabinet {
-    async fn send_frame_ack(&mut self, message: Message) -> u32 {
-        let seq = self.next_seq();
-        self.send_frame(Frame { seq, flags: Flags(Flags::ACK_REQUESTED), message }).await;
-        seq
-    }
 }
 
 /// Answers the next command like a well-behaved cabinet.

@@ -237,6 +237,9 @@ pub enum UpEvent {
         window_ms: u64,
         /// Heartbeats received in the window (all devices of the node, counted once each).
         count: u64,
+        /// Cabinet sessions the node held at the end of the window: with the heartbeat
+        /// interval, what the device service expects `count` to be.
+        sessions: u64,
         /// Last heartbeat per device seen in the window, with its session epoch.
         devices: Vec<HeartbeatSeen>,
     },
@@ -330,7 +333,7 @@ impl UpEvent {
                 ("at", n(*at_ms)),
                 ("why", s(reason)),
             ],
-            UpEvent::Heartbeats { node, window_start_ms, window_ms, count, devices } => {
+            UpEvent::Heartbeats { node, window_start_ms, window_ms, count, sessions, devices } => {
                 let mut list = String::with_capacity(devices.len() * 40);
                 for d in devices {
                     use fmt::Write;
@@ -342,6 +345,7 @@ impl UpEvent {
                     ("ws", n(*window_start_ms)),
                     ("wl", n(*window_ms)),
                     ("c", n(*count)),
+                    ("s", n(*sessions)),
                     ("d", list.into_bytes()),
                 ]
             }
@@ -412,6 +416,7 @@ impl UpEvent {
                     window_start_ms: f.num("ws")?,
                     window_ms: f.num("wl")?,
                     count: f.num("c")?,
+                    sessions: f.num("s")?,
                     devices,
                 }
             }
@@ -713,12 +718,20 @@ mod tests {
                 window_start_ms: 1000,
                 window_ms: 1000,
                 count: 3,
+                sessions: 2,
                 devices: vec![
                     HeartbeatSeen { device: cab("C1"), at_ms: 1500, epoch: 7 },
                     HeartbeatSeen { device: cab("C2"), at_ms: 1600, epoch: 1 },
                 ],
             },
-            UpEvent::Heartbeats { node: "gw-a".into(), window_start_ms: 0, window_ms: 1000, count: 0, devices: vec![] },
+            UpEvent::Heartbeats {
+                node: "gw-a".into(),
+                window_start_ms: 0,
+                window_ms: 1000,
+                count: 0,
+                sessions: 0,
+                devices: vec![],
+            },
             UpEvent::Cabinet {
                 device: DeviceId::new("C1").expect("valid"),
                 epoch: 7,

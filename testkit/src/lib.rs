@@ -11,10 +11,14 @@
 //! alike; anything a crashed test leaves behind carries the run id, and `scripts/test` removes it
 //! at the end of the run.
 
+pub mod cabinet;
 pub mod redis_server;
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long a test helper waits for anything before failing the test.
+pub const WAIT: Duration = Duration::from_secs(10);
 
 /// The PostgreSQL server tests use: `DATABASE_URL`, or the local server on the standard port.
 pub fn database_url() -> String {

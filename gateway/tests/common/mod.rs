@@ -10,17 +10,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use gateway::Gateway;
 use gateway::config::Config;
 use gateway::redis_conn::{RedisConn, RedisTarget};
 use protocol::bus::{CommandBody, CommandReply, CommandRequest, DeviceKey, Keys, UpEvent};
-use protocol::cabinet::{CabinetCodec, Frame, Login, LoginResult, Message};
 use protocol::{DeviceId, Vin};
 use redis::streams::StreamReadReply;
 use sha2::Digest;
-use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
 
 /// How long a test waits for anything before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -307,78 +303,8 @@ pub fn metric(gw: &Gateway, name: &str, labels: &[(&str, &str)]) -> f64 {
     0.0
 }
 
-/// A cabinet speaking SPEC.md part 1 through the protocol crate's codec.
-pub struct Cabinet {
-    pub framed: Framed<TcpStream, CabinetCodec>,
-    pub id: DeviceId,
-    seq: u32,
-}
-
-impl Cabinet {
-    pub async fn connect(addr: SocketAddr, id: &DeviceId) -> Self {
-        let tcp = TcpStream::connect(addr).await.expect("connect");
-        Self { framed: Framed::new(tcp, CabinetCodec::default()), id: id.clone(), seq: 0 }
-    }
-
-    /// Connects and logs in; returns the client and the gateway's answer.
-    pub async fn login(addr: SocketAddr, id: &DeviceId, secret: &[u8]) -> (Self, LoginResult) {
-        let mut c = Self::connect(addr, id).await;
-        let login = Login::sign(id.clone(), "1.0.0", gateway::clock::now_ms(), secret).unwrap();
-        let seq = c.send(Message::Login(login)).await;
-        let frame = c.recv().await.expect("login answered");
-        assert_eq!(frame.seq, seq);
-        let Message::LoginResult(r) = frame.message else { panic!("expected LOGIN_RESULT, got {frame:?}") };
-        (c, r)
-    }
-
-    pub fn next_seq(&mut self) -> u32 {
-        self.seq += 1;
-        self.seq
-    }
-
-    pub async fn send(&mut self, message: Message) -> u32 {
-        let seq = self.next_seq();
-        self.send_frame(Frame::new(seq, message)).await;
-        seq
-    }
-
-    pub async fn send_frame(&mut self, frame: Frame) {
-        self.framed.send(frame).await.expect("send");
-    }
-
-    pub async fn send_raw(&mut self, bytes: &[u8]) {
-        use tokio::io::AsyncWriteExt;
-        self.framed.get_mut().write_all(bytes).await.expect("send raw");
-    }
-
-    /// The next frame, or `None` when the gateway closed the connection.
-    pub async fn recv(&mut self) -> Option<Frame> {
-        match tokio::time::timeout(WAIT, self.framed.next()).await.expect("gateway answered in time") {
-            Some(Ok(Ok(frame))) => Some(frame),
-            Some(Ok(Err(e))) => panic!("gateway sent an invalid frame: {e}"),
-            Some(Err(_)) | None => None,
-        }
-    }
-
-    /// The next frame matching `pred`, skipping others.
-    pub async fn recv_matching(&mut self, what: &str, pred: impl Fn(&Frame) -> bool) -> Frame {
-        loop {
-            let frame = self.recv().await.unwrap_or_else(|| panic!("closed while waiting for {what}"));
-            if pred(&frame) {
-                return frame;
-            }
-        }
-    }
-
-    /// Waits until the gateway closes the connection; returns every frame received meanwhile.
-    pub async fn until_closed(&mut self) -> Vec<Frame> {
-        let mut frames = Vec::new();
-        while let Some(f) = self.recv().await {
-            frames.push(f);
-        }
-        frames
-    }
-}
+#[allow(unused_imports)] // not every test crate drives cabinets
+pub use testkit::cabinet::Cabinet;
 
 pub fn payload(json: &str) -> Bytes {
     Bytes::copy_from_slice(json.as_bytes())
