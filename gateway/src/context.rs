@@ -11,7 +11,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::metrics::Metrics;
-use crate::redis_conn::RedisConn;
+use redis_conn::RedisConn;
 use crate::registry::Registry;
 use crate::stream_writer::{Entry, StreamWriter};
 use crate::upstream::Upstream;

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-use crate::redis_conn::RedisConn;
+use redis_conn::RedisConn;
 
 /// What a device proves its identity with.
 #[derive(Clone, PartialEq, Eq)]

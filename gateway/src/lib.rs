@@ -11,7 +11,7 @@
 //! - [`upstream`], [`stream_writer`]: device traffic to the device service;
 //! - [`routing`]: this node's command stream;
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
-//! - [`context`], [`redis_conn`], [`clock`]: shared plumbing.
+//! - [`context`], [`clock`]: shared plumbing (Redis through the `redis-conn` crate).
 //!
 //! [`Gateway::start`] binds everything (ports may be 0) and returns the bound addresses;
 //! [`Gateway::shutdown`] drains: stop accepting, move devices away, flush, exit.
@@ -23,7 +23,6 @@ pub mod context;
 pub mod credentials;
 pub mod metrics;
 pub mod mqtt;
-pub mod redis_conn;
 pub mod registry;
 pub mod routing;
 pub mod server;
@@ -47,7 +46,7 @@ use crate::config::Config;
 use crate::context::Ctx;
 use crate::credentials::Credentials;
 use crate::metrics::Metrics;
-use crate::redis_conn::{RedisConn, RedisTarget};
+use redis_conn::{RedisConn, RedisTarget};
 use crate::registry::Registry;
 use crate::server::{Admission, Listener, Protocol};
 use crate::session::EndReason;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::metrics::Metrics;
-use crate::redis_conn::RedisConn;
+use redis_conn::RedisConn;
 use crate::session::SessionHandle;
 
 /// Increments the epoch, names the new holder, returns `{epoch, previous node, previous session}`.

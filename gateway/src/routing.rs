@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::context::Ctx;
-use crate::redis_conn::RedisConn;
+use redis_conn::RedisConn;
 use crate::session::{Downlink, EndReason};
 
 /// The consumer group every node reads its own command stream in.

@@ -17,7 +17,7 @@ use redis::Pipeline;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::redis_conn::RedisConn;
+use redis_conn::RedisConn;
 
 /// One entry for one stream.
 #[derive(Debug)]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use gateway::Gateway;
 use gateway::config::Config;
-use gateway::redis_conn::{RedisConn, RedisTarget};
+use redis_conn::{RedisConn, RedisTarget};
 use protocol::bus::{CommandBody, CommandReply, CommandRequest, DeviceKey, Keys, UpEvent};
 use protocol::{DeviceId, Vin};
 use redis::streams::StreamReadReply;

@@ -1,8 +1,8 @@
-//! One Redis handle for a single server or a Redis Cluster, so the rest of the gateway writes
-//! each operation once.
+//! One Redis handle for a single server or a Redis Cluster, so the services write each
+//! operation once, whichever a deployment runs.
 //!
 //! Both variants reconnect by themselves: a Redis restart costs failed operations (which the
-//! callers retry or buffer), never a gateway restart. Connections are made lazily, so a gateway
+//! callers retry or buffer), never a process restart. Connections are made lazily, so a service
 //! starts and holds connections while Redis is still down.
 
 use std::time::Duration;
