@@ -1,13 +1,133 @@
-//! The `device-svc` binary: device registry, status, weights, purchases and vehicles.
+//! The `device-svc` binary: configuration, logging, start, and a clean stop on SIGTERM or SIGINT.
 
+use std::process::ExitCode;
+
+use anyhow::Context;
 use clap::Parser;
+use device_svc::DeviceService;
+use device_svc::config::{Config, DEFAULT_TOML, ENV_VARS};
 
-/// Device registry and status, weight streams, purchases and vehicle flows behind an HTTP API.
+/// Device registry and status, weight streams and commands to devices behind an HTTP API;
+/// consumes the gateways' upstream streams in a consumer group shared by every instance.
+///
+/// Settings come from the TOML file (`--print-default-config` shows every key with its unit
+/// and default), then DEVICE_SVC_* environment variables, then these flags.
 #[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {}
+#[command(version, about, after_help = env_help())]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<String>,
+    /// Print the default configuration (documented) and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// This instance's name (consumer name and reply stream; default: host name and pid).
+    #[arg(long)]
+    instance_id: Option<String>,
+    /// HTTP API listener, host:port.
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// PostgreSQL URL, e.g. postgres://postgres@127.0.0.1:5432/iotgw.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Redis URL, e.g. redis://127.0.0.1:6379/.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
+fn env_help() -> String {
+    let mut s = String::from("Environment:\n");
+    for (name, setting) in ENV_VARS {
+        s.push_str(&format!("  {name:<30} overrides {setting}\n"));
+    }
+    s.push_str("  RUST_LOG                       log filter (default: info)\n");
+    s
+}
+
+/// Exit code for an unusable configuration (sysexits EX_CONFIG).
+const EX_CONFIG: u8 = 78;
+
+fn load_config(args: &Args) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    config.apply_env(|name| std::env::var(name).ok());
+    let flags = [
+        (&args.instance_id, &mut config.instance_id),
+        (&args.http_listen, &mut config.http.listen),
+        (&args.database_url, &mut config.postgres.url),
+        (&args.redis_url, &mut config.redis.url),
+    ];
+    for (flag, target) in flags {
+        if let Some(v) = flag {
+            target.clone_from(v);
+        }
+    }
+    Ok(config.validate()?)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let service = DeviceService::start(config).await.context("failed to start the device service")?;
+    let signal = wait_for_signal().await?;
+    tracing::info!(signal, "shutting down");
+    service.stop().await;
     Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_default_config {
+        #[allow(clippy::print_stdout)] // the binary's own output, not logging
+        {
+            print!("{DEFAULT_TOML}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    init_logging(args.log_json);
+    let config = match load_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("device-svc: {e:#}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("device-svc: failed to start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "device service failed");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,175 @@
+//! Commands to devices (SPEC.md 3.3), the one internal API the purchase and vehicle flows and
+//! the operators' HTTP endpoint all use: find the device's node in the connection map, add the
+//! command to that node's stream, and wait for the reply on this instance's reply stream.
+//!
+//! The answer is always one of: the device's result, "not connected" (no map entry, or its node
+//! is dead: at once, without waiting), or "timed out" (nothing by the deadline). Commands to
+//! one cabinet door are serialised here, so two flows never race on the same lock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use protocol::bus::{CommandBody, CommandReply, CommandRequest, DeviceKey, Keys, Outcome};
+use protocol::cabinet::CommandAction;
+use redis::streams::StreamReadReply;
+use redis_conn::RedisConn;
+use tokio::sync::{Mutex, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::now_ms;
+use crate::error::StoreError;
+use crate::metrics::Metrics;
+
+/// Sends commands and matches their replies.
+#[derive(Debug)]
+pub struct Commander {
+    redis: RedisConn,
+    keys: Keys,
+    instance: String,
+    metrics: Metrics,
+    /// Replies awaited, by request id.
+    waiting: DashMap<String, oneshot::Sender<Outcome>>,
+    /// One lock per cabinet door: commands to a door go one at a time.
+    doors: DashMap<(String, u8), Arc<Mutex<()>>>,
+}
+
+impl Commander {
+    /// A commander for this instance; run [`Commander::run_replies`] alongside.
+    pub fn new(redis: RedisConn, keys: Keys, instance: String, metrics: Metrics) -> Self {
+        Self { redis, keys, instance, metrics, waiting: DashMap::new(), doors: DashMap::new() }
+    }
+
+    fn reply_stream(&self) -> String {
+        self.keys.replies(&self.instance)
+    }
+
+    /// Sends `body` to `device` and waits for the outcome, at most `timeout`.
+    ///
+    /// # Errors
+    /// Only Redis errors; every device-side outcome (including not connected and timed out)
+    /// is an `Ok`.
+    pub async fn send(&self, device: &DeviceKey, body: CommandBody, timeout: Duration) -> Result<Outcome, StoreError> {
+        let _door_guard = match (&device, &body) {
+            (DeviceKey::Cabinet(id), CommandBody::Cabinet(action)) => match door_of(action) {
+                Some(door) => {
+                    let lock = Arc::clone(&self.doors.entry((id.to_string(), door)).or_default());
+                    Some(lock.lock_owned().await)
+                }
+                None => None,
+            },
+            _ => None,
+        };
+        let started = Instant::now();
+        let outcome = self.send_unserialised(device, body, timeout).await?;
+        self.metrics.commands.with_label_values(&[outcome.label()]).inc();
+        self.metrics.command_duration.with_label_values(&[outcome.label()]).observe(started.elapsed().as_secs_f64());
+        Ok(outcome)
+    }
+
+    async fn send_unserialised(
+        &self,
+        device: &DeviceKey,
+        body: CommandBody,
+        timeout: Duration,
+    ) -> Result<Outcome, StoreError> {
+        let mut con = self.redis.clone();
+        let node: Option<String> =
+            redis::cmd("HGET").arg(self.keys.conn(device)).arg("node").query_async(&mut con).await?;
+        let Some(node) = node else { return Ok(Outcome::NotConnected) };
+        let alive: bool = redis::cmd("EXISTS").arg(self.keys.node_alive(&node)).query_async(&mut con).await?;
+        if !alive {
+            // The map names a dead node: the device is not reachable there.
+            return Ok(Outcome::NotConnected);
+        }
+        let mut id = [0u8; 12];
+        getrandom::fill(&mut id).map_err(|e| StoreError::invalid("random", e.to_string()))?;
+        let request_id = format!("{}-{}", self.instance, hex::encode(id));
+        let request = CommandRequest {
+            request_id: request_id.clone(),
+            device: device.clone(),
+            deadline_ms: now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            reply_to: self.reply_stream(),
+            body,
+        };
+        let fields = request.to_fields().map_err(|e| StoreError::invalid("command", e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.waiting.insert(request_id.clone(), tx);
+        let added: redis::RedisResult<String> = redis::cmd("XADD")
+            .arg(self.keys.commands(&node))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(100_000)
+            .arg("*")
+            .arg(fields)
+            .query_async(&mut con)
+            .await;
+        if let Err(e) = added {
+            self.waiting.remove(&request_id);
+            return Err(e.into());
+        }
+        // The gateway answers by the deadline itself; the slack covers the reply's trip back.
+        let outcome = match tokio::time::timeout(timeout + Duration::from_secs(1), rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) | Err(_) => Outcome::TimedOut,
+        };
+        self.waiting.remove(&request_id);
+        Ok(outcome)
+    }
+
+    /// Reads this instance's reply stream and hands each reply to its waiter, until `stop`.
+    /// `redis` must be a connection of its own (the read blocks).
+    pub async fn run_replies(self: Arc<Self>, mut redis: RedisConn, stop: CancellationToken) {
+        let stream = self.reply_stream();
+        // From the start of the stream: a cursor of "$" would miss replies landing between two
+        // reads. Old replies find no waiter and are trimmed as the reader passes them.
+        let mut cursor = "0-0".to_owned();
+        while !stop.is_cancelled() {
+            let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(500)
+                .arg("BLOCK")
+                .arg(500)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(&cursor)
+                .query_async(&mut redis)
+                .await;
+            let entries = match read {
+                Ok(r) => r.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed to read replies");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut last = None;
+            for entry in entries {
+                last = Some(entry.id.clone());
+                let fields = crate::consumer::bulk_fields(entry.map);
+                match CommandReply::from_fields(&fields) {
+                    Ok(reply) => {
+                        if let Some((_, waiter)) = self.waiting.remove(&reply.request_id) {
+                            let _ = waiter.send(reply.outcome);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "invalid reply entry"),
+                }
+            }
+            if let Some(id) = last {
+                // Trim what was read: replies are for this instance only.
+                let _: redis::RedisResult<i64> =
+                    redis::cmd("XTRIM").arg(&stream).arg("MINID").arg(&id).query_async(&mut redis).await;
+                cursor = id;
+            }
+        }
+    }
+}
+
+fn door_of(action: &CommandAction) -> Option<u8> {
+    match action {
+        CommandAction::OpenDoor { door_id, .. } | CommandAction::QueryDoor { door_id } => Some(*door_id),
+        CommandAction::Other { .. } => None,
+    }
+}

@@ -1,0 +1,319 @@
+//! Device-service configuration: a TOML file, `DEVICE_SVC_*` environment variables over it, and
+//! flags over both. `device-svc.default.toml` documents every key with its unit and default
+//! and is compiled in (`device-svc --print-default-config`).
+
+use serde::Deserialize;
+
+/// The documented default configuration, as shipped.
+pub const DEFAULT_TOML: &str = include_str!("../device-svc.default.toml");
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("failed to read config file {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown keys.
+    #[error("failed to parse config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration; meanings, units and defaults in `device-svc.default.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Instance name; empty = host name and pid.
+    pub instance_id: String,
+    /// Redis key prefix.
+    pub key_prefix: String,
+    /// HTTP API.
+    pub http: HttpConfig,
+    /// PostgreSQL.
+    pub postgres: PostgresConfig,
+    /// Redis.
+    pub redis: RedisConfig,
+    /// Upstream streams.
+    pub streams: StreamsConfig,
+    /// Heartbeats and offline detection.
+    pub heartbeat: HeartbeatConfig,
+    /// Weight readings.
+    pub weights: WeightsConfig,
+    /// Commands to devices.
+    pub commands: CommandsConfig,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address.
+    pub listen: String,
+}
+
+/// `[postgres]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection URL.
+    pub url: String,
+    /// Pool size.
+    pub pool_size: usize,
+}
+
+/// `[redis]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Single Redis URL.
+    pub url: String,
+    /// Cluster seeds.
+    pub cluster_urls: Vec<String>,
+}
+
+/// `[streams]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// Shards.
+    pub shards: u16,
+    /// Entries per read.
+    pub batch: usize,
+    /// Blocking read, ms.
+    pub block_ms: u64,
+    /// Take-over idle time, ms.
+    pub claim_idle_ms: u64,
+    /// Take-over scan interval, ms.
+    pub claim_interval_ms: u64,
+}
+
+/// `[heartbeat]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// Heartbeat interval, s.
+    pub interval_s: u64,
+    /// Offline threshold, s.
+    pub offline_after_s: u64,
+    /// Required share of expected heartbeats.
+    pub healthy_share: f64,
+    /// Window for the share, s.
+    pub window_s: u64,
+    /// Deadline poll interval, ms.
+    pub check_interval_ms: u64,
+    /// Start-up grace, s.
+    pub startup_grace_s: u64,
+    /// Recheck delay, s.
+    pub recheck_s: u64,
+}
+
+/// `[weights]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WeightsConfig {
+    /// Retention, days.
+    pub retention_days: u32,
+    /// Partitions created ahead, days.
+    pub partitions_ahead_days: u32,
+}
+
+/// `[commands]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandsConfig {
+    /// Default deadline, ms.
+    pub default_timeout_ms: u64,
+}
+
+// The hand-written defaults must equal device-svc.default.toml; a unit test checks it.
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            instance_id: String::new(),
+            key_prefix: "iotgw:".into(),
+            http: HttpConfig { listen: "0.0.0.0:8080".into() },
+            postgres: PostgresConfig { url: "postgres://postgres@127.0.0.1:5432/iotgw".into(), pool_size: 16 },
+            redis: RedisConfig { url: "redis://127.0.0.1:6379/".into(), cluster_urls: Vec::new() },
+            streams: StreamsConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
+            weights: WeightsConfig { retention_days: 30, partitions_ahead_days: 3 },
+            commands: CommandsConfig { default_timeout_ms: 5000 },
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Config::default().http
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Config::default().postgres
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Config::default().redis
+    }
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self { shards: 4, batch: 500, block_ms: 1000, claim_idle_ms: 15_000, claim_interval_ms: 5000 }
+    }
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        Self {
+            interval_s: 30,
+            offline_after_s: 75,
+            healthy_share: 0.8,
+            window_s: 60,
+            check_interval_ms: 200,
+            startup_grace_s: 90,
+            recheck_s: 10,
+        }
+    }
+}
+
+impl Default for WeightsConfig {
+    fn default() -> Self {
+        Config::default().weights
+    }
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Config::default().commands
+    }
+}
+
+/// How late a node's heartbeat intake is known, at most, in seconds: windows still on their way
+/// (2 s, see `offline`), a window's length (1 s by default), whole-second accounting (1 s) and
+/// the health cache (1 s).
+pub const HEALTH_DELAY_S: u64 = 5;
+
+/// Environment variables the device service reads, and the setting each overrides.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("DEVICE_SVC_INSTANCE_ID", "instance_id"),
+    ("DEVICE_SVC_KEY_PREFIX", "key_prefix"),
+    ("DEVICE_SVC_HTTP_LISTEN", "http.listen"),
+    ("DEVICE_SVC_DATABASE_URL", "postgres.url"),
+    ("DEVICE_SVC_REDIS_URL", "redis.url"),
+    ("DEVICE_SVC_REDIS_CLUSTER_URLS", "redis.cluster_urls (comma-separated)"),
+];
+
+impl Config {
+    /// Parses TOML (unknown keys are an error).
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`].
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Reads a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn from_file(path: &str) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml(&text)
+    }
+
+    /// Applies `DEVICE_SVC_*` overrides read through `lookup`.
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) {
+        let set = |target: &mut String, name: &str| {
+            if let Some(v) = lookup(name) {
+                *target = v;
+            }
+        };
+        set(&mut self.instance_id, "DEVICE_SVC_INSTANCE_ID");
+        set(&mut self.key_prefix, "DEVICE_SVC_KEY_PREFIX");
+        set(&mut self.http.listen, "DEVICE_SVC_HTTP_LISTEN");
+        set(&mut self.postgres.url, "DEVICE_SVC_DATABASE_URL");
+        set(&mut self.redis.url, "DEVICE_SVC_REDIS_URL");
+        if let Some(v) = lookup("DEVICE_SVC_REDIS_CLUSTER_URLS") {
+            self.redis.cluster_urls = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        }
+    }
+
+    /// Checks ranges and fills the instance id if empty.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the setting.
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.instance_id.is_empty() {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            self.instance_id = format!("{}-{}", host.trim(), std::process::id());
+        }
+        if !self.instance_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return bad("instance_id: use [A-Za-z0-9._-]");
+        }
+        if self.key_prefix.contains(['{', '}', ' ']) {
+            return bad("key_prefix must not contain braces or spaces");
+        }
+        if !(1..=1024).contains(&self.streams.shards) || self.streams.batch == 0 {
+            return bad("streams.shards must be within 1..=1024 and streams.batch positive");
+        }
+        let h = &self.heartbeat;
+        if h.interval_s == 0 || h.offline_after_s < h.interval_s {
+            return bad("heartbeat.offline_after_s must be at least heartbeat.interval_s (and that positive)");
+        }
+        if !(0.0..=1.0).contains(&h.healthy_share) {
+            return bad("heartbeat.healthy_share must be within 0..=1");
+        }
+        if h.window_s < h.interval_s || h.check_interval_ms == 0 || h.recheck_s == 0 {
+            return bad("heartbeat.window_s must cover an interval; check_interval_ms and recheck_s positive");
+        }
+        // A stalled node must look unhealthy before the first deadline it causes expires (one
+        // interval after the stall began, at the earliest): the stall is seen `HEALTH_DELAY_S`
+        // late and must fill (1 - share) of the window to count.
+        let needed = h.interval_s as f64 + HEALTH_DELAY_S as f64 + (1.0 - h.healthy_share) * h.window_s as f64;
+        if (h.offline_after_s as f64) < needed {
+            return Err(ConfigError::Invalid(format!(
+                "heartbeat.offline_after_s must be at least interval_s + {HEALTH_DELAY_S} + (1 - healthy_share) x window_s \
+                 = {needed:.1} s, or a stalled node could get its devices marked offline before its intake looks low"
+            )));
+        }
+        if self.weights.retention_days == 0 || self.postgres.pool_size == 0 {
+            return bad("weights.retention_days and postgres.pool_size must be positive");
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_equals_the_code_defaults() {
+        let file = Config::from_toml(DEFAULT_TOML).expect("default file parses");
+        assert_eq!(format!("{file:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn validation_and_env() {
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "DEVICE_SVC_INSTANCE_ID").then(|| "svc-1".to_owned()));
+        assert_eq!(c.clone().validate().expect("valid").instance_id, "svc-1");
+        c.heartbeat.offline_after_s = 10;
+        assert!(c.clone().validate().is_err());
+        assert!(Config::from_toml("[heartbeat]\nintervall_s = 3").is_err());
+    }
+}

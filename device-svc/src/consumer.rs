@@ -1,0 +1,301 @@
+//! Consuming the gateways' upstream streams (SPEC.md 3.2) in the consumer group `device-svc`:
+//! several instances share the shards' entries; an entry is acknowledged only after its effect
+//! is stored; entries an instance read and never acknowledged (it died) are taken over by the
+//! others after `claim_idle_ms`; and every effect is idempotent (readings by primary key, status
+//! by session epoch, heartbeat windows by entry id, deadlines only move forward), so a
+//! redelivered entry changes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashSet;
+use protocol::DeviceId;
+use protocol::bus::{DeviceKey, HeartbeatSeen, UpEvent};
+use protocol::cabinet::Message;
+use redis::Value;
+use redis::streams::StreamId;
+use redis_conn::RedisConn;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::error::StoreError;
+use crate::offline::{Detector, Window};
+use crate::status::{self, Event};
+use crate::weights::{self, Received};
+
+/// The consumer group of every device-service instance.
+pub const GROUP: &str = "device-svc";
+
+/// Stream entry fields as byte strings.
+pub fn bulk_fields(map: HashMap<String, Value>) -> HashMap<String, Vec<u8>> {
+    map.into_iter()
+        .filter_map(|(k, v)| match v {
+            Value::BulkString(b) => Some((k, b)),
+            Value::SimpleString(s) => Some((k, s.into_bytes())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What applies the entries of a shard.
+#[derive(Debug)]
+pub struct Consumer {
+    app: Arc<App>,
+    detector: Arc<Detector>,
+    /// Cabinets known to be initialised (no further checks needed).
+    initialised: DashSet<DeviceId>,
+}
+
+impl Consumer {
+    /// A consumer for `app`.
+    pub fn new(app: Arc<App>, detector: Arc<Detector>) -> Self {
+        Self { app, detector, initialised: DashSet::new() }
+    }
+
+    /// Applies a batch of entries in order. Weight reports in a row are stored together.
+    ///
+    /// # Errors
+    /// Any storage error: the caller acknowledges nothing and retries the batch.
+    pub async fn apply(&self, entries: &[StreamId]) -> Result<(), StoreError> {
+        let mut reports: Vec<Received> = Vec::new();
+        for entry in entries {
+            let fields = bulk_fields(entry.map.clone());
+            let event = match UpEvent::from_fields(&fields) {
+                Ok(e) => e,
+                Err(e) => {
+                    // A malformed entry is counted and skipped (acknowledged): retrying cannot fix it.
+                    tracing::warn!(id = %entry.id, error = %e, "invalid upstream entry");
+                    self.count("unknown", "invalid");
+                    continue;
+                }
+            };
+            if let UpEvent::Cabinet { device, at_ms, message: Message::WeightReport(report), .. } = event {
+                reports.push(Received { cabinet: device, report, at_ms });
+                self.count("weight_report", "applied");
+                continue;
+            }
+            self.flush_reports(&mut reports).await?;
+            self.apply_one(&entry.id, event).await?;
+        }
+        self.flush_reports(&mut reports).await
+    }
+
+    async fn flush_reports(&self, reports: &mut Vec<Received>) -> Result<(), StoreError> {
+        if reports.is_empty() {
+            return Ok(());
+        }
+        weights::store(&self.app, reports).await?;
+        weights::check_initialised(&self.app, reports, &self.initialised).await?;
+        reports.clear();
+        Ok(())
+    }
+
+    fn count(&self, kind: &str, result: &str) {
+        self.app.metrics.stream_entries.with_label_values(&[kind, result]).inc();
+    }
+
+    async fn apply_one(&self, id: &str, event: UpEvent) -> Result<(), StoreError> {
+        let label = event.label();
+        let result = match event {
+            UpEvent::SessionOpened { device, epoch, node, info, at_ms } => {
+                let result = self.status(&device, Event::Opened { epoch, node: node.clone(), info }).await?;
+                if result != "unknown_device" {
+                    self.detector.opened(id, &node, HeartbeatSeen { device, at_ms, epoch }).await?;
+                }
+                result
+            }
+            UpEvent::SessionClosed { device, epoch, reason, .. } => {
+                self.status(&device, Event::Closed { epoch, reason }).await?
+            }
+            UpEvent::Heartbeats { node, window_start_ms, window_ms, count, sessions, devices } => {
+                let window =
+                    Window { node: &node, start_ms: window_start_ms, window_ms, count, sessions, devices: &devices };
+                self.detector.record_window(id, &window).await?;
+                "applied"
+            }
+            UpEvent::Cabinet { message: Message::DoorEvent(_), .. } => {
+                // Door events drive purchases; until those land they are only counted.
+                "ignored"
+            }
+            UpEvent::Cabinet { .. } | UpEvent::Vehicle { .. } => "ignored",
+        };
+        self.count(label, result);
+        Ok(())
+    }
+
+    async fn status(&self, device: &DeviceKey, event: Event) -> Result<&'static str, StoreError> {
+        match status::apply(&self.app, device, &event).await {
+            Ok(Some(_)) => Ok("applied"),
+            Ok(None) => Ok("unchanged"),
+            // A device deleted from the registry after it logged in: nothing to update.
+            Err(StoreError::NotFound(_)) => Ok("unknown_device"),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+async fn ensure_group(redis: &mut RedisConn, stream: &str) -> redis::RedisResult<()> {
+    let created: redis::RedisResult<()> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query_async(redis).await;
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+fn entries_of(reply: Option<redis::streams::StreamReadReply>) -> Vec<StreamId> {
+    reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default()
+}
+
+/// Applies `entries` until it succeeds, then acknowledges them.
+async fn apply_and_ack(
+    consumer: &Consumer,
+    redis: &mut RedisConn,
+    stream: &str,
+    entries: &[StreamId],
+    stop: &CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match consumer.apply(entries).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, entries = entries.len(), retry_in_ms = backoff.as_millis(), "failed to apply upstream entries");
+                if stop.is_cancelled() {
+                    // Not acknowledged: another instance (or our next start) takes them over.
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    let acked: redis::RedisResult<i64> = redis::cmd("XACK").arg(stream).arg(GROUP).arg(&ids).query_async(redis).await;
+    if let Err(e) = acked {
+        tracing::warn!(error = %e, "failed to acknowledge upstream entries (they will be applied again, harmlessly)");
+    }
+}
+
+/// Consumes shard `shard` until `stop`: first this instance's own unacknowledged entries (a
+/// restart), then new ones; every `claim_interval_ms` it also takes over entries another
+/// instance left unacknowledged for `claim_idle_ms`. `redis` must be a connection of its own.
+pub async fn run_shard(consumer: Arc<Consumer>, mut redis: RedisConn, shard: u16, stop: CancellationToken) {
+    let app = Arc::clone(&consumer.app);
+    let cfg = app.config.streams.clone();
+    let stream = app.keys.upstream(shard);
+    let me = app.config.instance_id.clone();
+    let mut cursor = "0";
+    let mut group_ready = false;
+    let mut last_claim = tokio::time::Instant::now();
+    while !stop.is_cancelled() {
+        if !group_ready {
+            if let Err(e) = ensure_group(&mut redis, &stream).await {
+                tracing::warn!(shard, error = %e, "failed to create the consumer group");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            group_ready = true;
+        }
+        let read: redis::RedisResult<Option<redis::streams::StreamReadReply>> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&me)
+            .arg("COUNT")
+            .arg(cfg.batch)
+            .arg("BLOCK")
+            .arg(cfg.block_ms)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(cursor)
+            .query_async(&mut redis)
+            .await;
+        match read {
+            Ok(reply) => {
+                let entries = entries_of(reply);
+                if entries.is_empty() {
+                    cursor = ">";
+                } else {
+                    apply_and_ack(&consumer, &mut redis, &stream, &entries, &stop).await;
+                }
+            }
+            Err(e) => {
+                if e.code() == Some("NOGROUP") {
+                    group_ready = false;
+                }
+                tracing::warn!(shard, error = %e, "failed to read the upstream stream");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        if last_claim.elapsed() >= Duration::from_millis(cfg.claim_interval_ms) {
+            last_claim = tokio::time::Instant::now();
+            claim(&consumer, &mut redis, &stream, &me, cfg.claim_idle_ms, cfg.batch, &stop).await;
+            report_lag(&app, &mut redis, &stream, shard).await;
+        }
+    }
+}
+
+/// Takes over entries idle for `idle_ms` in other consumers' pending lists, and applies them.
+async fn claim(
+    consumer: &Consumer,
+    redis: &mut RedisConn,
+    stream: &str,
+    me: &str,
+    idle_ms: u64,
+    count: usize,
+    stop: &CancellationToken,
+) {
+    let mut start = "0-0".to_owned();
+    loop {
+        let reply: redis::RedisResult<(String, Vec<StreamId>)> = redis::cmd("XAUTOCLAIM")
+            .arg(stream)
+            .arg(GROUP)
+            .arg(me)
+            .arg(idle_ms)
+            .arg(&start)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(redis)
+            .await
+            .map(|r: redis::streams::StreamAutoClaimReply| (r.next_stream_id, r.claimed));
+        let (next, entries) = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to claim idle entries");
+                return;
+            }
+        };
+        if !entries.is_empty() {
+            consumer.app.metrics.claimed.inc_by(entries.len() as u64);
+            tracing::info!(stream, entries = entries.len(), "took over entries of a stopped instance");
+            apply_and_ack(consumer, redis, stream, &entries, stop).await;
+        }
+        if next == "0-0" || stop.is_cancelled() {
+            return;
+        }
+        start = next;
+    }
+}
+
+async fn report_lag(app: &App, redis: &mut RedisConn, stream: &str, shard: u16) {
+    let groups: redis::RedisResult<Vec<HashMap<String, Value>>> =
+        redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(redis).await;
+    let Ok(groups) = groups else { return };
+    let shard = shard.to_string();
+    for g in groups {
+        let name = match g.get("name") {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => continue,
+        };
+        if name != GROUP {
+            continue;
+        }
+        let int = |k: &str| match g.get(k) {
+            Some(Value::Int(n)) => *n,
+            _ => 0,
+        };
+        app.metrics.stream_lag.with_label_values(&[&shard]).set(int("lag"));
+        app.metrics.stream_pending.with_label_values(&[&shard]).set(int("pending"));
+    }
+}

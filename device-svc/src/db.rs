@@ -1,0 +1,56 @@
+//! PostgreSQL: the connection pool and the migrations in `migrations/`, applied at start-up.
+//!
+//! Migrations are compiled in, applied in order, each in its own transaction, under an
+//! advisory lock so that several instances starting together apply each exactly once.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+use crate::error::StoreError;
+
+/// Every migration, in order: (version, name, SQL).
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "registry_status_weights", include_str!("../migrations/0001_registry_status_weights.sql"))];
+
+/// An arbitrary constant naming the migrations' advisory lock.
+const MIGRATION_LOCK: i64 = 0x1070_6777_0001;
+
+/// Opens a pool of `size` connections to `url`.
+///
+/// # Errors
+/// An invalid URL or pool configuration.
+pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager).max_size(size).build().map_err(|e| StoreError::invalid("postgres.url", e.to_string()))
+}
+
+/// Applies the migrations not yet applied. Returns how many were.
+///
+/// # Errors
+/// Any PostgreSQL error; a failed migration is rolled back.
+pub async fn migrate(pool: &Pool) -> Result<usize, StoreError> {
+    let mut client = pool.get().await?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version integer PRIMARY KEY,
+                 name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+    let mut applied = 0;
+    for (version, name, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        let done = tx.query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version]).await?.is_some();
+        if !done {
+            tx.batch_execute(sql).await?;
+            tx.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", &[version, name]).await?;
+            applied += 1;
+            tracing::info!(version, name, "migration applied");
+        }
+        tx.commit().await?;
+    }
+    Ok(applied)
+}

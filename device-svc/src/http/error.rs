@@ -1,0 +1,63 @@
+//! API errors as JSON with the status code a client can act on.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::error::StoreError;
+
+/// An error answer: `{"error": code, "message": text, "field": name?}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    /// 400 naming the offending field.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, code: "invalid", message: message.into(), field: Some(field.into()) }
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::NOT_FOUND, code: "not_found", message: message.into(), field: None }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let (status, code, field) = match &e {
+            StoreError::Invalid { field, .. } => (StatusCode::BAD_REQUEST, "invalid", Some((*field).to_owned())),
+            StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
+            StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
+            StoreError::Postgres(_) | StoreError::Pool(_) | StoreError::Redis(_) => {
+                tracing::warn!(error = %e, "API request failed on storage");
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)
+            }
+        };
+        let message = match &e {
+            StoreError::Invalid { detail, .. } => detail.clone(),
+            _ => e.to_string(),
+        };
+        Self { status, code, message, field }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body { error: self.code, message: &self.message, field: self.field.as_deref() };
+        (self.status, Json(body)).into_response()
+    }
+}

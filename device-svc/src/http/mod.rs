@@ -1,0 +1,53 @@
+//! The admin HTTP API (JSON), `/metrics` and `/healthz`. `docs/api.md` lists every endpoint
+//! with its request, answers and errors.
+//!
+//! Errors are JSON `{"error", "message", "field"?}`: 400 for bad input naming the field, 404
+//! for an unknown id, 409 for a conflict, 503 when PostgreSQL or Redis cannot be reached.
+
+mod devices;
+mod error;
+mod extract;
+mod ops;
+mod send;
+mod weights;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post, put};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+use crate::app::App;
+
+/// Every route of the API.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/metrics", get(ops::metrics))
+        .route("/v1/alerts", get(ops::alerts))
+        .route("/v1/products", post(devices::create_product))
+        .route("/v1/products/{id}", get(devices::get_product))
+        .route("/v1/cabinets", post(devices::create_cabinet))
+        .route("/v1/cabinets/{id}", get(devices::get_cabinet))
+        .route("/v1/cabinets/{id}/doors/{door}/lanes/{lane}", put(devices::configure_lane))
+        .route("/v1/cabinets/{id}/weights", get(weights::current))
+        .route("/v1/cabinets/{id}/doors/{door}/lanes/{lane}/readings", get(weights::history))
+        .route("/v1/vehicles", post(devices::create_vehicle))
+        .route("/v1/devices/{key}", get(devices::get_device))
+        .route("/v1/devices/{key}/history", get(devices::history))
+        .route("/v1/devices/{key}/credentials", post(devices::rotate_credentials))
+        .route("/v1/devices/{key}/enabled", put(devices::set_enabled))
+        .route("/v1/devices/{key}/commands", post(send::send))
+        .with_state(app)
+}
+
+/// Serves the API on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken) {
+    let result = axum::serve(listener, router(app)).with_graceful_shutdown(stop.cancelled_owned()).await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "HTTP API stopped");
+    }
+}

@@ -1,0 +1,130 @@
+//! `POST /v1/devices/{key}/commands`: an operator's command, through the same
+//! [`Commander`](crate::commands::Commander) the purchase and vehicle flows use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use bytes::Bytes;
+use protocol::OrderId;
+use protocol::bus::{CommandBody, DeviceKey, Outcome};
+use protocol::cabinet::{CommandAction, CommandStatus, DoorStatus};
+use protocol::mqtt::topic::DownlinkKind;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::error::ApiError;
+use super::extract::{JsonBody, device_key};
+use crate::app::App;
+
+/// The longest deadline an operator may give.
+const MAX_TIMEOUT_MS: u64 = 60_000;
+
+/// What to do; `timeout_ms` defaults to `commands.default_timeout_ms`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub(super) enum CommandInput {
+    /// Cabinets: unlock and open a door for an order.
+    OpenDoor { door_id: u8, order_id: String, timeout_ms: Option<u64> },
+    /// Cabinets: report a door's state.
+    QueryDoor { door_id: u8, timeout_ms: Option<u64> },
+    /// Vehicles: publish a downlink at QoS 1 (answered on PUBACK).
+    Downlink { kind: String, payload: serde_json::Value, timeout_ms: Option<u64> },
+}
+
+/// The device's answer as JSON.
+#[derive(Debug, Serialize)]
+pub(super) struct Answer {
+    /// `answered`, `delivered`, `not_connected`, `timed_out`, `busy` or `invalid`.
+    outcome: &'static str,
+    /// For `answered`: the cabinet's result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<CabinetResult>,
+    /// For `invalid`: why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    /// Time from sending to the answer.
+    elapsed_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct CabinetResult {
+    status: &'static str,
+    door_id: u8,
+    door_state: &'static str,
+}
+
+fn command_status(s: CommandStatus) -> &'static str {
+    match s {
+        CommandStatus::Ok => "ok",
+        CommandStatus::Failed => "failed",
+        CommandStatus::Busy => "busy",
+        CommandStatus::Unsupported => "unsupported",
+        CommandStatus::Expired => "expired",
+        CommandStatus::InvalidDoor => "invalid_door",
+    }
+}
+
+fn door_status(s: DoorStatus) -> &'static str {
+    match s {
+        DoorStatus::Closed => "closed",
+        DoorStatus::Open => "open",
+        DoorStatus::Unknown => "unknown",
+    }
+}
+
+fn door(door_id: u8) -> Result<u8, ApiError> {
+    if door_id == 0 { Err(ApiError::invalid("door_id", "1..=255")) } else { Ok(door_id) }
+}
+
+/// Checks the input against the device kind; returns the body and the deadline.
+fn body_of(app: &App, device: &DeviceKey, input: CommandInput) -> Result<(CommandBody, Duration), ApiError> {
+    let (body, timeout_ms) = match (device, input) {
+        (DeviceKey::Cabinet(_), CommandInput::OpenDoor { door_id, order_id, timeout_ms }) => {
+            let order_id = OrderId::new(&order_id).map_err(|e| ApiError::invalid("order_id", e.to_string()))?;
+            (CommandBody::Cabinet(CommandAction::OpenDoor { door_id: door(door_id)?, order_id }), timeout_ms)
+        }
+        (DeviceKey::Cabinet(_), CommandInput::QueryDoor { door_id, timeout_ms }) => {
+            (CommandBody::Cabinet(CommandAction::QueryDoor { door_id: door(door_id)? }), timeout_ms)
+        }
+        (DeviceKey::Vehicle(_), CommandInput::Downlink { kind, payload, timeout_ms }) => {
+            let kind: DownlinkKind =
+                kind.parse().map_err(|_| ApiError::invalid("kind", format!("unknown downlink {kind:?}")))?;
+            let payload = serde_json::to_vec(&payload).map_err(|e| ApiError::invalid("payload", e.to_string()))?;
+            (CommandBody::Vehicle { kind, payload: Bytes::from(payload) }, timeout_ms)
+        }
+        (DeviceKey::Cabinet(_), _) => return Err(ApiError::invalid("action", "cabinets take open_door or query_door")),
+        (DeviceKey::Vehicle(_), _) => return Err(ApiError::invalid("action", "vehicles take downlink")),
+    };
+    let timeout_ms = timeout_ms.unwrap_or(app.config.commands.default_timeout_ms);
+    if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
+        return Err(ApiError::invalid("timeout_ms", format!("1..={MAX_TIMEOUT_MS}")));
+    }
+    Ok((body, Duration::from_millis(timeout_ms)))
+}
+
+pub(super) async fn send(
+    State(app): State<Arc<App>>,
+    Path(key): Path<String>,
+    JsonBody(input): JsonBody<CommandInput>,
+) -> Result<Json<Answer>, ApiError> {
+    let device = device_key(&key)?;
+    let (body, timeout) = body_of(&app, &device, input)?;
+    let started = Instant::now();
+    let outcome = app.commander.send(&device, body, timeout).await?;
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let (result, detail) = match &outcome {
+        Outcome::Cabinet(r) => (
+            Some(CabinetResult {
+                status: command_status(r.status),
+                door_id: r.door_id,
+                door_state: door_status(r.door_state),
+            }),
+            None,
+        ),
+        Outcome::Invalid(why) => (None, Some(why.clone())),
+        _ => (None, None),
+    };
+    Ok(Json(Answer { outcome: outcome.label(), result, detail, elapsed_ms }))
+}

@@ -1,0 +1,172 @@
+//! The device service's Prometheus metrics, one registry per instance (tests run several in one
+//! process). Names follow Prometheus conventions; `docs/metrics.md` lists them.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the device service exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// The registry.
+    pub registry: Registry,
+    /// `devsvc_devices{kind,status}`
+    pub devices: IntGaugeVec,
+    /// `devsvc_status_changes_total{kind,to,reason}`
+    pub status_changes: IntCounterVec,
+    /// `devsvc_node_heartbeats_received{node}`: heartbeats over the health window.
+    pub node_received: GaugeVec,
+    /// `devsvc_node_heartbeats_expected{node}`
+    pub node_expected: GaugeVec,
+    /// `devsvc_node_healthy{node}`: 1 when the node delivered at least its share.
+    pub node_healthy: IntGaugeVec,
+    /// `devsvc_offline_suppressed_total{node}`
+    pub offline_suppressed: IntCounterVec,
+    /// `devsvc_offline_decisions_total{kind}`
+    pub offline_decisions: IntCounterVec,
+    /// `devsvc_deadline_checks_total`: expired deadlines this instance took for judgement.
+    pub deadline_checks: IntCounter,
+    /// `devsvc_stream_lag_entries{shard}`
+    pub stream_lag: IntGaugeVec,
+    /// `devsvc_stream_pending_entries{shard}`
+    pub stream_pending: IntGaugeVec,
+    /// `devsvc_stream_entries_total{type,result}`
+    pub stream_entries: IntCounterVec,
+    /// `devsvc_stream_claimed_entries_total`
+    pub claimed: IntCounter,
+    /// `devsvc_weight_readings_persisted_total`
+    pub readings_persisted: IntCounter,
+    /// `devsvc_commands_total{outcome}`
+    pub commands: IntCounterVec,
+    /// `devsvc_command_duration_seconds`
+    pub command_duration: HistogramVec,
+    /// `devsvc_startup_grace_active`: 1 while offline decisions are held after start-up.
+    pub grace: Gauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    /// Creates and registers every metric (plus process CPU and memory).
+    ///
+    /// # Panics
+    /// Never for the fixed definitions below.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let _ = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        }
+        let ig = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid"))
+        };
+        let g = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, GaugeVec::new(Opts::new(name, help), labels).expect("valid"))
+        };
+        let c = |name: &str, help: &str, labels: &[&str]| {
+            register(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid"))
+        };
+        Self {
+            devices: ig("devsvc_devices", "Registered devices by kind and status.", &["kind", "status"]),
+            status_changes: c(
+                "devsvc_status_changes_total",
+                "Device status changes by kind, new status and reason.",
+                &["kind", "to", "reason"],
+            ),
+            node_received: g(
+                "devsvc_node_heartbeats_received",
+                "Cabinet heartbeats a gateway node delivered over the health window.",
+                &["node"],
+            ),
+            node_expected: g(
+                "devsvc_node_heartbeats_expected",
+                "Cabinet heartbeats a gateway node should have delivered over the health window.",
+                &["node"],
+            ),
+            node_healthy: ig(
+                "devsvc_node_healthy",
+                "1 when a node delivered at least its share of heartbeats, 0 when offline decisions behind it are suppressed.",
+                &["node"],
+            ),
+            offline_suppressed: c(
+                "devsvc_offline_suppressed_total",
+                "Offline decisions held back because the device's node was below its heartbeat share.",
+                &["node"],
+            ),
+            offline_decisions: c(
+                "devsvc_offline_decisions_total",
+                "Devices marked offline because their heartbeats stopped.",
+                &["kind"],
+            ),
+            deadline_checks: register(
+                &r,
+                IntCounter::new(
+                    "devsvc_deadline_checks_total",
+                    "Expired heartbeat deadlines this instance took for judgement (each is taken by one instance).",
+                )
+                .expect("valid"),
+            ),
+            stream_lag: ig(
+                "devsvc_stream_lag_entries",
+                "Upstream entries not yet delivered to the consumer group, by shard.",
+                &["shard"],
+            ),
+            stream_pending: ig(
+                "devsvc_stream_pending_entries",
+                "Upstream entries delivered and not yet acknowledged, by shard.",
+                &["shard"],
+            ),
+            stream_entries: c(
+                "devsvc_stream_entries_total",
+                "Upstream entries processed, by type and result.",
+                &["type", "result"],
+            ),
+            claimed: register(
+                &r,
+                IntCounter::new(
+                    "devsvc_stream_claimed_entries_total",
+                    "Upstream entries taken over from an instance that stopped acknowledging.",
+                )
+                .expect("valid"),
+            ),
+            readings_persisted: register(
+                &r,
+                IntCounter::new("devsvc_weight_readings_persisted_total", "Lane weight readings stored.")
+                    .expect("valid"),
+            ),
+            commands: c("devsvc_commands_total", "Commands sent to devices, by outcome.", &["outcome"]),
+            command_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new("devsvc_command_duration_seconds", "Time from sending a command to its reply.")
+                        .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                    &["outcome"],
+                )
+                .expect("valid"),
+            ),
+            grace: register(
+                &r,
+                Gauge::new("devsvc_startup_grace_active", "1 while offline decisions are held after start-up.")
+                    .expect("valid"),
+            ),
+            registry: r,
+        }
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,513 @@
+//! The device registry: products, cabinets with their doors and lanes, vehicles, and their
+//! credentials, in PostgreSQL; credentials mirrored to Redis where the gateways verify logins.
+//!
+//! Secrets are generated here (32 random bytes for a cabinet's HMAC key, 16 for a vehicle's
+//! token), returned once to the operator who registers the device, and never logged. A vehicle's
+//! token is stored only as its SHA-256; a cabinet's key must be kept as is, since an HMAC cannot
+//! be verified against a hash. The Redis mirror is rewritten from PostgreSQL at start-up and
+//! periodically, so a failed Redis write at registration heals by itself.
+
+use std::collections::BTreeMap;
+
+use protocol::bus::{DeviceKey, Keys};
+use protocol::{DeviceId, Vin};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::app::{App, ms_of};
+use crate::error::StoreError;
+
+/// A product a lane can hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Product {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Weight of one item, grams.
+    pub unit_grams: i32,
+    /// Price of one item, cents.
+    pub price_cents: i64,
+}
+
+/// A lane as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneConfig {
+    /// Lane id, 1..=255.
+    pub lane_id: u8,
+    /// The product it holds, if any.
+    #[serde(default)]
+    pub product_id: Option<String>,
+    /// A restock order is opened when the lane holds fewer items than this.
+    #[serde(default)]
+    pub restock_threshold: i32,
+}
+
+/// A door and its lanes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoorConfig {
+    /// Door id, 1..=255.
+    pub door_id: u8,
+    /// Its lanes.
+    #[serde(default)]
+    pub lanes: Vec<LaneConfig>,
+}
+
+/// A cabinet to register.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewCabinet {
+    /// Device id (SPEC.md 1.2).
+    pub id: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: String,
+    /// Where it stands.
+    #[serde(default)]
+    pub location: String,
+    /// Doors and lanes.
+    pub doors: Vec<DoorConfig>,
+}
+
+/// A registered cabinet.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cabinet {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Location.
+    pub location: String,
+    /// Doors and lanes.
+    pub doors: Vec<DoorConfig>,
+}
+
+/// Freshly issued credentials: shown once.
+#[derive(Debug, Clone, Serialize)]
+pub struct Issued {
+    /// The device.
+    pub device: String,
+    /// Cabinets: the HMAC key, 64 hex characters. Vehicles: the token.
+    pub secret: String,
+    /// How many times the credentials were issued.
+    pub generation: i32,
+}
+
+/// A device's status as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceView {
+    /// `cab:ID` or `veh:VIN`.
+    pub key: String,
+    /// `cab` or `veh`.
+    pub kind: String,
+    /// `registered`, `pending_init`, `online` or `offline`.
+    pub status: String,
+    /// Why the status last changed.
+    pub status_reason: String,
+    /// When, ms since the Unix epoch.
+    pub status_changed_ms: u64,
+    /// The session epoch the status belongs to.
+    pub epoch: i64,
+    /// Whether the cabinet reported its initial lane weights.
+    pub initialised: bool,
+    /// Whether its credentials are enabled.
+    pub enabled: bool,
+    /// Firmware (cabinets) or MQTT version (vehicles) of the last session.
+    pub info: Option<String>,
+    /// Its last heartbeat, ms since the Unix epoch, if any.
+    pub last_seen_ms: Option<u64>,
+    /// The gateway node the connection map names, if any.
+    pub node: Option<String>,
+    /// Whether that node is alive (a map entry naming a dead node counts as offline).
+    pub node_alive: bool,
+}
+
+/// One status change.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    /// Previous status.
+    pub from: String,
+    /// New status.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+    /// Session epoch.
+    pub epoch: i64,
+    /// Gateway node.
+    pub node: Option<String>,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+fn random_bytes(n: usize) -> Result<Vec<u8>, StoreError> {
+    let mut buf = vec![0u8; n];
+    getrandom::fill(&mut buf).map_err(|e| StoreError::invalid("random", e.to_string()))?;
+    Ok(buf)
+}
+
+fn parse_cabinet_id(id: &str) -> Result<DeviceId, StoreError> {
+    DeviceId::new(id).map_err(|e| StoreError::invalid("id", e.to_string()))
+}
+
+/// Registers a product.
+///
+/// # Errors
+/// `Invalid` for a bad field, `Conflict` if the id exists.
+pub async fn create_product(app: &App, p: &Product) -> Result<(), StoreError> {
+    if p.id.is_empty() || p.id.len() > 64 {
+        return Err(StoreError::invalid("id", "1 to 64 characters"));
+    }
+    if p.unit_grams <= 0 {
+        return Err(StoreError::invalid("unit_grams", "must be positive"));
+    }
+    if p.price_cents < 0 {
+        return Err(StoreError::invalid("price_cents", "must not be negative"));
+    }
+    let client = app.pg.get().await?;
+    let result = client
+        .execute(
+            "INSERT INTO products (id, name, unit_grams, price_cents) VALUES ($1, $2, $3, $4)",
+            &[&p.id, &p.name, &p.unit_grams, &p.price_cents],
+        )
+        .await;
+    match result.map_err(StoreError::from) {
+        Err(e) if e.is_unique_violation() => Err(StoreError::Conflict(format!("product {}", p.id))),
+        other => other.map(|_| ()),
+    }
+}
+
+/// A product by id.
+///
+/// # Errors
+/// `NotFound`, or a storage error.
+pub async fn get_product(app: &App, id: &str) -> Result<Product, StoreError> {
+    let client = app.pg.get().await?;
+    let row = client
+        .query_opt("SELECT id, name, unit_grams, price_cents FROM products WHERE id = $1", &[&id])
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("product {id}")))?;
+    Ok(Product { id: row.get(0), name: row.get(1), unit_grams: row.get(2), price_cents: row.get(3) })
+}
+
+fn check_layout(doors: &[DoorConfig]) -> Result<(), StoreError> {
+    if doors.is_empty() {
+        return Err(StoreError::invalid("doors", "at least one door"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for d in doors {
+        if d.door_id == 0 || !seen.insert(d.door_id) {
+            return Err(StoreError::invalid("doors", format!("door_id {} is 0 or repeated", d.door_id)));
+        }
+        let mut lanes = std::collections::HashSet::new();
+        for l in &d.lanes {
+            if l.lane_id == 0 || !lanes.insert(l.lane_id) {
+                return Err(StoreError::invalid("lanes", format!("lane_id {} is 0 or repeated", l.lane_id)));
+            }
+            if l.restock_threshold < 0 {
+                return Err(StoreError::invalid("restock_threshold", "must not be negative"));
+            }
+        }
+        if d.lanes.len() > protocol::cabinet::MAX_LANES_PER_REPORT {
+            return Err(StoreError::invalid("lanes", "at most 64 lanes per door"));
+        }
+    }
+    Ok(())
+}
+
+/// Registers a cabinet with its doors and lanes and issues its secret.
+///
+/// # Errors
+/// `Invalid` (naming the field), `Conflict` if it exists, or a storage error.
+pub async fn create_cabinet(app: &App, c: &NewCabinet) -> Result<Issued, StoreError> {
+    let id = parse_cabinet_id(&c.id)?;
+    check_layout(&c.doors)?;
+    let key = DeviceKey::Cabinet(id.clone()).to_string();
+    let secret = random_bytes(32)?;
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let inserted =
+        tx.execute("INSERT INTO devices (key, kind) VALUES ($1, 'cab') ON CONFLICT DO NOTHING", &[&key]).await?;
+    if inserted == 0 {
+        return Err(StoreError::Conflict(format!("cabinet {id}")));
+    }
+    tx.execute(
+        "INSERT INTO cabinets (id, device_key, name, location) VALUES ($1, $2, $3, $4)",
+        &[&id.as_str(), &key, &c.name, &c.location],
+    )
+    .await?;
+    for d in &c.doors {
+        let door = i16::from(d.door_id);
+        tx.execute("INSERT INTO doors (cabinet_id, door_id) VALUES ($1, $2)", &[&id.as_str(), &door]).await?;
+        for l in &d.lanes {
+            let r = tx
+                .execute(
+                    "INSERT INTO lanes (cabinet_id, door_id, lane_id, product_id, restock_threshold) VALUES ($1, $2, $3, $4, $5)",
+                    &[&id.as_str(), &door, &i16::from(l.lane_id), &l.product_id, &l.restock_threshold],
+                )
+                .await;
+            if let Err(e) = r {
+                if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) {
+                    return Err(StoreError::invalid("product_id", format!("unknown product {:?}", l.product_id)));
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    tx.execute("INSERT INTO device_credentials (device_key, secret) VALUES ($1, $2)", &[&key, &secret]).await?;
+    tx.commit().await?;
+    mirror_one(app, &key).await;
+    Ok(Issued { device: key, secret: hex::encode(&secret), generation: 1 })
+}
+
+/// A cabinet's configuration.
+///
+/// # Errors
+/// `NotFound`, or a storage error.
+pub async fn get_cabinet(app: &App, id: &str) -> Result<Cabinet, StoreError> {
+    let client = app.pg.get().await?;
+    let row = client
+        .query_opt("SELECT name, location FROM cabinets WHERE id = $1", &[&id])
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("cabinet {id}")))?;
+    let lanes = client
+        .query(
+            "SELECT d.door_id, l.lane_id, l.product_id, l.restock_threshold
+               FROM doors d LEFT JOIN lanes l ON l.cabinet_id = d.cabinet_id AND l.door_id = d.door_id
+              WHERE d.cabinet_id = $1 ORDER BY d.door_id, l.lane_id",
+            &[&id],
+        )
+        .await?;
+    let mut doors: BTreeMap<u8, DoorConfig> = BTreeMap::new();
+    for r in lanes {
+        let door_id = u8::try_from(r.get::<_, i16>(0)).unwrap_or(0);
+        let door = doors.entry(door_id).or_insert_with(|| DoorConfig { door_id, lanes: Vec::new() });
+        if let Some(lane) = r.get::<_, Option<i16>>(1) {
+            door.lanes.push(LaneConfig {
+                lane_id: u8::try_from(lane).unwrap_or(0),
+                product_id: r.get(2),
+                restock_threshold: r.get(3),
+            });
+        }
+    }
+    Ok(Cabinet { id: id.to_owned(), name: row.get(0), location: row.get(1), doors: doors.into_values().collect() })
+}
+
+/// Changes a lane's product or restock threshold (creating the lane if the door exists).
+///
+/// # Errors
+/// `NotFound` for an unknown door, `Invalid` for an unknown product.
+pub async fn configure_lane(app: &App, cabinet: &str, door: u8, lane: &LaneConfig) -> Result<(), StoreError> {
+    if lane.lane_id == 0 {
+        return Err(StoreError::invalid("lane_id", "1..=255"));
+    }
+    if lane.restock_threshold < 0 {
+        return Err(StoreError::invalid("restock_threshold", "must not be negative"));
+    }
+    let client = app.pg.get().await?;
+    let result = client
+        .execute(
+            "INSERT INTO lanes (cabinet_id, door_id, lane_id, product_id, restock_threshold) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (cabinet_id, door_id, lane_id)
+             DO UPDATE SET product_id = EXCLUDED.product_id, restock_threshold = EXCLUDED.restock_threshold",
+            &[&cabinet, &i16::from(door), &i16::from(lane.lane_id), &lane.product_id, &lane.restock_threshold],
+        )
+        .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => match e.code() {
+            Some(c) if *c == tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION => {
+                if get_product_opt(app, lane.product_id.as_deref()).await? {
+                    Err(StoreError::NotFound(format!("door {door} of cabinet {cabinet}")))
+                } else {
+                    Err(StoreError::invalid("product_id", format!("unknown product {:?}", lane.product_id)))
+                }
+            }
+            _ => Err(e.into()),
+        },
+    }
+}
+
+async fn get_product_opt(app: &App, id: Option<&str>) -> Result<bool, StoreError> {
+    let Some(id) = id else { return Ok(true) };
+    let client = app.pg.get().await?;
+    Ok(client.query_opt("SELECT 1 FROM products WHERE id = $1", &[&id]).await?.is_some())
+}
+
+/// Registers a vehicle and issues its token.
+///
+/// # Errors
+/// `Invalid` for a bad VIN, `Conflict` if it exists, or a storage error.
+pub async fn create_vehicle(app: &App, vin: &str, model: &str) -> Result<Issued, StoreError> {
+    let vin = Vin::new(vin).map_err(|e| StoreError::invalid("vin", e.to_string()))?;
+    let key = DeviceKey::Vehicle(vin.clone()).to_string();
+    let token = hex::encode(random_bytes(16)?);
+    let hash = Sha256::digest(token.as_bytes()).to_vec();
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let inserted =
+        tx.execute("INSERT INTO devices (key, kind) VALUES ($1, 'veh') ON CONFLICT DO NOTHING", &[&key]).await?;
+    if inserted == 0 {
+        return Err(StoreError::Conflict(format!("vehicle {vin}")));
+    }
+    tx.execute("INSERT INTO vehicles (vin, device_key, model) VALUES ($1, $2, $3)", &[&vin.as_str(), &key, &model])
+        .await?;
+    tx.execute("INSERT INTO device_credentials (device_key, token_sha256) VALUES ($1, $2)", &[&key, &hash]).await?;
+    tx.commit().await?;
+    mirror_one(app, &key).await;
+    Ok(Issued { device: key, secret: token, generation: 1 })
+}
+
+/// Issues new credentials to a device; the old ones stop working at once.
+///
+/// # Errors
+/// `NotFound`, or a storage error.
+pub async fn rotate_credentials(app: &App, key: &DeviceKey) -> Result<Issued, StoreError> {
+    let k = key.to_string();
+    let client = app.pg.get().await?;
+    let (secret, stored_secret, stored_hash) = match key {
+        DeviceKey::Cabinet(_) => {
+            let s = random_bytes(32)?;
+            (hex::encode(&s), Some(s), None)
+        }
+        DeviceKey::Vehicle(_) => {
+            let t = hex::encode(random_bytes(16)?);
+            let h = Sha256::digest(t.as_bytes()).to_vec();
+            (t, None, Some(h))
+        }
+    };
+    let row = client
+        .query_opt(
+            "UPDATE device_credentials SET secret = $2, token_sha256 = $3, generation = generation + 1, rotated_at = now()
+              WHERE device_key = $1 RETURNING generation",
+            &[&k, &stored_secret, &stored_hash],
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("device {k}")))?;
+    mirror_one(app, &k).await;
+    Ok(Issued { device: k, secret, generation: row.get(0) })
+}
+
+/// Enables or disables a device's logins.
+///
+/// # Errors
+/// `NotFound`, or a storage error.
+pub async fn set_enabled(app: &App, key: &DeviceKey, enabled: bool) -> Result<(), StoreError> {
+    let k = key.to_string();
+    let client = app.pg.get().await?;
+    let n = client.execute("UPDATE devices SET enabled = $2 WHERE key = $1", &[&k, &enabled]).await?;
+    if n == 0 {
+        return Err(StoreError::NotFound(format!("device {k}")));
+    }
+    mirror_one(app, &k).await;
+    Ok(())
+}
+
+/// Writes one device's credentials to Redis. A failure is logged; the periodic mirror repairs it.
+async fn mirror_one(app: &App, key: &str) {
+    if let Err(e) = mirror(app, Some(key)).await {
+        tracing::warn!(device = key, error = %e, "failed to mirror credentials to Redis; the periodic mirror will retry");
+    }
+}
+
+/// Writes credentials from PostgreSQL to Redis (`P cred:*`): one device, or all of them.
+/// Returns how many were written.
+///
+/// # Errors
+/// Any storage error.
+pub async fn mirror(app: &App, only: Option<&str>) -> Result<usize, StoreError> {
+    let client = app.pg.get().await?;
+    let rows = client
+        .query(
+            "SELECT c.device_key, c.secret, c.token_sha256, d.enabled
+               FROM device_credentials c JOIN devices d ON d.key = c.device_key
+              WHERE $1::text IS NULL OR c.device_key = $1",
+            &[&only],
+        )
+        .await?;
+    let keys = Keys::new(app.keys.prefix());
+    let mut con = app.redis.clone();
+    let mut written = 0;
+    for chunk in rows.chunks(500) {
+        let mut pipe = redis::pipe();
+        for r in chunk {
+            let key: String = r.get(0);
+            let Ok(device) = DeviceKey::parse(&key) else { continue };
+            let status = if r.get::<_, bool>(3) { "enabled" } else { "disabled" };
+            let (field, value) = match r.get::<_, Option<Vec<u8>>>(1) {
+                Some(secret) => ("secret", hex::encode(secret)),
+                None => ("token_sha256", hex::encode(r.get::<_, Option<Vec<u8>>>(2).unwrap_or_default())),
+            };
+            pipe.cmd("HSET").arg(keys.credentials(&device)).arg(field).arg(value).arg("status").arg(status).ignore();
+            written += 1;
+        }
+        pipe.query_async::<()>(&mut con).await?;
+    }
+    Ok(written)
+}
+
+/// A device's status, last heartbeat and connection.
+///
+/// # Errors
+/// `NotFound`, or a storage error.
+pub async fn get_device(app: &App, key: &DeviceKey) -> Result<DeviceView, StoreError> {
+    let k = key.to_string();
+    let client = app.pg.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT kind, status, status_reason, status_changed_at, status_epoch, initialised, enabled, info
+               FROM devices WHERE key = $1",
+            &[&k],
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("device {k}")))?;
+    let seen = crate::offline::last_seen(app, key).await?;
+    let mut con = app.redis.clone();
+    let node: Option<String> = redis::cmd("HGET").arg(app.keys.conn(key)).arg("node").query_async(&mut con).await?;
+    let node_alive = match &node {
+        Some(n) => redis::cmd("EXISTS").arg(app.keys.node_alive(n)).query_async::<bool>(&mut con).await?,
+        None => false,
+    };
+    Ok(DeviceView {
+        key: k,
+        kind: row.get(0),
+        status: row.get(1),
+        status_reason: row.get(2),
+        status_changed_ms: ms_of(row.get(3)),
+        epoch: row.get(4),
+        initialised: row.get(5),
+        enabled: row.get(6),
+        info: row.get(7),
+        last_seen_ms: seen,
+        node,
+        node_alive,
+    })
+}
+
+/// A device's status changes, newest first.
+///
+/// # Errors
+/// `NotFound`, or a storage error.
+pub async fn history(app: &App, key: &DeviceKey, limit: i64) -> Result<Vec<HistoryEntry>, StoreError> {
+    let k = key.to_string();
+    let client = app.pg.get().await?;
+    if client.query_opt("SELECT 1 FROM devices WHERE key = $1", &[&k]).await?.is_none() {
+        return Err(StoreError::NotFound(format!("device {k}")));
+    }
+    let rows = client
+        .query(
+            "SELECT from_status, to_status, reason, epoch, node, at FROM device_status_history
+              WHERE device_key = $1 ORDER BY at DESC, id DESC LIMIT $2",
+            &[&k, &limit.clamp(1, 1000)],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| HistoryEntry {
+            from: r.get(0),
+            to: r.get(1),
+            reason: r.get(2),
+            epoch: r.get(3),
+            node: r.get(4),
+            at_ms: ms_of(r.get(5)),
+        })
+        .collect())
+}

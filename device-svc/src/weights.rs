@@ -1,0 +1,320 @@
+//! Lane weights (seed document 003): every reading is stored; only stable readings update the
+//! cached weight of a lane, together with the time they were taken, so a settlement can tell
+//! whether a weight is newer than a door-close event.
+//!
+//! Readings are written in one multi-row `INSERT ... SELECT unnest(...)` per batch of stream
+//! entries (a 16-lane report every 300 ms from every open door adds up), idempotent by the
+//! table's primary key. The cache is a Redis hash per cabinet, `P w:{cabinet}`, field
+//! `door:lane` = `grams sample_ms`, replaced only by a newer stable reading (Lua), so
+//! redelivered or reordered reports never move it back. Retention: daily partitions, created
+//! ahead and dropped after `retention_days` by [`maintain_partitions`].
+
+use std::collections::HashMap;
+
+use dashmap::DashSet;
+use protocol::DeviceId;
+use protocol::bus::DeviceKey;
+use protocol::cabinet::WeightReport;
+use redis::Script;
+use serde::Serialize;
+
+use crate::app::{App, ms_of, now_ms, time_of};
+use crate::error::StoreError;
+use crate::status::{self, Event};
+
+/// Sets each lane's cached weight if the reading is newer. ARGV: (field, grams, sample_ms)*.
+const CACHE_STABLE: &str = r"
+for i = 1, #ARGV, 3 do
+  local prev = redis.call('HGET', KEYS[1], ARGV[i])
+  local prev_ms = prev and tonumber(string.match(prev, ' (%d+)$')) or -1
+  if tonumber(ARGV[i + 2]) > prev_ms then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 2])
+  end
+end
+return 1
+";
+
+/// A report as taken off a stream.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The cabinet.
+    pub cabinet: DeviceId,
+    /// The report.
+    pub report: WeightReport,
+    /// When the gateway received it, ms.
+    pub at_ms: u64,
+}
+
+/// A lane's cached weight.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LaneWeight {
+    /// Door.
+    pub door_id: u8,
+    /// Lane.
+    pub lane_id: u8,
+    /// Last stable weight, grams.
+    pub grams: i32,
+    /// When that stable reading was taken, ms since the Unix epoch (cabinet clock).
+    pub sample_ms: u64,
+}
+
+/// One stored reading.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Reading {
+    /// Grams.
+    pub grams: i32,
+    /// Stable flag.
+    pub stable: bool,
+    /// Sample time, ms since the Unix epoch.
+    pub sample_ms: u64,
+}
+
+fn cache_key(app: &App, cabinet: &str) -> String {
+    format!("{}w:{{{cabinet}}}", app.keys.prefix())
+}
+
+/// Stores the readings of `batch` and updates the cache with their stable readings. Returns
+/// how many readings were new.
+///
+/// # Errors
+/// Any storage error; nothing is acknowledged then, and a retry is harmless.
+pub async fn store(app: &App, batch: &[Received]) -> Result<u64, StoreError> {
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let n: usize = batch.iter().map(|r| r.report.lanes.len()).sum();
+    let (mut cab, mut door, mut lane, mut grams, mut stable, mut sample, mut received) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for r in batch {
+        for l in &r.report.lanes {
+            cab.push(r.cabinet.as_str());
+            door.push(i16::from(r.report.door_id));
+            lane.push(i16::from(l.lane_id));
+            grams.push(l.grams);
+            stable.push(l.stable);
+            sample.push(time_of(r.report.sample_time_ms));
+            received.push(time_of(r.at_ms));
+        }
+    }
+    let client = app.pg.get().await?;
+    let inserted = client
+        .execute(
+            "INSERT INTO weight_readings (cabinet_id, door_id, lane_id, grams, stable, sample_time, received_at)
+             SELECT * FROM unnest($1::text[], $2::smallint[], $3::smallint[], $4::int[], $5::bool[],
+                                  $6::timestamptz[], $7::timestamptz[])
+             ON CONFLICT DO NOTHING",
+            &[&cab, &door, &lane, &grams, &stable, &sample, &received],
+        )
+        .await?;
+    app.metrics.readings_persisted.inc_by(inserted);
+
+    // Stable readings into the cache, newest wins, one script call per cabinet.
+    let mut by_cabinet: HashMap<&str, Vec<String>> = HashMap::new();
+    for r in batch {
+        for l in r.report.lanes.iter().filter(|l| l.stable) {
+            let args = by_cabinet.entry(r.cabinet.as_str()).or_default();
+            args.push(format!("{}:{}", r.report.door_id, l.lane_id));
+            args.push(l.grams.to_string());
+            args.push(r.report.sample_time_ms.to_string());
+        }
+    }
+    let script = Script::new(CACHE_STABLE);
+    let mut con = app.redis.clone();
+    for (cabinet, args) in &by_cabinet {
+        let mut inv = script.prepare_invoke();
+        inv.key(cache_key(app, cabinet));
+        for a in args {
+            inv.arg(a);
+        }
+        let _: i64 = inv.invoke_async(&mut con).await?;
+    }
+    Ok(inserted)
+}
+
+/// Marks cabinets initialised once every configured door has a stable weight cached (the
+/// seed's "first connection -> pending initialisation -> online after the initial weights").
+/// `known` remembers the cabinets already initialised, so the check costs nothing afterwards.
+///
+/// # Errors
+/// Any storage error.
+pub async fn check_initialised(app: &App, batch: &[Received], known: &DashSet<DeviceId>) -> Result<(), StoreError> {
+    let mut candidates: Vec<&DeviceId> = batch.iter().map(|r| &r.cabinet).filter(|c| !known.contains(*c)).collect();
+    candidates.sort();
+    candidates.dedup();
+    for cabinet in candidates {
+        let key = DeviceKey::Cabinet(cabinet.clone());
+        let client = app.pg.get().await?;
+        let Some(row) = client
+            .query_opt(
+                "SELECT d.initialised, (SELECT array_agg(door_id) FROM doors WHERE cabinet_id = $2)
+                   FROM devices d WHERE d.key = $1",
+                &[&key.to_string(), &cabinet.as_str()],
+            )
+            .await?
+        else {
+            continue;
+        };
+        if row.get::<_, bool>(0) {
+            known.insert(cabinet.clone());
+            continue;
+        }
+        let doors: Vec<i16> = row.get::<_, Option<Vec<i16>>>(1).unwrap_or_default();
+        let cached = current(app, cabinet.as_str()).await?;
+        let complete = !doors.is_empty() && doors.iter().all(|d| cached.iter().any(|w| i16::from(w.door_id) == *d));
+        if complete {
+            status::apply(app, &key, &Event::Initialised).await?;
+            known.insert(cabinet.clone());
+        }
+    }
+    Ok(())
+}
+
+/// The cached weight of every lane of `cabinet`.
+///
+/// # Errors
+/// Any Redis error.
+pub async fn current(app: &App, cabinet: &str) -> Result<Vec<LaneWeight>, StoreError> {
+    let mut con = app.redis.clone();
+    let fields: HashMap<String, String> =
+        redis::cmd("HGETALL").arg(cache_key(app, cabinet)).query_async(&mut con).await?;
+    let mut lanes: Vec<LaneWeight> = fields
+        .iter()
+        .filter_map(|(field, value)| {
+            let (door, lane) = field.split_once(':')?;
+            let (grams, sample) = value.split_once(' ')?;
+            Some(LaneWeight {
+                door_id: door.parse().ok()?,
+                lane_id: lane.parse().ok()?,
+                grams: grams.parse().ok()?,
+                sample_ms: sample.parse().ok()?,
+            })
+        })
+        .collect();
+    lanes.sort_by_key(|l| (l.door_id, l.lane_id));
+    Ok(lanes)
+}
+
+/// A lane's readings between `from_ms` and `to_ms`, oldest first, at most `limit`.
+///
+/// # Errors
+/// Any storage error.
+pub async fn history(
+    app: &App,
+    cabinet: &str,
+    door: u8,
+    lane: u8,
+    from_ms: u64,
+    to_ms: u64,
+    limit: i64,
+) -> Result<Vec<Reading>, StoreError> {
+    let client = app.pg.get().await?;
+    let rows = client
+        .query(
+            "SELECT grams, stable, sample_time FROM weight_readings
+              WHERE cabinet_id = $1 AND door_id = $2 AND lane_id = $3 AND sample_time >= $4 AND sample_time < $5
+              ORDER BY sample_time LIMIT $6",
+            &[
+                &cabinet,
+                &i16::from(door),
+                &i16::from(lane),
+                &time_of(from_ms),
+                &time_of(to_ms),
+                &limit.clamp(1, 10_000),
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| Reading { grams: r.get(0), stable: r.get(1), sample_ms: ms_of(r.get(2)) }).collect())
+}
+
+/// Creates the daily partitions of `weight_readings` from yesterday to `ahead` days from now
+/// and drops those older than `retention_days`. Safe to run from several instances at once.
+///
+/// # Errors
+/// Any storage error.
+pub async fn maintain_partitions(app: &App) -> Result<(), StoreError> {
+    const DAY_MS: u64 = 86_400_000;
+    let cfg = &app.config.weights;
+    let today = now_ms() / DAY_MS;
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(1070677700002)", &[]).await?;
+    for day in today.saturating_sub(1)..=today + u64::from(cfg.partitions_ahead_days) {
+        let name = partition_name(day);
+        if tx.query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&name]).await?.is_some() {
+            continue;
+        }
+        let (from, to) = (date_of(day), date_of(day + 1));
+        // Readings of that day that fell into the default partition (no partition existed yet)
+        // would block the new one: move them out, create it, move them back in.
+        tx.batch_execute(&format!(
+            "CREATE TEMP TABLE moved_readings ON COMMIT DROP AS
+               WITH moved AS (DELETE FROM weight_readings_default
+                               WHERE sample_time >= '{from}' AND sample_time < '{to}' RETURNING *)
+               SELECT * FROM moved;
+             CREATE TABLE {name} PARTITION OF weight_readings FOR VALUES FROM ('{from}') TO ('{to}');
+             INSERT INTO weight_readings SELECT * FROM moved_readings;
+             DROP TABLE moved_readings;"
+        ))
+        .await?;
+        tracing::info!(partition = %name, "created weight readings partition");
+    }
+    let oldest_kept = today.saturating_sub(u64::from(cfg.retention_days));
+    let rows = tx
+        .query(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_class p ON p.oid = i.inhparent
+              WHERE p.relname = 'weight_readings' AND c.relname LIKE 'weight_readings_d%'",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        let name: String = r.get(0);
+        let day: Option<u64> = name.strip_prefix("weight_readings_d").and_then(|d| d.parse().ok());
+        if day.is_some_and(|d| d < oldest_kept) {
+            tx.batch_execute(&format!("DROP TABLE {name}")).await?;
+            tracing::info!(partition = %name, "dropped weight readings past retention");
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `weight_readings_d<days since the epoch>`: stable, sortable, and safe as an identifier.
+fn partition_name(day: u64) -> String {
+    format!("weight_readings_d{day}")
+}
+
+/// `YYYY-MM-DD 00:00:00+00` of a day counted from 1970-01-01 (proleptic Gregorian calendar,
+/// Howard Hinnant's `civil_from_days`).
+fn date_of(day: u64) -> String {
+    let z = i64::try_from(day).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} 00:00:00+00")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::date_of;
+
+    #[test]
+    fn dates_of_days() {
+        assert_eq!(date_of(0), "1970-01-01 00:00:00+00");
+        assert_eq!(date_of(19_675), "2023-11-14 00:00:00+00");
+        assert_eq!(date_of(11_016), "2000-02-29 00:00:00+00");
+        assert_eq!(date_of(20_780), "2026-11-23 00:00:00+00");
+    }
+}

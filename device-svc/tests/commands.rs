@@ -1,0 +1,112 @@
+//! Commands through the API, the connection map and a real gateway to cabinets over sockets.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use protocol::cabinet::{Command, CommandAction, CommandResult, CommandStatus, DoorStatus, Frame, Message};
+use serde_json::{Value, json};
+use testkit::cabinet::Cabinet;
+
+async fn next_command(cabinet: &mut Cabinet) -> (u32, Command) {
+    let frame = cabinet.recv_matching("command", |f| matches!(f.message, Message::Command(_))).await;
+    let Message::Command(command) = frame.message else { unreachable!() };
+    (frame.seq, command)
+}
+
+fn send(api: std::net::SocketAddr, key: &str, body: Value) -> tokio::task::JoinHandle<Value> {
+    let path = format!("/v1/devices/{key}/commands");
+    tokio::spawn(async move { expect(api, "POST", &path, Some(body), 200).await })
+}
+
+#[tokio::test]
+async fn a_connected_cabinet_answers_and_others_are_not_connected_or_time_out() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    let (id, secret) = register_cabinet(api, "cab-cmd-1", &[(1, 1), (2, 1)]).await;
+    let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
+    wait_status(api, "cab:cab-cmd-1", "pending_init").await;
+
+    // Answered.
+    let pending = send(api, "cab:cab-cmd-1", json!({"action": "open_door", "door_id": 2, "order_id": "ord-1"}));
+    let (seq, command) = next_command(&mut cabinet).await;
+    let CommandAction::OpenDoor { door_id, order_id } = command.action else { panic!("{command:?}") };
+    assert_eq!((door_id, order_id.as_str()), (2, "ord-1"));
+    let result = CommandResult { status: CommandStatus::Ok, door_id: 2, door_state: DoorStatus::Open };
+    cabinet.send_frame(Frame::new(seq, Message::CommandResult(result))).await;
+    let answer = pending.await.unwrap();
+    assert_eq!(answer["outcome"], "answered");
+    assert_eq!(answer["result"], json!({"status": "ok", "door_id": 2, "door_state": "open"}));
+
+    // Timed out: the cabinet stays mute; the answer comes at the deadline, not before.
+    let answer =
+        send(api, "cab:cab-cmd-1", json!({"action": "query_door", "door_id": 1, "timeout_ms": 800})).await.unwrap();
+    assert_eq!(answer["outcome"], "timed_out");
+    assert!(answer["elapsed_ms"].as_u64().unwrap() >= 800, "{answer}");
+
+    // Not connected, at once: unknown, then disconnected.
+    let answer =
+        send(api, "cab:ghost", json!({"action": "query_door", "door_id": 1, "timeout_ms": 10000})).await.unwrap();
+    assert_eq!(answer["outcome"], "not_connected");
+    assert!(answer["elapsed_ms"].as_u64().unwrap() < 5000, "{answer}");
+    drop(cabinet);
+    wait_status(api, "cab:cab-cmd-1", "offline").await;
+    let answer =
+        send(api, "cab:cab-cmd-1", json!({"action": "query_door", "door_id": 1, "timeout_ms": 10000})).await.unwrap();
+    assert_eq!(answer["outcome"], "not_connected");
+    assert!(answer["elapsed_ms"].as_u64().unwrap() < 5000, "{answer}");
+    let answer =
+        send(api, "veh:LSVAU2180N2183294", json!({"action": "downlink", "kind": "command", "payload": {"x": 1}}))
+            .await
+            .unwrap();
+    assert_eq!(answer["outcome"], "not_connected");
+
+    // Bad input.
+    let path = "/v1/devices/cab:cab-cmd-1/commands";
+    let e = expect(api, "POST", path, Some(json!({"action": "downlink", "kind": "command", "payload": {}})), 400).await;
+    assert_eq!(e["field"], "action");
+    let e = expect(api, "POST", path, Some(json!({"action": "open_door", "door_id": 1, "order_id": "no spaces"})), 400)
+        .await;
+    assert_eq!(e["field"], "order_id");
+    let e = expect(api, "POST", path, Some(json!({"action": "query_door", "door_id": 1, "timeout_ms": 0})), 400).await;
+    assert_eq!(e["field"], "timeout_ms");
+    let e = expect(api, "POST", path, Some(json!({"action": "explode"})), 400).await;
+    assert_eq!(e["field"], "action");
+
+    let metrics = http(api, "GET", "/metrics", None).await.1;
+    let text = metrics.as_str().unwrap();
+    assert_eq!(metric(text, "devsvc_commands_total{outcome=\"answered\"}"), 1.0);
+    assert_eq!(metric(text, "devsvc_commands_total{outcome=\"timed_out\"}"), 1.0);
+    assert_eq!(metric(text, "devsvc_commands_total{outcome=\"not_connected\"}"), 3.0);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn commands_to_one_door_go_one_at_a_time() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    let (id, secret) = register_cabinet(api, "cab-cmd-2", &[(1, 1), (2, 1)]).await;
+    let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
+    wait_status(api, "cab:cab-cmd-2", "pending_init").await;
+
+    let timeout_ms = 1500;
+    let first = send(api, "cab:cab-cmd-2", json!({"action": "query_door", "door_id": 1, "timeout_ms": timeout_ms}));
+    let (_, a) = next_command(&mut cabinet).await;
+    let second = send(api, "cab:cab-cmd-2", json!({"action": "query_door", "door_id": 1, "timeout_ms": timeout_ms}));
+    let other_door =
+        send(api, "cab:cab-cmd-2", json!({"action": "query_door", "door_id": 2, "timeout_ms": timeout_ms}));
+    // The cabinet stays mute. The other door's command arrives while the first is open; the
+    // second command to door 1 only once the first has ended at its deadline.
+    let (_, b) = next_command(&mut cabinet).await;
+    let (_, c) = next_command(&mut cabinet).await;
+    assert_eq!(b.action, CommandAction::QueryDoor { door_id: 2 });
+    assert_eq!(c.action, CommandAction::QueryDoor { door_id: 1 });
+    assert!(c.expires_at_ms >= a.expires_at_ms + timeout_ms, "second command sent before the first ended");
+    for pending in [first, second, other_door] {
+        assert_eq!(pending.await.unwrap()["outcome"], "timed_out");
+    }
+    svc.stop().await;
+}

@@ -1,0 +1,258 @@
+//! The stack the device service's integration tests run against: a PostgreSQL database and a
+//! Redis key prefix of the test's own, a real gateway node on port 0, device-service instances
+//! (in-process, or as a child process to be killed), cabinets over real sockets, and a small
+//! HTTP/1.1 client for the API.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use device_svc::DeviceService;
+use futures_util::{SinkExt, StreamExt};
+use gateway::Gateway;
+use protocol::DeviceId;
+use protocol::bus::Keys;
+use protocol::cabinet::{Frame, Heartbeat, LaneWeight, LoginStatus, Message, WeightReport};
+use redis_conn::{RedisConn, RedisTarget};
+use serde_json::{Value, json};
+use testkit::cabinet::Cabinet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use testkit::WAIT;
+
+/// Heartbeat interval the tests' gateway asks for and their cabinets keep, seconds.
+pub const INTERVAL_S: u64 = 1;
+/// Offline threshold of the tests' device service, seconds.
+pub const OFFLINE_AFTER_S: u64 = 7;
+
+/// Wall clock in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    device_svc::app::now_ms()
+}
+
+/// One test's PostgreSQL database, Redis prefix and gateway node.
+pub struct Stack {
+    pub db: testkit::TestDatabase,
+    pub ns: testkit::RedisNamespace,
+    pub keys: Keys,
+    pub redis: RedisConn,
+    pub gateway: Gateway,
+    pub node: String,
+}
+
+impl Stack {
+    /// A fresh database and prefix, and one gateway node.
+    pub async fn new() -> Self {
+        let db = testkit::TestDatabase::create().await;
+        let ns = testkit::RedisNamespace::create();
+        let keys = Keys::new(ns.prefix.clone());
+        let redis = RedisConn::open(&RedisTarget::Single(ns.url.clone()), None).await.unwrap();
+        let node = "gw-a".to_owned();
+        let gateway = Gateway::start(gateway_config(&ns, &node).validate().unwrap()).await.unwrap();
+        Self { db, ns, keys, redis, gateway, node }
+    }
+
+    /// The gateway's cabinet listener.
+    pub fn cabinet_addr(&self) -> SocketAddr {
+        self.gateway.addresses.cabinet.unwrap()
+    }
+
+    /// A device-service configuration on this stack with short timers.
+    pub fn svc_config(&self, instance: &str) -> device_svc::config::Config {
+        let mut c = device_svc::config::Config {
+            instance_id: instance.into(),
+            key_prefix: self.ns.prefix.clone(),
+            ..Default::default()
+        };
+        c.http.listen = "127.0.0.1:0".into();
+        c.postgres.url.clone_from(&self.db.url);
+        c.postgres.pool_size = 4;
+        c.redis.url.clone_from(&self.ns.url);
+        c.streams.block_ms = 200;
+        c.streams.claim_idle_ms = 1000;
+        c.streams.claim_interval_ms = 300;
+        c.heartbeat.interval_s = INTERVAL_S;
+        c.heartbeat.offline_after_s = OFFLINE_AFTER_S;
+        c.heartbeat.window_s = 2;
+        c.heartbeat.check_interval_ms = 50;
+        c.heartbeat.startup_grace_s = 0;
+        c.heartbeat.recheck_s = 1;
+        c.commands.default_timeout_ms = 2000;
+        c
+    }
+
+    /// An in-process device service.
+    pub async fn service(&self, instance: &str) -> DeviceService {
+        self.service_with(self.svc_config(instance)).await
+    }
+
+    /// An in-process device service with `config`.
+    pub async fn service_with(&self, config: device_svc::config::Config) -> DeviceService {
+        DeviceService::start(config.validate().unwrap()).await.unwrap()
+    }
+
+    /// A client of this test's database.
+    pub async fn pg(&self) -> tokio_postgres::Client {
+        self.db.client().await
+    }
+}
+
+fn gateway_config(ns: &testkit::RedisNamespace, node: &str) -> gateway::config::Config {
+    let mut c = gateway::config::Config { node_id: node.into(), key_prefix: ns.prefix.clone(), ..Default::default() };
+    c.redis.url.clone_from(&ns.url);
+    c.redis.node_ttl_ms = 2000;
+    c.cabinet.listen = "127.0.0.1:0".into();
+    c.mqtt.listen = "127.0.0.1:0".into();
+    c.metrics.listen = String::new();
+    c.cabinet.heartbeat_interval_s = u16::try_from(INTERVAL_S).unwrap();
+    // The device service judges silence here, not the gateway's idle timeout.
+    c.cabinet.idle_timeout_ms = 120_000;
+    c.upstream.heartbeat_window_ms = 200;
+    c.commands.block_ms = 200;
+    c.auth.cache_ttl_s = 0;
+    c.auth.negative_cache_ttl_s = 0;
+    c.drain.spread_ms = 200;
+    c.drain.grace_period_s = 3;
+    c
+}
+
+/// Calls the API: `(status, JSON body)` (`Null` for an empty body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut raw)).await.expect("API answered").unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "unexpected chunked answer");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let value =
+        if body.is_empty() { Value::Null } else { serde_json::from_str(body).unwrap_or(Value::String(body.into())) };
+    (status, value)
+}
+
+/// Calls the API and expects `status`; returns the body.
+pub async fn expect(addr: SocketAddr, method: &str, path: &str, body: Option<Value>, status: u16) -> Value {
+    let (got, value) = http(addr, method, path, body).await;
+    assert_eq!(got, status, "{method} {path} answered {value}");
+    value
+}
+
+/// Registers a cabinet with `doors` (door id, lane count); returns its id and secret.
+pub async fn register_cabinet(api: SocketAddr, id: &str, doors: &[(u8, u8)]) -> (DeviceId, Vec<u8>) {
+    let doors: Vec<Value> = doors
+        .iter()
+        .map(|(door, lanes)| json!({"door_id": door, "lanes": (1..=*lanes).map(|l| json!({"lane_id": l})).collect::<Vec<_>>()}))
+        .collect();
+    let issued = expect(api, "POST", "/v1/cabinets", Some(json!({"id": id, "doors": doors})), 201).await;
+    let secret = hex::decode(issued["secret"].as_str().unwrap()).unwrap();
+    (DeviceId::new(id).unwrap(), secret)
+}
+
+/// Logs a cabinet in and expects acceptance.
+pub async fn login(addr: SocketAddr, id: &DeviceId, secret: &[u8]) -> Cabinet {
+    let (cabinet, result) = Cabinet::login(addr, id, secret).await;
+    assert_eq!(result.status, LoginStatus::Accepted, "{id} logs in");
+    cabinet
+}
+
+/// Polls `probe` until it returns `Some`, failing the test after `within`.
+pub async fn wait_until<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `key`'s status is `status`; returns the device view.
+pub async fn wait_status(api: SocketAddr, key: &str, status: &str) -> Value {
+    wait_until(&format!("{key} {status}"), WAIT, || async {
+        let (code, v) = http(api, "GET", &format!("/v1/devices/{key}"), None).await;
+        (code == 200 && v["status"] == status).then_some(v)
+    })
+    .await
+}
+
+/// A weight report of `lanes` lanes of `door`, all with `grams` and `stable`.
+pub fn report(door: u8, lanes: u8, grams: i32, stable: bool, sample_time_ms: u64) -> Message {
+    Message::WeightReport(WeightReport {
+        door_id: door,
+        sample_time_ms,
+        lanes: (1..=lanes).map(|lane_id| LaneWeight { lane_id, grams, stable }).collect(),
+    })
+}
+
+/// A cabinet that keeps its heartbeat in a task of its own (and reads and drops whatever the
+/// gateway sends), until told to stop beating or to disconnect.
+pub struct Beating {
+    pub id: DeviceId,
+    beating: Arc<AtomicBool>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Beating {
+    pub fn start(mut cabinet: Cabinet) -> Self {
+        let id = cabinet.id.clone();
+        let beating = Arc::new(AtomicBool::new(true));
+        let stop = CancellationToken::new();
+        let (b, s) = (Arc::clone(&beating), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(INTERVAL_S));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if b.load(Ordering::SeqCst) {
+                            let seq = cabinet.next_seq();
+                            let hb = Message::Heartbeat(Heartbeat { device_time_ms: now_ms() });
+                            if cabinet.framed.send(Frame::new(seq, hb)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    frame = cabinet.framed.next() => if frame.is_none() { return },
+                    () = s.cancelled() => return,
+                }
+            }
+        });
+        Self { id, beating, stop, task }
+    }
+
+    /// Stops (or resumes) the heartbeat; the connection stays open.
+    pub fn set_beating(&self, on: bool) {
+        self.beating.store(on, Ordering::SeqCst);
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// The value of a metric line `name{labels}` in `/metrics` output (summed over matches).
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name_and_labels))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}

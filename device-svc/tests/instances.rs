@@ -1,0 +1,199 @@
+//! Several device-service instances: every offline check made by one of them, and the work of
+//! an instance killed mid-batch taken over by another, nothing lost, nothing applied twice.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use device_svc::DeviceService;
+
+fn metrics_of(svc: &DeviceService) -> String {
+    svc.app.metrics.render()
+}
+
+#[tokio::test]
+async fn two_instances_judge_each_silent_cabinet_once() {
+    let stack = Stack::new().await;
+    let one = stack.service("svc-1").await;
+    let two = stack.service("svc-2").await;
+    let mut fleet = Vec::new();
+    for n in 0..40 {
+        let (id, secret) =
+            register_cabinet(if n % 2 == 0 { one.addr } else { two.addr }, &format!("cab-two-{n}"), &[(1, 1)]).await;
+        fleet.push(Beating::start(login(stack.cabinet_addr(), &id, &secret).await));
+    }
+    wait_until("a healthy node, seen by both", WAIT, || async {
+        let healthy = |svc: &DeviceService| metric(&metrics_of(svc), "devsvc_node_healthy{node=\"gw-a\"}") == 1.0;
+        (healthy(&one) && healthy(&two)).then_some(())
+    })
+    .await;
+
+    let silent: Vec<String> = fleet.iter().step_by(10).map(|b| format!("cab:{}", b.id)).collect();
+    for b in fleet.iter().step_by(10) {
+        b.set_beating(false);
+    }
+    for key in &silent {
+        let view = wait_status(one.addr, key, "offline").await;
+        assert_eq!(view["status_reason"], "heartbeat_timeout");
+    }
+    let checks = |svc: &DeviceService| metric(&metrics_of(svc), "devsvc_deadline_checks_total");
+    let decisions = |svc: &DeviceService| metric(&metrics_of(svc), "devsvc_offline_decisions_total");
+    assert_eq!(checks(&one) + checks(&two), silent.len() as f64, "each expired deadline is checked by one instance");
+    assert_eq!(decisions(&one) + decisions(&two), silent.len() as f64);
+    let rows = stack
+        .pg()
+        .await
+        .query(
+            "SELECT device_key, count(*) FROM device_status_history WHERE reason = 'heartbeat_timeout' GROUP BY device_key",
+            &[],
+        )
+        .await
+        .unwrap();
+    let recorded: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(recorded.len(), silent.len());
+    assert!(recorded.values().all(|n| *n == 1), "{recorded:?}");
+    for b in fleet {
+        b.close().await;
+    }
+    one.stop().await;
+    two.stop().await;
+}
+
+/// A device service in a child process of its own, killed (SIGKILL) on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_process(stack: &Stack, instance: &str, dir: &std::path::Path) -> Process {
+    let c = stack.svc_config(instance);
+    let toml = format!(
+        "instance_id = \"{instance}\"\nkey_prefix = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [postgres]\nurl = \"{}\"\npool_size = 4\n[redis]\nurl = \"{}\"\n\
+         [streams]\nblock_ms = {}\nclaim_idle_ms = {}\nclaim_interval_ms = {}\n\
+         [heartbeat]\ninterval_s = {}\noffline_after_s = {}\nwindow_s = {}\ncheck_interval_ms = {}\nstartup_grace_s = 0\nrecheck_s = 1\n",
+        c.key_prefix,
+        c.postgres.url,
+        c.redis.url,
+        c.streams.block_ms,
+        c.streams.claim_idle_ms,
+        c.streams.claim_interval_ms,
+        c.heartbeat.interval_s,
+        c.heartbeat.offline_after_s,
+        c.heartbeat.window_s,
+        c.heartbeat.check_interval_ms,
+    );
+    let path = dir.join(format!("{instance}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{instance}.log"))).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_device-svc"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Process(child)
+}
+
+/// Entries read by `consumer` and not acknowledged, over every shard.
+async fn pending_of(stack: &Stack, consumer: Option<&str>) -> i64 {
+    let mut con = stack.redis.clone();
+    let mut total = 0;
+    for shard in 0..4 {
+        let stream = stack.keys.upstream(shard);
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&stream).arg("device-svc").arg("-").arg("+").arg(100_000);
+        if let Some(c) = consumer {
+            cmd.arg(c);
+        }
+        let reply: redis::RedisResult<redis::streams::StreamPendingCountReply> = cmd.query_async(&mut con).await;
+        total += reply.map(|r| r.ids.len() as i64).unwrap_or(0);
+    }
+    total
+}
+
+#[tokio::test]
+async fn an_instance_killed_mid_batch_has_its_entries_taken_over_once() {
+    let stack = Stack::new().await;
+    let dir = std::env::temp_dir().join(testkit::unique_name("devsvc"));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // B runs in this process; A in a child process that will be killed.
+    let b = stack.service("svc-b").await;
+    let mut cabinets = Vec::new();
+    for n in 0..5 {
+        let (id, secret) = register_cabinet(b.addr, &format!("cab-kill-{n}"), &[(1, 4)]).await;
+        cabinets.push((id, secret));
+    }
+    let a = spawn_process(&stack, "svc-a", &dir);
+    wait_until("A consuming every shard", WAIT, || async {
+        let mut con = stack.redis.clone();
+        let mut shards = 0;
+        for shard in 0..4 {
+            let consumers: redis::RedisResult<redis::streams::StreamInfoConsumersReply> = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(stack.keys.upstream(shard))
+                .arg("device-svc")
+                .query_async(&mut con)
+                .await;
+            if consumers.is_ok_and(|c| c.consumers.iter().any(|c| c.name == "svc-a")) {
+                shards += 1;
+            }
+        }
+        (shards == 4).then_some(())
+    })
+    .await;
+
+    // Readings cannot be stored while this transaction holds the table: whoever reads them
+    // is stuck mid-batch, its entries pending.
+    let mut locker = stack.pg().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE weight_readings IN ACCESS EXCLUSIVE MODE").await.unwrap();
+
+    let mut sessions = Vec::new();
+    let reports_per_cabinet = 20u64;
+    for (id, secret) in &cabinets {
+        let mut cabinet = login(stack.cabinet_addr(), id, secret).await;
+        for i in 0..reports_per_cabinet {
+            cabinet.send(report(1, 4, 100 + i32::try_from(i).unwrap(), i % 5 == 0, now_ms() - 100_000 + i * 300)).await;
+        }
+        sessions.push(cabinet);
+    }
+    wait_until("A holding unacknowledged entries", WAIT, || async {
+        (pending_of(&stack, Some("svc-a")).await > 0).then_some(())
+    })
+    .await;
+    drop(a); // SIGKILL, mid-batch
+    lock.rollback().await.unwrap();
+
+    let expected = i64::try_from(cabinets.len() as u64 * reports_per_cabinet * 4).unwrap();
+    let pg = stack.pg().await;
+    wait_until("every reading stored and nothing pending", std::time::Duration::from_secs(30), || async {
+        let n: i64 = pg.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
+        (n == expected && pending_of(&stack, None).await == 0).then_some(())
+    })
+    .await;
+    assert!(metric(&metrics_of(&b), "devsvc_stream_claimed_entries_total") > 0.0, "B took over A's entries");
+    // Each login was applied once, whoever applied it and however often it was delivered.
+    let opened = pg
+        .query("SELECT device_key, count(*) FROM device_status_history WHERE reason = 'session_opened' GROUP BY device_key", &[])
+        .await
+        .unwrap();
+    assert_eq!(opened.len(), cabinets.len());
+    assert!(opened.iter().all(|r| r.get::<_, i64>(1) == 1));
+    let n: i64 = pg.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
+    assert_eq!(n, expected);
+    drop(sessions);
+    b.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,181 @@
+//! Device status through a real gateway: first connection, initialisation, reconnection,
+//! session close, heartbeat timeout of one device, and a node whose heartbeat intake drops.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+#[tokio::test]
+async fn first_connect_waits_for_initial_weights_then_reconnects_straight_online() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    let (id, secret) = register_cabinet(api, "cab-life-1", &[(1, 2), (2, 3)]).await;
+    let key = format!("cab:{id}");
+    assert_eq!(expect(api, "GET", &format!("/v1/devices/{key}"), None, 200).await["status"], "registered");
+
+    let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
+    let view = wait_status(api, &key, "pending_init").await;
+    assert_eq!(view["node"], "gw-a");
+    assert_eq!(view["node_alive"], true);
+
+    // Door 1 alone does not initialise the cabinet; unstable readings of door 2 neither.
+    cabinet.send_frame_ack(report(1, 2, 500, true, now_ms())).await;
+    cabinet.send_frame_ack(report(2, 3, 700, false, now_ms())).await;
+    // Both acknowledged by the gateway means both are in the stream; once the readings are
+    // stored the cabinet must still be pending.
+    for _ in 0..2 {
+        cabinet.recv().await.unwrap();
+    }
+    wait_until("readings stored", WAIT, || async {
+        let n: i64 = stack.pg().await.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
+        (n == 5).then_some(())
+    })
+    .await;
+    assert_eq!(expect(api, "GET", &format!("/v1/devices/{key}"), None, 200).await["status"], "pending_init");
+
+    cabinet.send_frame_ack(report(2, 3, 700, true, now_ms())).await;
+    let view = wait_status(api, &key, "online").await;
+    assert_eq!(view["initialised"], true);
+    assert_eq!(view["status_reason"], "initialised");
+
+    drop(cabinet);
+    let view = wait_status(api, &key, "offline").await;
+    assert!(view["status_reason"].as_str().unwrap().starts_with("session_closed"), "{view}");
+
+    let _again = login(stack.cabinet_addr(), &id, &secret).await;
+    let view = wait_status(api, &key, "online").await;
+    assert_eq!(view["status_reason"], "session_opened");
+
+    let history = expect(api, "GET", &format!("/v1/devices/{key}/history"), None, 200).await;
+    let path: Vec<(&str, &str)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|h| (h["from"].as_str().unwrap(), h["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        path,
+        [("registered", "pending_init"), ("pending_init", "online"), ("online", "offline"), ("offline", "online")]
+    );
+    svc.stop().await;
+}
+
+/// How far after its deadline a device was marked offline, in ms (negative: before it).
+async fn lateness_ms(stack: &Stack, key: &str, last_seen_ms: u64) -> i64 {
+    let row = stack
+        .pg()
+        .await
+        .query_one(
+            "SELECT (extract(epoch FROM at) * 1000)::bigint FROM device_status_history
+              WHERE device_key = $1 AND reason = 'heartbeat_timeout'",
+            &[&key],
+        )
+        .await
+        .unwrap();
+    let at: i64 = row.get(0);
+    at - i64::try_from(last_seen_ms + OFFLINE_AFTER_S * 1000).unwrap()
+}
+
+#[tokio::test]
+async fn a_silent_cabinet_alone_goes_offline_within_a_second_of_its_deadline() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    let mut fleet = Vec::new();
+    for n in 0..10 {
+        let (id, secret) = register_cabinet(api, &format!("cab-hb-{n}"), &[(1, 1)]).await;
+        fleet.push(Beating::start(login(stack.cabinet_addr(), &id, &secret).await));
+    }
+    for b in &fleet {
+        wait_status(api, &format!("cab:{}", b.id), "pending_init").await;
+    }
+    // Let the node's intake window fill with a healthy share before one cabinet goes silent.
+    wait_until("a healthy node", WAIT, || async {
+        let text = http(api, "GET", "/metrics", None).await.1;
+        (metric(text.as_str().unwrap_or(""), "devsvc_node_healthy{node=\"gw-a\"}") == 1.0).then_some(())
+    })
+    .await;
+
+    fleet[0].set_beating(false);
+    let silent = format!("cab:{}", fleet[0].id);
+    let view = wait_status(api, &silent, "offline").await;
+    assert_eq!(view["status_reason"], "heartbeat_timeout");
+    let late = lateness_ms(&stack, &silent, view["last_seen_ms"].as_u64().unwrap()).await;
+    assert!((0..1000).contains(&late), "marked offline {late} ms after its deadline");
+
+    // Its session is still open (only its heartbeats stopped), and nobody else was judged.
+    let devices: Vec<Value> = futures_util::future::join_all(
+        fleet[1..]
+            .iter()
+            .map(|b| async move { expect(api, "GET", &format!("/v1/devices/cab:{}", b.id), None, 200).await }),
+    )
+    .await;
+    assert!(devices.iter().all(|d| d["status"] == "pending_init"), "{devices:?}");
+    for b in fleet {
+        b.close().await;
+    }
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_below_its_heartbeat_share_marks_nobody_offline_until_it_recovers() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    let mut fleet = Vec::new();
+    for n in 0..10 {
+        let (id, secret) = register_cabinet(api, &format!("cab-node-{n}"), &[(1, 1)]).await;
+        fleet.push(Beating::start(login(stack.cabinet_addr(), &id, &secret).await));
+    }
+    let metrics = || async { http(api, "GET", "/metrics", None).await.1.as_str().unwrap_or("").to_owned() };
+    wait_until("a healthy node", WAIT, || async {
+        (metric(&metrics().await, "devsvc_node_healthy{node=\"gw-a\"}") == 1.0).then_some(())
+    })
+    .await;
+
+    // The whole node goes quiet (as if the gateway or its stream stalled): every deadline
+    // passes, and nobody may be marked offline for it.
+    for b in &fleet {
+        b.set_beating(false);
+    }
+    let alert = wait_until("the intake alert", WAIT, || async {
+        let alerts = http(api, "GET", "/v1/alerts", None).await.1;
+        alerts.as_array().and_then(|a| a.iter().find(|a| a["kind"] == "heartbeat_intake_low").cloned())
+    })
+    .await;
+    assert_eq!(alert["node"], "gw-a");
+    wait_until("suppressed decisions for every cabinet", Duration::from_secs(20), || async {
+        (metric(&metrics().await, "devsvc_offline_suppressed_total{node=\"gw-a\"}") >= 10.0).then_some(())
+    })
+    .await;
+    let pg = stack.pg().await;
+    let offline: i64 = pg.query_one("SELECT count(*) FROM devices WHERE status = 'offline'", &[]).await.unwrap().get(0);
+    assert_eq!(offline, 0, "nobody behind a node below its share is marked offline");
+    assert_eq!(metric(&metrics().await, "devsvc_node_healthy{node=\"gw-a\"}"), 0.0);
+
+    // Intake recovers for all but one: that one is judged again and goes offline, alone.
+    for b in &fleet[1..] {
+        b.set_beating(true);
+    }
+    let silent = format!("cab:{}", fleet[0].id);
+    let view = wait_status(api, &silent, "offline").await;
+    assert_eq!(view["status_reason"], "heartbeat_timeout");
+    wait_until("the alert closed", WAIT, || async {
+        let alerts = http(api, "GET", "/v1/alerts", None).await.1;
+        alerts.as_array().is_some_and(Vec::is_empty).then_some(())
+    })
+    .await;
+    let offline: i64 = pg.query_one("SELECT count(*) FROM devices WHERE status = 'offline'", &[]).await.unwrap().get(0);
+    assert_eq!(offline, 1);
+    for b in fleet {
+        b.close().await;
+    }
+    svc.stop().await;
+}

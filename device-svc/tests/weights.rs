@@ -1,0 +1,135 @@
+//! Weight streams through a real gateway: every reading stored, only stable ones cached.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+async fn cached(api: std::net::SocketAddr, cabinet: &str) -> Vec<(u64, u64, i64, u64)> {
+    let v = expect(api, "GET", &format!("/v1/cabinets/{cabinet}/weights"), None, 200).await;
+    v["lanes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let n = |k: &str| l[k].as_u64().unwrap();
+            (n("door_id"), n("lane_id"), l["grams"].as_i64().unwrap(), n("sample_ms"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn unstable_readings_never_move_the_cache_and_every_reading_is_stored() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    let (id, secret) = register_cabinet(api, "cab-w-1", &[(1, 4), (2, 4)]).await;
+    let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
+    let t0 = now_ms() - 60_000;
+
+    // One stable reading per door: the cache holds it, with its sample time.
+    cabinet.send(report(1, 4, 1000, true, t0)).await;
+    cabinet.send(report(2, 4, 2000, true, t0)).await;
+    let mut sent = 8;
+    // Then a door opens: readings swing while the scales settle; none of them is stable.
+    for i in 1..=100u64 {
+        let grams = 1000 - i32::try_from(i).unwrap() * 7;
+        cabinet.send(report(1, 4, grams, false, t0 + i * 300)).await;
+        sent += 4;
+    }
+    // A stable reading older than the cached one (a late, reordered report) is stored but
+    // does not replace the newer one.
+    cabinet.send(report(2, 4, 1, true, t0 - 10_000)).await;
+    sent += 4;
+    let pg = stack.pg().await;
+    wait_until("every reading stored", WAIT, || async {
+        let n: i64 = pg.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
+        (n == sent).then_some(())
+    })
+    .await;
+    let lanes = cached(api, "cab-w-1").await;
+    assert_eq!(lanes.len(), 8);
+    for (door, _, grams, sample) in &lanes {
+        assert_eq!(*grams, if *door == 1 { 1000 } else { 2000 });
+        assert_eq!(*sample, t0);
+    }
+
+    // The door closes and the scales settle: the new stable weight replaces the cached one.
+    cabinet.send(report(1, 4, 650, true, t0 + 31_000)).await;
+    sent += 4;
+    wait_until("the settled weight cached", WAIT, || async {
+        let lanes = cached(api, "cab-w-1").await;
+        lanes.iter().filter(|l| l.0 == 1).all(|l| l.2 == 650 && l.3 == t0 + 31_000).then_some(())
+    })
+    .await;
+    let n: i64 = pg.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
+    assert_eq!(n, sent);
+    let stable: i64 = pg.query_one("SELECT count(*) FROM weight_readings WHERE stable", &[]).await.unwrap().get(0);
+    assert_eq!(stable, 16);
+
+    // A lane's history over a time range, oldest first.
+    let path = format!("/v1/cabinets/cab-w-1/doors/1/lanes/2/readings?from_ms={}&to_ms={}", t0 + 300, t0 + 3001);
+    let history = expect(api, "GET", &path, None, 200).await;
+    let grams: Vec<i64> = history.as_array().unwrap().iter().map(|r| r["grams"].as_i64().unwrap()).collect();
+    assert_eq!(grams, (1..=10).map(|i| 1000 - i * 7).collect::<Vec<_>>());
+    assert!(history.as_array().unwrap().iter().all(|r| r["stable"] == Value::Bool(false)));
+    let e = expect(api, "GET", "/v1/cabinets/cab-w-1/doors/1/lanes/2/readings?from_ms=5&to_ms=4", None, 400).await;
+    assert_eq!(e["field"], "from_ms");
+
+    let metrics = http(api, "GET", "/metrics", None).await.1;
+    assert_eq!(metric(metrics.as_str().unwrap(), "devsvc_weight_readings_persisted_total"), sent as f64);
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn readings_of_a_day_without_a_partition_are_kept_and_moved_when_it_is_created() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    let (id, secret) = register_cabinet(api, "cab-w-2", &[(1, 2)]).await;
+    let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
+    // Ten days ahead: no partition yet, so the default partition takes it.
+    let ahead = now_ms() + 10 * 86_400_000;
+    cabinet.send(report(1, 2, 42, true, ahead)).await;
+    let pg = stack.pg().await;
+    wait_until("the reading stored", WAIT, || async {
+        let n: i64 = pg.query_one("SELECT count(*) FROM weight_readings_default", &[]).await.unwrap().get(0);
+        (n == 2).then_some(())
+    })
+    .await;
+    svc.stop().await;
+
+    // A partition past the retention period (30 days by default).
+    let old_day = now_ms() / 86_400_000 - 40;
+    pg.batch_execute(&format!(
+        "CREATE TABLE weight_readings_d{old_day} PARTITION OF weight_readings
+           FOR VALUES FROM (to_timestamp({old_day} * 86400)) TO (to_timestamp({} * 86400))",
+        old_day + 1
+    ))
+    .await
+    .unwrap();
+
+    // An instance configured to create partitions further ahead moves the readings into theirs,
+    // and drops the expired one.
+    let mut config = stack.svc_config("svc-2");
+    config.weights.partitions_ahead_days = 12;
+    let svc = stack.service_with(config).await;
+    let in_default: i64 = pg.query_one("SELECT count(*) FROM weight_readings_default", &[]).await.unwrap().get(0);
+    let total: i64 = pg.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
+    assert_eq!((in_default, total), (0, 2));
+    let partitions: i64 = pg
+        .query_one("SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent WHERE c.relname = 'weight_readings'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Yesterday to 12 days ahead, plus the default partition; the expired one is gone.
+    assert_eq!(partitions, 15);
+    let expired = pg
+        .query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&format!("weight_readings_d{old_day}")])
+        .await
+        .unwrap();
+    assert!(expired.is_none());
+    svc.stop().await;
+}
