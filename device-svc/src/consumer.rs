@@ -53,11 +53,12 @@ impl Consumer {
         Self { app, detector, initialised: DashSet::new() }
     }
 
-    /// Applies a batch of entries in order. Weight reports in a row are stored together.
+    /// Applies a batch of entries of `stream` in order. Weight reports in a row are stored
+    /// together.
     ///
     /// # Errors
     /// Any storage error: the caller acknowledges nothing and retries the batch.
-    pub async fn apply(&self, entries: &[StreamId]) -> Result<(), StoreError> {
+    pub async fn apply(&self, stream: &str, entries: &[StreamId]) -> Result<(), StoreError> {
         let mut reports: Vec<Received> = Vec::new();
         for entry in entries {
             let fields = bulk_fields(entry.map.clone());
@@ -76,7 +77,8 @@ impl Consumer {
                 continue;
             }
             self.flush_reports(&mut reports).await?;
-            self.apply_one(&entry.id, event).await?;
+            // Entry ids are unique within a stream only.
+            self.apply_one(&format!("{stream}/{}", entry.id), event).await?;
         }
         self.flush_reports(&mut reports).await
     }
@@ -95,13 +97,14 @@ impl Consumer {
         self.app.metrics.stream_entries.with_label_values(&[kind, result]).inc();
     }
 
-    async fn apply_one(&self, id: &str, event: UpEvent) -> Result<(), StoreError> {
+    /// Applies one entry other than a weight report; `entry` is `stream/id`, unique.
+    async fn apply_one(&self, entry: &str, event: UpEvent) -> Result<(), StoreError> {
         let label = event.label();
         let result = match event {
             UpEvent::SessionOpened { device, epoch, node, info, at_ms } => {
                 let result = self.status(&device, Event::Opened { epoch, node: node.clone(), info }).await?;
                 if result != "unknown_device" {
-                    self.detector.opened(id, &node, HeartbeatSeen { device, at_ms, epoch }).await?;
+                    self.detector.opened(entry, &node, HeartbeatSeen { device, at_ms, epoch }).await?;
                 }
                 result
             }
@@ -111,7 +114,7 @@ impl Consumer {
             UpEvent::Heartbeats { node, window_start_ms, window_ms, count, sessions, devices } => {
                 let window =
                     Window { node: &node, start_ms: window_start_ms, window_ms, count, sessions, devices: &devices };
-                self.detector.record_window(id, &window).await?;
+                self.detector.record_window(entry, &window).await?;
                 "applied"
             }
             UpEvent::Cabinet { message: Message::DoorEvent(_), .. } => {
@@ -158,7 +161,7 @@ async fn apply_and_ack(
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match consumer.apply(entries).await {
+        match consumer.apply(stream, entries).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, entries = entries.len(), retry_in_ms = backoff.as_millis(), "failed to apply upstream entries");

@@ -11,10 +11,10 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::metrics::Metrics;
-use redis_conn::RedisConn;
 use crate::registry::Registry;
 use crate::stream_writer::{Entry, StreamWriter};
 use crate::upstream::Upstream;
+use redis_conn::RedisConn;
 
 /// Shared state of one gateway node.
 #[derive(Debug)]

@@ -46,12 +46,12 @@ use crate::config::Config;
 use crate::context::Ctx;
 use crate::credentials::Credentials;
 use crate::metrics::Metrics;
-use redis_conn::{RedisConn, RedisTarget};
 use crate::registry::Registry;
 use crate::server::{Admission, Listener, Protocol};
 use crate::session::EndReason;
 use crate::stream_writer::{StreamWriter, WriterConfig, WriterMetrics};
 use crate::upstream::Upstream;
+use redis_conn::{RedisConn, RedisTarget};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]

@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::metrics::Metrics;
-use redis_conn::RedisConn;
 use crate::session::SessionHandle;
+use redis_conn::RedisConn;
 
 /// Increments the epoch, names the new holder, returns `{epoch, previous node, previous session}`.
 const CLAIM: &str = r"

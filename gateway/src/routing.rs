@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::context::Ctx;
-use redis_conn::RedisConn;
 use crate::session::{Downlink, EndReason};
+use redis_conn::RedisConn;
 
 /// The consumer group every node reads its own command stream in.
 pub const GROUP: &str = "gateway";

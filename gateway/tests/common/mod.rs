@@ -12,10 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use gateway::Gateway;
 use gateway::config::Config;
-use redis_conn::{RedisConn, RedisTarget};
 use protocol::bus::{CommandBody, CommandReply, CommandRequest, DeviceKey, Keys, UpEvent};
 use protocol::{DeviceId, Vin};
 use redis::streams::StreamReadReply;
+use redis_conn::{RedisConn, RedisTarget};
 use sha2::Digest;
 
 /// How long a test waits for anything before failing.
