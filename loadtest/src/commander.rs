@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
+use protocol::OrderId;
 use protocol::bus::{CommandBody, CommandReply, CommandRequest, DeviceKey, Keys, Outcome};
 use protocol::cabinet::CommandAction;
 use protocol::mqtt::topic::DownlinkKind;
@@ -33,7 +34,9 @@ pub struct CommandStats {
 }
 
 /// Sends `rate_per_s` commands per second to random `targets` until `stop`, then waits a few
-/// seconds for the last replies.
+/// seconds for the last replies. Cabinets get `QUERY_DOOR`, or with `open_doors` an
+/// `OPEN_DOOR` for a fresh order (the simulated shopper then takes items and closes the door,
+/// and the cabinet reports weights every 300 ms meanwhile).
 ///
 /// # Errors
 /// Redis errors opening connections.
@@ -42,6 +45,7 @@ pub async fn run(
     keys: &Keys,
     targets: &[DeviceKey],
     rate_per_s: u32,
+    open_doors: bool,
     stop: CancellationToken,
 ) -> redis::RedisResult<CommandStats> {
     let client = redis::Client::open(redis_url)?;
@@ -79,6 +83,11 @@ pub async fn run(
             n += 1;
             let request_id = format!("{sender}-{n}");
             let body = match device {
+                DeviceKey::Cabinet(_) if open_doors => {
+                    let Ok(order_id) = OrderId::new(format!("{sender}-{n}")) else { continue };
+                    let door_id = 1 + u8::try_from(n % 2).unwrap_or(0);
+                    CommandBody::Cabinet(CommandAction::OpenDoor { door_id, order_id })
+                }
                 DeviceKey::Cabinet(_) => CommandBody::Cabinet(CommandAction::QueryDoor { door_id: 1 }),
                 DeviceKey::Vehicle(_) => CommandBody::Vehicle {
                     kind: DownlinkKind::Command,

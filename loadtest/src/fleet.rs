@@ -56,6 +56,9 @@ pub struct FleetPlan {
     pub hold_s: u64,
     /// Commands per second during the hold.
     pub commands_per_s: u32,
+    /// Commands open doors for orders instead of querying them.
+    #[serde(default)]
+    pub open_doors: bool,
     /// QoS 1 uplinks per second per vehicle during the whole run.
     pub publish_per_s: f64,
     /// Processes whose memory is measured (gateways, broker).
@@ -235,7 +238,10 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         (last, acked)
     });
     let commands = if plan.commands_per_s > 0 && plan.credentials {
-        Some(commander::run(&plan.redis_url, &keys, &targets, plan.commands_per_s, stop.clone()).await?)
+        Some(
+            commander::run(&plan.redis_url, &keys, &targets, plan.commands_per_s, plan.open_doors, stop.clone())
+                .await?,
+        )
     } else {
         stop.cancelled().await;
         None

@@ -7,6 +7,7 @@
 //! - [`fleet`]: the orchestrator (workers, progress, memory, report); [`compare`]: the same
 //!   MQTT load against Mosquitto;
 //! - [`commander`]: commands through the connection map, with round-trip times;
+//! - [`hb_feed`]: synthetic gateway heartbeat windows for fleets beyond one machine's sockets;
 //! - [`fleet_ids`]: identities and credentials; [`stats`]: histograms and counters; [`rss`]:
 //!   process memory.
 
@@ -15,6 +16,7 @@ pub mod commander;
 pub mod compare;
 pub mod fleet;
 pub mod fleet_ids;
+pub mod hb_feed;
 pub mod rss;
 pub mod stats;
 pub mod vehicle;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use loadtest::{compare, fleet, fleet_ids, worker};
+use loadtest::{compare, fleet, fleet_ids, hb_feed, worker};
 use serde_json::json;
 
 /// Simulates fleets of cabinets (SPEC.md part 1) and vehicles (MQTT) against a running system
@@ -41,6 +41,28 @@ enum Cmd {
         cabinets: usize,
         #[arg(long, default_value_t = 0)]
         vehicles: usize,
+    },
+    /// Write synthetic gateway heartbeat windows (SPEC.md 3.2) for a large fleet; report the
+    /// silent devices' last heartbeats.
+    HbFeed {
+        #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+        redis_url: String,
+        #[arg(long, default_value = "iotgw:")]
+        key_prefix: String,
+        #[arg(long, default_value_t = 100_000)]
+        devices: usize,
+        #[arg(long, default_value_t = 6)]
+        nodes: usize,
+        #[arg(long, default_value_t = 30)]
+        interval_s: u64,
+        #[arg(long, default_value_t = 240)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 1000)]
+        silent: usize,
+        #[arg(long, default_value_t = 90)]
+        silence_after_s: u64,
+        #[arg(long, default_value = "loadtest/results/hb-feed.json")]
+        out: PathBuf,
     },
     /// Internal: one worker process of a fleet.
     #[command(hide = true)]
@@ -91,6 +113,10 @@ struct FleetArgs {
     /// Commands per second during the hold.
     #[arg(long, default_value_t = 0)]
     commands_per_s: u32,
+    /// Commands open a door for an order (shoppers take items; weights every 300 ms while
+    /// open) instead of querying it.
+    #[arg(long)]
+    open_doors: bool,
     /// QoS 1 uplinks per second per vehicle.
     #[arg(long, default_value_t = 0.0)]
     publish_per_s: f64,
@@ -125,6 +151,7 @@ impl FleetArgs {
             heartbeat_s: self.heartbeat_s,
             hold_s: self.hold_s,
             commands_per_s: self.commands_per_s,
+            open_doors: self.open_doors,
             publish_per_s: self.publish_per_s,
             server_pids: self.server_pids.clone(),
             credentials: true,
@@ -147,6 +174,37 @@ fn main() -> anyhow::Result<()> {
                 let mut con = client.get_multiplexed_async_connection().await?;
                 fleet_ids::provision_credentials(&mut con, &protocol::bus::Keys::new(key_prefix), cabinets, vehicles)
                     .await?;
+            }
+            Cmd::HbFeed {
+                redis_url,
+                key_prefix,
+                devices,
+                nodes,
+                interval_s,
+                duration_s,
+                silent,
+                silence_after_s,
+                out,
+            } => {
+                anyhow::ensure!(duration_s <= 3600, "--duration-s is capped at 3600");
+                let plan = hb_feed::HbFeedPlan {
+                    redis_url,
+                    key_prefix,
+                    devices,
+                    nodes,
+                    interval_s,
+                    duration_s,
+                    silent,
+                    silence_after_s,
+                };
+                let result = hb_feed::run(&plan).await?;
+                std::fs::write(&out, serde_json::to_string_pretty(&json!({"plan": plan, "result": result}))?)?;
+                eprintln!(
+                    "fed {} heartbeats in {} windows; report: {}",
+                    result.heartbeats,
+                    result.windows,
+                    out.display()
+                );
             }
             Cmd::Fleet(args) => {
                 let plan = args.plan()?;

@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# The device-service benchmarks of BENCHMARKS.md, on this machine: release builds, a real
+# device service, gateway, Redis and PostgreSQL, and the load harness. Every run is bounded in
+# time; results go to loadtest/results/*.json.
+#
+#   loadtest/bench/device-svc.sh                 both (about 15 minutes)
+#   loadtest/bench/device-svc.sh weights         only the named ones: weights offline
+#   OPEN_DOORS_PER_S="100 200" loadtest/bench/device-svc.sh weights
+#
+# weights  cabinets -> gateway -> stream -> device service -> PostgreSQL with doors being
+#          opened for orders at OPEN_DOORS_PER_S (each open door reports 4 lanes every 300 ms
+#          for 11 s): readings stored per second, stream lag, and whether every reading sent
+#          was stored.
+# offline  100,000 cabinets behind 6 synthetic gateway nodes (30 s heartbeats), 1,000 of them
+#          going silent: CPU of the device service and Redis per second of heartbeats, and
+#          how long after its deadline each silent cabinet was marked offline.
+#
+# Redis: REDIS_URL, or the local one (keys under a prefix of their own, removed at the end).
+# PostgreSQL: DATABASE_URL (a server where CREATE DATABASE is allowed), or the local one; a
+# database of its own, dropped at the end.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/}"
+ADMIN_DB="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+PREFIX="benchsvc$$:"
+DB="iotgw_bench_$$"
+DB_URL="${ADMIN_DB%/*}/$DB"
+OUT=loadtest/results
+RUNS=("$@")
+[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights offline)
+read -r -a RATES <<<"${OPEN_DOORS_PER_S:-100 200 400 800}"
+WORK=$(mktemp -d)
+
+cargo build --release -q -p gateway -p device-svc -p loadtest
+GW=target/release/gateway
+SVC=target/release/device-svc
+LT=target/release/loadtest
+
+PIDS=()
+stop_all() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  PIDS=()
+}
+cleanup() {
+  stop_all
+  psql "$ADMIN_DB" -Xq -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}*" | xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() { for _ in $(seq 1 100); do port_open "$1" && return 0; sleep 0.1; done; echo "nothing on port $1" >&2; exit 1; }
+
+# metrics PORT: the /metrics text of the service on PORT.
+metrics() {
+  exec 3<>"/dev/tcp/127.0.0.1/$1"
+  printf 'GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3
+  cat <&3
+  exec 3<&-
+}
+# metric PORT NAME: the sum of NAME's samples (any labels).
+metric() { metrics "$1" | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $NF } END { printf "%.6f\n", s + 0 }'; }
+# group_sum FIELD: FIELD of the device service's consumer group summed over the upstream
+# streams (XINFO GROUPS): `lag` (not yet read) or `pending` (read, not yet acknowledged).
+group_sum() {
+  local s total=0 n
+  for s in 0 1 2 3; do
+    n=$(redis-cli -u "$REDIS_URL" xinfo groups "${PREFIX}up:$s" 2>/dev/null | awk -v f="$1" 'prev == f { print; exit } { prev = $0 }')
+    total=$((total + ${n:-0}))
+  done
+  echo "$total"
+}
+redis_cpu() { redis-cli -u "$REDIS_URL" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { printf "%.6f\n", s }'; }
+
+fresh_db() {
+  PGOPTIONS="-c client_min_messages=warning" psql "$ADMIN_DB" -Xq -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB" >/dev/null
+  redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}*" | xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null || true
+}
+
+# start_svc PORT [HEARTBEAT_TOML]
+start_svc() {
+  cat > "$WORK/svc.toml" <<TOML
+instance_id = "bench-svc"
+key_prefix = "$PREFIX"
+[http]
+listen = "127.0.0.1:$1"
+[postgres]
+url = "$DB_URL"
+[redis]
+url = "$REDIS_URL"
+[heartbeat]
+${2:-}
+TOML
+  RUST_LOG=warn "$SVC" --config "$WORK/svc.toml" >"$WORK/svc.log" 2>&1 &
+  PIDS+=("$!")
+  SVC_PID=$!
+  wait_port "$1"
+}
+
+# start_gateway CABINET_PORT METRICS_PORT
+start_gateway() {
+  cat > "$WORK/gw.toml" <<TOML
+node_id = "bench-gw"
+key_prefix = "$PREFIX"
+[redis]
+url = "$REDIS_URL"
+[cabinet]
+listen = "127.0.0.1:$1"
+[mqtt]
+listen = ""
+[metrics]
+listen = "127.0.0.1:$2"
+TOML
+  RUST_LOG=warn "$GW" --config "$WORK/gw.toml" >"$WORK/gw.log" 2>&1 &
+  PIDS+=("$!")
+  wait_port "$1"
+}
+
+# register_fleet N: the load harness's cabinets (LT-CAB-000000 ...), 2 doors x 4 lanes, with
+# the secrets the harness derives.
+register_fleet() {
+  psql "$DB_URL" -Xq -v ON_ERROR_STOP=1 >/dev/null <<SQL
+CREATE TEMP TABLE ids AS SELECT 'LT-CAB-' || lpad(n::text, 6, '0') AS id FROM generate_series(0, $1 - 1) n;
+INSERT INTO devices (key, kind) SELECT 'cab:' || id, 'cab' FROM ids;
+INSERT INTO cabinets (id, device_key) SELECT id, 'cab:' || id FROM ids;
+INSERT INTO doors (cabinet_id, door_id) SELECT id, d FROM ids, generate_series(1, 2) d;
+INSERT INTO lanes (cabinet_id, door_id, lane_id) SELECT id, d, l FROM ids, generate_series(1, 2) d, generate_series(1, 4) l;
+INSERT INTO device_credentials (device_key, secret)
+  SELECT 'cab:' || id, sha256(convert_to('iotgw-loadtest-cabinet:' || id, 'UTF8')) FROM ids;
+SQL
+}
+
+run_weights() {
+  local cabinets=5000 hold=60 svc_port=18080 cab_port=17300 gw_metrics=19300
+  local rows=()
+  for rate in "${RATES[@]}"; do
+    fresh_db
+    start_svc "$svc_port"
+    register_fleet "$cabinets"
+    start_gateway "$cab_port" "$gw_metrics"
+    local samples="$WORK/weights-$rate.tsv"
+    : > "$samples"
+    ( while kill -0 "$SVC_PID" 2>/dev/null; do
+        printf '%s\t%s\t%s\t%s\n' "$(date +%s.%N)" "$(metric $svc_port devsvc_weight_readings_persisted_total)" \
+          "$(group_sum lag)" "$(group_sum pending)" >> "$samples"
+        sleep 2
+      done ) &
+    local sampler=$!
+    local t0; t0=$(date +%s.%N)
+    "$LT" fleet --label "devsvc-weights-$rate" --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+      --cabinet-addr "127.0.0.1:$cab_port" --cabinets "$cabinets" --ramp-per-s 2000 --hold-s "$hold" \
+      --commands-per-s "$rate" --open-doors --server-pid "$SVC_PID" --max-duration-s 300 \
+      --out "$WORK/fleet-$rate.json" 2>"$WORK/fleet-$rate.log"
+    local t1; t1=$(date +%s.%N)
+    # Let the device service store what is still in the streams (at most two minutes).
+    local sent; sent=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"]["details"]["counters"].get("weight_reports", 0) * 4)' "$WORK/fleet-$rate.json")
+    for _ in $(seq 1 1200); do
+      [ "$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM weight_readings")" -ge "$sent" ] && break
+      sleep 0.1
+    done
+    local t2; t2=$(date +%s.%N)
+    local stored; stored=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM weight_readings")
+    kill "$sampler" 2>/dev/null || true
+    stop_all
+    rows+=("$(python3 - "$rate" "$samples" "$WORK/fleet-$rate.json" "$t0" "$t1" "$t2" "$stored" "$cabinets" <<'PY'
+import json, sys
+rate, samples, fleet, t0, t1, t2, stored, cabinets = sys.argv[1:]
+t0, t1, t2, stored = float(t0), float(t1), float(t2), int(stored)
+report = json.load(open(fleet))["results"]
+sent = report["details"]["counters"].get("weight_reports", 0) * 4
+rows = [tuple(map(float, l.split("\t"))) for l in open(samples) if l.count("\t") == 3]
+# The steady part of the hold: after the ramp and the first door cycle, before the end.
+start, end = t0 + report["ramp_s"] + 15, t1 - 5
+steady = [r for r in rows if start <= r[0] <= end]
+rate_steady = (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0]) if len(steady) > 1 else 0.0
+peak = max(((b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(rows, rows[1:]) if b[0] > a[0]), default=0.0)
+# After the load generator stopped: the device service and PostgreSQL alone, working off the lag.
+after = [r for r in rows if t1 <= r[0] <= t2]
+drain_rate = (after[-1][1] - after[0][1]) / (after[-1][0] - after[0][0]) if len(after) > 2 else None
+print(json.dumps({
+    "open_doors_per_s": int(rate),
+    "cabinets": int(cabinets),
+    "readings_sent": sent,
+    "readings_stored": stored,
+    "all_stored": stored == sent,
+    "stored_per_s_steady": round(rate_steady),
+    "stored_per_s_peak_2s": round(peak),
+    "max_lag_entries": max((r[2] for r in rows), default=0),
+    "max_pending_entries": max((r[3] for r in rows), default=0),
+    "drain_after_load_s": round(t2 - t1, 1),
+    "stored_per_s_while_draining": round(drain_rate) if drain_rate else None,
+    "commands": report["details"].get("commands", {}).get("outcomes", {}),
+}))
+PY
+)")
+    echo "weights at $rate open doors/s: ${rows[-1]}" >&2
+  done
+  python3 - "$OUT/devsvc-weights.json" "${rows[@]}" <<'PY'
+import json, subprocess, sys
+out, rows = sys.argv[1], [json.loads(r) for r in sys.argv[2:]]
+sh = lambda *c: subprocess.run(c, capture_output=True, text=True).stdout.strip()
+json.dump({
+    "commit": sh("git", "rev-parse", "--short", "HEAD"),
+    "date": sh("date", "-u", "+%Y-%m-%dT%H:%M:%SZ"),
+    "machine": f"{sh('nproc')} cores, " + sh("sh", "-c", "grep MemTotal /proc/meminfo | awk '{print $2}'") + " kB",
+    "parameters": {"cabinets": rows[0]["cabinets"] if rows else 0, "doors": 2, "lanes_per_door": 4, "hold_s": 60,
+                   "report_every_ms_while_open": 300, "door_cycle_s": 11},
+    "results": rows,
+}, open(out, "w"), indent=2)
+PY
+}
+
+run_offline() {
+  local devices=100000 svc_port=18081 duration=240 silent=1000 silence_after=90
+  fresh_db
+  start_svc "$svc_port" "startup_grace_s = 0"
+  psql "$DB_URL" -Xq -v ON_ERROR_STOP=1 -c \
+    "INSERT INTO devices (key, kind, status, status_epoch, initialised)
+     SELECT 'cab:HB-' || lpad(n::text, 6, '0'), 'cab', 'online', 1, true FROM generate_series(0, $devices - 1) n" >/dev/null
+  local samples="$WORK/offline.tsv"
+  : > "$samples"
+  ( while kill -0 "$SVC_PID" 2>/dev/null; do
+      printf '%s\t%s\t%s\t%s\n' "$(date +%s.%N)" "$(metric $svc_port process_cpu_seconds_total)" "$(redis_cpu)" \
+        "$(group_sum lag)" >> "$samples"
+      sleep 5
+    done ) &
+  local sampler=$!
+  local t0; t0=$(date +%s.%N)
+  "$LT" hb-feed --redis-url "$REDIS_URL" --key-prefix "$PREFIX" --devices "$devices" --nodes 6 --interval-s 30 \
+    --duration-s "$duration" --silent "$silent" --silence-after-s "$silence_after" --out "$WORK/hb-feed.json"
+  kill "$sampler" 2>/dev/null || true
+  psql "$DB_URL" -XAtq -F $'\t' -c \
+    "SELECT device_key, (extract(epoch FROM at) * 1000)::bigint FROM device_status_history WHERE reason = 'heartbeat_timeout'" \
+    > "$WORK/offline-decisions.tsv"
+  local suppressed; suppressed=$(metric $svc_port devsvc_offline_suppressed_total)
+  local checks; checks=$(metric $svc_port devsvc_deadline_checks_total)
+  stop_all
+  python3 - "$OUT/devsvc-offline-100k.json" "$samples" "$WORK/hb-feed.json" "$WORK/offline-decisions.tsv" \
+    "$t0" "$silence_after" "$suppressed" "$checks" <<'PY'
+import json, subprocess, sys
+out, samples, feed, decisions, t0, silence_after, suppressed, checks = sys.argv[1:]
+t0, silence_after = float(t0), float(silence_after)
+feed = json.load(open(feed))
+plan, result = feed["plan"], feed["result"]
+rows = [tuple(map(float, l.split("\t"))) for l in open(samples) if l.count("\t") == 3]
+# Steady state: the health window (60 s) filled, before the silent cabinets' deadlines.
+steady = [r for r in rows if t0 + 70 <= r[0] <= t0 + silence_after + 60]
+span = steady[-1][0] - steady[0][0]
+svc_cpu = (steady[-1][1] - steady[0][1]) / span
+redis_cpu = (steady[-1][2] - steady[0][2]) / span
+hb_per_s = result["heartbeats"] / result["seconds"]
+last = result["silent_last_ms"]
+late = sorted(int(l.split("\t")[1]) - (last[l.split("\t")[0]] + 75_000) for l in open(decisions) if l.strip())
+pct = lambda p: late[min(len(late) - 1, int(p * len(late)))] if late else None
+sh = lambda *c: subprocess.run(c, capture_output=True, text=True).stdout.strip()
+json.dump({
+    "commit": sh("git", "rev-parse", "--short", "HEAD"),
+    "date": sh("date", "-u", "+%Y-%m-%dT%H:%M:%SZ"),
+    "machine": f"{sh('nproc')} cores",
+    "parameters": plan,
+    "results": {
+        "heartbeats_per_s": round(hb_per_s),
+        "device_svc_cpu_s_per_s": round(svc_cpu, 4),
+        "redis_cpu_s_per_s": round(redis_cpu, 4),
+        "cpu_us_per_heartbeat": round((svc_cpu + redis_cpu) / hb_per_s * 1e6, 1),
+        "max_lag_entries": max((r[3] for r in rows), default=0),
+        "silent": plan["silent"],
+        "marked_offline": len(late),
+        "deadline_checks": float(checks),
+        "suppressed": float(suppressed),
+        "offline_after_deadline_ms": {"min": late[0] if late else None, "p50": pct(0.5), "p99": pct(0.99), "max": late[-1] if late else None},
+    },
+}, open(out, "w"), indent=2)
+print(json.dumps(json.load(open(out))["results"], indent=2))
+PY
+}
+
+for run in "${RUNS[@]}"; do
+  case "$run" in
+    weights) run_weights ;;
+    offline) run_offline ;;
+    *) echo "unknown run: $run (weights offline)"; exit 2 ;;
+  esac
+done
+echo "results in $OUT/"
