@@ -28,6 +28,8 @@ pub struct App {
     pub commander: Arc<Commander>,
     /// When the instance started (for the start-up grace of offline detection).
     pub started: Instant,
+    /// Wake-ups of the purchase tasks.
+    pub purchase_wakers: crate::purchases::Wakers,
 }
 
 /// Wall clock in ms since the Unix epoch, as the bus carries it.

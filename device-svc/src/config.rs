@@ -49,6 +49,8 @@ pub struct Config {
     pub weights: WeightsConfig,
     /// Commands to devices.
     pub commands: CommandsConfig,
+    /// Purchases.
+    pub purchases: PurchasesConfig,
 }
 
 /// `[http]`
@@ -133,6 +135,30 @@ pub struct CommandsConfig {
     pub default_timeout_ms: u64,
 }
 
+/// `[purchases]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PurchasesConfig {
+    /// Authorisation deadline, s.
+    pub authorise_timeout_s: u64,
+    /// Door lock TTL, s.
+    pub lock_ttl_s: u64,
+    /// Open-door command deadline, ms.
+    pub open_timeout_ms: u64,
+    /// Door queries after an unanswered open.
+    pub door_queries: u32,
+    /// Pause between queries, ms.
+    pub query_interval_ms: u64,
+    /// Wait for stable weights after the close, s.
+    pub settle_wait_s: u64,
+    /// Tolerance, fraction of a unit weight.
+    pub tolerance: f64,
+    /// Door open this long: anomaly, s.
+    pub door_open_max_s: u64,
+    /// Due-order poll, ms.
+    pub poll_ms: u64,
+}
+
 // The hand-written defaults must equal device-svc.default.toml; a unit test checks it.
 
 impl Default for Config {
@@ -147,6 +173,17 @@ impl Default for Config {
             heartbeat: HeartbeatConfig::default(),
             weights: WeightsConfig { retention_days: 30, partitions_ahead_days: 3 },
             commands: CommandsConfig { default_timeout_ms: 5000 },
+            purchases: PurchasesConfig {
+                authorise_timeout_s: 120,
+                lock_ttl_s: 60,
+                open_timeout_ms: 5000,
+                door_queries: 5,
+                query_interval_ms: 2000,
+                settle_wait_s: 20,
+                tolerance: 0.3,
+                door_open_max_s: 600,
+                poll_ms: 200,
+            },
         }
     }
 }
@@ -192,6 +229,12 @@ impl Default for HeartbeatConfig {
 impl Default for WeightsConfig {
     fn default() -> Self {
         Config::default().weights
+    }
+}
+
+impl Default for PurchasesConfig {
+    fn default() -> Self {
+        Config::default().purchases
     }
 }
 
@@ -289,6 +332,13 @@ impl Config {
                 "heartbeat.offline_after_s must be at least interval_s + {HEALTH_DELAY_S} + (1 - healthy_share) x window_s \
                  = {needed:.1} s, or a stalled node could get its devices marked offline before its intake looks low"
             )));
+        }
+        let p = &self.purchases;
+        if p.authorise_timeout_s == 0 || p.lock_ttl_s < 3 || p.open_timeout_ms == 0 || p.poll_ms == 0 {
+            return bad("purchases: authorise_timeout_s, open_timeout_ms and poll_ms positive, lock_ttl_s at least 3");
+        }
+        if !(0.0..0.5).contains(&p.tolerance) {
+            return bad("purchases.tolerance must be within 0..0.5 of a unit weight (or two counts would fit)");
         }
         if self.weights.retention_days == 0 || self.postgres.pool_size == 0 {
             return bad("weights.retention_days and postgres.pool_size must be positive");

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::error::StoreError;
 use crate::offline::{Detector, Window};
+use crate::purchases;
 use crate::status::{self, Event};
 use crate::weights::{self, Received};
 
@@ -89,6 +90,10 @@ impl Consumer {
         }
         weights::store(&self.app, reports).await?;
         weights::check_initialised(&self.app, reports, &self.initialised).await?;
+        let mut cabinets: Vec<&str> = reports.iter().map(|r| r.cabinet.as_str()).collect();
+        cabinets.sort_unstable();
+        cabinets.dedup();
+        purchases::settlement::weights_arrived(&self.app, &cabinets).await?;
         reports.clear();
         Ok(())
     }
@@ -99,7 +104,10 @@ impl Consumer {
 
     /// Applies one entry other than a weight report; `entry` is `stream/id`, unique.
     async fn apply_one(&self, entry: &str, event: UpEvent) -> Result<(), StoreError> {
-        let label = event.label();
+        let label = match &event {
+            UpEvent::Cabinet { message: Message::DoorEvent(_), .. } => "door_event",
+            other => other.label(),
+        };
         let result = match event {
             UpEvent::SessionOpened { device, epoch, node, info, at_ms } => {
                 let result = self.status(&device, Event::Opened { epoch, node: node.clone(), info }).await?;
@@ -117,9 +125,8 @@ impl Consumer {
                 self.detector.record_window(entry, &window).await?;
                 "applied"
             }
-            UpEvent::Cabinet { message: Message::DoorEvent(_), .. } => {
-                // Door events drive purchases; until those land they are only counted.
-                "ignored"
+            UpEvent::Cabinet { device, message: Message::DoorEvent(event), .. } => {
+                purchases::doors::on_door_event(&self.app, entry, &device, &event).await?
             }
             UpEvent::Cabinet { .. } | UpEvent::Vehicle { .. } => "ignored",
         };

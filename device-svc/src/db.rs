@@ -9,8 +9,10 @@ use tokio_postgres::NoTls;
 use crate::error::StoreError;
 
 /// Every migration, in order: (version, name, SQL).
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "registry_status_weights", include_str!("../migrations/0001_registry_status_weights.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "registry_status_weights", include_str!("../migrations/0001_registry_status_weights.sql")),
+    (2, "purchases", include_str!("../migrations/0002_purchases.sql")),
+];
 
 /// An arbitrary constant naming the migrations' advisory lock.
 const MIGRATION_LOCK: i64 = 0x1070_6777_0001;

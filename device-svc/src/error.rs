@@ -19,6 +19,15 @@ pub enum StoreError {
     /// A row that must not exist yet does.
     #[error("already exists: {0}")]
     Conflict(String),
+    /// A request refused by a business rule (answered 409 with `code`, which a client acts on:
+    /// `door_busy`, `unpaid_order`, `cabinet_offline`, ...).
+    #[error("{code}: {detail}")]
+    Rejected {
+        /// Machine-readable reason.
+        code: &'static str,
+        /// Explanation.
+        detail: String,
+    },
     /// Input that breaks a rule, naming the field.
     #[error("invalid {field}: {detail}")]
     Invalid {
@@ -33,6 +42,11 @@ impl StoreError {
     /// `Invalid` for `field`.
     pub fn invalid(field: &'static str, detail: impl Into<String>) -> Self {
         StoreError::Invalid { field, detail: detail.into() }
+    }
+
+    /// `Rejected` with `code`.
+    pub fn rejected(code: &'static str, detail: impl Into<String>) -> Self {
+        StoreError::Rejected { code, detail: detail.into() }
     }
 
     /// Whether PostgreSQL reported a unique-key violation (a duplicate insert).

@@ -10,6 +10,7 @@
 //! - [`weights`]: readings into PostgreSQL, stable weights into the Redis cache;
 //! - [`consumer`]: the consumer group over the gateways' upstream streams;
 //! - [`commands`]: commands to devices through the connection map;
+//! - [`purchases`]: orders from scan to settlement, door locks, anomalies, restocks;
 //! - [`http`]: the admin API, `/metrics` and `/healthz`; [`metrics`]: what `/metrics` shows;
 //! - [`app`]: what every part shares.
 //!
@@ -26,6 +27,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod offline;
+pub mod purchases;
 pub mod registry;
 pub mod status;
 pub mod weights;
@@ -108,7 +110,16 @@ impl DeviceService {
         let keys = Keys::new(config.key_prefix.clone());
         let commander =
             Arc::new(Commander::new(redis.clone(), keys.clone(), config.instance_id.clone(), metrics.clone()));
-        let app = Arc::new(App { config, pg, redis: redis.clone(), keys, metrics, commander, started });
+        let app = Arc::new(App {
+            config,
+            pg,
+            redis: redis.clone(),
+            keys,
+            metrics,
+            commander,
+            started,
+            purchase_wakers: purchases::Wakers::default(),
+        });
         weights::maintain_partitions(&app).await?;
 
         let stop = CancellationToken::new();
@@ -124,6 +135,8 @@ impl DeviceService {
         let reply_con = RedisConn::open(&target, blocking).await?;
         tasks.spawn(Arc::clone(&app.commander).run_replies(reply_con, stop.clone()));
         tasks.spawn(Arc::clone(&detector).run(stop.clone()));
+        tasks.spawn(purchases::driver::run(Arc::clone(&app), stop.clone()));
+        tasks.spawn(purchases::outbox::run_relay(Arc::clone(&app), stop.clone()));
         tasks.spawn(every(MIRROR_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
             registry::mirror(&app, None).await.map(|_| ())
         }));
@@ -131,7 +144,8 @@ impl DeviceService {
             weights::maintain_partitions(&app).await
         }));
         tasks.spawn(every(GAUGES_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
-            refresh_device_gauges(&app).await
+            refresh_device_gauges(&app).await?;
+            purchases::driver::refresh_gauges(&app).await
         }));
         tasks.spawn(http::serve(listener, Arc::clone(&app), stop.clone()));
         tasks.close();

@@ -2,8 +2,8 @@
 //! process). Names follow Prometheus conventions; `docs/metrics.md` lists them.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the device service exports.
@@ -43,6 +43,22 @@ pub struct Metrics {
     pub command_duration: HistogramVec,
     /// `devsvc_startup_grace_active`: 1 while offline decisions are held after start-up.
     pub grace: Gauge,
+    /// `devsvc_orders{state}`: orders by state (fleet-wide, from PostgreSQL).
+    pub orders: IntGaugeVec,
+    /// `devsvc_order_transitions_total{to}`
+    pub order_transitions: IntCounterVec,
+    /// `devsvc_order_door_open_seconds`: authorisation to the door open.
+    pub door_open_seconds: Histogram,
+    /// `devsvc_order_settlement_seconds`: door closed to settled.
+    pub settlement_seconds: Histogram,
+    /// `devsvc_anomalies_total{kind}`
+    pub anomalies: IntCounterVec,
+    /// `devsvc_door_lock_attempts_total{result}`: acquired, busy, lost.
+    pub door_locks: IntCounterVec,
+    /// `devsvc_restock_orders_total`
+    pub restock_orders: IntCounter,
+    /// `devsvc_outbox_published_total{stream}`
+    pub outbox_published: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -152,6 +168,53 @@ impl Metrics {
                 &r,
                 Gauge::new("devsvc_startup_grace_active", "1 while offline decisions are held after start-up.")
                     .expect("valid"),
+            ),
+            orders: ig("devsvc_orders", "Orders by state (fleet-wide: aggregate with max).", &["state"]),
+            order_transitions: c(
+                "devsvc_order_transitions_total",
+                "Order state transitions made by this instance, by new state.",
+                &["to"],
+            ),
+            door_open_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "devsvc_order_door_open_seconds",
+                        "Time from an order's authorisation to its door reported open.",
+                    )
+                    .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0]),
+                )
+                .expect("valid"),
+            ),
+            settlement_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "devsvc_order_settlement_seconds",
+                        "Time from a door-closed event to the order's settlement.",
+                    )
+                    .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 60.0]),
+                )
+                .expect("valid"),
+            ),
+            anomalies: c("devsvc_anomalies_total", "Purchase anomalies recorded for operators, by kind.", &["kind"]),
+            door_locks: c(
+                "devsvc_door_lock_attempts_total",
+                "Door lock attempts by result (acquired, busy: held by another order or restock, lost: found held by another holder at renewal).",
+                &["result"],
+            ),
+            restock_orders: register(
+                &r,
+                IntCounter::new(
+                    "devsvc_restock_orders_total",
+                    "Restock orders opened for lanes below their threshold.",
+                )
+                .expect("valid"),
+            ),
+            outbox_published: c(
+                "devsvc_outbox_published_total",
+                "Outbox messages published to Redis streams, by stream.",
+                &["stream"],
             ),
             registry: r,
         }

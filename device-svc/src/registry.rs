@@ -41,6 +41,9 @@ pub struct LaneConfig {
     /// A restock order is opened when the lane holds fewer items than this.
     #[serde(default)]
     pub restock_threshold: i32,
+    /// The lane's own price per item, cents (the product's price when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_cents: Option<i64>,
 }
 
 /// A door and its lanes.
@@ -240,8 +243,9 @@ pub async fn create_cabinet(app: &App, c: &NewCabinet) -> Result<Issued, StoreEr
         for l in &d.lanes {
             let r = tx
                 .execute(
-                    "INSERT INTO lanes (cabinet_id, door_id, lane_id, product_id, restock_threshold) VALUES ($1, $2, $3, $4, $5)",
-                    &[&id.as_str(), &door, &i16::from(l.lane_id), &l.product_id, &l.restock_threshold],
+                    "INSERT INTO lanes (cabinet_id, door_id, lane_id, product_id, restock_threshold, price_cents)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&id.as_str(), &door, &i16::from(l.lane_id), &l.product_id, &l.restock_threshold, &l.price_cents],
                 )
                 .await;
             if let Err(e) = r {
@@ -270,7 +274,7 @@ pub async fn get_cabinet(app: &App, id: &str) -> Result<Cabinet, StoreError> {
         .ok_or_else(|| StoreError::NotFound(format!("cabinet {id}")))?;
     let lanes = client
         .query(
-            "SELECT d.door_id, l.lane_id, l.product_id, l.restock_threshold
+            "SELECT d.door_id, l.lane_id, l.product_id, l.restock_threshold, l.price_cents
                FROM doors d LEFT JOIN lanes l ON l.cabinet_id = d.cabinet_id AND l.door_id = d.door_id
               WHERE d.cabinet_id = $1 ORDER BY d.door_id, l.lane_id",
             &[&id],
@@ -285,13 +289,16 @@ pub async fn get_cabinet(app: &App, id: &str) -> Result<Cabinet, StoreError> {
                 lane_id: u8::try_from(lane).unwrap_or(0),
                 product_id: r.get(2),
                 restock_threshold: r.get(3),
+                price_cents: r.get(4),
             });
         }
     }
     Ok(Cabinet { id: id.to_owned(), name: row.get(0), location: row.get(1), doors: doors.into_values().collect() })
 }
 
-/// Changes a lane's product or restock threshold (creating the lane if the door exists).
+/// Changes a lane's product, price or restock threshold (creating the lane if the door
+/// exists). The HTTP API goes through [`crate::purchases::restock::configure_lane`], which
+/// holds the door's lock around this.
 ///
 /// # Errors
 /// `NotFound` for an unknown door, `Invalid` for an unknown product.
@@ -302,13 +309,25 @@ pub async fn configure_lane(app: &App, cabinet: &str, door: u8, lane: &LaneConfi
     if lane.restock_threshold < 0 {
         return Err(StoreError::invalid("restock_threshold", "must not be negative"));
     }
+    if lane.price_cents.is_some_and(|p| p < 0) {
+        return Err(StoreError::invalid("price_cents", "must not be negative"));
+    }
     let client = app.pg.get().await?;
     let result = client
         .execute(
-            "INSERT INTO lanes (cabinet_id, door_id, lane_id, product_id, restock_threshold) VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO lanes (cabinet_id, door_id, lane_id, product_id, restock_threshold, price_cents)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (cabinet_id, door_id, lane_id)
-             DO UPDATE SET product_id = EXCLUDED.product_id, restock_threshold = EXCLUDED.restock_threshold",
-            &[&cabinet, &i16::from(door), &i16::from(lane.lane_id), &lane.product_id, &lane.restock_threshold],
+             DO UPDATE SET product_id = EXCLUDED.product_id, restock_threshold = EXCLUDED.restock_threshold,
+                           price_cents = EXCLUDED.price_cents",
+            &[
+                &cabinet,
+                &i16::from(door),
+                &i16::from(lane.lane_id),
+                &lane.product_id,
+                &lane.restock_threshold,
+                &lane.price_cents,
+            ],
         )
         .await;
     match result {

@@ -46,8 +46,11 @@ pub(super) struct LaneBody {
     product_id: Option<String>,
     #[serde(default)]
     restock_threshold: i32,
+    #[serde(default)]
+    price_cents: Option<i64>,
 }
 
+/// Under the door's lock: 409 `door_busy` while an order or a restock runs there.
 pub(super) async fn configure_lane(
     State(app): State<Arc<App>>,
     Path((id, door, lane)): Path<(String, String, String)>,
@@ -58,8 +61,9 @@ pub(super) async fn configure_lane(
         lane_id: small_id("lane", &lane)?,
         product_id: body.product_id,
         restock_threshold: body.restock_threshold,
+        price_cents: body.price_cents,
     };
-    registry::configure_lane(&app, &id, door, &lane).await?;
+    crate::purchases::restock::configure_lane(&app, &id, door, &lane).await?;
     Ok(Json(lane))
 }
 

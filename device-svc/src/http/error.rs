@@ -42,13 +42,14 @@ impl From<StoreError> for ApiError {
             StoreError::Invalid { field, .. } => (StatusCode::BAD_REQUEST, "invalid", Some((*field).to_owned())),
             StoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", None),
             StoreError::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
+            StoreError::Rejected { code, .. } => (StatusCode::CONFLICT, *code, None),
             StoreError::Postgres(_) | StoreError::Pool(_) | StoreError::Redis(_) => {
                 tracing::warn!(error = %e, "API request failed on storage");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None)
             }
         };
         let message = match &e {
-            StoreError::Invalid { detail, .. } => detail.clone(),
+            StoreError::Invalid { detail, .. } | StoreError::Rejected { detail, .. } => detail.clone(),
             _ => e.to_string(),
         };
         Self { status, code, message, field }

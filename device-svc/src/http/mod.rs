@@ -8,6 +8,7 @@ mod devices;
 mod error;
 mod extract;
 mod ops;
+mod orders;
 mod send;
 mod weights;
 
@@ -41,6 +42,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/devices/{key}/credentials", post(devices::rotate_credentials))
         .route("/v1/devices/{key}/enabled", put(devices::set_enabled))
         .route("/v1/devices/{key}/commands", post(send::send))
+        .route("/v1/orders", post(orders::create))
+        .route("/v1/orders/{id}", get(orders::get))
+        .route("/v1/payments/callback", post(orders::payment_callback))
+        .route("/v1/anomalies", get(orders::list_anomalies))
+        .route("/v1/anomalies/{id}/resolve", post(orders::resolve_anomaly))
+        .route("/v1/cabinets/{id}/doors/{door}/restocks", post(orders::start_restock))
+        .route("/v1/restocks/{id}/finish", post(orders::finish_restock))
+        .route("/v1/restock-orders", get(orders::restock_orders))
         .with_state(app)
 }
 

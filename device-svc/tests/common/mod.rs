@@ -24,6 +24,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod shop;
+
 pub use testkit::WAIT;
 
 /// Heartbeat interval the tests' gateway asks for and their cabinets keep, seconds.

@@ -1,0 +1,169 @@
+//! Anomalies: what the automation could not decide alone or what operators must see (the
+//! documents' four "难点" and their kin). Each is stored with the goods snapshot, published to
+//! the operators' notice stream through the outbox, counted by kind, and listed over HTTP.
+//! Recording is idempotent by `source` (an event's stream entry, an order and a step), so a
+//! redelivered event records nothing twice.
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio_postgres::Transaction;
+
+use super::outbox;
+use crate::app::{App, ms_of};
+use crate::error::StoreError;
+
+/// Kinds, as stored and as the metric label.
+pub mod kind {
+    /// A door-closed event for an order that never reached "door open": settled from the
+    /// weights and flagged (problem 2).
+    pub const CLOSE_BEFORE_OPEN: &str = "close_before_open";
+    /// A door event with no order behind it (and no restock running).
+    pub const EVENT_WITHOUT_ORDER: &str = "event_without_order";
+    /// A door event for an order that had already ended (cancelled after the cabinet stayed
+    /// silent, yet the door did open): goods may have been taken.
+    pub const EVENT_AFTER_END: &str = "event_after_end";
+    /// A lane gained weight: an item put back into another lane (problem 4).
+    pub const LANE_GAIN: &str = "lane_gain";
+    /// A weight change that is not a whole number of items.
+    pub const NOT_WHOLE_ITEMS: &str = "not_whole_items";
+    /// A gain nothing explains while goods were taken: the charge is uncertain.
+    pub const UNEXPLAINED_GAIN: &str = "unexplained_gain";
+    /// No stable reading after the close within the wait.
+    pub const WEIGHTS_NOT_STABLE: &str = "weights_not_stable";
+    /// The cabinet never confirmed the door opened (problem 1).
+    pub const CABINET_SILENT: &str = "cabinet_silent";
+    /// The door stayed open longer than allowed.
+    pub const DOOR_LEFT_OPEN: &str = "door_left_open";
+}
+
+/// An anomaly to record.
+#[derive(Debug, Clone)]
+pub struct NewAnomaly<'a> {
+    /// One of [`kind`].
+    pub kind: &'static str,
+    /// What makes it unique (recording the same source twice records once).
+    pub source: String,
+    /// The order, if any.
+    pub order_id: Option<&'a str>,
+    /// Cabinet.
+    pub cabinet_id: &'a str,
+    /// Door.
+    pub door_id: u8,
+    /// Details: the goods snapshot, the lanes involved, the event.
+    pub detail: Value,
+}
+
+/// Records `a` inside `tx` with its notice. Returns whether it was new (then counted).
+///
+/// # Errors
+/// PostgreSQL errors.
+pub async fn record(app: &App, tx: &Transaction<'_>, a: &NewAnomaly<'_>) -> Result<bool, StoreError> {
+    let row = tx
+        .query_opt(
+            "INSERT INTO anomalies (kind, source, order_id, cabinet_id, door_id, detail)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (source) DO NOTHING RETURNING id",
+            &[&a.kind, &a.source, &a.order_id, &a.cabinet_id, &i16::from(a.door_id), &a.detail],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(false) };
+    let id: i64 = row.get(0);
+    let notice = json!({
+        "type": "anomaly",
+        "anomaly_id": id,
+        "kind": a.kind,
+        "order_id": a.order_id,
+        "cabinet_id": a.cabinet_id,
+        "door_id": a.door_id,
+        "detail": a.detail,
+    });
+    outbox::enqueue(tx, outbox::NOTICES, &format!("anomaly:{id}"), &notice).await?;
+    app.metrics.anomalies.with_label_values(&[a.kind]).inc();
+    tracing::info!(kind = a.kind, order = a.order_id, cabinet = a.cabinet_id, door = a.door_id, "anomaly recorded");
+    Ok(true)
+}
+
+/// [`record`] in a transaction of its own.
+///
+/// # Errors
+/// PostgreSQL errors.
+pub async fn record_now(app: &App, a: &NewAnomaly<'_>) -> Result<bool, StoreError> {
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let new = record(app, &tx, a).await?;
+    tx.commit().await?;
+    if new {
+        app.purchase_wakers.relay.notify_one();
+    }
+    Ok(new)
+}
+
+/// A recorded anomaly.
+#[derive(Debug, Clone, Serialize)]
+pub struct Anomaly {
+    /// Id.
+    pub id: i64,
+    /// Kind.
+    pub kind: String,
+    /// Order.
+    pub order_id: Option<String>,
+    /// Cabinet.
+    pub cabinet_id: String,
+    /// Door.
+    pub door_id: i16,
+    /// Details.
+    pub detail: Value,
+    /// When, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Whether an operator closed it.
+    pub resolved: bool,
+}
+
+/// Anomalies, newest first, optionally of one order, cabinet or kind.
+///
+/// # Errors
+/// PostgreSQL errors.
+pub async fn list(
+    app: &App,
+    order_id: Option<&str>,
+    cabinet_id: Option<&str>,
+    kind: Option<&str>,
+    limit: i64,
+) -> Result<Vec<Anomaly>, StoreError> {
+    let client = app.pg.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, kind, order_id, cabinet_id, door_id, detail, created_at, resolved_at IS NOT NULL FROM anomalies
+              WHERE ($1::text IS NULL OR order_id = $1) AND ($2::text IS NULL OR cabinet_id = $2)
+                AND ($3::text IS NULL OR kind = $3)
+              ORDER BY id DESC LIMIT $4",
+            &[&order_id, &cabinet_id, &kind, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Anomaly {
+            id: r.get(0),
+            kind: r.get(1),
+            order_id: r.get(2),
+            cabinet_id: r.get(3),
+            door_id: r.get(4),
+            detail: r.get(5),
+            created_ms: ms_of(r.get(6)),
+            resolved: r.get(7),
+        })
+        .collect())
+}
+
+/// Marks anomaly `id` resolved by an operator.
+///
+/// # Errors
+/// `NotFound`, or PostgreSQL errors.
+pub async fn resolve(app: &App, id: i64) -> Result<(), StoreError> {
+    let client = app.pg.get().await?;
+    let n =
+        client.execute("UPDATE anomalies SET resolved_at = COALESCE(resolved_at, now()) WHERE id = $1", &[&id]).await?;
+    if n == 0 {
+        return Err(StoreError::NotFound(format!("anomaly {id}")));
+    }
+    Ok(())
+}

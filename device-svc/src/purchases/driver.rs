@@ -1,0 +1,138 @@
+//! The order driver: every timer of a purchase is the order's `due_at` in PostgreSQL, so a
+//! timer survives any restart and is fired by exactly one instance. Each poll claims the due
+//! orders with `FOR UPDATE SKIP LOCKED` and pushes their `due_at` one lease ahead in the same
+//! statement; the claiming instance then acts, and the action moves `due_at` on. An instance
+//! that dies mid-action leaves the lease to run out, and another instance takes the order.
+//!
+//! What "due" means depends on the state:
+//! - `created`: the authorisation deadline passed: cancel (the delayed cancellation);
+//! - `authorised` / `door_opening`: open the door ([`opening`]);
+//! - `door_open`: open longer than `door_open_max_s`: tell operators once;
+//! - `door_closed`: the settlement wait is over: settle or send to review.
+//!
+//! The driver also renews the door locks of running orders and restocks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::anomalies::{self, NewAnomaly, kind};
+use super::orders::{self, COLUMNS, Order};
+use super::{State, lock, opening, settlement};
+use crate::app::App;
+use crate::error::StoreError;
+
+/// Orders claimed per poll.
+const CLAIM: i64 = 100;
+
+/// Claims the due orders for one lease.
+async fn claim(app: &App) -> Result<Vec<Order>, StoreError> {
+    let lease_ms = opening::lease(app).as_millis() as f64;
+    let client = app.pg.get().await?;
+    let rows = client
+        .query(
+            &format!(
+                "UPDATE orders SET due_at = now() + make_interval(secs => $2::float8 / 1000)
+                  WHERE id IN (SELECT id FROM orders WHERE due_at <= now() ORDER BY due_at LIMIT $1
+                               FOR UPDATE SKIP LOCKED)
+                  RETURNING {COLUMNS}"
+            ),
+            &[&CLAIM, &lease_ms],
+        )
+        .await?;
+    Ok(rows.iter().map(Order::from_row).collect())
+}
+
+/// Does what a due order needs.
+async fn act(app: &App, order: Order) -> Result<(), StoreError> {
+    match order.state {
+        State::Created => {
+            orders::expire_unauthorised(app, &order.id).await?;
+        }
+        State::Authorised | State::DoorOpening => opening::open_door(app, order).await?,
+        State::DoorOpen => {
+            let a = NewAnomaly {
+                kind: kind::DOOR_LEFT_OPEN,
+                source: format!("left_open:{}", order.id),
+                order_id: Some(&order.id),
+                cabinet_id: &order.cabinet_id,
+                door_id: order.door_id,
+                detail: json!({"opened_ms": order.opened_ms, "goods": order.goods}),
+            };
+            anomalies::record_now(app, &a).await?;
+            // Nothing more to time: the close event moves it on.
+            let client = app.pg.get().await?;
+            client
+                .execute("UPDATE orders SET due_at = NULL WHERE id = $1 AND state = 'door_open'", &[&order.id])
+                .await?;
+        }
+        State::DoorClosed => {
+            settlement::try_settle(app, &order.id, true).await?;
+        }
+        State::Settled | State::Cancelled | State::Abnormal => {
+            let client = app.pg.get().await?;
+            client.execute("UPDATE orders SET due_at = NULL WHERE id = $1", &[&order.id]).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs until `stop`: claims due orders at every poll (or at once when woken) and acts on each
+/// in a task of its own; renews door locks every third of their TTL.
+pub async fn run(app: Arc<App>, stop: CancellationToken) {
+    let poll = Duration::from_millis(app.config.purchases.poll_ms);
+    let renew_every = Duration::from_secs(app.config.purchases.lock_ttl_s) / 3;
+    let mut last_renew = tokio::time::Instant::now();
+    let tasks = TaskTracker::new();
+    while !stop.is_cancelled() {
+        match claim(&app).await {
+            Ok(due) => {
+                for order in due {
+                    let (app, stop) = (Arc::clone(&app), stop.clone());
+                    tasks.spawn(async move {
+                        let id = order.id.clone();
+                        tokio::select! {
+                            result = act(&app, order) => if let Err(e) = result {
+                                tracing::warn!(order = %id, error = %e, "failed to act on a due order; retried after its lease");
+                            },
+                            // Every step is stored as it is made: stopping between two is safe,
+                            // and the order is taken over when its lease ends.
+                            () = stop.cancelled() => {}
+                        }
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "failed to claim due orders"),
+        }
+        if last_renew.elapsed() >= renew_every {
+            last_renew = tokio::time::Instant::now();
+            if let Err(e) = lock::renew_all(&app).await {
+                tracing::warn!(error = %e, "failed to renew door locks");
+            }
+        }
+        tokio::select! {
+            () = app.purchase_wakers.driver.notified() => {}
+            () = tokio::time::sleep(poll) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Sets `devsvc_orders{state}` from PostgreSQL.
+///
+/// # Errors
+/// PostgreSQL errors.
+pub async fn refresh_gauges(app: &App) -> Result<(), StoreError> {
+    let client = app.pg.get().await?;
+    let rows = client.query("SELECT state, count(*) FROM orders GROUP BY state", &[]).await?;
+    for s in State::ALL {
+        let n = rows.iter().find(|r| r.get::<_, &str>(0) == s.as_str()).map_or(0, |r| r.get::<_, i64>(1));
+        app.metrics.orders.with_label_values(&[s.as_str()]).set(n);
+    }
+    Ok(())
+}

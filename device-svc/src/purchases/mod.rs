@@ -1,0 +1,107 @@
+//! Purchases: from a shopper's scan to the settlement (seed document 003, "购买流程").
+//!
+//! An order moves through an explicit state machine, every step one PostgreSQL transaction
+//! that locks the row, checks the state it starts from and records the transition with its
+//! cause, so that concurrent events (the cabinet's result, its door event, a timer on another
+//! instance) can never both apply:
+//!
+//! ```text
+//! created --authorised--> authorised --> door_opening --> door_open --> door_closed --> settled
+//!    |  \--refused / not authorised in time--> cancelled      |             |
+//!    |                          door failed / silent ---------+--> cancelled |
+//!    |                                                                      +--> abnormal (review)
+//! ```
+//!
+//! - [`orders`]: creating an order (checks, the door's lock), the payment callback, reading;
+//! - [`lock`]: the door lock in Redis shared with restocks and price changes;
+//! - [`driver`]: due times in PostgreSQL, claimed by one instance (`FOR UPDATE SKIP LOCKED`),
+//!   so that the delayed cancellation, the door-opening retries and the settlement wait
+//!   survive a restart; [`opening`]: opening the door with its queries;
+//! - [`doors`]: door events from the cabinets; [`settlement`]: weights to money, written with
+//!   its outbox message in one transaction; [`reckon`]: the money rules, pure;
+//! - [`outbox`]: the relay to Redis streams (at least once, with idempotency keys);
+//! - [`anomalies`]: what operators must look at; [`restock`]: refills and restock orders.
+
+pub mod anomalies;
+pub mod doors;
+pub mod driver;
+pub mod lock;
+pub mod opening;
+pub mod orders;
+pub mod outbox;
+pub mod reckon;
+pub mod restock;
+pub mod settlement;
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+/// An order's state (`orders.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Waiting for the payment provider's authorisation.
+    Created,
+    /// Authorised; the door is about to be opened.
+    Authorised,
+    /// The open command was sent; waiting for the cabinet.
+    DoorOpening,
+    /// The shopper has the door open.
+    DoorOpen,
+    /// The door closed; waiting for stable weights.
+    DoorClosed,
+    /// Charged (possibly nothing); final.
+    Settled,
+    /// Ended without a charge; final.
+    Cancelled,
+    /// Could not be settled automatically; an operator decides; final for the automation.
+    Abnormal,
+}
+
+impl State {
+    /// Every state, for gauges.
+    pub const ALL: [State; 8] = [
+        State::Created,
+        State::Authorised,
+        State::DoorOpening,
+        State::DoorOpen,
+        State::DoorClosed,
+        State::Settled,
+        State::Cancelled,
+        State::Abnormal,
+    ];
+
+    /// The column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Created => "created",
+            State::Authorised => "authorised",
+            State::DoorOpening => "door_opening",
+            State::DoorOpen => "door_open",
+            State::DoorClosed => "door_closed",
+            State::Settled => "settled",
+            State::Cancelled => "cancelled",
+            State::Abnormal => "abnormal",
+        }
+    }
+
+    /// From the column value.
+    pub fn parse(s: &str) -> Option<Self> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether the order still runs (and holds its door's lock).
+    pub fn is_active(self) -> bool {
+        !matches!(self, State::Settled | State::Cancelled | State::Abnormal)
+    }
+}
+
+/// Wake-ups shared by the purchase tasks of one instance (a new due order, a new outbox row),
+/// so that they act at once instead of at their next poll.
+#[derive(Debug, Default)]
+pub struct Wakers {
+    /// The driver: an order became due now.
+    pub driver: Notify,
+    /// The outbox relay: a message was written.
+    pub relay: Notify,
+}

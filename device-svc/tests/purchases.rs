@@ -1,0 +1,501 @@
+//! Purchases end to end: the HTTP API, a real gateway, real PostgreSQL and Redis, and a cabinet
+//! with shelves over a real socket that streams weights at the documented cadence.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use common::shop::{Mode, Settling, Shop};
+use common::*;
+use protocol::cabinet::CommandAction;
+use serde_json::{Value, json};
+
+const WATER: (&str, i32, i64) = ("water", 500, 150);
+const CHIPS: (&str, i32, i64) = ("chips", 80, 250);
+const COLA: (&str, i32, i64) = ("cola", 350, 300);
+
+/// Door 1: lane 1 water, lane 2 chips, lane 3 cola (restock below 9), lane 4 chips; ten items
+/// each. Door 2: one lane of water.
+fn shelves() -> BTreeMap<(u8, u8), i32> {
+    BTreeMap::from([
+        ((1, 1), 10 * WATER.1),
+        ((1, 2), 10 * CHIPS.1),
+        ((1, 3), 10 * COLA.1),
+        ((1, 4), 10 * CHIPS.1),
+        ((2, 1), 10 * WATER.1),
+    ])
+}
+
+fn purchase_config(stack: &Stack, instance: &str) -> device_svc::config::Config {
+    let mut c = stack.svc_config(instance);
+    c.purchases.open_timeout_ms = 600;
+    c.purchases.query_interval_ms = 100;
+    c.purchases.settle_wait_s = 6;
+    c.purchases.lock_ttl_s = 6;
+    c.purchases.poll_ms = 50;
+    c
+}
+
+/// Registers the products and cabinet `id`, logs it in with its shelves, waits until online.
+async fn shop(stack: &Stack, api: SocketAddr, id: &str) -> Shop {
+    for (name, unit, price) in [WATER, CHIPS, COLA] {
+        let (code, _) = http(
+            api,
+            "POST",
+            "/v1/products",
+            Some(json!({"id": name, "name": name, "unit_grams": unit, "price_cents": price})),
+        )
+        .await;
+        assert!(code == 201 || code == 409, "product {name}: {code}");
+    }
+    let lane = |lane_id: u8, product: &str, threshold: i32| json!({"lane_id": lane_id, "product_id": product, "restock_threshold": threshold});
+    let doors = json!([
+        {"door_id": 1, "lanes": [lane(1, "water", 0), lane(2, "chips", 0), lane(3, "cola", 9), lane(4, "chips", 0)]},
+        {"door_id": 2, "lanes": [lane(1, "water", 0)]},
+    ]);
+    let issued = expect(api, "POST", "/v1/cabinets", Some(json!({"id": id, "doors": doors})), 201).await;
+    let secret = hex::decode(issued["secret"].as_str().unwrap()).unwrap();
+    let device = protocol::DeviceId::new(id).unwrap();
+    let cabinet = login(stack.cabinet_addr(), &device, &secret).await;
+    let shop = Shop::start(cabinet, shelves());
+    wait_status(api, &format!("cab:{id}"), "online").await;
+    shop
+}
+
+async fn order(api: SocketAddr, user: &str, cabinet: &str, door: u8) -> (u16, Value) {
+    http(api, "POST", "/v1/orders", Some(json!({"user_id": user, "cabinet_id": cabinet, "door_id": door}))).await
+}
+
+async fn authorise(api: SocketAddr, id: &str) -> (u16, Value) {
+    http(
+        api,
+        "POST",
+        "/v1/payments/callback",
+        Some(json!({"order_id": id, "status": "authorised", "payment_id": format!("pay-{id}")})),
+    )
+    .await
+}
+
+async fn wait_order(api: SocketAddr, id: &str, state: &str) -> Value {
+    wait_until(&format!("order {id} {state}"), WAIT, || async {
+        let v = expect(api, "GET", &format!("/v1/orders/{id}"), None, 200).await;
+        (v["state"] == state).then_some(v)
+    })
+    .await
+}
+
+/// Entries of a stream under the test's prefix: (idem_key, payload).
+async fn stream(stack: &Stack, name: &str) -> Vec<(String, Value)> {
+    let mut con = stack.redis.clone();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{}{name}", stack.ns.prefix))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    reply
+        .ids
+        .into_iter()
+        .map(|e| {
+            let f = |k: &str| match e.map.get(k) {
+                Some(redis::Value::BulkString(b)) => String::from_utf8(b.clone()).unwrap(),
+                other => panic!("field {k}: {other:?}"),
+            };
+            (f("idem_key"), serde_json::from_str(&f("payload")).unwrap())
+        })
+        .collect()
+}
+
+async fn settlements(stack: &Stack) -> Vec<(String, Value)> {
+    stream(stack, "account:settlements").await
+}
+
+async fn lock_holder(stack: &Stack, cabinet: &str, door: u8) -> Option<String> {
+    let mut con = stack.redis.clone();
+    redis::cmd("GET")
+        .arg(format!("{}lock:{{{cabinet}}}:door:{door}", stack.ns.prefix))
+        .query_async(&mut con)
+        .await
+        .unwrap()
+}
+
+/// Orders, authorises and waits for the door to be open; returns the order id.
+async fn open(api: SocketAddr, user: &str, cabinet: &str, door: u8) -> String {
+    let (code, o) = order(api, user, cabinet, door).await;
+    assert_eq!(code, 201, "{o}");
+    let id = o["id"].as_str().unwrap().to_owned();
+    assert_eq!(o["state"], "created");
+    let (code, a) = authorise(api, &id).await;
+    assert_eq!(code, 200, "{a}");
+    wait_order(api, &id, "door_open").await;
+    id
+}
+
+#[tokio::test]
+async fn a_purchase_settles_once_and_a_low_lane_gets_one_restock_order() {
+    let stack = Stack::new().await;
+    let svc = stack.service_with(purchase_config(&stack, "svc-1")).await;
+    let api = svc.addr;
+    let shop = shop(&stack, api, "cab-p-1").await;
+
+    let id = open(api, "alice", "cab-p-1", 1).await;
+    assert_eq!(lock_holder(&stack, "cab-p-1", 1).await.as_deref(), Some(id.as_str()));
+    shop.take(1, 3, 2, COLA.1);
+    shop.close(1);
+    let settled = wait_order(api, &id, "settled").await;
+    assert_eq!(settled["amount_cents"], 2 * COLA.2);
+    assert_eq!(settled["door_state"], "closed");
+    let path: Vec<&str> =
+        settled["transitions"].as_array().unwrap().iter().map(|t| t["to"].as_str().unwrap()).collect();
+    assert_eq!(path, ["created", "authorised", "door_opening", "door_open", "door_closed", "settled"]);
+    assert_eq!(lock_holder(&stack, "cab-p-1", 1).await, None, "the lock is released");
+
+    let published = wait_until("the settlement published", WAIT, || async {
+        let s = settlements(&stack).await;
+        (!s.is_empty()).then_some(s)
+    })
+    .await;
+    assert_eq!(published.len(), 1, "{published:?}");
+    let (key, message) = &published[0];
+    assert_eq!(key, &format!("settlement:{id}"));
+    assert_eq!(message["amount_cents"], 2 * COLA.2);
+    assert_eq!(message["user_id"], "alice");
+    assert_eq!(
+        message["lines"],
+        json!([{"lane_id": 3, "product_id": "cola", "items": 2, "unit_price_cents": 300, "amount_cents": 600}])
+    );
+
+    // Lane 3 holds 8 < 9: one restock order, and a notice. A second purchase from it keeps one.
+    let restocks = expect(api, "GET", "/v1/restock-orders?cabinet_id=cab-p-1", None, 200).await;
+    assert_eq!(restocks.as_array().unwrap().len(), 1, "{restocks}");
+    assert_eq!((restocks[0]["lane_id"].as_i64(), restocks[0]["items_left"].as_i64()), (Some(3), Some(8)));
+    let id2 = open(api, "alice", "cab-p-1", 1).await;
+    shop.take(1, 3, 1, COLA.1);
+    shop.close(1);
+    assert_eq!(wait_order(api, &id2, "settled").await["amount_cents"], COLA.2);
+    let restocks = expect(api, "GET", "/v1/restock-orders?cabinet_id=cab-p-1", None, 200).await;
+    assert_eq!(restocks.as_array().unwrap().len(), 1, "{restocks}");
+    let notices = wait_until("the restock notice", WAIT, || async {
+        let n = stream(&stack, "notices").await;
+        n.iter().any(|(_, m)| m["type"] == "restock_order").then_some(n)
+    })
+    .await;
+    assert_eq!(notices.iter().filter(|(_, m)| m["type"] == "restock_order").count(), 1);
+
+    // A restock holds the door, and finishing it closes the restock order.
+    let r = expect(api, "POST", "/v1/cabinets/cab-p-1/doors/1/restocks", Some(json!({"operator": "bob"})), 201).await;
+    let (code, busy) = order(api, "carol", "cab-p-1", 1).await;
+    assert_eq!((code, busy["error"].as_str()), (409, Some("door_busy")));
+    // The operator's door events are expected: no anomaly. The same on another door is one.
+    shop.close(1);
+    shop.close(2);
+    let unexplained = wait_until("the door-2 event recorded", WAIT, || async {
+        let a = expect(api, "GET", "/v1/anomalies?cabinet_id=cab-p-1&kind=event_without_order", None, 200).await;
+        (!a.as_array().unwrap().is_empty()).then_some(a)
+    })
+    .await;
+    assert_eq!(unexplained.as_array().unwrap().len(), 1, "{unexplained}");
+    assert_eq!(unexplained[0]["door_id"], 2);
+    let m = svc.app.metrics.render();
+    assert_eq!(metric(&m, "devsvc_stream_entries_total{result=\"restock\",type=\"door_event\"}"), 1.0);
+    let done = expect(api, "POST", &format!("/v1/restocks/{}/finish", r["id"].as_str().unwrap()), None, 200).await;
+    assert_eq!(done["closed_restock_orders"], 1);
+    let restocks = expect(api, "GET", "/v1/restock-orders?cabinet_id=cab-p-1", None, 200).await;
+    assert_eq!(restocks, json!([]));
+    assert_eq!(order(api, "carol", "cab-p-1", 1).await.0, 201);
+
+    assert_eq!(settlements(&stack).await.len(), 2);
+    let metrics = svc.app.metrics.render();
+    assert_eq!(metric(&metrics, "devsvc_order_transitions_total{to=\"settled\"}"), 2.0);
+    assert_eq!(metric(&metrics, "devsvc_restock_orders_total"), 1.0);
+    assert!(metric(&metrics, "devsvc_order_settlement_seconds_count") >= 2.0);
+    shop.stop().await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_cabinet_silent_after_the_open_command_is_queried_five_times_then_the_order_is_cancelled() {
+    let stack = Stack::new().await;
+    let svc = stack.service_with(purchase_config(&stack, "svc-1")).await;
+    let api = svc.addr;
+    let shop = shop(&stack, api, "cab-p-2").await;
+    shop.set_mode(Mode::Mute);
+    let (_, o) = order(api, "dave", "cab-p-2", 1).await;
+    let id = o["id"].as_str().unwrap().to_owned();
+    assert_eq!(authorise(api, &id).await.0, 200);
+    let cancelled = wait_order(api, &id, "cancelled").await;
+    assert_eq!(cancelled["reason"], "cabinet_silent");
+    assert_eq!(cancelled["door_state"], "abnormal");
+    let commands = shop.commands();
+    assert_eq!(commands.len(), 6, "{commands:?}");
+    assert!(matches!(commands[0], CommandAction::OpenDoor { door_id: 1, .. }));
+    assert!(commands[1..].iter().all(|c| matches!(c, CommandAction::QueryDoor { door_id: 1 })));
+    assert_eq!(lock_holder(&stack, "cab-p-2", 1).await, None);
+    let anomalies = expect(api, "GET", &format!("/v1/anomalies?order_id={id}"), None, 200).await;
+    assert_eq!(anomalies[0]["kind"], "cabinet_silent");
+    // The door is free again and the user may order.
+    shop.set_mode(Mode::Normal);
+    assert_eq!(order(api, "dave", "cab-p-2", 1).await.0, 201);
+    assert!(settlements(&stack).await.is_empty());
+    shop.stop().await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn an_order_not_authorised_in_time_is_cancelled_across_a_restart() {
+    let stack = Stack::new().await;
+    let mut config = purchase_config(&stack, "svc-1");
+    config.purchases.authorise_timeout_s = 2;
+    let svc = stack.service_with(config.clone()).await;
+    let api = svc.addr;
+    let shop = shop(&stack, api, "cab-p-3").await;
+    let (_, o) = order(api, "erin", "cab-p-3", 2).await;
+    let id = o["id"].as_str().unwrap().to_owned();
+    // The instance that took the order goes away before the deadline; a new one cancels it.
+    svc.stop().await;
+    assert_eq!(lock_holder(&stack, "cab-p-3", 2).await.as_deref(), Some(id.as_str()));
+    config.instance_id = "svc-2".into();
+    let svc = stack.service_with(config).await;
+    let api = svc.addr;
+    let cancelled = wait_order(api, &id, "cancelled").await;
+    assert_eq!(cancelled["reason"], "not_authorised_in_time");
+    assert_eq!(cancelled["transitions"][1]["cause"], "authorisation_timeout");
+    assert_eq!(lock_holder(&stack, "cab-p-3", 2).await, None);
+    // A late authorisation is refused so the provider releases the funds; nothing opens.
+    let (code, late) = authorise(api, &id).await;
+    assert_eq!((code, late["error"].as_str()), (409, Some("order_cancelled")));
+    assert!(shop.commands().is_empty());
+    shop.stop().await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn two_users_on_one_door_one_proceeds_and_the_other_is_refused() {
+    let stack = Stack::new().await;
+    let svc = stack.service_with(purchase_config(&stack, "svc-1")).await;
+    let api = svc.addr;
+    let shop = shop(&stack, api, "cab-p-4").await;
+    let a = tokio::spawn(order(api, "frank", "cab-p-4", 1));
+    let b = tokio::spawn(order(api, "grace", "cab-p-4", 1));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let mut codes = [a.0, b.0];
+    codes.sort_unstable();
+    assert_eq!(codes, [201, 409], "{a:?} {b:?}");
+    let refused = if a.0 == 409 { &a.1 } else { &b.1 };
+    assert_eq!(refused["error"], "door_busy");
+    let winner = if a.0 == 201 { ("frank", &a.1) } else { ("grace", &b.1) };
+    // The winner cannot start a second order elsewhere while this one runs.
+    let (code, again) = order(api, winner.0, "cab-p-4", 2).await;
+    assert_eq!((code, again["error"].as_str()), (409, Some("unpaid_order")));
+    // Price changes wait for the door too.
+    let (code, price) = http(
+        api,
+        "PUT",
+        "/v1/cabinets/cab-p-4/doors/1/lanes/3",
+        Some(json!({"product_id": "cola", "restock_threshold": 9, "price_cents": 999})),
+    )
+    .await;
+    assert_eq!((code, price["error"].as_str()), (409, Some("door_busy")));
+    // An offline cabinet takes no orders; an unknown one is 404.
+    let (code, _) = order(api, "heidi", "nope", 1).await;
+    assert_eq!(code, 404);
+    let e = expect(api, "POST", "/v1/orders", Some(json!({"user_id": "heidi", "cabinet_id": "cab-p-4"})), 400).await;
+    assert_eq!(e["field"], "door_id");
+    let metrics = svc.app.metrics.render();
+    assert!(metric(&metrics, "devsvc_door_lock_attempts_total{result=\"busy\"}") >= 2.0);
+    shop.stop().await;
+    wait_status(api, "cab:cab-p-4", "offline").await;
+    let (code, off) = order(api, "heidi", "cab-p-4", 2).await;
+    assert_eq!((code, off["error"].as_str()), (409, Some("cabinet_offline")));
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_close_before_the_open_result_is_settled_from_the_weights_and_flagged() {
+    let stack = Stack::new().await;
+    let mut config = purchase_config(&stack, "svc-1");
+    // The cabinet's answers are lost; long enough queries for the close to come first.
+    config.purchases.query_interval_ms = 1000;
+    let svc = stack.service_with(config).await;
+    let api = svc.addr;
+    let shop = shop(&stack, api, "cab-p-5").await;
+    shop.set_mode(Mode::OpensSilently);
+    let (_, o) = order(api, "ivan", "cab-p-5", 1).await;
+    let id = o["id"].as_str().unwrap().to_owned();
+    assert_eq!(authorise(api, &id).await.0, 200);
+    wait_until("the open command", WAIT, || async { (!shop.commands().is_empty()).then_some(()) }).await;
+    shop.take(1, 1, 1, WATER.1);
+    shop.close(1);
+    let settled = wait_order(api, &id, "settled").await;
+    assert_eq!(settled["amount_cents"], WATER.2);
+    assert_eq!(settled["review"], json!(["close_before_open"]));
+    let anomalies = expect(api, "GET", &format!("/v1/anomalies?order_id={id}"), None, 200).await;
+    assert_eq!(anomalies.as_array().unwrap().len(), 1);
+    assert_eq!(anomalies[0]["kind"], "close_before_open");
+    assert!(anomalies[0]["detail"]["goods"].is_array(), "{anomalies}");
+    let published = wait_until("the settlement", WAIT, || async {
+        let s = settlements(&stack).await;
+        (!s.is_empty()).then_some(s)
+    })
+    .await;
+    assert_eq!(published[0].1["review"], json!(["close_before_open"]));
+    shop.stop().await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn an_item_moved_between_lanes_is_not_charged_and_operators_are_told() {
+    let stack = Stack::new().await;
+    let svc = stack.service_with(purchase_config(&stack, "svc-1")).await;
+    let api = svc.addr;
+    let shop = shop(&stack, api, "cab-p-6").await;
+    let id = open(api, "judy", "cab-p-6", 1).await;
+    // One water taken; one bag of chips moved from lane 4 into lane 3 (cola).
+    shop.take(1, 1, 1, WATER.1);
+    shop.take(1, 4, 1, CHIPS.1);
+    shop.take(1, 3, -1, CHIPS.1);
+    shop.close(1);
+    let settled = wait_order(api, &id, "settled").await;
+    assert_eq!(settled["amount_cents"], WATER.2);
+    let anomalies = expect(api, "GET", "/v1/anomalies?kind=lane_gain", None, 200).await;
+    assert_eq!(anomalies.as_array().unwrap().len(), 1, "{anomalies}");
+    assert_eq!(anomalies[0]["detail"]["gained_lanes"], json!([3]));
+    assert_eq!(anomalies[0]["detail"]["moves"], json!([{"from_lane": 4, "to_lane": 3, "items": 1}]));
+    let notices = wait_until("the anomaly notice", WAIT, || async {
+        let n = stream(&stack, "notices").await;
+        n.iter().any(|(_, m)| m["kind"] == "lane_gain").then_some(n)
+    })
+    .await;
+    assert_eq!(notices.iter().filter(|(_, m)| m["kind"] == "lane_gain").count(), 1);
+    shop.stop().await;
+    svc.stop().await;
+}
+
+/// The account service's side of the contract (SPEC.md 3.5): a charge is applied once per
+/// `idem_key`, however often it is delivered.
+async fn apply_charges(stack: &Stack) -> i64 {
+    let mut con = stack.redis.clone();
+    let ledger = format!("{}test:ledger", stack.ns.prefix);
+    let mut total = 0;
+    for (key, message) in settlements(stack).await {
+        let first: bool = redis::cmd("HSETNX").arg(&ledger).arg(&key).arg(1).query_async(&mut con).await.unwrap();
+        if first {
+            total += message["amount_cents"].as_i64().unwrap();
+        }
+    }
+    total
+}
+
+#[tokio::test]
+async fn a_settlement_relayed_twice_or_a_close_redelivered_charges_once() {
+    let stack = Stack::new().await;
+    let config = purchase_config(&stack, "svc-1");
+    let svc = stack.service_with(config.clone()).await;
+    let api = svc.addr;
+    let shop = shop(&stack, api, "cab-p-7").await;
+    let id = open(api, "ken", "cab-p-7", 1).await;
+    shop.take(1, 2, 3, CHIPS.1);
+    shop.close(1);
+    wait_order(api, &id, "settled").await;
+    wait_until("published", WAIT, || async { (settlements(&stack).await.len() == 1).then_some(()) }).await;
+
+    // The relay died after XADD and before marking the row: the next instance publishes again.
+    svc.stop().await;
+    let pg = stack.pg().await;
+    let n = pg
+        .execute("UPDATE outbox SET published_at = NULL WHERE idem_key = $1", &[&format!("settlement:{id}")])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let mut config = config;
+    config.instance_id = "svc-2".into();
+    let svc = stack.service_with(config).await;
+    let api = svc.addr;
+    wait_until("published again", WAIT, || async { (settlements(&stack).await.len() == 2).then_some(()) }).await;
+    let published = settlements(&stack).await;
+    assert_eq!(published[0].0, published[1].0, "both carry the same idempotency key");
+    assert_eq!(apply_charges(&stack).await, 3 * CHIPS.2);
+    assert_eq!(apply_charges(&stack).await, 0, "a second pass charges nothing");
+
+    // The gateway delivers the close event again (its ack was lost): nothing changes.
+    let mut con = stack.redis.clone();
+    let mut closes = Vec::new();
+    for shard in 0..svc.app.config.streams.shards {
+        let upstream = stack.keys.upstream(shard);
+        let events: redis::streams::StreamRangeReply =
+            redis::cmd("XRANGE").arg(&upstream).arg("-").arg("+").query_async(&mut con).await.unwrap();
+        for e in events.ids {
+            let fields = device_svc::consumer::bulk_fields(e.map);
+            if let Ok(protocol::bus::UpEvent::Cabinet {
+                message:
+                    protocol::cabinet::Message::DoorEvent(protocol::cabinet::DoorEvent {
+                        state: protocol::cabinet::DoorState::Closed,
+                        ..
+                    }),
+                ..
+            }) = protocol::bus::UpEvent::from_fields(&fields)
+            {
+                closes.push((upstream.clone(), fields));
+            }
+        }
+    }
+    assert_eq!(closes.len(), 1);
+    let (upstream, fields) = &closes[0];
+    let fields: Vec<(&String, &Vec<u8>)> = fields.iter().collect();
+    let _: String = redis::cmd("XADD").arg(upstream).arg("*").arg(&fields).query_async(&mut con).await.unwrap();
+    wait_until("the repeat consumed", WAIT, || async {
+        let m = svc.app.metrics.render();
+        (metric(&m, "devsvc_stream_entries_total{result=\"unchanged\",type=\"door_event\"}") >= 1.0).then_some(())
+    })
+    .await;
+    let o = expect(api, "GET", &format!("/v1/orders/{id}"), None, 200).await;
+    assert_eq!((o["state"].as_str(), o["amount_cents"].as_i64()), (Some("settled"), Some(3 * CHIPS.2)));
+    assert_eq!(expect(api, "GET", &format!("/v1/anomalies?order_id={id}"), None, 200).await, json!([]));
+    assert_eq!(pg.query_one("SELECT count(*) FROM settlements", &[]).await.unwrap().get::<_, i64>(0), 1);
+    shop.stop().await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn unstable_readings_make_the_order_wait_and_past_the_bound_go_to_review() {
+    let stack = Stack::new().await;
+    let mut config = purchase_config(&stack, "svc-1");
+    config.purchases.settle_wait_s = 2;
+    let svc = stack.service_with(config).await;
+    let api = svc.addr;
+    let shop = shop(&stack, api, "cab-p-8").await;
+    shop.set_settling(Settling::NeverStable);
+    let id = open(api, "leo", "cab-p-8", 1).await;
+    shop.take(1, 3, 1, COLA.1);
+    shop.close(1);
+    wait_order(api, &id, "door_closed").await;
+    let abnormal = wait_order(api, &id, "abnormal").await;
+    assert_eq!(abnormal["reason"], "weights_not_stable");
+    assert_eq!(abnormal["amount_cents"], Value::Null, "never settled on the pre-opening weight");
+    assert_eq!(lock_holder(&stack, "cab-p-8", 1).await, None);
+    let anomalies = expect(api, "GET", &format!("/v1/anomalies?order_id={id}"), None, 200).await;
+    assert_eq!(anomalies[0]["kind"], "weights_not_stable");
+
+    // A new order needs weights taken after that close: the shelf changed since the last
+    // stable reading. The closed door's next regular report brings them.
+    shop.set_settling(Settling::Normal);
+    let closed_ms = abnormal["closed_ms"].as_u64().unwrap();
+    wait_until("a stable reading after the close", WAIT, || async {
+        let w = expect(api, "GET", "/v1/cabinets/cab-p-8/weights", None, 200).await;
+        w["lanes"].as_array().unwrap().iter().all(|l| l["sample_ms"].as_u64().unwrap() > closed_ms).then_some(())
+    })
+    .await;
+    // The next time the scales settle within the bound: the first stable reading counts.
+    let id = open(api, "leo", "cab-p-8", 1).await;
+    shop.take(1, 3, 2, COLA.1);
+    shop.close(1);
+    let settled = wait_order(api, &id, "settled").await;
+    // The cola the first shopper took is gone too, but it was before this order's snapshot.
+    assert_eq!(settled["amount_cents"], 2 * COLA.2);
+    shop.stop().await;
+    svc.stop().await;
+}
