@@ -479,6 +479,20 @@ async fn unstable_readings_make_the_order_wait_and_past_the_bound_go_to_review()
     assert_eq!(lock_holder(&stack, "cab-p-8", 1).await, None);
     let anomalies = expect(api, "GET", &format!("/v1/anomalies?order_id={id}"), None, 200).await;
     assert_eq!(anomalies[0]["kind"], "weights_not_stable");
+    // An operator who counted one cola settles it: priced from the order's snapshot.
+    let body = json!({"operator": "olga", "items": [{"lane_id": 3, "items": 1}]});
+    let settled = expect(api, "POST", &format!("/v1/orders/{id}/settle"), Some(body.clone()), 200).await;
+    assert_eq!((settled["state"].as_str(), settled["amount_cents"].as_i64()), (Some("settled"), Some(COLA.2)));
+    assert_eq!(settled["review"], json!(["operator_settled"]));
+    let again = expect(api, "POST", &format!("/v1/orders/{id}/settle"), Some(body), 409).await;
+    assert_eq!(again["error"], "not_abnormal");
+    let bad = json!({"operator": "olga", "items": [{"lane_id": 9, "items": 1}]});
+    assert_eq!(expect(api, "POST", &format!("/v1/orders/{id}/settle"), Some(bad), 400).await["field"], "items.lane_id");
+    wait_until("the operator's settlement published", WAIT, || async {
+        let s = settlements(&stack).await;
+        s.iter().any(|(k, m)| k == &format!("settlement:{id}") && m["amount_cents"] == COLA.2).then_some(())
+    })
+    .await;
 
     // A new order needs weights taken after that close: the shelf changed since the last
     // stable reading. The closed door's next regular report brings them.

@@ -44,6 +44,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/devices/{key}/commands", post(send::send))
         .route("/v1/orders", post(orders::create))
         .route("/v1/orders/{id}", get(orders::get))
+        .route("/v1/orders/{id}/settle", post(orders::settle))
         .route("/v1/payments/callback", post(orders::payment_callback))
         .route("/v1/anomalies", get(orders::list_anomalies))
         .route("/v1/anomalies/{id}/resolve", post(orders::resolve_anomaly))

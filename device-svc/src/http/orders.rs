@@ -15,6 +15,7 @@ use crate::app::App;
 use crate::purchases::anomalies::{self, Anomaly};
 use crate::purchases::orders::{self, Authorisation, NewOrder, Order, Transition};
 use crate::purchases::restock::{self, Restock};
+use crate::purchases::settlement;
 
 /// An order with its history.
 #[derive(Debug, Serialize)]
@@ -50,6 +51,24 @@ pub(super) async fn payment_callback(
     JsonBody(a): JsonBody<Authorisation>,
 ) -> Result<Json<OrderView>, ApiError> {
     let order = orders::authorise(&app, &a).await?;
+    view(&app, order).await
+}
+
+/// The body of `POST /v1/orders/{id}/settle`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct OperatorSettlement {
+    operator: String,
+    items: Vec<settlement::Counted>,
+}
+
+/// `POST /v1/orders/{id}/settle`: an operator settles an order in review; 409 `not_abnormal`.
+pub(super) async fn settle(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<OperatorSettlement>,
+) -> Result<Json<OrderView>, ApiError> {
+    let order = settlement::settle_by_operator(&app, &id, &body.operator, &body.items).await?;
     view(&app, order).await
 }
 

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::anomalies::{self, NewAnomaly, kind};
 use super::orders::{self, COLUMNS, Changes, Order};
-use super::reckon::{self, GoodsLane, Reckoning};
+use super::reckon::{self, GoodsLane, Line, Reckoning};
 use super::{State, lock, outbox, restock};
 use crate::app::{App, now_ms};
 use crate::error::StoreError;
@@ -102,28 +102,7 @@ async fn finish(app: &App, order: &Order, verdict: Verdict<'_>) -> Result<State,
     };
     match verdict {
         Verdict::Charge(r, after, goods) => {
-            let lines = serde_json::to_value(&r.lines).map_err(|e| StoreError::invalid("lines", e.to_string()))?;
-            tx.execute(
-                "INSERT INTO settlements (order_id, amount_cents, lines) VALUES ($1, $2, $3)",
-                &[&order.id, &r.amount_cents, &lines],
-            )
-            .await?;
-            let payment_id: Option<String> =
-                tx.query_one("SELECT payment_id FROM orders WHERE id = $1", &[&order.id]).await?.get(0);
-            let key = format!("settlement:{}", order.id);
-            let message = json!({
-                "type": "settlement",
-                "idem_key": key,
-                "order_id": order.id,
-                "user_id": order.user_id,
-                "payment_id": payment_id,
-                "cabinet_id": order.cabinet_id,
-                "door_id": order.door_id,
-                "amount_cents": r.amount_cents,
-                "lines": lines,
-                "review": done.review,
-            });
-            outbox::enqueue(&tx, outbox::SETTLEMENTS, &key, &message).await?;
+            record_settlement(&tx, &done, &r.lines, r.amount_cents).await?;
             if !r.gained_lanes.is_empty() {
                 let detail = json!({"gained_lanes": r.gained_lanes, "moves": r.moves,
                                     "unexplained_gain_lanes": r.unexplained_gain_lanes,
@@ -156,6 +135,101 @@ async fn finish(app: &App, order: &Order, verdict: Verdict<'_>) -> Result<State,
     app.purchase_wakers.relay.notify_one();
     tracing::info!(order = %order.id, state = to.as_str(), amount_cents = done.amount_cents, "order finished");
     Ok(to)
+}
+
+/// Writes the settlement of `order` (already moved to `settled` in `tx`) and its message for
+/// the account service.
+async fn record_settlement(
+    tx: &tokio_postgres::Transaction<'_>,
+    order: &Order,
+    lines: &[Line],
+    amount_cents: i64,
+) -> Result<(), StoreError> {
+    let lines = serde_json::to_value(lines).map_err(|e| StoreError::invalid("lines", e.to_string()))?;
+    tx.execute(
+        "INSERT INTO settlements (order_id, amount_cents, lines) VALUES ($1, $2, $3)",
+        &[&order.id, &amount_cents, &lines],
+    )
+    .await?;
+    let payment_id: Option<String> =
+        tx.query_one("SELECT payment_id FROM orders WHERE id = $1", &[&order.id]).await?.get(0);
+    let key = format!("settlement:{}", order.id);
+    let message = json!({
+        "type": "settlement",
+        "idem_key": key,
+        "order_id": order.id,
+        "user_id": order.user_id,
+        "payment_id": payment_id,
+        "cabinet_id": order.cabinet_id,
+        "door_id": order.door_id,
+        "amount_cents": amount_cents,
+        "lines": lines,
+        "review": order.review,
+    });
+    outbox::enqueue(tx, outbox::SETTLEMENTS, &key, &message).await?;
+    Ok(())
+}
+
+/// Items an operator counted in one lane.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Counted {
+    /// Lane id (of the order's door).
+    pub lane_id: u8,
+    /// Items taken from it.
+    pub items: i64,
+}
+
+/// Settles an order that went to review with the item counts an operator decided on (from the
+/// anomaly's weights, a camera, the customer), priced from the order's own goods snapshot:
+/// an operator decides what was taken, never a price. The settlement is published like any
+/// other, its `review` naming `operator_settled`.
+///
+/// # Errors
+/// `Invalid` (unknown lane, negative count, empty operator), `NotFound`,
+/// `Rejected("not_abnormal")` for an order not waiting for review, or storage errors.
+pub async fn settle_by_operator(app: &App, id: &str, operator: &str, counted: &[Counted]) -> Result<Order, StoreError> {
+    if operator.is_empty() || operator.len() > 128 {
+        return Err(StoreError::invalid("operator", "1 to 128 characters"));
+    }
+    let order = orders::get(app, id).await?;
+    let goods: Vec<GoodsLane> = order.goods.clone().and_then(|g| serde_json::from_value(g).ok()).unwrap_or_default();
+    let mut lines = Vec::new();
+    for c in counted {
+        let lane = goods.iter().find(|g| g.lane_id == c.lane_id).ok_or_else(|| {
+            StoreError::invalid("items.lane_id", format!("lane {} is not behind the order's door", c.lane_id))
+        })?;
+        if !(0..=10_000).contains(&c.items) {
+            return Err(StoreError::invalid("items.items", "0..=10000"));
+        }
+        if c.items > 0 {
+            let amount_cents = c.items.saturating_mul(lane.price_cents);
+            lines.push(Line {
+                lane_id: c.lane_id,
+                product_id: lane.product_id.clone(),
+                items: c.items,
+                unit_price_cents: lane.price_cents,
+                amount_cents,
+            });
+        }
+    }
+    let amount: i64 = lines.iter().map(|l| l.amount_cents).sum();
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let changes = Changes { amount_cents: Some(amount), review: Some("operator_settled"), ..Changes::default() };
+    let cause = format!("operator:{operator}");
+    let Some(done) = orders::transition(&tx, id, &[State::Abnormal], State::Settled, &cause, changes).await? else {
+        return Err(StoreError::rejected(
+            "not_abnormal",
+            format!("order {id} is {:?}, not waiting for review", order.state),
+        ));
+    };
+    record_settlement(&tx, &done, &lines, amount).await?;
+    tx.commit().await?;
+    app.metrics.order_transitions.with_label_values(&[State::Settled.as_str()]).inc();
+    app.purchase_wakers.relay.notify_one();
+    tracing::info!(order = %id, operator, amount_cents = amount, "order settled by an operator");
+    Ok(done)
 }
 
 /// Tries to settle every order waiting on `cabinets` (called after their weights were stored).
