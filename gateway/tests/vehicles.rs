@@ -213,6 +213,8 @@ async fn a_full_upstream_buffer_pauses_the_vehicle_and_loses_nothing() {
     let gw = env.start_with(config).await;
     let (vin, token) = env.provision_vehicle(VIN).await;
     let mut car = Vehicle::connect(gw.addresses.mqtt.unwrap(), &vin, &token).await;
+    // The session's own open event must be out of the buffer first, or it takes a place there.
+    env.wait_upstream_count("the session opened", 1, |e| matches!(e, UpEvent::SessionOpened { .. })).await;
 
     // Redis goes away: the buffer fills after three events, then the gateway stops reading.
     tokio::task::block_in_place(|| env.server_mut().stop());
