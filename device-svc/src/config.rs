@@ -7,25 +7,8 @@ use serde::Deserialize;
 /// The documented default configuration, as shipped.
 pub const DEFAULT_TOML: &str = include_str!("../device-svc.default.toml");
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("failed to read config file {path}: {source}")]
-    Read {
-        /// The path.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML is invalid or has unknown keys.
-    #[error("failed to parse config: {0}")]
-    Parse(#[from] toml::de::Error),
-    /// A value is out of range or inconsistent.
-    #[error("invalid config: {0}")]
-    Invalid(String),
-}
+/// A configuration that cannot be used (shared by the service binaries).
+pub use service_kit::ConfigError;
 
 /// The whole configuration; meanings, units and defaults in `device-svc.default.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -265,7 +248,7 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Parse`].
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
+        service_kit::config::from_toml(text)
     }
 
     /// Reads a TOML file.
@@ -273,8 +256,7 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Read`] or [`ConfigError::Parse`].
     pub fn from_file(path: &str) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::from_toml(&text)
+        service_kit::config::from_file(path)
     }
 
     /// Applies `DEVICE_SVC_*` overrides read through `lookup`.
@@ -290,7 +272,7 @@ impl Config {
         set(&mut self.postgres.url, "DEVICE_SVC_DATABASE_URL");
         set(&mut self.redis.url, "DEVICE_SVC_REDIS_URL");
         if let Some(v) = lookup("DEVICE_SVC_REDIS_CLUSTER_URLS") {
-            self.redis.cluster_urls = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+            self.redis.cluster_urls = service_kit::config::url_list(&v);
         }
     }
 
@@ -301,8 +283,7 @@ impl Config {
     pub fn validate(mut self) -> Result<Self, ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         if self.instance_id.is_empty() {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            self.instance_id = format!("{}-{}", host.trim(), std::process::id());
+            self.instance_id = format!("{}-{}", service_kit::config::host_name(), std::process::id());
         }
         if !self.instance_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return bad("instance_id: use [A-Za-z0-9._-]");

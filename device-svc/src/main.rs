@@ -7,8 +7,9 @@ use clap::Parser;
 use device_svc::DeviceService;
 use device_svc::config::{Config, DEFAULT_TOML, ENV_VARS};
 
-/// Device registry and status, weight streams and commands to devices behind an HTTP API;
-/// consumes the gateways' upstream streams in a consumer group shared by every instance.
+/// Device registry and status, weight streams, commands to devices and purchases behind an
+/// HTTP API; consumes the gateways' upstream streams in a consumer group shared by every
+/// instance.
 ///
 /// Settings come from the TOML file (`--print-default-config` shows every key with its unit
 /// and default), then DEVICE_SVC_* environment variables, then these flags.
@@ -39,16 +40,8 @@ struct Args {
 }
 
 fn env_help() -> String {
-    let mut s = String::from("Environment:\n");
-    for (name, setting) in ENV_VARS {
-        s.push_str(&format!("  {name:<30} overrides {setting}\n"));
-    }
-    s.push_str("  RUST_LOG                       log filter (default: info)\n");
-    s
+    service_kit::config::env_help(ENV_VARS)
 }
-
-/// Exit code for an unusable configuration (sysexits EX_CONFIG).
-const EX_CONFIG: u8 = 78;
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
     let mut config = match &args.config {
@@ -70,30 +63,9 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     Ok(config.validate()?)
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
-}
-
 async fn run(config: Config) -> anyhow::Result<()> {
     let service = DeviceService::start(config).await.context("failed to start the device service")?;
-    let signal = wait_for_signal().await?;
+    let signal = service_kit::run::wait_for_signal().await?;
     tracing::info!(signal, "shutting down");
     service.stop().await;
     Ok(())
@@ -108,26 +80,5 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    init_logging(args.log_json);
-    let config = match load_config(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("device-svc: {e:#}");
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("device-svc: failed to start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "device service failed");
-            ExitCode::FAILURE
-        }
-    }
+    service_kit::run::main("device-svc", args.log_json, || load_config(&args), run)
 }

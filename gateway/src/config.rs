@@ -10,25 +10,8 @@ use serde::Deserialize;
 /// The documented default configuration, as shipped.
 pub const DEFAULT_TOML: &str = include_str!("../gateway.default.toml");
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("failed to read config file {path}: {source}")]
-    Read {
-        /// The path.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML is invalid or has unknown keys.
-    #[error("failed to parse config: {0}")]
-    Parse(#[from] toml::de::Error),
-    /// A value is out of range or inconsistent with another.
-    #[error("invalid config: {0}")]
-    Invalid(String),
-}
+/// A configuration that cannot be used (shared by the service binaries).
+pub use service_kit::ConfigError;
 
 fn invalid(msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(msg.into())
@@ -311,7 +294,7 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Parse`].
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Ok(toml::from_str(text)?)
+        service_kit::config::from_toml(text)
     }
 
     /// Reads a TOML file.
@@ -319,8 +302,7 @@ impl Config {
     /// # Errors
     /// [`ConfigError::Read`] or [`ConfigError::Parse`].
     pub fn from_file(path: &str) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::from_toml(&text)
+        service_kit::config::from_file(path)
     }
 
     /// Applies `GATEWAY_*` overrides read through `lookup` (tests pass a map, `main` the
@@ -340,7 +322,7 @@ impl Config {
         set(&mut self.mqtt.tls_listen, "GATEWAY_MQTT_TLS_LISTEN");
         set(&mut self.metrics.listen, "GATEWAY_METRICS_LISTEN");
         if let Some(v) = lookup("GATEWAY_REDIS_CLUSTER_URLS") {
-            self.redis.cluster_urls = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+            self.redis.cluster_urls = service_kit::config::url_list(&v);
         }
     }
 
@@ -350,7 +332,7 @@ impl Config {
     /// [`ConfigError::Invalid`] naming the setting.
     pub fn validate(mut self) -> Result<Self, ConfigError> {
         if self.node_id.is_empty() {
-            self.node_id = host_name();
+            self.node_id = service_kit::config::host_name();
         }
         if self.node_id.is_empty() || !self.node_id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(invalid(format!("node_id {:?}: use 1 or more of [A-Za-z0-9._-]", self.node_id)));
@@ -430,13 +412,6 @@ impl Config {
     pub fn login_timeout(&self) -> Duration {
         Duration::from_millis(self.cabinet.login_timeout_ms)
     }
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|s| s.trim().chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).collect())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -42,16 +42,8 @@ struct Args {
 }
 
 fn env_help() -> String {
-    let mut s = String::from("Environment:\n");
-    for (name, setting) in ENV_VARS {
-        s.push_str(&format!("  {name:<28} overrides {setting}\n"));
-    }
-    s.push_str("  RUST_LOG                     log filter (default: info)\n");
-    s
+    service_kit::config::env_help(ENV_VARS)
 }
-
-/// Exit code for an unusable configuration (sysexits EX_CONFIG).
-const EX_CONFIG: u8 = 78;
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
     let mut config = match &args.config {
@@ -74,31 +66,9 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     Ok(config.validate()?)
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    // SIGTERM: what Kubernetes and systemd send for a rolling release.
-    let mut term = signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
-}
-
 async fn run(config: Config) -> anyhow::Result<()> {
     let gateway = Gateway::start(config).await.context("failed to start the gateway")?;
-    let signal = wait_for_signal().await?;
+    let signal = service_kit::run::wait_for_signal().await?;
     tracing::info!(signal, "shutting down");
     gateway.stop().await;
     Ok(())
@@ -113,26 +83,5 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    init_logging(args.log_json);
-    let config = match load_config(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("gateway: {e:#}");
-            return ExitCode::from(EX_CONFIG);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("gateway: failed to start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "gateway failed");
-            ExitCode::FAILURE
-        }
-    }
+    service_kit::run::main("gateway", args.log_json, || load_config(&args), run)
 }
