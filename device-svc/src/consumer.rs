@@ -90,7 +90,9 @@ impl Consumer {
         }
         weights::store(&self.app, reports).await?;
         weights::check_initialised(&self.app, reports, &self.initialised).await?;
-        let mut cabinets: Vec<&str> = reports.iter().map(|r| r.cabinet.as_str()).collect();
+        // Only a stable reading can settle an order: batches of open doors' readings cost no query.
+        let mut cabinets: Vec<&str> =
+            reports.iter().filter(|r| r.report.lanes.iter().any(|l| l.stable)).map(|r| r.cabinet.as_str()).collect();
         cabinets.sort_unstable();
         cabinets.dedup();
         purchases::settlement::weights_arrived(&self.app, &cabinets).await?;
@@ -104,10 +106,7 @@ impl Consumer {
 
     /// Applies one entry other than a weight report; `entry` is `stream/id`, unique.
     async fn apply_one(&self, entry: &str, event: UpEvent) -> Result<(), StoreError> {
-        let label = match &event {
-            UpEvent::Cabinet { message: Message::DoorEvent(_), .. } => "door_event",
-            other => other.label(),
-        };
+        let label = event.label();
         let result = match event {
             UpEvent::SessionOpened { device, epoch, node, info, at_ms } => {
                 let result = self.status(&device, Event::Opened { epoch, node: node.clone(), info }).await?;

@@ -89,7 +89,7 @@ impl Ctx {
             .arg(self.keys.commands(node))
             .arg("MAXLEN")
             .arg("~")
-            .arg(100_000)
+            .arg(protocol::bus::COMMAND_STREAM_MAXLEN)
             .arg("*")
             .arg(fields)
             .query_async::<()>(&mut con)

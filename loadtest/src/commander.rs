@@ -109,7 +109,7 @@ pub async fn run(
                 .arg(keys.commands(&node))
                 .arg("MAXLEN")
                 .arg("~")
-                .arg(100_000)
+                .arg(protocol::bus::COMMAND_STREAM_MAXLEN)
                 .arg("*")
                 .arg(fields)
                 .query_async(&mut con)

@@ -298,13 +298,14 @@ impl UpEvent {
         }
     }
 
-    /// The metric label (`type="..."`).
+    /// The metric label (`type="..."`); a cabinet message is labelled by its own type
+    /// (`weight_report`, `door_event`, ...), as the gateway counts its frames.
     pub fn label(&self) -> &'static str {
         match self {
             UpEvent::SessionOpened { .. } => "open",
             UpEvent::SessionClosed { .. } => "close",
             UpEvent::Heartbeats { .. } => "hb",
-            UpEvent::Cabinet { .. } => "cab",
+            UpEvent::Cabinet { message, .. } => message.message_type().label(),
             UpEvent::Vehicle { .. } => "veh",
         }
     }
@@ -482,6 +483,10 @@ pub enum CommandBody {
         epoch: u64,
     },
 }
+
+/// Entries a node's command stream keeps (approximately, `XADD … MAXLEN ~`): every sender
+/// caps it the same way (SPEC.md 3.3), so a node that is down cannot make it grow unbounded.
+pub const COMMAND_STREAM_MAXLEN: usize = 100_000;
 
 /// A command, as written to a node's command stream.
 #[derive(Debug, Clone, PartialEq, Eq)]

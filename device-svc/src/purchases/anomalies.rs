@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio_postgres::Transaction;
 
+use super::orders::Order;
 use super::outbox;
 use crate::app::{App, ms_of};
 use crate::error::StoreError;
@@ -51,6 +52,13 @@ pub struct NewAnomaly<'a> {
     pub door_id: u8,
     /// Details: the goods snapshot, the lanes involved, the event.
     pub detail: Value,
+}
+
+impl<'a> NewAnomaly<'a> {
+    /// An anomaly of `order`, on its door, unique by `source`.
+    pub fn of_order(kind: &'static str, source: String, order: &'a Order, detail: Value) -> Self {
+        Self { kind, source, order_id: Some(&order.id), cabinet_id: &order.cabinet_id, door_id: order.door_id, detail }
+    }
 }
 
 /// Records `a` inside `tx` with its notice. Returns whether it was new (then counted).

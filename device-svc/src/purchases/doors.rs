@@ -111,14 +111,8 @@ pub async fn on_door_event(
         // after the cabinet stayed silent, yet the door did open): goods may have left.
         (_, State::Created | State::Settled | State::Cancelled | State::Abnormal) => {
             let k = if order.state == State::Created { kind::EVENT_WITHOUT_ORDER } else { kind::EVENT_AFTER_END };
-            let a = NewAnomaly {
-                kind: k,
-                source: entry.to_owned(),
-                order_id: Some(&order.id),
-                cabinet_id: cabinet,
-                door_id: event.door_id,
-                detail: json!({"event": event_json(event), "order_state": order.state, "goods": order.goods}),
-            };
+            let detail = json!({"event": event_json(event), "order_state": order.state, "goods": order.goods});
+            let a = NewAnomaly::of_order(k, entry.to_owned(), &order, detail);
             anomalies::record_now(app, &a).await?;
             Ok("anomaly")
         }
@@ -141,14 +135,8 @@ async fn closed(app: &App, order: &Order, event_ms: i64, early: Option<&str>) ->
     let tx = client.transaction().await?;
     let moved = orders::transition(&tx, &order.id, &from, State::DoorClosed, "door_closed_event", changes).await?;
     if let (Some(_), Some(entry)) = (&moved, early) {
-        let a = NewAnomaly {
-            kind: kind::CLOSE_BEFORE_OPEN,
-            source: entry.to_owned(),
-            order_id: Some(&order.id),
-            cabinet_id: &order.cabinet_id,
-            door_id: order.door_id,
-            detail: json!({"order_state": order.state, "goods": order.goods}),
-        };
+        let detail = json!({"order_state": order.state, "goods": order.goods});
+        let a = NewAnomaly::of_order(kind::CLOSE_BEFORE_OPEN, entry.to_owned(), order, detail);
         anomalies::record(app, &tx, &a).await?;
     }
     tx.commit().await?;

@@ -54,14 +54,8 @@ async fn act(app: &App, order: Order) -> Result<(), StoreError> {
         }
         State::Authorised | State::DoorOpening => opening::open_door(app, order).await?,
         State::DoorOpen => {
-            let a = NewAnomaly {
-                kind: kind::DOOR_LEFT_OPEN,
-                source: format!("left_open:{}", order.id),
-                order_id: Some(&order.id),
-                cabinet_id: &order.cabinet_id,
-                door_id: order.door_id,
-                detail: json!({"opened_ms": order.opened_ms, "goods": order.goods}),
-            };
+            let detail = json!({"opened_ms": order.opened_ms, "goods": order.goods});
+            let a = NewAnomaly::of_order(kind::DOOR_LEFT_OPEN, format!("left_open:{}", order.id), &order, detail);
             anomalies::record_now(app, &a).await?;
             // Nothing more to time: the close event moves it on.
             let client = app.pg.get().await?;

@@ -113,14 +113,8 @@ async fn cancel(
         orders::transition(&tx, &order.id, &[State::Authorised, State::DoorOpening], State::Cancelled, reason, changes)
             .await?;
     if moved.is_some() && silent {
-        let a = NewAnomaly {
-            kind: kind::CABINET_SILENT,
-            source: format!("silent:{}", order.id),
-            order_id: Some(&order.id),
-            cabinet_id: &order.cabinet_id,
-            door_id: order.door_id,
-            detail: json!({"attempts": order.open_attempts, "goods": order.goods}),
-        };
+        let detail = json!({"attempts": order.open_attempts, "goods": order.goods});
+        let a = NewAnomaly::of_order(kind::CABINET_SILENT, format!("silent:{}", order.id), order, detail);
         anomalies::record(app, &tx, &a).await?;
     }
     tx.commit().await?;

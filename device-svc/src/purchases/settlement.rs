@@ -92,13 +92,8 @@ async fn finish(app: &App, order: &Order, verdict: Verdict<'_>) -> Result<State,
         let state = orders::get(app, &order.id).await?.state;
         return Ok(state);
     };
-    let anomaly = |kind: &'static str, step: &str, detail: serde_json::Value| NewAnomaly {
-        kind,
-        source: format!("{step}:{}", order.id),
-        order_id: Some(&order.id),
-        cabinet_id: &order.cabinet_id,
-        door_id: order.door_id,
-        detail,
+    let anomaly = |kind: &'static str, step: &str, detail: serde_json::Value| {
+        NewAnomaly::of_order(kind, format!("{step}:{}", order.id), order, detail)
     };
     match verdict {
         Verdict::Charge(r, after, goods) => {
