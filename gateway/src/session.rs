@@ -6,13 +6,17 @@
 //! an `Arc`, a `Notify` and an empty queue, which allocates nothing until a command arrives.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 use protocol::bus::{CommandBody, DeviceKey};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
+
+use crate::transport::{Conn, Event};
 
 /// A command on its way to one device.
 #[derive(Debug)]
@@ -219,4 +223,38 @@ mod tests {
         h.end(EndReason::Close);
         assert_eq!(h.end_reason(), EndReason::Close);
     }
+}
+
+/// What woke a session's task.
+#[derive(Debug)]
+pub enum Wake {
+    /// A downlink or an end request.
+    Handle,
+    /// The earliest deadline passed.
+    Timer,
+    /// The socket: bytes read, or room to write.
+    Io(std::io::Result<Event>),
+}
+
+/// Waits for a session's next thing to do: its handle (downlinks, end requests) first, then
+/// its timer, then its socket, so a device flooding bytes cannot starve its own commands.
+/// Poll functions throughout: the wait itself keeps no state (BENCHMARKS.md, memory).
+/// `want_read` false stops reading (backpressure) while the rest still wakes the session.
+pub async fn next_wake(
+    handle: &SessionHandle,
+    mut timer: Pin<&mut Sleep>,
+    conn: &mut Conn,
+    want_read: bool,
+    want_write: bool,
+) -> Wake {
+    std::future::poll_fn(|cx| {
+        if handle.poll_wakeup(cx).is_ready() {
+            return Poll::Ready(Wake::Handle);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Wake::Timer);
+        }
+        conn.poll_wait(cx, want_read, want_write).map(Wake::Io)
+    })
+    .await
 }

@@ -10,28 +10,15 @@ use std::time::Duration;
 
 use protocol::bus::{CommandBody, DeviceKey, Outcome, UpEvent};
 use protocol::cabinet::{self, Command, ErrorCode, Frame, HeartbeatAck, MAX_PAYLOAD_LEN, Message, Notice, NoticeKind};
-use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
 
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::time::{Instant, sleep_until};
 
 use super::login::LoggedIn;
 use super::{PROTOCOL, error, error_frame, queue};
 use crate::clock::now_ms;
 use crate::context::Ctx;
-use crate::session::{Downlink, EndReason, ReleaseIfEmpty, SessionHandle};
+use crate::session::{Downlink, EndReason, ReleaseIfEmpty, SessionHandle, Wake, next_wake};
 use crate::transport::{Conn, Event};
-
-/// What woke the session loop.
-enum Wake {
-    /// A downlink or an end request.
-    Handle,
-    /// The earliest deadline passed.
-    Timer,
-    /// The socket: bytes read, or room to write.
-    Io(std::io::Result<Event>),
-}
 
 /// Bytes a cabinet may leave unread before it counts as a slow reader: far above anything a
 /// cabinet is sent in a burst (commands are tens of bytes).
@@ -146,7 +133,7 @@ impl Session<'_> {
                 timer.as_mut().reset(wake);
             }
             let waiting_to_write = self.conn.pending_write() > 0;
-            let step = match self.next_wake(timer.as_mut(), waiting_to_write).await {
+            let step = match next_wake(&self.live.handle, timer.as_mut(), self.conn, true, waiting_to_write).await {
                 Wake::Handle => match self.live.handle.end_reason() {
                     EndReason::TakenOver => Err(End::TakenOver),
                     EndReason::Close => Err(End::Drain),
@@ -191,22 +178,6 @@ impl Session<'_> {
                 return end;
             }
         }
-    }
-
-    /// Waits for the next thing to do: the handle (downlinks, end requests) first, then the
-    /// timer, then the socket, so a device flooding bytes cannot starve its own commands.
-    /// Poll functions throughout: the wait itself keeps no state (BENCHMARKS.md, memory).
-    async fn next_wake(&mut self, mut timer: Pin<&mut Sleep>, want_write: bool) -> Wake {
-        std::future::poll_fn(|cx| {
-            if self.live.handle.poll_wakeup(cx).is_ready() {
-                return Poll::Ready(Wake::Handle);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Wake::Timer);
-            }
-            self.conn.poll_wait(cx, true, want_write).map(Wake::Io)
-        })
-        .await
     }
 
     fn seq(&mut self) -> u32 {

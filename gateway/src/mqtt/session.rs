@@ -18,11 +18,8 @@ use protocol::mqtt::{
     Disconnect, DisconnectReason, MqttCodec, Packet, Publish, QoS, REASON_NOT_AUTHORIZED, REASON_SUCCESS, SubAckResult,
     Version,
 };
-use std::future::Future;
-use std::pin::Pin;
-use std::task::Poll;
 
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::codec::Decoder;
 
 use super::connect::Connected;
@@ -30,18 +27,8 @@ use super::persist::{self, StoredDownlink};
 use super::{PROTOCOL, queue};
 use crate::clock::now_ms;
 use crate::context::Ctx;
-use crate::session::{Downlink, EndReason, ReleaseIfEmpty, SessionHandle};
+use crate::session::{Downlink, EndReason, ReleaseIfEmpty, SessionHandle, Wake, next_wake};
 use crate::transport::{Conn, Event};
-
-/// What woke the session loop.
-enum Wake {
-    /// A downlink or an end request.
-    Handle,
-    /// The earliest deadline passed.
-    Timer,
-    /// The socket: bytes read, or room to write.
-    Io(std::io::Result<Event>),
-}
 
 /// Bytes a vehicle may leave unread before it counts as a slow reader: several of the largest
 /// downlinks (an OTA notification is a few hundred bytes; packets are capped at 16 KiB).
@@ -214,7 +201,15 @@ impl Session<'_> {
                 timer.as_mut().reset(wake);
             }
             let waiting_to_write = self.conn.pending_write() > 0;
-            let step = match self.next_wake(timer.as_mut(), waiting_to_write).await {
+            let step = match next_wake(
+                &self.live.handle,
+                timer.as_mut(),
+                self.conn,
+                self.live.stalled.is_none(),
+                waiting_to_write,
+            )
+            .await
+            {
                 Wake::Handle => match self.live.handle.end_reason() {
                     EndReason::TakenOver => Err(End::TakenOver),
                     EndReason::Close => Err(End::Drain),
@@ -263,22 +258,6 @@ impl Session<'_> {
                 return end;
             }
         }
-    }
-
-    /// Waits for the next thing to do: the handle first, then the timer, then the socket, so a
-    /// vehicle flooding packets cannot starve its own downlinks. Poll functions throughout: the
-    /// wait itself keeps no state (BENCHMARKS.md, memory).
-    async fn next_wake(&mut self, mut timer: Pin<&mut Sleep>, want_write: bool) -> Wake {
-        std::future::poll_fn(|cx| {
-            if self.live.handle.poll_wakeup(cx).is_ready() {
-                return Poll::Ready(Wake::Handle);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Wake::Timer);
-            }
-            self.conn.poll_wait(cx, self.live.stalled.is_none(), want_write).map(Wake::Io)
-        })
-        .await
     }
 
     fn send(&mut self, packet: Packet) -> bool {
