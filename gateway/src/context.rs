@@ -11,10 +11,20 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{LocalInsert, Registry};
+use crate::session::{EndReason, SessionHandle};
 use crate::stream_writer::{Entry, StreamWriter};
 use crate::upstream::Upstream;
 use redis_conn::RedisConn;
+
+/// Why a logged-in device could not get a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionRefused {
+    /// The connection map could not be written (Redis down).
+    Unavailable,
+    /// A newer login of the same device won the race on this node; this one yields.
+    Superseded,
+}
 
 /// Shared state of one gateway node.
 #[derive(Debug)]
@@ -68,6 +78,42 @@ impl Ctx {
         if self.replies.offer(entry).is_err() {
             tracing::warn!(%device, request_id, "reply buffer full; reply dropped");
         }
+    }
+
+    /// Opens an authenticated device's session, the same for every protocol: claims the device
+    /// in the connection map (a new epoch), puts the session in the local table (ending an
+    /// older local one), and tells the node that held it before, if another, to end its
+    /// session. Returns the handle and the epoch.
+    ///
+    /// # Errors
+    /// [`SessionRefused`]; the caller answers with its protocol's refusal.
+    pub async fn open_session(
+        &self,
+        protocol: &'static str,
+        device: &DeviceKey,
+        queue_len: usize,
+    ) -> Result<(Arc<SessionHandle>, u64), SessionRefused> {
+        let session = self.registry.new_session();
+        let claim = self.registry.claim(device, session).await.map_err(|e| {
+            tracing::warn!(error = %e, "failed to claim the device in the connection map");
+            SessionRefused::Unavailable
+        })?;
+        let handle = Arc::new(SessionHandle::new(device.clone(), claim.epoch, session, queue_len));
+        match self.registry.insert_local(Arc::clone(&handle)) {
+            LocalInsert::Fresh => {}
+            LocalInsert::Replaced(old) => {
+                self.metrics.takeovers.with_label_values(&[protocol, "local"]).inc();
+                old.end(EndReason::TakenOver);
+            }
+            LocalInsert::Stale => return Err(SessionRefused::Superseded),
+        }
+        if let Some(previous) = claim.previous_node.as_deref().filter(|n| *n != self.node()) {
+            self.metrics.takeovers.with_label_values(&[protocol, "remote"]).inc();
+            if let Err(e) = self.kick(previous, device, claim.epoch).await {
+                tracing::warn!(node = previous, error = %e, "failed to tell the previous node to end its session");
+            }
+        }
+        Ok((handle, claim.epoch))
     }
 
     /// Tells `node` to end `device`'s session there if it is older than `epoch` (the device

@@ -11,10 +11,9 @@ use tokio::time::Instant;
 
 use super::{PROTOCOL, error, error_frame, queue};
 use crate::clock::now_ms;
-use crate::context::Ctx;
+use crate::context::{Ctx, SessionRefused};
 use crate::credentials::Lookup;
-use crate::registry::LocalInsert;
-use crate::session::{EndReason, SessionHandle};
+use crate::session::SessionHandle;
 use crate::transport::{Conn, Event};
 
 /// Largest payload accepted before a successful login: a `LOGIN` is under 200 bytes, and an
@@ -114,35 +113,17 @@ pub(super) async fn login(conn: &mut Conn, ctx: &Ctx) -> Option<LoggedIn> {
         return None;
     }
 
-    let session = ctx.registry.new_session();
-    let claim = match ctx.registry.claim(&device, session).await {
-        Ok(claim) => claim,
-        Err(e) => {
-            tracing::warn!(error = %e, "failed to claim the device in the connection map");
+    let (handle, epoch) = match ctx.open_session(PROTOCOL, &device, ctx.config.cabinet.command_queue_len).await {
+        Ok(opened) => opened,
+        Err(SessionRefused::Unavailable) => {
             refuse(conn, LoginStatus::Unavailable, "unavailable");
             return None;
         }
-    };
-    let handle =
-        Arc::new(SessionHandle::new(device.clone(), claim.epoch, session, ctx.config.cabinet.command_queue_len));
-    match ctx.registry.insert_local(Arc::clone(&handle)) {
-        LocalInsert::Fresh => {}
-        LocalInsert::Replaced(old) => {
-            ctx.metrics.takeovers.with_label_values(&[PROTOCOL, "local"]).inc();
-            old.end(EndReason::TakenOver);
-        }
-        LocalInsert::Stale => {
-            // A newer login of the same device won the race on this node; this one yields.
+        Err(SessionRefused::Superseded) => {
             refuse(conn, LoginStatus::Busy, "superseded");
             return None;
         }
-    }
-    if let Some(previous) = claim.previous_node.as_deref().filter(|n| *n != ctx.node()) {
-        ctx.metrics.takeovers.with_label_values(&[PROTOCOL, "remote"]).inc();
-        if let Err(e) = ctx.kick(previous, &device, claim.epoch).await {
-            tracing::warn!(node = previous, error = %e, "failed to tell the previous node to end its session");
-        }
-    }
+    };
 
     count(ctx, "accepted");
     let answer = LoginResult {
@@ -155,12 +136,12 @@ pub(super) async fn login(conn: &mut Conn, ctx: &Ctx) -> Option<LoggedIn> {
     ctx.upstream
         .send(&UpEvent::SessionOpened {
             device,
-            epoch: claim.epoch,
+            epoch,
             node: ctx.node().to_owned(),
             at_ms: now_ms(),
             info: login.firmware_version().to_owned(),
         })
         .await;
-    tracing::info!(epoch = claim.epoch, "cabinet logged in");
+    tracing::info!(epoch, "cabinet logged in");
     Some(LoggedIn { handle })
 }

@@ -15,10 +15,9 @@ use tokio_util::codec::Decoder;
 use super::persist::{self, StoredDownlink};
 use super::{PROTOCOL, queue};
 use crate::clock::now_ms;
-use crate::context::Ctx;
+use crate::context::{Ctx, SessionRefused};
 use crate::credentials::Lookup;
-use crate::registry::LocalInsert;
-use crate::session::{EndReason, SessionHandle};
+use crate::session::SessionHandle;
 use crate::transport::{Conn, Event};
 
 /// A connected vehicle.
@@ -139,33 +138,17 @@ pub(super) async fn connect(
         return None;
     }
 
-    let session = ctx.registry.new_session();
-    let claim = match ctx.registry.claim(&device, session).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "failed to claim the vehicle in the connection map");
+    let (handle, epoch) = match ctx.open_session(PROTOCOL, &device, cfg.command_queue_len).await {
+        Ok(opened) => opened,
+        Err(SessionRefused::Unavailable) => {
             refuse(conn, codec, ConnectCode::ServerUnavailable, "unavailable");
             return None;
         }
-    };
-    let handle = Arc::new(SessionHandle::new(device.clone(), claim.epoch, session, cfg.command_queue_len));
-    match ctx.registry.insert_local(Arc::clone(&handle)) {
-        LocalInsert::Fresh => {}
-        LocalInsert::Replaced(old) => {
-            ctx.metrics.takeovers.with_label_values(&[PROTOCOL, "local"]).inc();
-            old.end(EndReason::TakenOver);
-        }
-        LocalInsert::Stale => {
+        Err(SessionRefused::Superseded) => {
             refuse(conn, codec, ConnectCode::ServerBusy, "superseded");
             return None;
         }
-    }
-    if let Some(previous) = claim.previous_node.as_deref().filter(|n| *n != ctx.node()) {
-        ctx.metrics.takeovers.with_label_values(&[PROTOCOL, "remote"]).inc();
-        if let Err(e) = ctx.kick(previous, &device, claim.epoch).await {
-            tracing::warn!(node = previous, error = %e, "failed to tell the previous node to end its session");
-        }
-    }
+    };
 
     // Session state: a clean start discards what was stored; a persistent session resumes it.
     let session_expiry_s = connect.session_expiry_s.min(cfg.max_session_expiry_s);
@@ -211,13 +194,13 @@ pub(super) async fn connect(
     ctx.upstream
         .send(&UpEvent::SessionOpened {
             device,
-            epoch: claim.epoch,
+            epoch,
             node: ctx.node().to_owned(),
             at_ms: now_ms(),
             info: format!("mqtt {}", version.label()),
         })
         .await;
-    tracing::info!(epoch = claim.epoch, version = version.label(), session_present, "vehicle connected");
+    tracing::info!(epoch, version = version.label(), session_present, "vehicle connected");
     let max_inflight = connect.receive_max.map_or(cfg.max_inflight, NonZeroU16::get).min(cfg.max_inflight);
     Some(Connected {
         handle,
