@@ -13,24 +13,32 @@ use protocol::bus::{DeviceKey, HeartbeatSeen, Keys, UpEvent};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-/// What to simulate.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What to simulate (also the `hb-feed` subcommand's flags).
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
 pub struct HbFeedPlan {
     /// Redis of the system under test.
+    #[arg(long, default_value = "redis://127.0.0.1:6379/")]
     pub redis_url: String,
     /// Key prefix of the system under test.
+    #[arg(long, default_value = "iotgw:")]
     pub key_prefix: String,
     /// Devices (cabinets), spread evenly over the nodes.
+    #[arg(long, default_value_t = 100_000)]
     pub devices: usize,
     /// Simulated gateway nodes.
+    #[arg(long, default_value_t = 6)]
     pub nodes: usize,
     /// Heartbeat interval, seconds; each device beats once per interval, at its own phase.
+    #[arg(long, default_value_t = 30)]
     pub interval_s: u64,
-    /// How long to feed, seconds.
+    /// How long to feed, seconds (at most 3600).
+    #[arg(long, default_value_t = 240, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub duration_s: u64,
     /// Devices that stop beating after `silence_after_s` (the first ones by number).
+    #[arg(long, default_value_t = 1000)]
     pub silent: usize,
     /// When they stop, seconds after the start.
+    #[arg(long, default_value_t = 90)]
     pub silence_after_s: u64,
 }
 

@@ -45,22 +45,8 @@ enum Cmd {
     /// Write synthetic gateway heartbeat windows (SPEC.md 3.2) for a large fleet; report the
     /// silent devices' last heartbeats.
     HbFeed {
-        #[arg(long, default_value = "redis://127.0.0.1:6379/")]
-        redis_url: String,
-        #[arg(long, default_value = "iotgw:")]
-        key_prefix: String,
-        #[arg(long, default_value_t = 100_000)]
-        devices: usize,
-        #[arg(long, default_value_t = 6)]
-        nodes: usize,
-        #[arg(long, default_value_t = 30)]
-        interval_s: u64,
-        #[arg(long, default_value_t = 240)]
-        duration_s: u64,
-        #[arg(long, default_value_t = 1000)]
-        silent: usize,
-        #[arg(long, default_value_t = 90)]
-        silence_after_s: u64,
+        #[command(flatten)]
+        plan: hb_feed::HbFeedPlan,
         #[arg(long, default_value = "loadtest/results/hb-feed.json")]
         out: PathBuf,
     },
@@ -175,28 +161,7 @@ fn main() -> anyhow::Result<()> {
                 fleet_ids::provision_credentials(&mut con, &protocol::bus::Keys::new(key_prefix), cabinets, vehicles)
                     .await?;
             }
-            Cmd::HbFeed {
-                redis_url,
-                key_prefix,
-                devices,
-                nodes,
-                interval_s,
-                duration_s,
-                silent,
-                silence_after_s,
-                out,
-            } => {
-                anyhow::ensure!(duration_s <= 3600, "--duration-s is capped at 3600");
-                let plan = hb_feed::HbFeedPlan {
-                    redis_url,
-                    key_prefix,
-                    devices,
-                    nodes,
-                    interval_s,
-                    duration_s,
-                    silent,
-                    silence_after_s,
-                };
+            Cmd::HbFeed { plan, out } => {
                 let result = hb_feed::run(&plan).await?;
                 std::fs::write(&out, serde_json::to_string_pretty(&json!({"plan": plan, "result": result}))?)?;
                 eprintln!(
