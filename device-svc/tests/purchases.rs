@@ -39,6 +39,20 @@ fn purchase_config(stack: &Stack, instance: &str) -> device_svc::config::Config 
     c
 }
 
+/// A test's stack, a device service with the purchase settings (changed by `tweak`), and
+/// cabinet `id` online behind it. Returns the configuration for restarts.
+async fn setup(
+    id: &str,
+    tweak: impl FnOnce(&mut device_svc::config::Config),
+) -> (Stack, device_svc::config::Config, device_svc::DeviceService, Shop) {
+    let stack = Stack::new().await;
+    let mut config = purchase_config(&stack, "svc-1");
+    tweak(&mut config);
+    let svc = stack.service_with(config.clone()).await;
+    let shop = shop(&stack, svc.addr, id).await;
+    (stack, config, svc, shop)
+}
+
 /// Registers the products and cabinet `id`, logs it in with its shelves, waits until online.
 async fn shop(stack: &Stack, api: SocketAddr, id: &str) -> Shop {
     for (name, unit, price) in [WATER, CHIPS, COLA] {
@@ -137,10 +151,8 @@ async fn open(api: SocketAddr, user: &str, cabinet: &str, door: u8) -> String {
 
 #[tokio::test]
 async fn a_purchase_settles_once_and_a_low_lane_gets_one_restock_order() {
-    let stack = Stack::new().await;
-    let svc = stack.service_with(purchase_config(&stack, "svc-1")).await;
+    let (stack, _, svc, shop) = setup("cab-p-1", |_| {}).await;
     let api = svc.addr;
-    let shop = shop(&stack, api, "cab-p-1").await;
 
     let id = open(api, "alice", "cab-p-1", 1).await;
     assert_eq!(lock_holder(&stack, "cab-p-1", 1).await.as_deref(), Some(id.as_str()));
@@ -219,10 +231,8 @@ async fn a_purchase_settles_once_and_a_low_lane_gets_one_restock_order() {
 
 #[tokio::test]
 async fn a_cabinet_silent_after_the_open_command_is_queried_five_times_then_the_order_is_cancelled() {
-    let stack = Stack::new().await;
-    let svc = stack.service_with(purchase_config(&stack, "svc-1")).await;
+    let (stack, _, svc, shop) = setup("cab-p-2", |_| {}).await;
     let api = svc.addr;
-    let shop = shop(&stack, api, "cab-p-2").await;
     shop.set_mode(Mode::Mute);
     let (_, o) = order(api, "dave", "cab-p-2", 1).await;
     let id = o["id"].as_str().unwrap().to_owned();
@@ -247,12 +257,8 @@ async fn a_cabinet_silent_after_the_open_command_is_queried_five_times_then_the_
 
 #[tokio::test]
 async fn an_order_not_authorised_in_time_is_cancelled_across_a_restart() {
-    let stack = Stack::new().await;
-    let mut config = purchase_config(&stack, "svc-1");
-    config.purchases.authorise_timeout_s = 2;
-    let svc = stack.service_with(config.clone()).await;
+    let (stack, mut config, svc, shop) = setup("cab-p-3", |c| c.purchases.authorise_timeout_s = 2).await;
     let api = svc.addr;
-    let shop = shop(&stack, api, "cab-p-3").await;
     let (_, o) = order(api, "erin", "cab-p-3", 2).await;
     let id = o["id"].as_str().unwrap().to_owned();
     // The instance that took the order goes away before the deadline; a new one cancels it.
@@ -275,10 +281,8 @@ async fn an_order_not_authorised_in_time_is_cancelled_across_a_restart() {
 
 #[tokio::test]
 async fn two_users_on_one_door_one_proceeds_and_the_other_is_refused() {
-    let stack = Stack::new().await;
-    let svc = stack.service_with(purchase_config(&stack, "svc-1")).await;
+    let (_stack, _, svc, shop) = setup("cab-p-4", |_| {}).await;
     let api = svc.addr;
-    let shop = shop(&stack, api, "cab-p-4").await;
     let a = tokio::spawn(order(api, "frank", "cab-p-4", 1));
     let b = tokio::spawn(order(api, "grace", "cab-p-4", 1));
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
@@ -316,13 +320,9 @@ async fn two_users_on_one_door_one_proceeds_and_the_other_is_refused() {
 
 #[tokio::test]
 async fn a_close_before_the_open_result_is_settled_from_the_weights_and_flagged() {
-    let stack = Stack::new().await;
-    let mut config = purchase_config(&stack, "svc-1");
     // The cabinet's answers are lost; long enough queries for the close to come first.
-    config.purchases.query_interval_ms = 1000;
-    let svc = stack.service_with(config).await;
+    let (stack, _, svc, shop) = setup("cab-p-5", |c| c.purchases.query_interval_ms = 1000).await;
     let api = svc.addr;
-    let shop = shop(&stack, api, "cab-p-5").await;
     shop.set_mode(Mode::OpensSilently);
     let (_, o) = order(api, "ivan", "cab-p-5", 1).await;
     let id = o["id"].as_str().unwrap().to_owned();
@@ -349,10 +349,8 @@ async fn a_close_before_the_open_result_is_settled_from_the_weights_and_flagged(
 
 #[tokio::test]
 async fn an_item_moved_between_lanes_is_not_charged_and_operators_are_told() {
-    let stack = Stack::new().await;
-    let svc = stack.service_with(purchase_config(&stack, "svc-1")).await;
+    let (stack, _, svc, shop) = setup("cab-p-6", |_| {}).await;
     let api = svc.addr;
-    let shop = shop(&stack, api, "cab-p-6").await;
     let id = open(api, "judy", "cab-p-6", 1).await;
     // One water taken; one bag of chips moved from lane 4 into lane 3 (cola).
     shop.take(1, 1, 1, WATER.1);
@@ -392,11 +390,8 @@ async fn apply_charges(stack: &Stack) -> i64 {
 
 #[tokio::test]
 async fn a_settlement_relayed_twice_or_a_close_redelivered_charges_once() {
-    let stack = Stack::new().await;
-    let config = purchase_config(&stack, "svc-1");
-    let svc = stack.service_with(config.clone()).await;
+    let (stack, mut config, svc, shop) = setup("cab-p-7", |_| {}).await;
     let api = svc.addr;
-    let shop = shop(&stack, api, "cab-p-7").await;
     let id = open(api, "ken", "cab-p-7", 1).await;
     shop.take(1, 2, 3, CHIPS.1);
     shop.close(1);
@@ -411,7 +406,6 @@ async fn a_settlement_relayed_twice_or_a_close_redelivered_charges_once() {
         .await
         .unwrap();
     assert_eq!(n, 1);
-    let mut config = config;
     config.instance_id = "svc-2".into();
     let svc = stack.service_with(config).await;
     let api = svc.addr;
@@ -462,12 +456,8 @@ async fn a_settlement_relayed_twice_or_a_close_redelivered_charges_once() {
 
 #[tokio::test]
 async fn unstable_readings_make_the_order_wait_and_past_the_bound_go_to_review() {
-    let stack = Stack::new().await;
-    let mut config = purchase_config(&stack, "svc-1");
-    config.purchases.settle_wait_s = 2;
-    let svc = stack.service_with(config).await;
+    let (stack, _, svc, shop) = setup("cab-p-8", |c| c.purchases.settle_wait_s = 2).await;
     let api = svc.addr;
-    let shop = shop(&stack, api, "cab-p-8").await;
     shop.set_settling(Settling::NeverStable);
     let id = open(api, "leo", "cab-p-8", 1).await;
     shop.take(1, 3, 1, COLA.1);
