@@ -124,12 +124,11 @@ pub fn reckon(before: &[GoodsLane], after: &BTreeMap<u8, i32>, tolerance: f64) -
     let by_id: BTreeMap<u8, &GoodsLane> = before.iter().map(|l| (l.lane_id, l)).collect();
     for (to_lane, grams) in gained {
         let product = by_id.get(&to_lane).map(|l| l.product_id.as_str());
-        // Candidates: losing lanes, those holding the gained lane's product first.
-        let mut candidates: Vec<u8> = taken.iter().filter(|(_, n)| **n > 0).map(|(id, _)| *id).collect();
-        candidates.sort_by_key(|id| (by_id.get(id).map(|l| l.product_id.as_str()) != product, *id));
-        let fits: Vec<(u8, i64)> = candidates
-            .into_iter()
-            .filter_map(|from| {
+        // The losing lanes whose items the gain could be, in lane order.
+        let fits: Vec<(u8, i64)> = taken
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .filter_map(|(&from, _)| {
                 let unit = i64::from(by_id.get(&from)?.unit_grams.max(1));
                 let items = (grams as f64 / unit as f64).round() as i64;
                 let fits = items >= 1
