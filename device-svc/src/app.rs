@@ -30,6 +30,8 @@ pub struct App {
     pub started: Instant,
     /// Wake-ups of the purchase tasks.
     pub purchase_wakers: crate::purchases::Wakers,
+    /// Wakes the OTA driver (a task created or cancelled, a vehicle connected).
+    pub ota_waker: tokio::sync::Notify,
 }
 
 /// Wall clock in ms since the Unix epoch, as the bus carries it.

@@ -51,6 +51,20 @@ impl Commander {
     /// Only Redis errors; every device-side outcome (including not connected and timed out)
     /// is an `Ok`.
     pub async fn send(&self, device: &DeviceKey, body: CommandBody, timeout: Duration) -> Result<Outcome, StoreError> {
+        Ok(self.send_identified(device, body, timeout).await?.1)
+    }
+
+    /// [`Commander::send`], also returning the request id the command went out with (what an
+    /// OTA push records as its message id).
+    ///
+    /// # Errors
+    /// As [`Commander::send`].
+    pub async fn send_identified(
+        &self,
+        device: &DeviceKey,
+        body: CommandBody,
+        timeout: Duration,
+    ) -> Result<(String, Outcome), StoreError> {
         let _door_guard = match (&device, &body) {
             (DeviceKey::Cabinet(id), CommandBody::Cabinet(action)) => match door_of(action) {
                 Some(door) => {
@@ -61,15 +75,19 @@ impl Commander {
             },
             _ => None,
         };
+        let mut id = [0u8; 12];
+        getrandom::fill(&mut id).map_err(|e| StoreError::invalid("random", e.to_string()))?;
+        let request_id = format!("{}-{}", self.instance, hex::encode(id));
         let started = Instant::now();
-        let outcome = self.send_unserialised(device, body, timeout).await?;
+        let outcome = self.send_unserialised(&request_id, device, body, timeout).await?;
         self.metrics.commands.with_label_values(&[outcome.label()]).inc();
         self.metrics.command_duration.with_label_values(&[outcome.label()]).observe(started.elapsed().as_secs_f64());
-        Ok(outcome)
+        Ok((request_id, outcome))
     }
 
     async fn send_unserialised(
         &self,
+        request_id: &str,
         device: &DeviceKey,
         body: CommandBody,
         timeout: Duration,
@@ -83,11 +101,8 @@ impl Commander {
             // The map names a dead node: the device is not reachable there.
             return Ok(Outcome::NotConnected);
         }
-        let mut id = [0u8; 12];
-        getrandom::fill(&mut id).map_err(|e| StoreError::invalid("random", e.to_string()))?;
-        let request_id = format!("{}-{}", self.instance, hex::encode(id));
         let request = CommandRequest {
-            request_id: request_id.clone(),
+            request_id: request_id.to_owned(),
             device: device.clone(),
             deadline_ms: now_ms() + u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             reply_to: self.reply_stream(),
@@ -95,7 +110,7 @@ impl Commander {
         };
         let fields = request.to_fields().map_err(|e| StoreError::invalid("command", e.to_string()))?;
         let (tx, rx) = oneshot::channel();
-        self.waiting.insert(request_id.clone(), tx);
+        self.waiting.insert(request_id.to_owned(), tx);
         let added: redis::RedisResult<String> = redis::cmd("XADD")
             .arg(self.keys.commands(&node))
             .arg("MAXLEN")
@@ -106,7 +121,7 @@ impl Commander {
             .query_async(&mut con)
             .await;
         if let Err(e) = added {
-            self.waiting.remove(&request_id);
+            self.waiting.remove(request_id);
             return Err(e.into());
         }
         // The gateway answers by the deadline itself; the slack covers the reply's trip back.
@@ -114,7 +129,7 @@ impl Commander {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) | Err(_) => Outcome::TimedOut,
         };
-        self.waiting.remove(&request_id);
+        self.waiting.remove(request_id);
         Ok(outcome)
     }
 

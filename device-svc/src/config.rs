@@ -34,6 +34,10 @@ pub struct Config {
     pub commands: CommandsConfig,
     /// Purchases.
     pub purchases: PurchasesConfig,
+    /// Vehicle activation and downlinks.
+    pub vehicles: VehiclesConfig,
+    /// OTA campaigns.
+    pub ota: OtaConfig,
 }
 
 /// `[http]`
@@ -142,6 +146,42 @@ pub struct PurchasesConfig {
     pub poll_ms: u64,
 }
 
+/// `[vehicles]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VehiclesConfig {
+    /// QR id life, s.
+    pub qr_ttl_s: u64,
+    /// Wrong codes before the activation is cancelled.
+    pub code_attempts: u32,
+    /// Deadline of one downlink, ms.
+    pub downlink_timeout_ms: u64,
+    /// Tries of a downlink sent at connect time.
+    pub connect_send_attempts: u32,
+    /// Pause between those tries, ms.
+    pub connect_send_retry_ms: u64,
+}
+
+/// `[ota]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtaConfig {
+    /// Pushes per second, fleet-wide.
+    pub push_rate_per_s: u32,
+    /// Retry of an unacknowledged push, s.
+    pub push_retry_s: u64,
+    /// Due-row poll, ms.
+    pub poll_ms: u64,
+    /// Silence limit while notified/waiting, s.
+    pub waiting_timeout_s: u64,
+    /// Silence limit while downloading, s.
+    pub download_timeout_s: u64,
+    /// Silence limit while downloaded/verifying, s.
+    pub verify_timeout_s: u64,
+    /// Silence limit while upgrading, s.
+    pub upgrade_timeout_s: u64,
+}
+
 // The hand-written defaults must equal device-svc.default.toml; a unit test checks it.
 
 impl Default for Config {
@@ -166,6 +206,22 @@ impl Default for Config {
                 tolerance: 0.3,
                 door_open_max_s: 600,
                 poll_ms: 200,
+            },
+            vehicles: VehiclesConfig {
+                qr_ttl_s: 300,
+                code_attempts: 5,
+                downlink_timeout_ms: 10_000,
+                connect_send_attempts: 5,
+                connect_send_retry_ms: 1000,
+            },
+            ota: OtaConfig {
+                push_rate_per_s: 50,
+                push_retry_s: 30,
+                poll_ms: 500,
+                waiting_timeout_s: 604_800,
+                download_timeout_s: 120,
+                verify_timeout_s: 600,
+                upgrade_timeout_s: 120,
             },
         }
     }
@@ -218,6 +274,18 @@ impl Default for WeightsConfig {
 impl Default for PurchasesConfig {
     fn default() -> Self {
         Config::default().purchases
+    }
+}
+
+impl Default for VehiclesConfig {
+    fn default() -> Self {
+        Config::default().vehicles
+    }
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        Config::default().ota
     }
 }
 
@@ -320,6 +388,17 @@ impl Config {
         }
         if !(0.0..0.5).contains(&p.tolerance) {
             return bad("purchases.tolerance must be within 0..0.5 of a unit weight (or two counts would fit)");
+        }
+        let v = &self.vehicles;
+        if v.qr_ttl_s == 0 || v.code_attempts == 0 || v.downlink_timeout_ms == 0 || v.connect_send_attempts == 0 {
+            return bad("vehicles: qr_ttl_s, code_attempts, downlink_timeout_ms and connect_send_attempts positive");
+        }
+        let o = &self.ota;
+        if o.push_rate_per_s == 0 || o.poll_ms == 0 || o.push_retry_s == 0 {
+            return bad("ota: push_rate_per_s, push_retry_s and poll_ms positive");
+        }
+        if [o.waiting_timeout_s, o.download_timeout_s, o.verify_timeout_s, o.upgrade_timeout_s].contains(&0) {
+            return bad("ota: every phase timeout must be positive");
         }
         if self.weights.retention_days == 0 || self.postgres.pool_size == 0 {
             return bad("weights.retention_days and postgres.pool_size must be positive");

@@ -23,6 +23,7 @@ use crate::error::StoreError;
 use crate::offline::{Detector, Window};
 use crate::purchases;
 use crate::status::{self, Event};
+use crate::vehicles;
 use crate::weights::{self, Received};
 
 /// The consumer group of every device-service instance.
@@ -110,6 +111,9 @@ impl Consumer {
         let result = match event {
             UpEvent::SessionOpened { device, epoch, node, info, at_ms } => {
                 let result = self.status(&device, Event::Opened { epoch, node: node.clone(), info }).await?;
+                if let (DeviceKey::Vehicle(vin), "applied") = (&device, result) {
+                    vehicles::on_connected(&self.app, vin).await?;
+                }
                 if result != "unknown_device" {
                     self.detector.opened(entry, &node, HeartbeatSeen { device, at_ms, epoch }).await?;
                 }
@@ -127,7 +131,10 @@ impl Consumer {
             UpEvent::Cabinet { device, message: Message::DoorEvent(event), .. } => {
                 purchases::doors::on_door_event(&self.app, entry, &device, &event).await?
             }
-            UpEvent::Cabinet { .. } | UpEvent::Vehicle { .. } => "ignored",
+            UpEvent::Vehicle { vin, kind, payload, .. } => {
+                vehicles::on_uplink(&self.app, entry, &vin, kind, &payload).await?
+            }
+            UpEvent::Cabinet { .. } => "ignored",
         };
         self.count(label, result);
         Ok(())

@@ -12,6 +12,7 @@ use crate::error::StoreError;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "registry_status_weights", include_str!("../migrations/0001_registry_status_weights.sql")),
     (2, "purchases", include_str!("../migrations/0002_purchases.sql")),
+    (3, "vehicles", include_str!("../migrations/0003_vehicles.sql")),
 ];
 
 /// An arbitrary constant naming the migrations' advisory lock.

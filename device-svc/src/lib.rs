@@ -11,6 +11,7 @@
 //! - [`consumer`]: the consumer group over the gateways' upstream streams;
 //! - [`commands`]: commands to devices through the connection map;
 //! - [`purchases`]: orders from scan to settlement, door locks, anomalies, restocks;
+//! - [`vehicles`]: activation by QR code and OTA campaigns over MQTT;
 //! - [`http`]: the admin API, `/metrics` and `/healthz`; [`metrics`]: what `/metrics` shows;
 //! - [`app`]: what every part shares.
 //!
@@ -30,6 +31,7 @@ pub mod offline;
 pub mod purchases;
 pub mod registry;
 pub mod status;
+pub mod vehicles;
 pub mod weights;
 
 use std::net::SocketAddr;
@@ -119,6 +121,7 @@ impl DeviceService {
             commander,
             started,
             purchase_wakers: purchases::Wakers::default(),
+            ota_waker: tokio::sync::Notify::new(),
         });
         weights::maintain_partitions(&app).await?;
 
@@ -137,6 +140,7 @@ impl DeviceService {
         tasks.spawn(Arc::clone(&detector).run(stop.clone()));
         tasks.spawn(purchases::driver::run(Arc::clone(&app), stop.clone()));
         tasks.spawn(purchases::outbox::run_relay(Arc::clone(&app), stop.clone()));
+        tasks.spawn(vehicles::ota::push::run(Arc::clone(&app), stop.clone()));
         tasks.spawn(every(MIRROR_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
             registry::mirror(&app, None).await.map(|_| ())
         }));
@@ -145,7 +149,8 @@ impl DeviceService {
         }));
         tasks.spawn(every(GAUGES_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
             refresh_device_gauges(&app).await?;
-            purchases::driver::refresh_gauges(&app).await
+            purchases::driver::refresh_gauges(&app).await?;
+            vehicles::ota::push::refresh_gauges(&app).await
         }));
         tasks.spawn(http::serve(listener, Arc::clone(&app), stop.clone()));
         tasks.close();

@@ -59,6 +59,25 @@ pub struct Metrics {
     pub restock_orders: IntCounter,
     /// `devsvc_outbox_published_total{stream}`
     pub outbox_published: IntCounterVec,
+    /// `devsvc_activation_steps_total{step,result}`: QR requests, scans, confirmations,
+    /// cancellations and reports, by result (`ok` or the refusal's reason).
+    pub activation_steps: IntCounterVec,
+    /// `devsvc_activation_seconds`: QR id issued to the vehicle activated.
+    pub activation_seconds: Histogram,
+    /// `devsvc_vehicle_downlinks_total{kind,outcome}`
+    pub vehicle_downlinks: IntCounterVec,
+    /// `devsvc_ota_tasks{state}` (fleet-wide, from PostgreSQL).
+    pub ota_tasks: IntGaugeVec,
+    /// `devsvc_ota_vehicles{state}`: vehicles of unfinished tasks by state (fleet-wide).
+    pub ota_vehicles: IntGaugeVec,
+    /// `devsvc_ota_validation_rejections_total{reason}`
+    pub ota_rejections: IntCounterVec,
+    /// `devsvc_ota_pushes_total{kind,outcome}`: upgrade and cancel notices sent.
+    pub ota_pushes: IntCounterVec,
+    /// `devsvc_ota_reports_total{kind,result}`
+    pub ota_reports: IntCounterVec,
+    /// `devsvc_ota_timeouts_total{phase}`
+    pub ota_timeouts: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -215,6 +234,53 @@ impl Metrics {
                 "devsvc_outbox_published_total",
                 "Outbox messages published to Redis streams, by stream.",
                 &["stream"],
+            ),
+            activation_steps: c(
+                "devsvc_activation_steps_total",
+                "Vehicle activation steps (qr_request, scan, confirm, cancel, report) by result: ok or the refusal's reason.",
+                &["step", "result"],
+            ),
+            activation_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "devsvc_activation_seconds",
+                        "Time from a QR id issued to the vehicle activated with it.",
+                    )
+                    .buckets(vec![1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]),
+                )
+                .expect("valid"),
+            ),
+            vehicle_downlinks: c(
+                "devsvc_vehicle_downlinks_total",
+                "Downlinks sent to vehicles, by kind and outcome (delivered = acknowledged by the vehicle).",
+                &["kind", "outcome"],
+            ),
+            ota_tasks: ig("devsvc_ota_tasks", "OTA tasks by state (fleet-wide: aggregate with max).", &["state"]),
+            ota_vehicles: ig(
+                "devsvc_ota_vehicles",
+                "Vehicles of scheduled and running OTA tasks by upgrade state (fleet-wide: aggregate with max).",
+                &["state"],
+            ),
+            ota_rejections: c(
+                "devsvc_ota_validation_rejections_total",
+                "VINs refused by OTA task validation, by reason.",
+                &["reason"],
+            ),
+            ota_pushes: c(
+                "devsvc_ota_pushes_total",
+                "OTA notices sent to vehicles (notify, cancel) by outcome.",
+                &["kind", "outcome"],
+            ),
+            ota_reports: c(
+                "devsvc_ota_reports_total",
+                "OTA reports from vehicles by kind and result (applied, stale, duplicate, unknown_task, invalid).",
+                &["kind", "result"],
+            ),
+            ota_timeouts: c(
+                "devsvc_ota_timeouts_total",
+                "Vehicles marked timed out, by the phase they fell silent in.",
+                &["phase"],
             ),
             registry: r,
         }

@@ -351,12 +351,15 @@ async fn get_product_opt(app: &App, id: Option<&str>) -> Result<bool, StoreError
     Ok(client.query_opt("SELECT 1 FROM products WHERE id = $1", &[&id]).await?.is_some())
 }
 
-/// Registers a vehicle and issues its token.
+/// Registers a vehicle (with its life-cycle state, purpose and software version, which OTA
+/// validation reads) and issues its token.
 ///
 /// # Errors
-/// `Invalid` for a bad VIN, `Conflict` if it exists, or a storage error.
-pub async fn create_vehicle(app: &App, vin: &str, model: &str) -> Result<Issued, StoreError> {
-    let vin = Vin::new(vin).map_err(|e| StoreError::invalid("vin", e.to_string()))?;
+/// `Invalid` for a bad VIN, state, purpose or version; `Conflict` if it exists; storage errors.
+pub async fn create_vehicle(app: &App, v: &crate::vehicles::profile::NewVehicle) -> Result<Issued, StoreError> {
+    let vin = Vin::new(&v.vin).map_err(|e| StoreError::invalid("vin", e.to_string()))?;
+    let p = v.profile();
+    p.check()?;
     let key = DeviceKey::Vehicle(vin.clone()).to_string();
     let token = hex::encode(random_bytes(16)?);
     let hash = Sha256::digest(token.as_bytes()).to_vec();
@@ -367,8 +370,12 @@ pub async fn create_vehicle(app: &App, vin: &str, model: &str) -> Result<Issued,
     if inserted == 0 {
         return Err(StoreError::Conflict(format!("vehicle {vin}")));
     }
-    tx.execute("INSERT INTO vehicles (vin, device_key, model) VALUES ($1, $2, $3)", &[&vin.as_str(), &key, &model])
-        .await?;
+    tx.execute(
+        "INSERT INTO vehicles (vin, device_key, model, state, purpose, sw_version)
+         VALUES ($1, $2, $3, COALESCE($4, 'delivered'), COALESCE($5, 'sale'), $6)",
+        &[&vin.as_str(), &key, &p.model.clone().unwrap_or_default(), &p.state, &p.purpose, &p.sw_version],
+    )
+    .await?;
     tx.execute("INSERT INTO device_credentials (device_key, token_sha256) VALUES ($1, $2)", &[&key, &hash]).await?;
     tx.commit().await?;
     mirror_one(app, &key).await;

@@ -67,20 +67,11 @@ pub(super) async fn configure_lane(
     Ok(Json(lane))
 }
 
-/// The body of `POST /v1/vehicles`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct NewVehicle {
-    vin: String,
-    #[serde(default)]
-    model: String,
-}
-
 pub(super) async fn create_vehicle(
     State(app): State<Arc<App>>,
-    JsonBody(v): JsonBody<NewVehicle>,
+    JsonBody(v): JsonBody<crate::vehicles::profile::NewVehicle>,
 ) -> Answer<(StatusCode, Json<Issued>)> {
-    Ok((StatusCode::CREATED, Json(registry::create_vehicle(&app, &v.vin, &v.model).await?)))
+    Ok((StatusCode::CREATED, Json(registry::create_vehicle(&app, &v).await?)))
 }
 
 pub(super) async fn get_device(State(app): State<Arc<App>>, Path(key): Path<String>) -> Answer<Json<DeviceView>> {

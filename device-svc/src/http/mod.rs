@@ -9,7 +9,9 @@ mod error;
 mod extract;
 mod ops;
 mod orders;
+mod ota;
 mod send;
+mod vehicles;
 mod weights;
 
 use std::sync::Arc;
@@ -37,6 +39,19 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/cabinets/{id}/weights", get(weights::current))
         .route("/v1/cabinets/{id}/doors/{door}/lanes/{lane}/readings", get(weights::history))
         .route("/v1/vehicles", post(devices::create_vehicle))
+        .route("/v1/vehicles/{vin}", get(vehicles::get).patch(vehicles::update))
+        .route("/v1/activations/{qr_id}", get(vehicles::get_activation))
+        .route("/v1/activations/{qr_id}/scan", post(vehicles::scan))
+        .route("/v1/activations/{qr_id}/confirm", post(vehicles::confirm))
+        .route("/v1/activations/{qr_id}/cancel", post(vehicles::cancel))
+        .route("/v1/ota/tasks", post(ota::create).get(ota::list))
+        .route("/v1/ota/tasks/{id}", get(ota::get))
+        .route("/v1/ota/tasks/{id}/vehicles", get(ota::vehicles))
+        .route("/v1/ota/tasks/{id}/rejections", get(ota::rejections))
+        .route("/v1/ota/tasks/{id}/failures", get(ota::failures))
+        .route("/v1/ota/tasks/{id}/cancel", post(ota::cancel))
+        .route("/v1/ota/lists/{list}", get(ota::list_entries))
+        .route("/v1/ota/lists/{list}/{vin}", put(ota::add_to_list).delete(ota::remove_from_list))
         .route("/v1/devices/{key}", get(devices::get_device))
         .route("/v1/devices/{key}/history", get(devices::history))
         .route("/v1/devices/{key}/credentials", post(devices::rotate_credentials))

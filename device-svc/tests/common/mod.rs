@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod car;
 pub mod shop;
 
 pub use testkit::WAIT;
@@ -65,6 +66,11 @@ impl Stack {
         self.gateway.addresses.cabinet.unwrap()
     }
 
+    /// The gateway's MQTT listener.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.gateway.addresses.mqtt.unwrap()
+    }
+
     /// A device-service configuration on this stack with short timers.
     pub fn svc_config(&self, instance: &str) -> device_svc::config::Config {
         let mut c = device_svc::config::Config {
@@ -86,6 +92,9 @@ impl Stack {
         c.heartbeat.startup_grace_s = 0;
         c.heartbeat.recheck_s = 1;
         c.commands.default_timeout_ms = 2000;
+        c.vehicles.downlink_timeout_ms = 3000;
+        c.vehicles.connect_send_retry_ms = 200;
+        c.ota.poll_ms = 100;
         c
     }
 

@@ -1,0 +1,61 @@
+//! Vehicle flows over MQTT: activation by QR code ([`activation`]) and OTA campaigns
+//! ([`ota`]), over the vehicle registry ([`profile`]). Vehicles' uplinks arrive through the gateways' upstream streams
+//! ([`on_uplink`]); downlinks go through the command path ([`downlink`]). What must reach a
+//! vehicle that is offline (an activation code, upgrade and cancel notices) is kept and sent
+//! when it next connects ([`on_connected`]).
+
+pub mod activation;
+pub mod downlink;
+pub mod ota;
+pub mod profile;
+
+use std::sync::Arc;
+
+use protocol::Vin;
+use protocol::mqtt::topic::UplinkKind;
+
+use crate::app::App;
+use crate::error::StoreError;
+
+/// Applies one vehicle uplink; `entry` is its upstream entry (`stream/id`, unique). Returns
+/// the result label for `devsvc_stream_entries_total`.
+///
+/// # Errors
+/// Storage errors: the entry is applied again (every effect is idempotent).
+pub async fn on_uplink(
+    app: &Arc<App>,
+    entry: &str,
+    vin: &Vin,
+    kind: UplinkKind,
+    payload: &[u8],
+) -> Result<&'static str, StoreError> {
+    match kind {
+        UplinkKind::QrRequest => match serde_json::from_slice(payload) {
+            Ok(request) => activation::on_qr_request(app, vin, request).await,
+            Err(_) => Ok(invalid(app, "qr_request")),
+        },
+        UplinkKind::ActivationReport => match serde_json::from_slice(payload) {
+            Ok(report) => activation::on_report(app, vin, report).await,
+            Err(_) => Ok(invalid(app, "report")),
+        },
+        UplinkKind::OtaDownloadProgress | UplinkKind::OtaUpgradeProgress | UplinkKind::OtaStatus => {
+            ota::reports::apply(app, entry, vin, kind, payload).await
+        }
+        // The command API answers generic commands on delivery (PUBACK); results are not consumed.
+        UplinkKind::CommandResult => Ok("ignored"),
+    }
+}
+
+fn invalid(app: &App, step: &str) -> &'static str {
+    app.metrics.activation_steps.with_label_values(&[step, "invalid"]).inc();
+    "invalid"
+}
+
+/// A vehicle connected: sends it what waited for it.
+///
+/// # Errors
+/// Storage errors.
+pub async fn on_connected(app: &Arc<App>, vin: &Vin) -> Result<(), StoreError> {
+    activation::on_connected(app, vin).await?;
+    ota::push::on_connected(app, vin).await
+}
