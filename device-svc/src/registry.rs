@@ -56,6 +56,18 @@ pub struct DoorConfig {
     pub lanes: Vec<LaneConfig>,
 }
 
+/// A secret given to the API (a factory-provisioned key or token): deserialised as a plain
+/// string, never shown by `Debug`, so it cannot reach a log by accident.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// A cabinet to register.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NewCabinet {
@@ -69,6 +81,9 @@ pub struct NewCabinet {
     pub location: String,
     /// Doors and lanes.
     pub doors: Vec<DoorConfig>,
+    /// A secret provisioned at the factory (64 hex characters); generated if absent.
+    #[serde(default, skip_serializing)]
+    pub secret: Option<SecretText>,
 }
 
 /// A registered cabinet.
@@ -224,7 +239,13 @@ pub async fn create_cabinet(app: &App, c: &NewCabinet) -> Result<Issued, StoreEr
     let id = parse_cabinet_id(&c.id)?;
     check_layout(&c.doors)?;
     let key = DeviceKey::Cabinet(id.clone()).to_string();
-    let secret = random_bytes(32)?;
+    let secret = match &c.secret {
+        Some(SecretText(hex_secret)) => hex::decode(hex_secret)
+            .ok()
+            .filter(|s| s.len() == 32)
+            .ok_or_else(|| StoreError::invalid("secret", "must be 64 hex characters"))?,
+        None => random_bytes(32)?,
+    };
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
     let inserted =
@@ -361,7 +382,11 @@ pub async fn create_vehicle(app: &App, v: &crate::vehicles::profile::NewVehicle)
     let p = v.profile();
     p.check()?;
     let key = DeviceKey::Vehicle(vin.clone()).to_string();
-    let token = hex::encode(random_bytes(16)?);
+    let token = match &v.token {
+        Some(SecretText(t)) if (16..=128).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_graphic()) => t.clone(),
+        Some(_) => return Err(StoreError::invalid("token", "must be 16..=128 printable ASCII characters")),
+        None => hex::encode(random_bytes(16)?),
+    };
     let hash = Sha256::digest(token.as_bytes()).to_vec();
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;

@@ -144,3 +144,29 @@ async fn rotated_and_disabled_credentials_take_effect_at_the_gateway() {
     assert_eq!(hash.len(), 32);
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn factory_provisioned_credentials_are_kept_and_checked() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    let secret = "5a".repeat(32);
+    let doors = json!([{"door_id": 1, "lanes": [{"lane_id": 1}]}]);
+    let issued =
+        expect(api, "POST", "/v1/cabinets", Some(json!({"id": "cab-fab-1", "doors": doors, "secret": secret})), 201)
+            .await;
+    assert_eq!(issued["secret"], secret.as_str());
+    let id = protocol::DeviceId::new("cab-fab-1").unwrap();
+    login(stack.cabinet_addr(), &id, &hex::decode(&secret).unwrap()).await;
+    let short = json!({"id": "cab-fab-2", "doors": doors, "secret": "5a5a"});
+    assert_eq!(expect(api, "POST", "/v1/cabinets", Some(short), 400).await["field"], "secret");
+
+    let token = "factory-token-0001";
+    let vin = "LSVAU2180N2000077";
+    let issued = expect(api, "POST", "/v1/vehicles", Some(json!({"vin": vin, "token": token})), 201).await;
+    assert_eq!(issued["secret"], token);
+    common::car::Car::connect(stack.mqtt_addr(), vin, token).await.disconnect().await;
+    let bad = json!({"vin": "LSVAU2180N2000078", "token": "short"});
+    assert_eq!(expect(api, "POST", "/v1/vehicles", Some(bad), 400).await["field"], "token");
+    svc.stop().await;
+}

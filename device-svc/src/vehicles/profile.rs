@@ -76,6 +76,9 @@ pub struct NewVehicle {
     /// [`Profile::sw_version`].
     #[serde(default)]
     pub sw_version: Option<String>,
+    /// A token provisioned at the factory (16..=128 printable characters); generated if absent.
+    #[serde(default)]
+    pub token: Option<crate::registry::SecretText>,
 }
 
 impl NewVehicle {
