@@ -15,6 +15,9 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "vehicles", include_str!("../migrations/0003_vehicles.sql")),
 ];
 
+/// Longest wait for a pooled connection.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An arbitrary constant naming the migrations' advisory lock.
 const MIGRATION_LOCK: i64 = 0x1070_6777_0001;
 
@@ -25,7 +28,13 @@ const MIGRATION_LOCK: i64 = 0x1070_6777_0001;
 pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
     let config: tokio_postgres::Config = url.parse()?;
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-    Pool::builder(manager).max_size(size).build().map_err(|e| StoreError::invalid("postgres.url", e.to_string()))
+    // A bounded wait: a pool that stays exhausted answers 503 instead of hanging requests.
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT))
+        .build()
+        .map_err(|e| StoreError::invalid("postgres.url", e.to_string()))
 }
 
 /// Applies the migrations not yet applied. Returns how many were.

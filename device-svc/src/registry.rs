@@ -279,6 +279,8 @@ pub async fn create_cabinet(app: &App, c: &NewCabinet) -> Result<Issued, StoreEr
     }
     tx.execute("INSERT INTO device_credentials (device_key, secret) VALUES ($1, $2)", &[&key, &secret]).await?;
     tx.commit().await?;
+    // A second connection is taken for the mirror: never hold one while waiting for another.
+    drop(client);
     mirror_one(app, &key).await;
     Ok(Issued { device: key, secret: hex::encode(&secret), generation: 1 })
 }
@@ -403,6 +405,8 @@ pub async fn create_vehicle(app: &App, v: &crate::vehicles::profile::NewVehicle)
     .await?;
     tx.execute("INSERT INTO device_credentials (device_key, token_sha256) VALUES ($1, $2)", &[&key, &hash]).await?;
     tx.commit().await?;
+    // A second connection is taken for the mirror: never hold one while waiting for another.
+    drop(client);
     mirror_one(app, &key).await;
     Ok(Issued { device: key, secret: token, generation: 1 })
 }
@@ -433,6 +437,7 @@ pub async fn rotate_credentials(app: &App, key: &DeviceKey) -> Result<Issued, St
         )
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("device {k}")))?;
+    drop(client);
     mirror_one(app, &k).await;
     Ok(Issued { device: k, secret, generation: row.get(0) })
 }
@@ -448,6 +453,7 @@ pub async fn set_enabled(app: &App, key: &DeviceKey, enabled: bool) -> Result<()
     if n == 0 {
         return Err(StoreError::NotFound(format!("device {k}")));
     }
+    drop(client);
     mirror_one(app, &k).await;
     Ok(())
 }

@@ -170,3 +170,28 @@ async fn factory_provisioned_credentials_are_kept_and_checked() {
     assert_eq!(expect(api, "POST", "/v1/vehicles", Some(bad), 400).await["field"], "token");
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn concurrent_registrations_do_not_exhaust_a_small_pool() {
+    let stack = Stack::new().await;
+    let mut config = stack.svc_config("svc-1");
+    config.postgres.pool_size = 2;
+    let svc = stack.service_with(config).await;
+    let api = svc.addr;
+    // Each registration writes in a transaction, then mirrors the credentials to Redis: with
+    // more requests than connections, none may hold one connection while waiting for another.
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let body = json!({"id": format!("cab-pool-{i}"), "doors": [{"door_id": 1, "lanes": [{"lane_id": 1}]}]});
+            tokio::spawn(async move { http(api, "POST", "/v1/cabinets", Some(body)).await.0 })
+        })
+        .chain((0..8).map(|i| {
+            let body = json!({"vin": format!("LSVAU2180N20000{i:02}")});
+            tokio::spawn(async move { http(api, "POST", "/v1/vehicles", Some(body)).await.0 })
+        }))
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 201);
+    }
+    svc.stop().await;
+}

@@ -158,5 +158,6 @@ pub async fn update(app: &App, vin: &str, p: &Profile) -> Result<VehicleView, St
     if n == 0 {
         return Err(StoreError::NotFound(format!("vehicle {vin}")));
     }
+    drop(client);
     get(app, vin).await
 }

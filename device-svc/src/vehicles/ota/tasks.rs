@@ -293,6 +293,7 @@ pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
     )
     .await?;
     tx.commit().await?;
+    drop(client);
     let rejected: Vec<Rejection> = rejected.into_iter().map(|(_, r)| r).collect();
     for r in &rejected {
         app.metrics.ota_rejections.with_label_values(&[r.reason]).inc();
@@ -529,6 +530,7 @@ pub async fn cancel(app: &App, id: &str) -> Result<Task, StoreError> {
         }
     }
     tx.commit().await?;
+    drop(client);
     app.ota_waker.notify_one();
     get(app, id).await
 }
