@@ -5,6 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,11 +19,14 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::commander;
+use crate::api::Api;
+use crate::cabinet::CabinetBehaviour;
 use crate::fleet_ids::{cabinet_id, provision_credentials, vin};
 use crate::rss::rss_bytes;
 use crate::stats::{Merged, summarize};
+use crate::vehicle::Control;
 use crate::worker::{Report, WorkerPlan};
+use crate::{commander, scenarios, seed};
 
 /// Most devices one worker process simulates: each is a socket, and a process may open 20,000
 /// files at most.
@@ -67,6 +72,24 @@ pub struct FleetPlan {
     pub credentials: bool,
     /// Hard bound on the whole run, s.
     pub max_duration_s: u64,
+    /// The device service's API, for seeding and the scenarios.
+    #[serde(default)]
+    pub api: Option<SocketAddr>,
+    /// Register the fleet through the API first.
+    #[serde(default)]
+    pub seed: bool,
+    /// Purchase storm: doors opened for orders at once when the hold starts.
+    #[serde(default)]
+    pub purchases: usize,
+    /// Activation wave: vehicles that start an activation when the hold starts.
+    #[serde(default)]
+    pub activations: usize,
+    /// OTA campaign over every vehicle when the hold starts.
+    #[serde(default)]
+    pub ota: bool,
+    /// Time between two steps of a simulated upgrade, ms.
+    #[serde(default)]
+    pub ota_step_ms: u64,
 }
 
 struct Worker {
@@ -129,6 +152,7 @@ async fn spawn_workers(
             publish_per_s: plan.publish_per_s,
             credentials: plan.credentials,
             max_duration_s: plan.max_duration_s + 30,
+            ota_step_ms: plan.ota_step_ms.max(1),
         };
         let mut child = Command::new(&exe)
             .arg("worker")
@@ -153,6 +177,38 @@ async fn spawn_workers(
     Ok(out)
 }
 
+/// One point of the run's timeline (for the charts).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Sample {
+    /// Seconds since the workers started.
+    pub t_s: f64,
+    /// Devices connected.
+    pub connected: u64,
+    /// QoS 1 uplinks acknowledged so far.
+    pub acked: u64,
+}
+
+impl Sample {
+    fn now(started: Instant, connected: &[u64], acked: &[u64]) -> Self {
+        Self { t_s: started.elapsed().as_secs_f64(), connected: connected.iter().sum(), acked: acked.iter().sum() }
+    }
+}
+
+/// `[ 12.0s] [##########..........]  7500/15000 connected, +812/s, 0 uplinks/s`
+fn progress_line(now: &Sample, target: u64, before: Option<&Sample>) -> String {
+    const WIDTH: u64 = 20;
+    let filled = (now.connected * WIDTH).checked_div(target).map_or(WIDTH, |f| f.min(WIDTH));
+    let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { '.' }).collect();
+    let (conn_rate, ack_rate) = before.map_or((0.0, 0.0), |b| {
+        let dt = (now.t_s - b.t_s).max(0.001);
+        ((now.connected as f64 - b.connected as f64) / dt, now.acked.saturating_sub(b.acked) as f64 / dt)
+    });
+    format!(
+        "[{:>6.1}s] [{bar}] {:>6}/{target} connected, {conn_rate:+.0}/s, {ack_rate:.0} uplinks/s",
+        now.t_s, now.connected
+    )
+}
+
 fn rss_all(pids: &[u32]) -> Vec<u64> {
     pids.iter().map(|p| rss_bytes(*p).unwrap_or(0)).collect()
 }
@@ -169,6 +225,11 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         let mut con = client.get_multiplexed_async_connection().await.context("failed to reach Redis")?;
         provision_credentials(&mut con, &keys, plan.cabinets, plan.vehicles).await?;
     }
+    let api = plan.api.map(|addr| Api { addr });
+    if let (Some(api), true) = (api, plan.seed) {
+        let seeded = seed::run(api, plan.cabinets, plan.vehicles, &CabinetBehaviour::default()).await?;
+        eprintln!("registered through the API: {} new, {} already there", seeded.created, seeded.existing);
+    }
     let rss_before = rss_all(&plan.server_pids);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut workers = spawn_workers(plan, tx).await?;
@@ -178,6 +239,7 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
     let started = Instant::now();
     let ramp_limit = started + Duration::from_secs_f64(target as f64 / f64::from(plan.ramp_per_s.max(1)) + 60.0);
     let mut last_print = Instant::now();
+    let mut timeline: Vec<Sample> = Vec::new();
     let ramp_s = loop {
         let total: u64 = connected.iter().sum();
         if total >= target || Instant::now() >= ramp_limit.min(deadline) {
@@ -194,13 +256,13 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         }
         if last_print.elapsed() >= Duration::from_secs(1) {
             last_print = Instant::now();
-            let total: u64 = connected.iter().sum();
+            let sample = Sample::now(started, &connected, &acked);
             eprintln!(
-                "[{:>5.1}s] connected {total}/{target} ({:.0}/s) rss {:?} MiB",
-                started.elapsed().as_secs_f64(),
-                total as f64 / started.elapsed().as_secs_f64().max(0.001),
+                "{} rss {:?} MiB",
+                progress_line(&sample, target, timeline.last()),
                 rss_all(&plan.server_pids).iter().map(|b| b / (1 << 20)).collect::<Vec<_>>()
             );
+            timeline.push(sample);
         }
     };
     let connected_total: u64 = connected.iter().sum();
@@ -224,19 +286,67 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
     // publish throughput.
     let hold_started = Instant::now();
     let acked_at_start: u64 = acked.iter().sum();
+    let qr_seen = Arc::new(AtomicU64::new(0));
+    let qr_failed = Arc::new(AtomicU64::new(0));
+    let (seen, failed) = (Arc::clone(&qr_seen), Arc::clone(&qr_failed));
     let drain = tokio::spawn(async move {
         let mut last = Vec::new();
-        // Per worker: its acknowledged count as last reported within the hold.
+        let mut print = Instant::now();
         while let Some((w, r)) = rx.recv().await {
-            if let Report::Progress { acked: a, .. } = r
-                && hold_started.elapsed() <= hold
-            {
-                acked[w] = a;
+            match &r {
+                Report::Progress { connected: c, acked: a } => {
+                    connected[w] = *c;
+                    // Per worker: its acknowledged count as last reported within the hold.
+                    if hold_started.elapsed() <= hold {
+                        acked[w] = *a;
+                    }
+                }
+                Report::Qr { vin, qr_id } => {
+                    // The owner's app: scan and confirm what the vehicle shows.
+                    seen.fetch_add(1, Ordering::Relaxed);
+                    if let Some(api) = api {
+                        let (vin, qr_id, failed) = (vin.clone(), qr_id.clone(), Arc::clone(&failed));
+                        tokio::spawn(async move {
+                            if scenarios::scan_and_confirm(api, &vin, &qr_id).await.is_err() {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
+                    }
+                }
+                Report::Final { .. } => {}
+            }
+            if print.elapsed() >= Duration::from_secs(1) {
+                print = Instant::now();
+                let sample = Sample::now(started, &connected, &acked);
+                eprintln!("{}", progress_line(&sample, target, timeline.last()));
+                timeline.push(sample);
             }
             last.push((w, r));
         }
-        (last, acked)
+        (last, acked, timeline)
     });
+    let scenario_until = hold_started + hold;
+    let storm = match (api, plan.purchases) {
+        (Some(api), n) if n > 0 => {
+            let doors = CabinetBehaviour::default().doors;
+            Some(tokio::spawn(scenarios::purchase_storm(api, plan.cabinets, doors, n)))
+        }
+        _ => None,
+    };
+    if plan.activations > 0 {
+        let order = serde_json::to_string(&Control::Activate { from: 0, to: plan.activations })? + "\n";
+        for w in &mut workers {
+            if let Some(stdin) = w.child.stdin.as_mut() {
+                let _ = stdin.write_all(order.as_bytes()).await;
+            }
+        }
+    }
+    let campaign = match api {
+        Some(api) if plan.ota && plan.vehicles > 0 => {
+            Some(tokio::spawn(scenarios::ota_campaign(api, plan.vehicles, scenario_until)))
+        }
+        _ => None,
+    };
     let commands = if plan.commands_per_s > 0 && plan.credentials {
         Some(
             commander::run(&plan.redis_url, &keys, &targets, plan.commands_per_s, plan.open_doors, stop.clone())
@@ -258,7 +368,7 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
     for w in &mut workers {
         let _ = tokio::time::timeout(Duration::from_secs(20), w.child.wait()).await;
     }
-    let (reports, acked) =
+    let (reports, acked, timeline) =
         tokio::time::timeout(Duration::from_secs(5), drain).await.ok().and_then(Result::ok).unwrap_or_default();
     let mut merged = Merged::default();
     for (_, r) in &reports {
@@ -274,6 +384,25 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         "latency": merged.summaries(),
         "workers": workers.iter().map(|w| json!({"cabinets": w.plan.cabinets, "vehicles": w.plan.vehicles, "source_ip": w.plan.source_ip})).collect::<Vec<_>>(),
     });
+    details["timeline"] = serde_json::to_value(&timeline)?;
+    if let Some(storm) = storm {
+        details["purchase_storm"] = serde_json::to_value(storm.await?)?;
+    }
+    if let Some(campaign) = campaign {
+        details["ota_campaign"] = match campaign.await? {
+            Ok(c) => serde_json::to_value(c)?,
+            Err(e) => json!({"error": e.to_string()}),
+        };
+    }
+    if plan.activations > 0 {
+        details["activation_wave"] = json!({
+            "vehicles": plan.activations,
+            "qr_ids_received": qr_seen.load(Ordering::Relaxed),
+            "app_calls_failed": qr_failed.load(Ordering::Relaxed),
+            "activated": merged.counters.get("activations_ok").copied().unwrap_or(0),
+            "rejected": merged.counters.get("activations_rejected").copied().unwrap_or(0),
+        });
+    }
     if let Some(c) = &commands {
         details["commands"] = json!({
             "sent": c.sent,

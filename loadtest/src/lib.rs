@@ -7,10 +7,13 @@
 //! - [`fleet`]: the orchestrator (workers, progress, memory, report); [`compare`]: the same
 //!   MQTT load against Mosquitto;
 //! - [`commander`]: commands through the connection map, with round-trip times;
+//! - [`api`]: the device service's HTTP API; [`seed`]: the fleet registered through it;
+//!   [`scenarios`]: purchase storm, activation wave, OTA campaign;
 //! - [`hb_feed`]: synthetic gateway heartbeat windows for fleets beyond one machine's sockets;
 //! - [`fleet_ids`]: identities and credentials; [`stats`]: histograms and counters; [`rss`]:
 //!   process memory.
 
+pub mod api;
 pub mod cabinet;
 pub mod commander;
 pub mod compare;
@@ -18,6 +21,8 @@ pub mod fleet;
 pub mod fleet_ids;
 pub mod hb_feed;
 pub mod rss;
+pub mod scenarios;
+pub mod seed;
 pub mod stats;
 pub mod vehicle;
 pub mod worker;

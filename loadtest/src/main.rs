@@ -115,11 +115,29 @@ struct FleetArgs {
     /// Where the JSON report goes.
     #[arg(long, default_value = "loadtest/results/fleet.json")]
     out: PathBuf,
+    /// The device service's API (host:port), for --seed and the scenarios.
+    #[arg(long)]
+    api: Option<SocketAddr>,
+    /// Register the fleet (products, cabinets with doors and lanes, vehicles) through the API.
+    #[arg(long)]
+    seed: bool,
+    /// Purchase storm: open this many doors for orders at once when the hold starts.
+    #[arg(long, default_value_t = 0)]
+    purchases: usize,
+    /// Activation wave: this many vehicles activate when the hold starts.
+    #[arg(long, default_value_t = 0)]
+    activations: usize,
+    /// OTA campaign over every vehicle when the hold starts.
+    #[arg(long)]
+    ota: bool,
+    /// Time between two steps of a simulated upgrade, ms.
+    #[arg(long, default_value_t = 500)]
+    ota_step_ms: u64,
 }
 
 impl FleetArgs {
     fn plan(&self) -> anyhow::Result<fleet::FleetPlan> {
-        for addr in self.cabinet_addrs.iter().chain(&self.mqtt_addrs) {
+        for addr in self.cabinet_addrs.iter().chain(&self.mqtt_addrs).chain(&self.api) {
             anyhow::ensure!(addr.ip().is_loopback(), "load tests target loopback only, not {addr}");
         }
         anyhow::ensure!(self.max_duration_s <= 3600, "--max-duration-s is capped at 3600");
@@ -142,6 +160,12 @@ impl FleetArgs {
             server_pids: self.server_pids.clone(),
             credentials: true,
             max_duration_s: self.max_duration_s,
+            api: self.api,
+            seed: self.seed,
+            purchases: self.purchases,
+            activations: self.activations,
+            ota: self.ota,
+            ota_step_ms: self.ota_step_ms,
         })
     }
 }

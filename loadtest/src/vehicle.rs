@@ -1,6 +1,8 @@
 //! A simulated vehicle on rumqttc: it connects with its token, subscribes to its downlinks,
-//! answers generic commands, optionally publishes uplinks at QoS 1 at a steady rate (measuring
-//! each PUBACK), and reconnects with exponential backoff and full jitter.
+//! answers generic commands, runs activation when told (QR request, then the report with the
+//! code it receives) and an OTA upgrade when notified (status, download and install progress,
+//! success at the target version), optionally publishes uplinks at QoS 1 at a steady rate
+//! (measuring each PUBACK), and reconnects with exponential backoff and full jitter.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,8 +12,13 @@ use std::time::Duration;
 
 use protocol::Vin;
 use protocol::mqtt::topic::{DownlinkKind, UplinkKind, downlink_filter, uplink_topic};
-use protocol::vehicle::{VehicleCommand, VehicleCommandResult, VehicleCommandStatus};
+use protocol::vehicle::{
+    ActivationCode, ActivationOutcome, ActivationResult, OtaNotify, QrIssued, VehicleCommand, VehicleCommandResult,
+    VehicleCommandStatus,
+};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc};
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
@@ -26,12 +33,44 @@ pub struct VehicleBehaviour {
     pub publish_per_s: f64,
     /// Authenticate with user name and token (a bare broker such as Mosquitto needs neither).
     pub credentials: bool,
+    /// Time between two steps of a simulated upgrade (status changes and progress reports;
+    /// real vehicles take minutes per step).
+    pub ota_step: Duration,
 }
 
 impl Default for VehicleBehaviour {
     fn default() -> Self {
-        Self { keep_alive: Duration::from_secs(60), publish_per_s: 0.0, credentials: true }
+        Self {
+            keep_alive: Duration::from_secs(60),
+            publish_per_s: 0.0,
+            credentials: true,
+            ota_step: Duration::from_millis(500),
+        }
     }
+}
+
+/// What the orchestrator tells a worker's vehicles.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "do", rename_all = "snake_case")]
+pub enum Control {
+    /// Vehicles numbered `from..to` start an activation.
+    Activate {
+        /// First vehicle number.
+        from: usize,
+        /// One past the last.
+        to: usize,
+    },
+}
+
+/// How a vehicle talks to the rest of its worker.
+#[derive(Debug)]
+pub struct Links {
+    /// The vehicle's number in the fleet.
+    pub number: usize,
+    /// Orders from the orchestrator.
+    pub control: broadcast::Receiver<Control>,
+    /// QR ids received, for the orchestrator to scan and confirm as the owner's app would.
+    pub qr_ids: mpsc::UnboundedSender<(String, String)>,
 }
 
 /// Runs one vehicle against `addr` until `stop`.
@@ -41,6 +80,7 @@ pub async fn run(
     addr: SocketAddr,
     behaviour: Arc<VehicleBehaviour>,
     stats: Arc<Stats>,
+    mut links: Links,
     stop: CancellationToken,
 ) {
     let mut options = MqttOptions::new(vin.as_str(), addr.ip().to_string(), addr.port());
@@ -57,6 +97,8 @@ pub async fn run(
     let period = (behaviour.publish_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / behaviour.publish_per_s));
     let mut publish_tick = period.map(|p| tokio::time::interval_at(Instant::now() + p.mul_f64(fastrand::f64()), p));
     let uplink = uplink_topic(&vin, UplinkKind::OtaStatus);
+    let mut activation_started: Option<Instant> = None;
+    let mut upgrades: Vec<String> = Vec::new();
     loop {
         let publish_due = async {
             match publish_tick.as_mut() {
@@ -78,8 +120,44 @@ pub async fn run(
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
                     stats.add("downlinks_received", 1);
-                    if p.topic.ends_with(DownlinkKind::Command.as_str()) {
-                        answer_command(&client, &vin, &p.payload);
+                    let kind = p.topic.rsplit('/').next().and_then(|k| k.parse::<DownlinkKind>().ok());
+                    match kind {
+                        Some(DownlinkKind::Command) => answer_command(&client, &vin, &p.payload),
+                        Some(DownlinkKind::QrId) => {
+                            if let Ok(q) = serde_json::from_slice::<QrIssued>(&p.payload) {
+                                let _ = links.qr_ids.send((vin.to_string(), q.qr_id));
+                            }
+                        }
+                        Some(DownlinkKind::ActivationCode) => {
+                            if let Ok(c) = serde_json::from_slice::<ActivationCode>(&p.payload) {
+                                let report = json!({"qr_id": c.qr_id, "code": c.code});
+                                let _ = client.try_publish(uplink_topic(&vin, UplinkKind::ActivationReport), QoS::AtLeastOnce, false, report.to_string());
+                            }
+                        }
+                        Some(DownlinkKind::ActivationResult) => {
+                            if let Ok(r) = serde_json::from_slice::<ActivationResult>(&p.payload) {
+                                if r.outcome == ActivationOutcome::Activated {
+                                    stats.add("activations_ok", 1);
+                                    if let Some(t) = activation_started.take() {
+                                        stats.record("activation", t.elapsed());
+                                    }
+                                } else {
+                                    stats.add("activations_rejected", 1);
+                                }
+                            }
+                        }
+                        Some(DownlinkKind::OtaNotify) => {
+                            if let Ok(n) = serde_json::from_slice::<OtaNotify>(&p.payload) {
+                                stats.add("ota_notices", 1);
+                                // A notice may come twice: act on a task once.
+                                if !upgrades.contains(&n.task_id) {
+                                    upgrades.push(n.task_id.clone());
+                                    tokio::spawn(upgrade(client.clone(), vin.clone(), n, behaviour.ota_step, Arc::clone(&stats)));
+                                }
+                            }
+                        }
+                        Some(DownlinkKind::OtaCancel) => stats.add("ota_cancels", 1),
+                        None => {}
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
@@ -110,6 +188,16 @@ pub async fn run(
                     started = Instant::now();
                 }
             },
+            order = links.control.recv() => {
+                if let Ok(Control::Activate { from, to }) = order
+                    && (from..to).contains(&links.number)
+                {
+                    activation_started = Some(Instant::now());
+                    stats.add("qr_requests", 1);
+                    let request = json!({"request_id": format!("lt-{}", crate::cabinet::now_ms()), "seat": "driver"});
+                    let _ = client.try_publish(uplink_topic(&vin, UplinkKind::QrRequest), QoS::AtLeastOnce, false, request.to_string());
+                }
+            }
             () = publish_due => {
                 let body = format!(r#"{{"task_id":"lt","status":"downloading","ts_ms":{}}}"#, crate::cabinet::now_ms());
                 if client.try_publish(uplink.clone(), QoS::AtLeastOnce, false, body).is_ok() {
@@ -132,4 +220,43 @@ fn answer_command(client: &AsyncClient, vin: &Vin, payload: &[u8]) {
     if let Ok(body) = serde_json::to_vec(&result) {
         let _ = client.try_publish(uplink_topic(vin, UplinkKind::CommandResult), QoS::AtLeastOnce, false, body);
     }
+}
+
+/// Plays an upgrade as a head unit would: waiting, downloading with progress, downloaded,
+/// verifying, upgrading with progress per ECU, success at the notified version; each step
+/// `step` apart, every report at QoS 1. Records the time from the notice to the success.
+async fn upgrade(client: AsyncClient, vin: Vin, notice: OtaNotify, step: Duration, stats: Arc<Stats>) {
+    let started = Instant::now();
+    let task = notice.task_id.as_str();
+    let status_topic = uplink_topic(&vin, UplinkKind::OtaStatus);
+    let mut reports: Vec<(String, serde_json::Value)> = Vec::new();
+    let now = crate::cabinet::now_ms;
+    let status = |s: &str| json!({"task_id": task, "status": s, "ts_ms": now()});
+    reports.push((status_topic.clone(), status("waiting")));
+    reports.push((status_topic.clone(), status("downloading")));
+    for p in [25u64, 50, 75, 100] {
+        let body =
+            json!({"task_id": task, "percent": p, "bytes_done": notice.package.size_bytes * p / 100, "ts_ms": now()});
+        reports.push((uplink_topic(&vin, UplinkKind::OtaDownloadProgress), body));
+    }
+    reports.push((status_topic.clone(), status("downloaded")));
+    reports.push((status_topic.clone(), status("verifying")));
+    reports.push((status_topic.clone(), status("upgrading")));
+    for (p, ecu) in [(50u8, "BCM"), (100, "VCU")] {
+        let body = json!({"task_id": task, "percent": p, "ecu": ecu, "ecu_percent": 100, "ts_ms": now()});
+        reports.push((uplink_topic(&vin, UplinkKind::OtaUpgradeProgress), body));
+    }
+    reports
+        .push((status_topic, json!({"task_id": task, "status": "success", "version": notice.version, "ts_ms": now()})));
+    for (topic, mut body) in reports {
+        sleep(step).await;
+        body["ts_ms"] = json!(now());
+        if client.publish(topic, QoS::AtLeastOnce, false, body.to_string()).await.is_err() {
+            stats.add("ota_aborted", 1);
+            return;
+        }
+        stats.add("ota_reports_sent", 1);
+    }
+    stats.add("ota_completed", 1);
+    stats.record("ota_upgrade", started.elapsed());
 }

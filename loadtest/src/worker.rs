@@ -1,5 +1,6 @@
 //! A worker process: simulates a slice of the fleet and reports to the orchestrator on stdout
-//! (one JSON object per line: progress every second, then a final snapshot). It stops when
+//! (one JSON object per line: progress every second, QR ids its vehicles received, then a
+//! final snapshot). It reads orders from stdin (one JSON [`Control`] per line) and stops when
 //! its stdin closes, when the orchestrator dies, or after its time bound.
 
 use std::net::{IpAddr, SocketAddr};
@@ -7,14 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cabinet::{self, CabinetBehaviour, Target};
 use crate::fleet_ids::{cabinet_id, cabinet_secret, vehicle_token, vin};
 use crate::stats::{Snapshot, Stats};
-use crate::vehicle::{self, VehicleBehaviour};
+use crate::vehicle::{self, Control, Links, VehicleBehaviour};
 
 /// What one worker simulates.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,8 +39,15 @@ pub struct WorkerPlan {
     pub publish_per_s: f64,
     /// Vehicles authenticate (false against a bare broker).
     pub credentials: bool,
+    /// Time between two steps of a simulated upgrade, ms.
+    #[serde(default = "default_ota_step_ms")]
+    pub ota_step_ms: u64,
     /// Hard bound on the worker's life, seconds.
     pub max_duration_s: u64,
+}
+
+fn default_ota_step_ms() -> u64 {
+    500
 }
 
 /// One line of worker output.
@@ -52,6 +61,13 @@ pub enum Report {
         /// QoS 1 uplinks acknowledged so far.
         #[serde(default)]
         acked: u64,
+    },
+    /// A vehicle received a QR id (activation).
+    Qr {
+        /// The vehicle.
+        vin: String,
+        /// The id to scan.
+        qr_id: String,
     },
     /// At the end.
     Final {
@@ -79,15 +95,27 @@ pub async fn run(plan: WorkerPlan) {
     let veh_behaviour = Arc::new(VehicleBehaviour {
         publish_per_s: plan.publish_per_s,
         credentials: plan.credentials,
+        ota_step: Duration::from_millis(plan.ota_step_ms),
         ..VehicleBehaviour::default()
     });
-
-    // Stop when the orchestrator closes our stdin (or dies), or at the bound.
-    let watch = stop.clone();
+    let (control, _) = broadcast::channel::<Control>(64);
+    let (qr_tx, mut qr_rx) = mpsc::unbounded_channel::<(String, String)>();
     tokio::spawn(async move {
-        let mut sink = [0u8; 64];
-        let mut stdin = tokio::io::stdin();
-        while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
+        while let Some((vin, qr_id)) = qr_rx.recv().await {
+            emit(&Report::Qr { vin, qr_id });
+        }
+    });
+
+    // Orders from the orchestrator; stop when it closes our stdin (or dies), or at the bound.
+    let watch = stop.clone();
+    let orders = control.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(order) = serde_json::from_str::<Control>(&line) {
+                let _ = orders.send(order);
+            }
+        }
         watch.cancel();
     });
     let bound = stop.clone();
@@ -142,12 +170,14 @@ pub async fn run(plan: WorkerPlan) {
                 let v = vin(n);
                 let token = vehicle_token(&v);
                 let addr = plan.mqtt_addrs[n % plan.mqtt_addrs.len()];
+                let links = Links { number: n, control: control.subscribe(), qr_ids: qr_tx.clone() };
                 tracker.spawn(vehicle::run(
                     v,
                     token,
                     addr,
                     Arc::clone(&veh_behaviour),
                     Arc::clone(&stats),
+                    links,
                     stop.clone(),
                 ));
             }

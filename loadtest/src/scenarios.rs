@@ -1,0 +1,153 @@
+//! Scenarios driven through the device service's API while the fleet is held: a purchase
+//! storm (many doors opened at once for orders), an activation wave (vehicles ask for QR ids,
+//! the "owner's app" scans and confirms), and an OTA campaign over every vehicle. Each
+//! measures its end-to-end times as the users would see them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::api::Api;
+use crate::cabinet::now_ms;
+use crate::fleet_ids::{cabinet_id, vin};
+use crate::stats::{Summary, new_histogram, summarize};
+
+/// Orders in flight at once during a storm (each holds one HTTP poll loop).
+const STORM_CONCURRENCY: usize = 256;
+/// How long one order may take before the harness gives up on it.
+const ORDER_LIMIT: Duration = Duration::from_secs(120);
+
+/// What a purchase storm measured.
+#[derive(Debug, Serialize)]
+pub struct PurchaseStorm {
+    /// Orders attempted.
+    pub orders: usize,
+    /// Final states reached (`settled`, `cancelled`, `abnormal`, or the harness's `gave_up`,
+    /// `refused:<code>`).
+    pub outcomes: BTreeMap<String, u64>,
+    /// Order created -> settled, for settled orders.
+    pub order_to_settled: Summary,
+    /// Order created -> door reported open.
+    pub order_to_door_open: Summary,
+}
+
+/// Opens `orders` doors at once (cabinet `i % cabinets`, door `1 + i / cabinets`), each for a
+/// different shopper: create, authorise, then follow the order to its end.
+pub async fn purchase_storm(api: Api, cabinets: usize, doors: u8, orders: usize) -> PurchaseStorm {
+    let doors = usize::from(doors.max(1));
+    let n = orders.min(cabinets * doors);
+    let mut settled = new_histogram();
+    let mut opened = new_histogram();
+    let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut runs = futures_util::stream::iter(0..n)
+        .map(|i| async move { one_order(api, i, cabinets).await })
+        .buffer_unordered(STORM_CONCURRENCY);
+    while let Some((outcome, to_open, to_end)) = runs.next().await {
+        if let Some(d) = to_open {
+            let _ = opened.record(micros(d));
+        }
+        if outcome == "settled"
+            && let Some(d) = to_end
+        {
+            let _ = settled.record(micros(d));
+        }
+        *outcomes.entry(outcome).or_default() += 1;
+    }
+    PurchaseStorm { orders: n, outcomes, order_to_settled: summarize(&settled), order_to_door_open: summarize(&opened) }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+async fn one_order(api: Api, i: usize, cabinets: usize) -> (String, Option<Duration>, Option<Duration>) {
+    let cabinet = cabinet_id(i % cabinets);
+    let door = 1 + i / cabinets;
+    let body =
+        json!({"user_id": format!("lt-shopper-{i}-{}", now_ms()), "cabinet_id": cabinet.as_str(), "door_id": door});
+    let started = Instant::now();
+    let order = match api.call("POST", "/v1/orders", Some(&body)).await {
+        Ok((201, order)) => order,
+        Ok((_, e)) => return (format!("refused:{}", e["error"].as_str().unwrap_or("unknown")), None, None),
+        Err(_) => return ("api_error".into(), None, None),
+    };
+    let id = order["id"].as_str().unwrap_or_default().to_owned();
+    let payment = json!({"order_id": id, "status": "authorised", "payment_id": format!("lt-pay-{id}")});
+    if api.call("POST", "/v1/payments/callback", Some(&payment)).await.is_err() {
+        return ("api_error".into(), None, None);
+    }
+    let mut to_open = None;
+    while started.elapsed() < ORDER_LIMIT {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok((200, o)) = api.call("GET", &format!("/v1/orders/{id}"), None).await else { continue };
+        let state = o["state"].as_str().unwrap_or_default();
+        if to_open.is_none() && ["door_open", "door_closed", "settled"].contains(&state) {
+            to_open = Some(started.elapsed());
+        }
+        if ["settled", "cancelled", "abnormal"].contains(&state) {
+            return (state.to_owned(), to_open, Some(started.elapsed()));
+        }
+    }
+    ("gave_up".into(), to_open, None)
+}
+
+/// The owner's app for one QR id: scan, then confirm (the vehicle does the rest).
+pub async fn scan_and_confirm(api: Api, vin: &str, qr_id: &str) -> anyhow::Result<()> {
+    let owner = json!({"user_id": format!("lt-owner-{vin}")});
+    api.expect("POST", &format!("/v1/activations/{qr_id}/scan"), Some(&owner), &[200]).await?;
+    api.expect("POST", &format!("/v1/activations/{qr_id}/confirm"), Some(&owner), &[200]).await?;
+    Ok(())
+}
+
+/// What an OTA campaign measured.
+#[derive(Debug, Serialize)]
+pub struct OtaCampaign {
+    /// The task.
+    pub task_id: String,
+    /// Vehicles accepted and refused by validation.
+    pub accepted: usize,
+    /// Refused.
+    pub rejected: usize,
+    /// Vehicles per state when the campaign ended or the hold did.
+    pub counts: Value,
+    /// Task creation -> every vehicle final, if that happened within the hold.
+    pub finished_after_s: Option<f64>,
+}
+
+/// Creates a task upgrading vehicles `0..vehicles` to a version above any earlier run's, and
+/// follows it until it finishes or `until`.
+///
+/// # Errors
+/// The task could not be created.
+pub async fn ota_campaign(api: Api, vehicles: usize, until: Instant) -> anyhow::Result<OtaCampaign> {
+    let version = format!("1.{}.0", now_ms() / 1000);
+    let vins: Vec<String> = (0..vehicles).map(|n| vin(n).to_string()).collect();
+    let body = json!({
+        "name": format!("load test {version}"), "version": version, "upgrade_type": "silent", "task_type": "normal",
+        "package": {"id": format!("lt-{version}"), "size_bytes": 524_288_000u64, "sha256": "ab".repeat(32),
+                    "signature": "bG9hZHRlc3Q=", "url": format!("https://ota.invalid/lt-{version}")},
+        "vins": vins, "created_by": "loadtest",
+    });
+    let started = Instant::now();
+    let created = api.expect("POST", "/v1/ota/tasks", Some(&body), &[201]).await?;
+    let task_id = created["id"].as_str().unwrap_or_default().to_owned();
+    let count = |k: &str| created[k].as_array().map_or(0, Vec::len);
+    let (accepted, rejected) = (count("accepted"), count("rejected"));
+    let mut finished_after_s = None;
+    let mut counts = Value::Null;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok((200, t)) = api.call("GET", &format!("/v1/ota/tasks/{task_id}"), None).await {
+            counts = t["counts"].clone();
+            if t["state"] == "finished" {
+                finished_after_s = Some(started.elapsed().as_secs_f64());
+                break;
+            }
+        }
+    }
+    Ok(OtaCampaign { task_id, accepted, rejected, counts, finished_after_s })
+}
