@@ -10,11 +10,13 @@
 //! - [`api`]: the device service's HTTP API; [`seed`]: the fleet registered through it;
 //!   [`scenarios`]: purchase storm, activation wave, OTA campaign;
 //! - [`hb_feed`]: synthetic gateway heartbeat windows for fleets beyond one machine's sockets;
+//! - [`charts`]: PNG charts drawn from a report;
 //! - [`fleet_ids`]: identities and credentials; [`stats`]: histograms and counters; [`rss`]:
 //!   process memory.
 
 pub mod api;
 pub mod cabinet;
+pub mod charts;
 pub mod commander;
 pub mod compare;
 pub mod fleet;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use loadtest::{compare, fleet, fleet_ids, hb_feed, worker};
+use loadtest::{charts, compare, fleet, fleet_ids, hb_feed, worker};
 use serde_json::json;
 
 /// Simulates fleets of cabinets (SPEC.md part 1) and vehicles (MQTT) against a running system
@@ -49,6 +49,11 @@ enum Cmd {
         plan: hb_feed::HbFeedPlan,
         #[arg(long, default_value = "loadtest/results/hb-feed.json")]
         out: PathBuf,
+    },
+    /// Draw the PNG charts of an existing report again.
+    Charts {
+        /// The JSON report.
+        report: PathBuf,
     },
     /// Internal: one worker process of a fleet.
     #[command(hide = true)]
@@ -195,6 +200,14 @@ fn main() -> anyhow::Result<()> {
                     out.display()
                 );
             }
+            Cmd::Charts { report } => {
+                let text =
+                    std::fs::read_to_string(&report).with_context(|| format!("failed to read {}", report.display()))?;
+                let value: serde_json::Value = serde_json::from_str(&text)?;
+                for p in charts::write(&report, &value["results"]["details"])? {
+                    eprintln!("chart: {}", p.display());
+                }
+            }
             Cmd::Fleet(args) => {
                 let plan = args.plan()?;
                 let result = fleet::run(&plan).await?;
@@ -202,6 +215,10 @@ fn main() -> anyhow::Result<()> {
                 fleet::write_report(&args.out, &serde_json::to_value(&plan)?, &results)?;
                 eprintln!("{}", serde_json::to_string_pretty(&results)?);
                 eprintln!("report: {}", args.out.display());
+                match charts::write(&args.out, &results["details"]) {
+                    Ok(paths) => paths.iter().for_each(|p| eprintln!("chart: {}", p.display())),
+                    Err(e) => eprintln!("no charts: {e:#}"),
+                }
             }
             Cmd::MqttCompare { fleet: args, mosquitto_port } => {
                 let plan = args.plan()?;

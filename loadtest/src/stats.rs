@@ -94,7 +94,14 @@ pub struct Summary {
     pub p999_ms: f64,
     /// Largest.
     pub max_ms: f64,
+    /// The distribution for charts: `[percentile, ms]` at [`CURVE_PERCENTILES`].
+    #[serde(default)]
+    pub curve: Vec<[f64; 2]>,
 }
+
+/// Where a [`Summary`]'s curve samples the distribution.
+pub const CURVE_PERCENTILES: [f64; 13] =
+    [0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0];
 
 /// Merged snapshots.
 #[derive(Debug, Default)]
@@ -137,6 +144,11 @@ pub fn summarize(h: &Histogram<u64>) -> Summary {
         p99_ms: ms(h.value_at_quantile(0.99)),
         p999_ms: ms(h.value_at_quantile(0.999)),
         max_ms: ms(h.max()),
+        curve: if h.is_empty() {
+            Vec::new()
+        } else {
+            CURVE_PERCENTILES.iter().map(|p| [*p, ms(h.value_at_percentile(*p))]).collect()
+        },
     }
 }
 
