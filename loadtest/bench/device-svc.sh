@@ -3,8 +3,8 @@
 # device service, gateway, Redis and PostgreSQL, and the load harness. Every run is bounded in
 # time; results go to loadtest/results/*.json.
 #
-#   loadtest/bench/device-svc.sh                 both (about 15 minutes)
-#   loadtest/bench/device-svc.sh weights         only the named ones: weights offline
+#   loadtest/bench/device-svc.sh                 all of them (about 20 minutes)
+#   loadtest/bench/device-svc.sh weights         only the named ones: weights offline scenarios
 #   OPEN_DOORS_PER_S="100 200" loadtest/bench/device-svc.sh weights
 #
 # weights  cabinets -> gateway -> stream -> device service -> PostgreSQL with doors being
@@ -14,6 +14,9 @@
 # offline  100,000 cabinets behind 6 synthetic gateway nodes (30 s heartbeats), 1,000 of them
 #          going silent: CPU of the device service and Redis per second of heartbeats, and
 #          how long after its deadline each silent cabinet was marked offline.
+# scenarios 1,000 cabinets and 2,000 vehicles registered through the API: a purchase storm
+#          (1,000 doors opened for orders at once), an activation wave (1,000 vehicles), an
+#          OTA campaign (2,000 vehicles, notices at 500/s), with their end-to-end times.
 #
 # Redis: REDIS_URL, or the local one (keys under a prefix of their own, removed at the end).
 # PostgreSQL: DATABASE_URL (a server where CREATE DATABASE is allowed), or the local one; a
@@ -27,7 +30,7 @@ DB="iotgw_bench_$$"
 DB_URL="${ADMIN_DB%/*}/$DB"
 OUT=loadtest/results
 RUNS=("$@")
-[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights offline)
+[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights offline scenarios)
 read -r -a RATES <<<"${OPEN_DOORS_PER_S:-100 200 400 800}"
 WORK=$(mktemp -d)
 
@@ -79,7 +82,7 @@ fresh_db() {
   redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}*" | xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null || true
 }
 
-# start_svc PORT [HEARTBEAT_TOML]
+# start_svc PORT [HEARTBEAT_TOML] [OTA_TOML]
 start_svc() {
   cat > "$WORK/svc.toml" <<TOML
 instance_id = "bench-svc"
@@ -92,6 +95,8 @@ url = "$DB_URL"
 url = "$REDIS_URL"
 [heartbeat]
 ${2:-}
+[ota]
+${3:-}
 TOML
   RUST_LOG=warn "$SVC" --config "$WORK/svc.toml" >"$WORK/svc.log" 2>&1 &
   PIDS+=("$!")
@@ -99,7 +104,7 @@ TOML
   wait_port "$1"
 }
 
-# start_gateway CABINET_PORT METRICS_PORT
+# start_gateway CABINET_PORT METRICS_PORT [MQTT_PORT]
 start_gateway() {
   cat > "$WORK/gw.toml" <<TOML
 node_id = "bench-gw"
@@ -109,7 +114,7 @@ url = "$REDIS_URL"
 [cabinet]
 listen = "127.0.0.1:$1"
 [mqtt]
-listen = ""
+listen = "${3:+127.0.0.1:$3}"
 [metrics]
 listen = "127.0.0.1:$2"
 TOML
@@ -130,6 +135,18 @@ INSERT INTO lanes (cabinet_id, door_id, lane_id) SELECT id, d, l FROM ids, gener
 INSERT INTO device_credentials (device_key, secret)
   SELECT 'cab:' || id, sha256(convert_to('iotgw-loadtest-cabinet:' || id, 'UTF8')) FROM ids;
 SQL
+}
+
+run_scenarios() {
+  local svc_port=18080 cab_port=17300 mqtt_port=11983 gw_metrics=19300
+  fresh_db
+  start_svc "$svc_port" "" "push_rate_per_s = 500"
+  start_gateway "$cab_port" "$gw_metrics" "$mqtt_port"
+  "$LT" fleet --label devsvc-scenarios --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+    --cabinet-addr "127.0.0.1:$cab_port" --mqtt-addr "127.0.0.1:$mqtt_port" --api "127.0.0.1:$svc_port" --seed \
+    --cabinets 1000 --vehicles 2000 --ramp-per-s 2000 --hold-s 90 --purchases 1000 --activations 1000 \
+    --ota --ota-step-ms 500 --server-pid "$SVC_PID" --max-duration-s 600 --out "$OUT/devsvc-scenarios.json"
+  stop_all
 }
 
 run_weights() {
@@ -281,7 +298,8 @@ for run in "${RUNS[@]}"; do
   case "$run" in
     weights) run_weights ;;
     offline) run_offline ;;
-    *) echo "unknown run: $run (weights offline)"; exit 2 ;;
+    scenarios) run_scenarios ;;
+    *) echo "unknown run: $run (weights offline scenarios)"; exit 2 ;;
   esac
 done
 echo "results in $OUT/"

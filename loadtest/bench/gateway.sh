@@ -3,8 +3,8 @@
 # gateway processes on loopback, a real Redis, the load harness, and Mosquitto for comparison.
 # Every run is bounded in time; results go to loadtest/results/*.json.
 #
-#   loadtest/bench/gateway.sh            all of them (about 10 minutes)
-#   loadtest/bench/gateway.sh idle       only the named ones: idle login nodes mqtt
+#   loadtest/bench/gateway.sh            all of them (about 20 minutes)
+#   loadtest/bench/gateway.sh idle       only the named ones: idle login nodes four storm mqtt
 #
 # Redis: REDIS_URL, or the local one; keys go under a prefix of their own, removed at the end.
 set -euo pipefail
@@ -13,7 +13,7 @@ REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/}"
 PREFIX="bench$$:"
 OUT=loadtest/results
 RUNS=("$@")
-[ "${#RUNS[@]}" -gt 0 ] || RUNS=(idle login nodes mqtt)
+[ "${#RUNS[@]}" -gt 0 ] || RUNS=(idle login nodes four storm mqtt)
 
 cargo build --release -q -p gateway -p loadtest
 GW=target/release/gateway
@@ -87,6 +87,38 @@ for run in "${RUNS[@]}"; do
         --out "$OUT/gateway-two-nodes-30k.json"
       stop_gateways
       ;;
+    four)
+      # 4 nodes x 15,000 cabinets: 7 worker processes over 4 source addresses.
+      NODES=() ADDRS=()
+      for n in 0 1 2 3; do
+        start_gateway "bench-$n" $((17100 + n * 100)) $((11883 + n * 100)) $((19100 + n * 100)) 3000
+        NODES+=(--server-pid "$LAST_PID"); ADDRS+=(--cabinet-addr "127.0.0.1:$((17100 + n * 100))")
+      done
+      "$LT" fleet --label four-nodes-60k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        "${ADDRS[@]}" --cabinets 60000 --ramp-per-s 3000 --hold-s 60 --commands-per-s 500 "${NODES[@]}" \
+        --max-duration-s 900 --out "$OUT/gateway-four-nodes-60k.json"
+      stop_gateways
+      ;;
+    storm)
+      # 2 nodes x 15,000 cabinets; node A is killed (SIGKILL) 20 s into the hold and started
+      # again 1 s later: its cabinets reconnect with backoff and jitter while B's keep beating.
+      start_gateway bench-a 17100 11883 19100 5000; A=$LAST_PID
+      start_gateway bench-b 17200 11983 19200 5000; B=$LAST_PID
+      log=$(mktemp)
+      "$LT" fleet --label reconnect-storm-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --cabinet-addr 127.0.0.1:17100 --cabinet-addr 127.0.0.1:17200 --cabinets 30000 --heartbeat-s 30 \
+        --ramp-per-s 3000 --hold-s 150 --server-pid "$B" --max-duration-s 600 \
+        --out "$OUT/gateway-reconnect-storm-15k.json" 2> >(tee "$log" >&2) &
+      fleet=$!
+      until grep -q '^ramp done' "$log"; do sleep 1; done
+      sleep 25
+      kill -KILL "$A"; wait "$A" 2>/dev/null || true
+      sleep 1
+      start_gateway bench-a 17100 11883 19100 5000
+      wait "$fleet"
+      rm -f "$log"
+      stop_gateways
+      ;;
     mqtt)
       start_gateway bench-a 17100 11883 19100
       "$LT" mqtt-compare --label mqtt-idle-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
@@ -99,7 +131,7 @@ for run in "${RUNS[@]}"; do
         --server-pid "$LAST_PID" --mosquitto-port 18831 --out "$OUT/mqtt-vs-mosquitto-throughput.json"
       stop_gateways
       ;;
-    *) echo "unknown run: $run (idle login nodes mqtt)"; exit 2 ;;
+    *) echo "unknown run: $run (idle login nodes four storm mqtt)"; exit 2 ;;
   esac
 done
 echo "results in $OUT/"

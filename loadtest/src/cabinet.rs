@@ -130,12 +130,16 @@ pub async fn run(
     // Door events not yet acknowledged survive reconnects (SPEC.md 1.10).
     let mut unacked: Vec<DoorEvent> = Vec::new();
     let mut backoff = Duration::from_secs(1);
+    // When the last session was lost: the next login measures the reconnection.
+    let mut lost: Option<Instant> = None;
     loop {
         if stop.is_cancelled() {
             return;
         }
         let started = Instant::now();
-        let ended = session(&id, &secret, &target, &behaviour, &stats, &stop, &mut doors, &mut unacked, started).await;
+        let ended =
+            session(&id, &secret, &target, &behaviour, &stats, &stop, &mut doors, &mut unacked, started, &mut lost)
+                .await;
         if stop.is_cancelled() {
             return;
         }
@@ -181,6 +185,7 @@ async fn session(
     doors: &mut [Door],
     unacked: &mut Vec<DoorEvent>,
     started: Instant,
+    lost: &mut Option<Instant>,
 ) -> Ended {
     let Ok(tcp) = connect(target).await else {
         stats.add("cabinet_connect_failures", 1);
@@ -206,10 +211,14 @@ async fn session(
         return Ended::Retry(Duration::from_secs(u64::from(result.retry_after_s)));
     }
     stats.record("connect", started.elapsed());
+    if let Some(at) = lost.take() {
+        stats.record("reconnect", at.elapsed());
+    }
     stats.add("cabinet_logins", 1);
     stats.connected.fetch_add(1, Ordering::Relaxed);
     let ended = serve(&mut framed, &mut next, behaviour, stats, stop, doors, unacked).await;
     stats.connected.fetch_sub(1, Ordering::Relaxed);
+    *lost = Some(Instant::now());
     ended
 }
 
@@ -231,6 +240,7 @@ async fn serve(
     let mut tick = interval(FAST_REPORT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: HashMap<u32, (DoorEvent, Instant)> = HashMap::new();
+    let mut heartbeat_sent: Option<Instant> = None;
     for e in std::mem::take(unacked) {
         let seq = next();
         if send(
@@ -272,7 +282,12 @@ async fn serve(
                         }
                     }
                     Message::Ack if pending.remove(&frame.seq).is_some() => stats.add("door_event_acks", 1),
-                    Message::HeartbeatAck(_) => stats.add("heartbeat_acks", 1),
+                    Message::HeartbeatAck(_) => {
+                        stats.add("heartbeat_acks", 1);
+                        if let Some(sent) = heartbeat_sent.take() {
+                            stats.record("heartbeat_ack", sent.elapsed());
+                        }
+                    }
                     Message::Notice(n) if n.kind == NoticeKind::Reconnect => {
                         stats.add("reconnect_notices", 1);
                         break Ended::Reconnect(Duration::from_millis(u64::from(n.delay_ms)));
@@ -287,6 +302,7 @@ async fn serve(
                 if send(framed, stats, hb).await.is_err() {
                     break Ended::Backoff;
                 }
+                heartbeat_sent = Some(Instant::now());
                 stats.add("heartbeats_sent", 1);
             }
             _ = tick.tick() => {

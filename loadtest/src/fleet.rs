@@ -194,6 +194,23 @@ impl Sample {
     }
 }
 
+/// After the ramp: the deepest drop of the connected count below the whole fleet, and how
+/// long after the first sample below it the fleet was whole again (to the second: the
+/// progress samples' resolution; the per-device `reconnect` latencies are exact).
+fn deepest_dip(timeline: &[Sample], target: u64, ramp_s: f64) -> Option<serde_json::Value> {
+    let after: Vec<&Sample> = timeline.iter().filter(|s| s.t_s > ramp_s).collect();
+    let first_below = after.iter().position(|s| s.connected < target)?;
+    let lowest = after[first_below..].iter().map(|s| s.connected).min().unwrap_or(target);
+    let recovered = after[first_below..].iter().find(|s| s.connected >= target).map(|s| s.t_s);
+    let began = after[first_below].t_s;
+    Some(json!({
+        "first_below_at_s": began,
+        "lowest_connected": lowest,
+        "devices_dropped": target - lowest,
+        "whole_again_after_s": recovered.map(|t| t - began),
+    }))
+}
+
 /// `[ 12.0s] [##########..........]  7500/15000 connected, +812/s, 0 uplinks/s`
 fn progress_line(now: &Sample, target: u64, before: Option<&Sample>) -> String {
     const WIDTH: u64 = 20;
@@ -384,6 +401,9 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         "latency": merged.summaries(),
         "workers": workers.iter().map(|w| json!({"cabinets": w.plan.cabinets, "vehicles": w.plan.vehicles, "source_ip": w.plan.source_ip})).collect::<Vec<_>>(),
     });
+    if let Some(dip) = deepest_dip(&timeline, target, ramp_s) {
+        details["reconnect_storm"] = dip;
+    }
     details["timeline"] = serde_json::to_value(&timeline)?;
     if let Some(storm) = storm {
         details["purchase_storm"] = serde_json::to_value(storm.await?)?;

@@ -10,7 +10,7 @@
 //! - [`api`]: the device service's HTTP API; [`seed`]: the fleet registered through it;
 //!   [`scenarios`]: purchase storm, activation wave, OTA campaign;
 //! - [`hb_feed`]: synthetic gateway heartbeat windows for fleets beyond one machine's sockets;
-//! - [`charts`]: PNG charts drawn from a report;
+//! - [`charts`]: PNG charts drawn from a report; [`summary`]: its few human lines;
 //! - [`fleet_ids`]: identities and credentials; [`stats`]: histograms and counters; [`rss`]:
 //!   process memory.
 
@@ -26,5 +26,6 @@ pub mod rss;
 pub mod scenarios;
 pub mod seed;
 pub mod stats;
+pub mod summary;
 pub mod vehicle;
 pub mod worker;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use loadtest::{charts, compare, fleet, fleet_ids, hb_feed, worker};
+use loadtest::{charts, compare, fleet, fleet_ids, hb_feed, summary, worker};
 use serde_json::json;
 
 /// Simulates fleets of cabinets (SPEC.md part 1) and vehicles (MQTT) against a running system
@@ -213,7 +213,9 @@ fn main() -> anyhow::Result<()> {
                 let result = fleet::run(&plan).await?;
                 let results = serde_json::to_value(&result)?;
                 fleet::write_report(&args.out, &serde_json::to_value(&plan)?, &results)?;
-                eprintln!("{}", serde_json::to_string_pretty(&results)?);
+                for line in summary::lines(&results) {
+                    eprintln!("{line}");
+                }
                 eprintln!("report: {}", args.out.display());
                 match charts::write(&args.out, &results["details"]) {
                     Ok(paths) => paths.iter().for_each(|p| eprintln!("chart: {}", p.display())),

@@ -18,6 +18,8 @@ use crate::stats::{Summary, new_histogram, summarize};
 
 /// Orders in flight at once during a storm (each holds one HTTP poll loop).
 const STORM_CONCURRENCY: usize = 256;
+/// How often the harness looks at a running order.
+const POLL: Duration = Duration::from_millis(500);
 /// How long one order may take before the harness gives up on it.
 const ORDER_LIMIT: Duration = Duration::from_secs(120);
 
@@ -80,19 +82,25 @@ async fn one_order(api: Api, i: usize, cabinets: usize) -> (String, Option<Durat
     if api.call("POST", "/v1/payments/callback", Some(&payment)).await.is_err() {
         return ("api_error".into(), None, None);
     }
-    let mut to_open = None;
+    // Follow the order; its own transition times (the service's clock) give the durations, so
+    // how often the harness looks does not change them.
     while started.elapsed() < ORDER_LIMIT {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(POLL).await;
         let Ok((200, o)) = api.call("GET", &format!("/v1/orders/{id}"), None).await else { continue };
         let state = o["state"].as_str().unwrap_or_default();
-        if to_open.is_none() && ["door_open", "door_closed", "settled"].contains(&state) {
-            to_open = Some(started.elapsed());
-        }
         if ["settled", "cancelled", "abnormal"].contains(&state) {
-            return (state.to_owned(), to_open, Some(started.elapsed()));
+            let created = o["created_ms"].as_u64().unwrap_or(0);
+            let at = |to: &str| {
+                o["transitions"]
+                    .as_array()
+                    .and_then(|t| t.iter().find(|x| x["to"] == to))
+                    .and_then(|x| x["at_ms"].as_u64())
+            };
+            let since = |ms: u64| Duration::from_millis(ms.saturating_sub(created));
+            return (state.to_owned(), at("door_open").map(since), at(state).map(since));
         }
     }
-    ("gave_up".into(), to_open, None)
+    ("gave_up".into(), None, None)
 }
 
 /// The owner's app for one QR id: scan, then confirm (the vehicle does the rest).

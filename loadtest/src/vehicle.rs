@@ -98,6 +98,8 @@ pub async fn run(
     let mut publish_tick = period.map(|p| tokio::time::interval_at(Instant::now() + p.mul_f64(fastrand::f64()), p));
     let uplink = uplink_topic(&vin, UplinkKind::OtaStatus);
     let mut activation_started: Option<Instant> = None;
+    // When the connection was lost: the next CONNACK measures the reconnection.
+    let mut lost: Option<Instant> = None;
     let mut upgrades: Vec<String> = Vec::new();
     loop {
         let publish_due = async {
@@ -114,6 +116,9 @@ pub async fn run(
                     connected = true;
                     backoff = Duration::from_secs(1);
                     stats.record("connect", started.elapsed());
+                    if let Some(at) = lost.take() {
+                        stats.record("reconnect", at.elapsed());
+                    }
                     stats.add("vehicle_logins", 1);
                     stats.connected.fetch_add(1, Ordering::Relaxed);
                     let _ = client.try_subscribe(downlink_filter(&vin), QoS::AtLeastOnce);
@@ -175,6 +180,7 @@ pub async fn run(
                         stats.connected.fetch_sub(1, Ordering::Relaxed);
                         stats.add("vehicle_reconnects", 1);
                         connected = false;
+                        lost = Some(Instant::now());
                     } else {
                         stats.add("vehicle_connect_failures", 1);
                     }
