@@ -24,6 +24,7 @@ use crate::offline::{Detector, Window};
 use crate::purchases;
 use crate::status::{self, Event};
 use crate::vehicles;
+use crate::vehicles::ota::reports as ota_reports;
 use crate::weights::{self, Received};
 
 /// The consumer group of every device-service instance.
@@ -62,6 +63,9 @@ impl Consumer {
     /// Any storage error: the caller acknowledges nothing and retries the batch.
     pub async fn apply(&self, stream: &str, entries: &[StreamId]) -> Result<(), StoreError> {
         let mut reports: Vec<Received> = Vec::new();
+        // OTA reports of the batch, in order, applied in one transaction: only the order per
+        // vehicle matters, and nothing else in a batch touches their rows.
+        let mut ota: Vec<ota_reports::Uplink> = Vec::new();
         for entry in entries {
             let fields = bulk_fields(entry.map.clone());
             let event = match UpEvent::from_fields(&fields) {
@@ -78,11 +82,28 @@ impl Consumer {
                 self.count("weight_report", "applied");
                 continue;
             }
+            if let UpEvent::Vehicle { vin, kind, payload, .. } = &event
+                && vehicles::is_ota_report(*kind)
+            {
+                let entry = format!("{stream}/{}", entry.id);
+                ota.push(ota_reports::Uplink { entry, vin: vin.clone(), kind: *kind, payload: payload.clone() });
+                continue;
+            }
             self.flush_reports(&mut reports).await?;
+            self.flush_ota(&mut ota).await?;
             // Entry ids are unique within a stream only.
             self.apply_one(&format!("{stream}/{}", entry.id), event).await?;
         }
-        self.flush_reports(&mut reports).await
+        self.flush_reports(&mut reports).await?;
+        self.flush_ota(&mut ota).await
+    }
+
+    async fn flush_ota(&self, ota: &mut Vec<ota_reports::Uplink>) -> Result<(), StoreError> {
+        for result in ota_reports::apply_batch(&self.app, ota).await? {
+            self.count("veh", result);
+        }
+        ota.clear();
+        Ok(())
     }
 
     async fn flush_reports(&self, reports: &mut Vec<Received>) -> Result<(), StoreError> {

@@ -17,6 +17,11 @@ use protocol::mqtt::topic::UplinkKind;
 use crate::app::App;
 use crate::error::StoreError;
 
+/// Whether an uplink is an OTA report (the consumer batches those: [`ota::reports::apply_batch`]).
+pub fn is_ota_report(kind: UplinkKind) -> bool {
+    matches!(kind, UplinkKind::OtaDownloadProgress | UplinkKind::OtaUpgradeProgress | UplinkKind::OtaStatus)
+}
+
 /// Applies one vehicle uplink; `entry` is its upstream entry (`stream/id`, unique). Returns
 /// the result label for `devsvc_stream_entries_total`.
 ///
@@ -39,7 +44,17 @@ pub async fn on_uplink(
             Err(_) => Ok(invalid(app, "report")),
         },
         UplinkKind::OtaDownloadProgress | UplinkKind::OtaUpgradeProgress | UplinkKind::OtaStatus => {
-            ota::reports::apply(app, entry, vin, kind, payload).await
+            let uplink = ota::reports::Uplink {
+                entry: entry.to_owned(),
+                vin: vin.clone(),
+                kind,
+                payload: bytes::Bytes::copy_from_slice(payload),
+            };
+            Ok(ota::reports::apply_batch(app, std::slice::from_ref(&uplink))
+                .await?
+                .first()
+                .copied()
+                .unwrap_or("invalid"))
         }
         // The command API answers generic commands on delivery (PUBACK); results are not consumed.
         UplinkKind::CommandResult => Ok("ignored"),

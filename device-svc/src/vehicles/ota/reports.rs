@@ -67,45 +67,64 @@ struct Row {
     target: String,
 }
 
-/// Applies one report; `entry` is its upstream entry (`stream/id`). Returns the result label:
-/// `applied`, `stale`, `duplicate`, `unknown_task` or `invalid`.
-///
-/// # Errors
-/// Storage errors (the entry is applied again later: nothing is half-stored).
-pub async fn apply(
-    app: &App,
-    entry: &str,
-    vin: &Vin,
-    kind: UplinkKind,
-    payload: &[u8],
-) -> Result<&'static str, StoreError> {
-    let result = apply_inner(app, entry, vin, kind, payload).await?;
-    app.metrics.ota_reports.with_label_values(&[kind.as_str(), result]).inc();
-    Ok(result)
+/// One report as it came off an upstream stream.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    /// Its upstream entry (`stream/id`, unique).
+    pub entry: String,
+    /// The vehicle.
+    pub vin: Vin,
+    /// Which report.
+    pub kind: UplinkKind,
+    /// The JSON as published.
+    pub payload: bytes::Bytes,
 }
 
-async fn apply_inner(
-    app: &App,
-    entry: &str,
-    vin: &Vin,
-    kind: UplinkKind,
-    payload: &[u8],
-) -> Result<&'static str, StoreError> {
-    let Some(report) = Report::parse(kind, payload) else {
-        tracing::info!(%vin, kind = kind.as_str(), "invalid OTA report");
-        return Ok("invalid");
-    };
-    let raw: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+/// Applies a batch of reports in one transaction (one commit for the batch: reports arrive by
+/// the thousand during a campaign), in order. Returns each report's result, also counted by
+/// kind: `applied`, `stale`, `duplicate`, `unknown_task` or `invalid`.
+///
+/// # Errors
+/// Storage errors: nothing of the batch is stored, and the caller applies it again.
+pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static str>, StoreError> {
+    if uplinks.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
+    let mut results = Vec::with_capacity(uplinks.len());
+    let mut failures = false;
+    for u in uplinks {
+        let (result, failed) = apply_one(app, &tx, u).await?;
+        failures |= failed;
+        results.push(result);
+    }
+    tx.commit().await?;
+    for (u, result) in uplinks.iter().zip(&results) {
+        app.metrics.ota_reports.with_label_values(&[u.kind.as_str(), result]).inc();
+    }
+    if failures {
+        app.purchase_wakers.relay.notify_one();
+    }
+    Ok(results)
+}
+
+/// Applies one report inside `tx`; also says whether it recorded a failure (a notice to relay).
+async fn apply_one(app: &App, tx: &Transaction<'_>, u: &Uplink) -> Result<(&'static str, bool), StoreError> {
+    let (vin, kind) = (&u.vin, u.kind);
+    let Some(report) = Report::parse(kind, &u.payload) else {
+        tracing::info!(%vin, kind = kind.as_str(), "invalid OTA report");
+        return Ok(("invalid", false));
+    };
+    let raw: Value = serde_json::from_slice(&u.payload).unwrap_or(Value::Null);
     let stored = tx
         .query_opt(
             "INSERT INTO ota_reports (entry, task_id, vin, kind, payload, applied) VALUES ($1, $2, $3, $4, $5, '')
              ON CONFLICT (entry) DO NOTHING RETURNING id",
-            &[&entry, &report.task_id(), &vin.as_str(), &kind.as_str(), &raw],
+            &[&u.entry, &report.task_id(), &vin.as_str(), &kind.as_str(), &raw],
         )
         .await?;
-    let Some(stored) = stored else { return Ok("duplicate") };
+    let Some(stored) = stored else { return Ok(("duplicate", false)) };
     let report_id: i64 = stored.get(0);
     let row = tx
         .query_opt(
@@ -117,14 +136,11 @@ async fn apply_inner(
         .and_then(|r| VehicleState::parse(r.get(0)).map(|state| Row { state, target: r.get(1) }));
     let result = match row {
         None => "unknown_task",
-        Some(row) => fold(app, &tx, vin, &report, &row, &raw).await?,
+        Some(row) => fold(app, tx, vin, &report, &row, &raw).await?,
     };
     tx.execute("UPDATE ota_reports SET applied = $2 WHERE id = $1", &[&report_id, &result]).await?;
-    tx.commit().await?;
-    if result == "applied" && matches!(&report, Report::Status(s) if s.status >= OtaStatus::Success) {
-        app.purchase_wakers.relay.notify_one();
-    }
-    Ok(result)
+    let failed = result == "applied" && matches!(&report, Report::Status(s) if s.status >= OtaStatus::Success);
+    Ok((result, failed))
 }
 
 /// Folds `report` into the vehicle's row.
