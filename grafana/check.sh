@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Proves grafana/ against real data (run by scripts/test; also on its own):
+#   1. promtool: the scrape configuration and the alert rules are valid, and the rules' unit
+#      tests (rules/alerts_test.yml) pass;
+#   2. a small stack (the device service, two gateway nodes) under a small simulated fleet
+#      (loadtest: heartbeats, weights, commands, purchases, activations, an OTA campaign),
+#      scraped every second by a real Prometheus that also evaluates the alert rules;
+#   3. grafana/check.py: every dashboard importable, every panel query valid and with data
+#      (unless grafana/expect-empty.txt says why not), every alert rule healthy.
+# Prometheus and promtool come from Debian's `prometheus` package, installed when missing.
+#
+#   grafana/check.sh
+#
+# Uses REDIS_URL / DATABASE_URL (or finds or starts servers as scripts/test does); a database
+# and a Redis key prefix of its own, removed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/services.sh
+
+STANDALONE=0
+if [ -z "${REDIS_URL:-}" ] || [ -z "${DATABASE_URL:-}" ]; then
+  STANDALONE=1
+  services_up
+fi
+RUN=${TEST_RUN_ID:-obs$$}
+DB="iotgw_${RUN}_obs"
+PREFIX="iotgw_${RUN}_obs:"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/iotgw-obs.XXXXXX")
+PIDS=()
+
+finish() {
+  local status=$?
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  psql "$DATABASE_URL" -Xq -c "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)" >/dev/null 2>&1 || true
+  if command -v redis-cli >/dev/null 2>&1; then
+    redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}*" 2>/dev/null \
+      | xargs -r -n 500 redis-cli -u "$REDIS_URL" unlink >/dev/null 2>&1 || true
+  fi
+  if [ "$status" != 0 ]; then
+    for log in "$WORK"/*.log; do echo "--- $log (last lines)" >&2; tail -n 15 "$log" >&2; done
+  fi
+  rm -rf "$WORK"
+  [ "$STANDALONE" = 1 ] && services_down
+  exit "$status"
+}
+trap finish EXIT
+
+wait_port() {
+  for _ in $(seq 1 300); do port_open "$1" && return 0; sleep 0.1; done
+  die "$2 did not come up on port $1"
+}
+
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || install_packages prometheus
+say "promtool: configuration, rules, rule unit tests"
+promtool check config grafana/prometheus.yml >/dev/null
+promtool check rules grafana/rules/alerts.yml >/dev/null
+promtool test rules grafana/rules/alerts_test.yml >/dev/null
+
+say "observability check: a small stack under a simulated fleet, scraped by Prometheus"
+cargo build --locked -q -p gateway -p device-svc -p loadtest --bins
+PGOPTIONS="-c client_min_messages=warning" psql "$DATABASE_URL" -Xq -c "DROP DATABASE IF EXISTS \"$DB\"" -c "CREATE DATABASE \"$DB\"" >/dev/null
+base=${DATABASE_URL%%\?*}
+DB_URL="${base%/*}/$DB"
+
+SVC_PORT=$(free_port)
+DEVICE_SVC_KEY_PREFIX=$PREFIX target/debug/device-svc --instance-id obs-svc \
+  --http-listen "127.0.0.1:$SVC_PORT" --database-url "$DB_URL" --redis-url "$REDIS_URL" >"$WORK/device-svc.log" 2>&1 &
+PIDS+=($!)
+wait_port "$SVC_PORT" "the device service"
+
+CAB=() MQTT=() TARGETS=""
+for n in 1 2; do
+  cab=$(free_port) mqtt=$(free_port) metrics=$(free_port)
+  GATEWAY_KEY_PREFIX=$PREFIX target/debug/gateway --node-id "obs-gw-$n" --redis-url "$REDIS_URL" \
+    --cabinet-listen "127.0.0.1:$cab" --mqtt-listen "127.0.0.1:$mqtt" --metrics-listen "127.0.0.1:$metrics" \
+    >"$WORK/gateway-$n.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$cab" "gateway node $n"
+  CAB+=(--cabinet-addr "127.0.0.1:$cab")
+  MQTT+=(--mqtt-addr "127.0.0.1:$mqtt")
+  TARGETS="$TARGETS\"127.0.0.1:$metrics\", "
+done
+
+PROM_PORT=$(free_port)
+cat > "$WORK/prometheus.yml" <<EOF
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files:
+  - $PWD/grafana/rules/alerts.yml
+scrape_configs:
+  - job_name: gateway
+    static_configs:
+      - targets: [${TARGETS%, }]
+  - job_name: device-svc
+    static_configs:
+      - targets: ["127.0.0.1:$SVC_PORT"]
+EOF
+prometheus --config.file "$WORK/prometheus.yml" --storage.tsdb.path "$WORK/tsdb" \
+  --web.listen-address "127.0.0.1:$PROM_PORT" >"$WORK/prometheus.log" 2>&1 &
+PIDS+=($!)
+wait_port "$PROM_PORT" "Prometheus"
+
+target/debug/loadtest fleet --label observability-check --key-prefix "$PREFIX" --redis-url "$REDIS_URL" \
+  "${CAB[@]}" "${MQTT[@]}" --api "127.0.0.1:$SVC_PORT" --seed --cabinets 30 --vehicles 20 \
+  --ramp-per-s 200 --hold-s 25 --commands-per-s 5 --purchases 30 --activations 10 --ota --ota-step-ms 200 \
+  --max-duration-s 240 --out "$WORK/fleet.json" >"$WORK/loadtest.log" 2>&1 \
+  || die "the simulated fleet failed (see $WORK/loadtest.log)"
+# Wait until every target was scraped after the fleet stopped.
+python3 - "http://127.0.0.1:$PROM_PORT" "$(date +%s)" <<'PY'
+import json, sys, time, urllib.parse, urllib.request
+base, since = sys.argv[1], float(sys.argv[2]) + 1
+for _ in range(300):
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": "min(timestamp(up))"})
+    result = json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
+    if result and float(result[0]["value"][1]) > since:
+        sys.exit(0)
+    time.sleep(0.1)
+sys.exit("Prometheus did not scrape the stack after the fleet")
+PY
+python3 grafana/check.py "http://127.0.0.1:$PROM_PORT"
