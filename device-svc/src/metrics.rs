@@ -302,19 +302,10 @@ impl Default for Metrics {
 
 #[cfg(test)]
 mod tests {
-    /// Metric names (`devsvc_…`) quoted in `text`.
-    fn names(text: &str, quote: char) -> std::collections::BTreeSet<String> {
-        text.split(quote)
-            .filter(|s| s.starts_with("devsvc_") && !s.ends_with('_'))
-            .filter(|s| s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
-            .map(str::to_owned)
-            .collect()
-    }
-
     #[test]
     fn the_catalogue_lists_exactly_the_exported_metrics() {
-        let exported = names(include_str!("metrics.rs"), '"');
-        let documented = names(include_str!("../../docs/metrics.md"), '`');
+        let exported = testkit::quoted_metric_names(include_str!("metrics.rs"), "devsvc_", '"');
+        let documented = testkit::quoted_metric_names(include_str!("../../docs/metrics.md"), "devsvc_", '`');
         assert!(exported.len() > 30, "{exported:?}");
         assert_eq!(exported, documented, "docs/metrics.md and src/metrics.rs disagree");
     }

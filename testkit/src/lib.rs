@@ -185,6 +185,17 @@ fn escape_glob(s: &str) -> String {
     out
 }
 
+/// Metric names starting with `prefix` found between `quote` characters in `text`: the names a
+/// metrics module registers (`"gateway_…"`) or a catalogue documents (`` `gateway_…` ``), so a
+/// test can require both lists to agree.
+pub fn quoted_metric_names(text: &str, prefix: &str, quote: char) -> std::collections::BTreeSet<String> {
+    text.split(quote)
+        .filter(|s| s.starts_with(prefix) && !s.ends_with('_'))
+        .filter(|s| s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        .map(str::to_owned)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
