@@ -14,6 +14,10 @@
 # offline  100,000 cabinets behind 6 synthetic gateway nodes (30 s heartbeats), 1,000 of them
 #          going silent: CPU of the device service and Redis per second of heartbeats, and
 #          how long after its deadline each silent cabinet was marked offline.
+# uplink   2,000 vehicles publishing QoS 1 uplinks (OTA status reports) at 10/s each through a
+#          gateway to the device service, which stores each one: uplinks acknowledged per
+#          second, gateway CPU, uplinks per gateway core-second, and whether all were stored.
+# purchases the purchase storm alone: 1,000 cabinets, 500 doors opened for orders at once.
 # scenarios 1,000 cabinets and 2,000 vehicles registered through the API: a purchase storm
 #          (1,000 doors opened for orders at once), an activation wave (1,000 vehicles), an
 #          OTA campaign (2,000 vehicles, notices at 500/s), with their end-to-end times.
@@ -30,7 +34,7 @@ DB="iotgw_bench_$$"
 DB_URL="${ADMIN_DB%/*}/$DB"
 OUT=loadtest/results
 RUNS=("$@")
-[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights offline scenarios)
+[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights offline uplink purchases scenarios)
 read -r -a RATES <<<"${OPEN_DOORS_PER_S:-100 200 400 800}"
 WORK=$(mktemp -d)
 
@@ -135,6 +139,65 @@ INSERT INTO lanes (cabinet_id, door_id, lane_id) SELECT id, d, l FROM ids, gener
 INSERT INTO device_credentials (device_key, secret)
   SELECT 'cab:' || id, sha256(convert_to('iotgw-loadtest-cabinet:' || id, 'UTF8')) FROM ids;
 SQL
+}
+
+# cpu_s PID: CPU seconds (user + system) the process has used.
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f\n", ($14 + $15) / hz }' "/proc/$1/stat"; }
+
+run_uplink() {
+  local svc_port=18080 cab_port=17300 mqtt_port=11983 gw_metrics=19300 vehicles=2000 rate=10 hold=40
+  fresh_db
+  start_svc "$svc_port"
+  start_gateway "$cab_port" "$gw_metrics" "$mqtt_port"
+  local gw=$!
+  # Registered through the API (vehicles need rows for their reports to be stored).
+  "$LT" fleet --label uplink-seed --redis-url "$REDIS_URL" --key-prefix "$PREFIX" --mqtt-addr "127.0.0.1:$mqtt_port" \
+    --api "127.0.0.1:$svc_port" --seed --vehicles "$vehicles" --hold-s 1 --out "$WORK/seed.json" 2>/dev/null
+  local c0; c0=$(cpu_s "$gw")
+  "$LT" fleet --label devsvc-uplink --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+    --mqtt-addr "127.0.0.1:$mqtt_port" --vehicles "$vehicles" --ramp-per-s 2000 --hold-s "$hold" \
+    --publish-per-s "$rate" --server-pid "$gw" --max-duration-s 300 --out "$WORK/uplink.json" 2>"$WORK/uplink.log"
+  local c1; c1=$(cpu_s "$gw")
+  local acked; acked=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"]["details"]["counters"].get("uplinks_acked", 0))' "$WORK/uplink.json")
+  for _ in $(seq 1 1200); do
+    [ "$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM ota_reports")" -ge "$acked" ] && break
+    sleep 0.1
+  done
+  local stored; stored=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM ota_reports")
+  python3 - "$WORK/uplink.json" "$c0" "$c1" "$stored" "$OUT/devsvc-uplink.json" <<'PY'
+import json, sys
+report, c0, c1, stored, out = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+r = json.load(open(report))
+d = r["results"]["details"]
+acked = d["counters"].get("uplinks_acked", 0)
+# The gateway's CPU over the whole fleet run (ramp, hold, stop), against the uplinks of the run.
+run_s = r["results"]["ramp_s"] + d["hold_s"] + 5
+cpu_per_s = (c1 - c0) / run_s
+r["results"]["forwarding"] = {
+    "uplinks_acked": acked,
+    "stored_by_device_service": stored,
+    "all_stored": stored >= acked,
+    "uplinks_acked_per_s_in_hold": d["uplinks_acked_per_s_in_hold"],
+    "gateway_cpu_s": round(c1 - c0, 3),
+    "gateway_cores_busy": round(cpu_per_s, 3),
+    "uplinks_per_gateway_core_s": round(acked / max(c1 - c0, 0.001)),
+}
+json.dump(r, open(out, "w"), indent=2)
+print(json.dumps(r["results"]["forwarding"], indent=2))
+PY
+  stop_all
+}
+
+run_purchases() {
+  local svc_port=18080 cab_port=17300 gw_metrics=19300
+  fresh_db
+  start_svc "$svc_port"
+  start_gateway "$cab_port" "$gw_metrics"
+  "$LT" fleet --label devsvc-purchase-storm --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+    --cabinet-addr "127.0.0.1:$cab_port" --api "127.0.0.1:$svc_port" --seed --cabinets 1000 \
+    --ramp-per-s 2000 --hold-s 45 --purchases 500 --server-pid "$SVC_PID" --max-duration-s 300 \
+    --out "$OUT/devsvc-purchase-storm.json"
+  stop_all
 }
 
 run_scenarios() {
@@ -299,7 +362,9 @@ for run in "${RUNS[@]}"; do
     weights) run_weights ;;
     offline) run_offline ;;
     scenarios) run_scenarios ;;
-    *) echo "unknown run: $run (weights offline scenarios)"; exit 2 ;;
+    uplink) run_uplink ;;
+    purchases) run_purchases ;;
+    *) echo "unknown run: $run (weights offline uplink purchases scenarios)"; exit 2 ;;
   esac
 done
 echo "results in $OUT/"

@@ -95,7 +95,7 @@ for run in "${RUNS[@]}"; do
         NODES+=(--server-pid "$LAST_PID"); ADDRS+=(--cabinet-addr "127.0.0.1:$((17100 + n * 100))")
       done
       "$LT" fleet --label four-nodes-60k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
-        "${ADDRS[@]}" --cabinets 60000 --ramp-per-s 3000 --hold-s 60 --commands-per-s 500 "${NODES[@]}" \
+        "${ADDRS[@]}" --cabinets 60000 --ramp-per-s 1000 --hold-s 60 --commands-per-s 500 "${NODES[@]}" \
         --max-duration-s 900 --out "$OUT/gateway-four-nodes-60k.json"
       stop_gateways
       ;;
