@@ -46,11 +46,6 @@ finish() {
 }
 trap finish EXIT
 
-wait_port() {
-  for _ in $(seq 1 300); do port_open "$1" && return 0; sleep 0.1; done
-  die "$2 did not come up on port $1"
-}
-
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || install_packages prometheus
 say "promtool: configuration, rules, rule unit tests"
 promtool check config grafana/prometheus.yml >/dev/null
@@ -60,8 +55,7 @@ promtool test rules grafana/rules/alerts_test.yml >/dev/null
 say "observability check: a small stack under a simulated fleet, scraped by Prometheus"
 cargo build --locked -q -p gateway -p device-svc -p loadtest --bins
 PGOPTIONS="-c client_min_messages=warning" psql "$DATABASE_URL" -Xq -c "DROP DATABASE IF EXISTS \"$DB\"" -c "CREATE DATABASE \"$DB\"" >/dev/null
-base=${DATABASE_URL%%\?*}
-DB_URL="${base%/*}/$DB"
+DB_URL=$(url_with_db "$DATABASE_URL" "$DB")
 
 SVC_PORT=$(free_port)
 DEVICE_SVC_KEY_PREFIX=$PREFIX target/debug/device-svc --instance-id obs-svc \

@@ -1,5 +1,5 @@
-# Shared by scripts/test and scripts/demo: find or start the Redis and PostgreSQL the project
-# needs, and install what is missing. Sourced, not run.
+# Shared by scripts/test, scripts/run, scripts/demo and grafana/check.sh: find or start the Redis and
+# PostgreSQL the project needs, install what is missing, and small helpers (ports, URLs). Sourced, not run.
 #
 # After `services_up`:
 #   REDIS_URL      redis://host:port/          (the given one, the local one, or a private one)
@@ -38,6 +38,21 @@ install_packages() {
 
 # True if something accepts TCP connections on 127.0.0.1:$1.
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Waits up to 30 s for something to accept connections on 127.0.0.1:$1; dies naming $2 if not.
+wait_port() {
+  for _ in $(seq 1 300); do port_open "$1" && return 0; sleep 0.1; done
+  die "$2 did not come up on port $1"
+}
+
+# $1 (a PostgreSQL URL) with its database, the URL's path, replaced by $2.
+url_with_db() {
+  local url=$1 db=$2 base query=""
+  base=${url%%\?*}
+  [ "$base" != "$url" ] && query="?${url#*\?}"
+  local scheme=${base%%://*} rest=${base#*://}
+  echo "$scheme://${rest%%/*}/$db$query"
+}
 
 # Prints a free local TCP port.
 free_port() {
