@@ -429,7 +429,7 @@ async fn cabinets_log_in_over_tls() {
     use rustls_pki_types::pem::PemObject;
 
     let env = Env::single().await;
-    let pki = common::Pki::new("unused");
+    let pki = testkit::pki::Pki::new("unused");
     let mut config = env.config("gw-a");
     config.cabinet.tls_listen = "127.0.0.1:0".into();
     config.cabinet.tls_cert = pki.path("server.pem");

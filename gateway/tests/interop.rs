@@ -10,11 +10,12 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Env, Pki, payload};
+use common::{Env, payload};
 use gateway::Gateway;
 use protocol::Vin;
 use protocol::bus::{CommandBody, DeviceKey, Outcome, UpEvent};
 use protocol::mqtt::topic::DownlinkKind;
+use testkit::pki::Pki;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 

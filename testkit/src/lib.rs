@@ -12,6 +12,7 @@
 //! at the end of the run.
 
 pub mod cabinet;
+pub mod pki;
 pub mod redis_server;
 
 use std::sync::atomic::{AtomicU32, Ordering};
