@@ -4,7 +4,7 @@
 # Every run is bounded in time; results go to loadtest/results/*.json.
 #
 #   loadtest/bench/gateway.sh            all of them (about 20 minutes)
-#   loadtest/bench/gateway.sh idle       only the named ones: idle login nodes four storm mqtt
+#   loadtest/bench/gateway.sh idle       only the named ones: idle tls login nodes four storm mqtt
 #
 # Redis: REDIS_URL, or the local one; keys go under a prefix of their own, removed at the end.
 set -euo pipefail
@@ -13,7 +13,7 @@ REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/}"
 PREFIX="bench$$:"
 OUT=loadtest/results
 RUNS=("$@")
-[ "${#RUNS[@]}" -gt 0 ] || RUNS=(idle login nodes four storm mqtt)
+[ "${#RUNS[@]}" -gt 0 ] || RUNS=(idle tls login nodes four storm mqtt)
 
 cargo build --release -q -p gateway -p loadtest
 GW=target/release/gateway
@@ -21,12 +21,29 @@ LT=target/release/loadtest
 command -v mosquitto >/dev/null || { echo "mosquitto is needed for the comparison (apt install mosquitto)"; exit 1; }
 
 PIDS=()
+TLS_DIR=$(mktemp -d)
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  rm -rf "$TLS_DIR"
   redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}*" | xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null || true
 }
 trap cleanup EXIT
+
+# A throwaway CA and a server certificate for localhost and 127.0.0.1 (ECDSA P-256), for the
+# TLS runs.
+make_certificates() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=iotgw bench CA" \
+    -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+    -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$TLS_DIR/san.ext"
+  openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" -CAcreateserial \
+    -days 2 -extfile "$TLS_DIR/san.ext" -out "$TLS_DIR/server.pem" 2>/dev/null
+}
+
+# Extra settings for the [cabinet] and [mqtt] sections of the next gateway started.
+CABINET_EXTRA="" MQTT_EXTRA=""
 
 # start_gateway NODE CABINET_PORT MQTT_PORT METRICS_PORT [ACCEPT_RATE]
 start_gateway() {
@@ -39,9 +56,11 @@ url = "$REDIS_URL"
 [cabinet]
 listen = "0.0.0.0:$2"
 accept_rate_per_s = ${5:-2000}
+$CABINET_EXTRA
 [mqtt]
 listen = "0.0.0.0:$3"
 accept_rate_per_s = ${5:-2000}
+$MQTT_EXTRA
 [metrics]
 listen = "127.0.0.1:$4"
 TOML
@@ -70,6 +89,26 @@ for run in "${RUNS[@]}"; do
         --mqtt-addr 127.0.0.1:11883 --vehicles 15000 --ramp-per-s 2000 --hold-s 60 \
         --commands-per-s 200 --server-pid "$LAST_PID" --out "$OUT/gateway-idle-vehicles-15k.json"
       stop_gateways
+      ;;
+    tls)
+      # The idle runs over TLS: the same fleets on the TLS listeners (ports 17101, 18883).
+      make_certificates
+      tls_files="tls_cert = \"$TLS_DIR/server.pem\"
+tls_key = \"$TLS_DIR/server.key\""
+      CABINET_EXTRA="tls_listen = \"0.0.0.0:17101\"
+$tls_files" MQTT_EXTRA="tls_listen = \"0.0.0.0:18883\"
+$tls_files"
+      start_gateway bench-a 17100 11883 19100
+      "$LT" fleet --label tls-cabinets-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --cabinet-addr 127.0.0.1:17101 --tls-ca "$TLS_DIR/ca.pem" --cabinets 15000 --ramp-per-s 2000 --hold-s 60 \
+        --commands-per-s 200 --server-pid "$LAST_PID" --out "$OUT/gateway-tls-cabinets-15k.json"
+      stop_gateways
+      start_gateway bench-a 17100 11883 19100
+      "$LT" fleet --label tls-vehicles-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --mqtt-addr 127.0.0.1:18883 --tls-ca "$TLS_DIR/ca.pem" --vehicles 15000 --ramp-per-s 2000 --hold-s 60 \
+        --commands-per-s 200 --server-pid "$LAST_PID" --out "$OUT/gateway-tls-vehicles-15k.json"
+      stop_gateways
+      CABINET_EXTRA="" MQTT_EXTRA=""
       ;;
     login)
       start_gateway bench-a 17100 11883 19100 50000
@@ -131,7 +170,7 @@ for run in "${RUNS[@]}"; do
         --server-pid "$LAST_PID" --mosquitto-port 18831 --out "$OUT/mqtt-vs-mosquitto-throughput.json"
       stop_gateways
       ;;
-    *) echo "unknown run: $run (idle login nodes four storm mqtt)"; exit 2 ;;
+    *) echo "unknown run: $run (idle tls login nodes four storm mqtt)"; exit 2 ;;
   esac
 done
 echo "results in $OUT/"

@@ -17,12 +17,14 @@ use protocol::cabinet::{
     Heartbeat, LaneWeight, Login, LoginStatus, Message, NoticeKind, WeightReport,
 };
 use protocol::{DeviceId, OrderId};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::time::{Instant, interval, sleep};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpSocket;
+use tokio::time::{Instant, interval, sleep, timeout};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
 use crate::stats::Stats;
+use crate::tls::TlsClient;
 
 /// How cabinets behave.
 #[derive(Debug, Clone)]
@@ -95,15 +97,37 @@ pub struct Target {
     pub addr: SocketAddr,
     /// Source address to bind (127.0.0.x), to spread connections over more port space.
     pub source: Option<IpAddr>,
+    /// TLS to the gateway's TLS listener; `None`: plain TCP.
+    pub tls: Option<TlsClient>,
 }
 
-async fn connect(target: &Target) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    if let Some(ip) = target.source {
-        socket.bind(SocketAddr::new(ip, 0))?;
+/// A byte stream to the gateway, plain or TLS: sessions do not care which.
+trait Link: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Link for T {}
+
+type Connection = Framed<Box<dyn Link>, CabinetCodec>;
+
+/// Longest TLS handshake a cabinet waits for.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects, and shakes hands when TLS is on; on failure, names the counter to bump.
+async fn connect(target: &Target) -> Result<Box<dyn Link>, &'static str> {
+    let tcp = async {
+        let socket = TcpSocket::new_v4()?;
+        if let Some(ip) = target.source {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        socket.set_nodelay(true)?;
+        socket.connect(target.addr).await
+    };
+    let tcp = tcp.await.map_err(|_| "cabinet_connect_failures")?;
+    match &target.tls {
+        None => Ok(Box::new(tcp)),
+        Some(tls) => match timeout(HANDSHAKE_TIMEOUT, tls.connect(tcp)).await {
+            Ok(Ok(stream)) => Ok(Box::new(stream)),
+            _ => Err("cabinet_tls_failures"),
+        },
     }
-    socket.set_nodelay(true)?;
-    socket.connect(target.addr).await
 }
 
 /// Runs one cabinet until `stop`.
@@ -187,11 +211,14 @@ async fn session(
     started: Instant,
     lost: &mut Option<Instant>,
 ) -> Ended {
-    let Ok(tcp) = connect(target).await else {
-        stats.add("cabinet_connect_failures", 1);
-        return Ended::Backoff;
+    let link = match connect(target).await {
+        Ok(link) => link,
+        Err(counter) => {
+            stats.add(counter, 1);
+            return Ended::Backoff;
+        }
     };
-    let mut framed = Framed::new(tcp, CabinetCodec::default());
+    let mut framed = Framed::new(link, CabinetCodec::default());
     let mut seq: u32 = 0;
     let mut next = || {
         seq = seq.wrapping_add(1).max(1);
@@ -201,7 +228,7 @@ async fn session(
     if framed.send(Frame::new(next(), Message::Login(login))).await.is_err() {
         return Ended::Backoff;
     }
-    let answer = tokio::time::timeout(Duration::from_secs(10), framed.next()).await;
+    let answer = timeout(Duration::from_secs(10), framed.next()).await;
     let Ok(Some(Ok(Ok(Frame { message: Message::LoginResult(result), .. })))) = answer else {
         stats.add("cabinet_login_failures", 1);
         return Ended::Backoff;
@@ -224,7 +251,7 @@ async fn session(
 
 #[allow(clippy::too_many_arguments)]
 async fn serve(
-    framed: &mut Framed<TcpStream, CabinetCodec>,
+    framed: &mut Connection,
     next: &mut impl FnMut() -> u32,
     behaviour: &CabinetBehaviour,
     stats: &Stats,
@@ -353,7 +380,7 @@ async fn serve(
     result
 }
 
-async fn send(framed: &mut Framed<TcpStream, CabinetCodec>, stats: &Stats, frame: Frame) -> Result<(), ()> {
+async fn send(framed: &mut Connection, stats: &Stats, frame: Frame) -> Result<(), ()> {
     framed.send(frame).await.map_err(|_| stats.add("send_failures", 1))
 }
 

@@ -24,6 +24,7 @@ use crate::cabinet::CabinetBehaviour;
 use crate::fleet_ids::{cabinet_id, provision_credentials, vin};
 use crate::rss::rss_bytes;
 use crate::stats::{Merged, summarize};
+use crate::tls::{TlsClient, TlsPlan};
 use crate::vehicle::Control;
 use crate::worker::{Report, WorkerPlan};
 use crate::{commander, scenarios, seed};
@@ -90,6 +91,9 @@ pub struct FleetPlan {
     /// Time between two steps of a simulated upgrade, ms.
     #[serde(default)]
     pub ota_step_ms: u64,
+    /// Devices connect over TLS (the listeners above are TLS listeners).
+    #[serde(default)]
+    pub tls: Option<TlsPlan>,
 }
 
 struct Worker {
@@ -153,6 +157,7 @@ async fn spawn_workers(
             credentials: plan.credentials,
             max_duration_s: plan.max_duration_s + 30,
             ota_step_ms: plan.ota_step_ms.max(1),
+            tls: plan.tls.clone(),
         };
         let mut child = Command::new(&exe)
             .arg("worker")
@@ -236,6 +241,10 @@ fn rss_all(pids: &[u32]) -> Vec<u64> {
 /// Redis unreachable, or workers that cannot be started.
 pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
     let deadline = Instant::now() + Duration::from_secs(plan.max_duration_s);
+    // Refuse unusable TLS settings here rather than in every worker.
+    if let Some(tls) = &plan.tls {
+        TlsClient::new(tls)?;
+    }
     let keys = Keys::new(plan.key_prefix.clone());
     if plan.credentials {
         let client = redis::Client::open(plan.redis_url.as_str())?;

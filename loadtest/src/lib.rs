@@ -12,7 +12,7 @@
 //! - [`hb_feed`]: synthetic gateway heartbeat windows for fleets beyond one machine's sockets;
 //! - [`charts`]: PNG charts drawn from a report; [`summary`]: its few human lines;
 //! - [`fleet_ids`]: identities and credentials; [`stats`]: histograms and counters; [`rss`]:
-//!   process memory.
+//!   process memory; [`tls`]: devices over TLS.
 
 pub mod api;
 pub mod cabinet;
@@ -27,5 +27,6 @@ pub mod scenarios;
 pub mod seed;
 pub mod stats;
 pub mod summary;
+pub mod tls;
 pub mod vehicle;
 pub mod worker;

@@ -138,6 +138,13 @@ struct FleetArgs {
     /// Time between two steps of a simulated upgrade, ms.
     #[arg(long, default_value_t = 500)]
     ota_step_ms: u64,
+    /// Connect over TLS, verifying the gateway against this PEM CA file; --cabinet-addr and
+    /// --mqtt-addr are then the gateway's TLS listeners.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The name the gateway's certificate must carry, whatever address is dialled.
+    #[arg(long, default_value = "localhost", requires = "tls_ca")]
+    tls_server_name: String,
 }
 
 impl FleetArgs {
@@ -171,6 +178,10 @@ impl FleetArgs {
             activations: self.activations,
             ota: self.ota,
             ota_step_ms: self.ota_step_ms,
+            tls: self
+                .tls_ca
+                .clone()
+                .map(|ca_file| loadtest::tls::TlsPlan { ca_file, server_name: self.tls_server_name.clone() }),
         })
     }
 }
@@ -182,7 +193,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Cmd::Worker { plan } => {
                 let plan: worker::WorkerPlan = serde_json::from_str(&plan).context("invalid worker plan")?;
-                worker::run(plan).await;
+                worker::run(plan).await?;
             }
             Cmd::Provision { redis_url, key_prefix, cabinets, vehicles } => {
                 let client = redis::Client::open(redis_url)?;
@@ -223,6 +234,10 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             Cmd::MqttCompare { fleet: args, mosquitto_port } => {
+                anyhow::ensure!(
+                    args.tls_ca.is_none(),
+                    "mqtt-compare runs plain MQTT: the Mosquitto it starts has no TLS"
+                );
                 let plan = args.plan()?;
                 let gateway_mqtt = *args.mqtt_addrs.first().context("--mqtt-addr of the gateway is required")?;
                 let pid = *args.server_pids.first().context("--server-pid of the gateway is required")?;

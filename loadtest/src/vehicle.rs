@@ -16,7 +16,7 @@ use protocol::vehicle::{
     ActivationCode, ActivationOutcome, ActivationResult, OtaNotify, QrIssued, VehicleCommand, VehicleCommandResult,
     VehicleCommandStatus,
 };
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+use rumqttc::{AsyncClient, ConnectionError, Event, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport};
 use serde_json::json;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::{Instant, sleep};
@@ -36,6 +36,8 @@ pub struct VehicleBehaviour {
     /// Time between two steps of a simulated upgrade (status changes and progress reports;
     /// real vehicles take minutes per step).
     pub ota_step: Duration,
+    /// TLS to the gateway's MQTT TLS listener; `None`: plain TCP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for VehicleBehaviour {
@@ -45,6 +47,7 @@ impl Default for VehicleBehaviour {
             publish_per_s: 0.0,
             credentials: true,
             ota_step: Duration::from_millis(500),
+            tls: None,
         }
     }
 }
@@ -89,6 +92,9 @@ pub async fn run(
     }
     options.set_keep_alive(behaviour.keep_alive);
     options.set_inflight(32);
+    if let Some(config) = &behaviour.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::clone(config))));
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let mut backoff = Duration::from_secs(1);
     let mut connected = false;
@@ -175,12 +181,14 @@ pub async fn run(
                     }
                 }
                 Ok(_) => {}
-                Err(_) => {
+                Err(e) => {
                     if connected {
                         stats.connected.fetch_sub(1, Ordering::Relaxed);
                         stats.add("vehicle_reconnects", 1);
                         connected = false;
                         lost = Some(Instant::now());
+                    } else if matches!(e, ConnectionError::Tls(_)) {
+                        stats.add("vehicle_tls_failures", 1);
                     } else {
                         stats.add("vehicle_connect_failures", 1);
                     }

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::cabinet::{self, CabinetBehaviour, Target};
 use crate::fleet_ids::{cabinet_id, cabinet_secret, vehicle_token, vin};
 use crate::stats::{Snapshot, Stats};
+use crate::tls::{TlsClient, TlsPlan};
 use crate::vehicle::{self, Control, Links, VehicleBehaviour};
 
 /// What one worker simulates.
@@ -44,6 +45,9 @@ pub struct WorkerPlan {
     pub ota_step_ms: u64,
     /// Hard bound on the worker's life, seconds.
     pub max_duration_s: u64,
+    /// Devices connect over TLS (to TLS listeners).
+    #[serde(default)]
+    pub tls: Option<TlsPlan>,
 }
 
 fn default_ota_step_ms() -> u64 {
@@ -86,7 +90,12 @@ fn emit(report: &Report) {
 }
 
 /// Runs the plan until stdin closes or the time bound.
-pub async fn run(plan: WorkerPlan) {
+///
+/// # Errors
+/// The TLS settings cannot be used (the orchestrator checked them, so only if the CA file
+/// changed in between).
+pub async fn run(plan: WorkerPlan) -> anyhow::Result<()> {
+    let tls = plan.tls.as_ref().map(TlsClient::new).transpose()?;
     let stats = Arc::new(Stats::default());
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -96,6 +105,7 @@ pub async fn run(plan: WorkerPlan) {
         publish_per_s: plan.publish_per_s,
         credentials: plan.credentials,
         ota_step: Duration::from_millis(plan.ota_step_ms),
+        tls: tls.as_ref().map(TlsClient::config),
         ..VehicleBehaviour::default()
     });
     let (control, _) = broadcast::channel::<Control>(64);
@@ -154,7 +164,11 @@ pub async fn run(plan: WorkerPlan) {
             Some(n) if !plan.cabinet_addrs.is_empty() => {
                 let id = cabinet_id(n);
                 let secret = cabinet_secret(&id);
-                let target = Target { addr: plan.cabinet_addrs[n % plan.cabinet_addrs.len()], source: plan.source_ip };
+                let target = Target {
+                    addr: plan.cabinet_addrs[n % plan.cabinet_addrs.len()],
+                    source: plan.source_ip,
+                    tls: tls.clone(),
+                };
                 tracker.spawn(cabinet::run(
                     id,
                     secret,
@@ -188,4 +202,5 @@ pub async fn run(plan: WorkerPlan) {
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     emit(&Report::Final { snapshot: stats.snapshot() });
+    Ok(())
 }
