@@ -4,7 +4,7 @@
 //! An idle cabinet sends 23 bytes every 30 s; keeping a few kilobytes of buffer for it all the
 //! time would dominate the gateway's memory per connection. So reads on plain TCP wait for
 //! readiness first and only then reserve a buffer, and both buffers are released once empty.
-//! (TLS streams keep rustls's own buffers regardless; their cost is in BENCHMARKS.md.)
+//! (TLS streams keep rustls's own buffers regardless; their cost is in BENCHMARKS.md, "TLS".)
 
 use std::io;
 use std::net::SocketAddr;
@@ -128,7 +128,12 @@ impl Conn {
                 if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
                     self.rbuf.reserve(READ_CHUNK);
                 }
-                tokio_util::io::poll_read_buf(Pin::new(&mut **s), cx, &mut self.rbuf).map_ok(Event::Read)
+                let read = tokio_util::io::poll_read_buf(Pin::new(&mut **s), cx, &mut self.rbuf);
+                // Nothing arrived: as on TCP, an idle connection keeps no read buffer of its own.
+                if read.is_pending() && self.rbuf.is_empty() {
+                    self.rbuf = BytesMut::new();
+                }
+                read.map_ok(Event::Read)
             }
         }
     }
@@ -260,5 +265,69 @@ impl Conn {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{Conn, Event, Stream};
+
+    /// A connected pair: the client's stream and the server side as the gateway holds it.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        (client, listener.accept().await.unwrap().0)
+    }
+
+    /// Polls once: the connection is idle, so the wait is pending.
+    fn poll_idle(conn: &mut Conn) {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(conn.poll_wait(&mut cx, true, false).is_pending());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_read_buffer_after_traffic() {
+        let (mut client, server) = tcp_pair().await;
+        let mut conn = Conn::new(Stream::Tcp(server));
+        client.write_all(b"hello").await.unwrap();
+        assert_eq!(conn.wait(false).await.unwrap(), Event::Read(5));
+        conn.read_buf().clear();
+        poll_idle(&mut conn);
+        assert_eq!(conn.read_buf().capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_tls_connection_holds_no_read_buffer_after_traffic() {
+        let pki = testkit::pki::Pki::new("unused");
+        let acceptor = crate::tls::acceptor(&pki.path("server.pem"), &pki.path("server.key"), None, false).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(pki.path("ca.pem")).unwrap()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (client, server) = tcp_pair().await;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let name = ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(connector.connect(name, client), acceptor.accept(server));
+        let (mut client, server) = (client.unwrap(), server.unwrap());
+        let mut conn = Conn::new(Stream::Tls(Box::new(server)));
+        client.write_all(b"hello").await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(conn.wait(false).await.unwrap(), Event::Read(5));
+        conn.read_buf().clear();
+        poll_idle(&mut conn);
+        assert_eq!(conn.read_buf().capacity(), 0);
     }
 }
