@@ -165,6 +165,7 @@ pub async fn run(
             session(&id, &secret, &target, &behaviour, &stats, &stop, &mut doors, &mut unacked, started, &mut lost)
                 .await;
         if stop.is_cancelled() {
+            stats.add("door_events_unacknowledged_at_stop", unacked.len() as u64);
             return;
         }
         stats.add("cabinet_reconnects", 1);
@@ -184,7 +185,10 @@ pub async fn run(
         }
         tokio::select! {
             () = sleep(wait) => {}
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                stats.add("door_events_unacknowledged_at_stop", unacked.len() as u64);
+                return;
+            }
         }
     }
 }
@@ -325,6 +329,10 @@ async fn serve(
                 }
             }
             _ = heartbeat.tick() => {
+                // The previous heartbeat was never answered: lost (the next one replaces it).
+                if heartbeat_sent.is_some() {
+                    stats.add("heartbeats_unanswered", 1);
+                }
                 let hb = Frame::new(next(), Message::Heartbeat(Heartbeat { device_time_ms: now_ms() }));
                 if send(framed, stats, hb).await.is_err() {
                     break Ended::Backoff;
@@ -377,6 +385,11 @@ async fn serve(
         }
     };
     unacked.extend(pending.into_values().map(|(e, _)| e));
+    // A heartbeat outstanding when the connection is lost was never answered; one outstanding
+    // when the run stops was merely in flight.
+    if heartbeat_sent.is_some() && !stop.is_cancelled() {
+        stats.add("heartbeats_unanswered", 1);
+    }
     result
 }
 

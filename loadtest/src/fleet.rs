@@ -432,6 +432,7 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
             "rejected": merged.counters.get("activations_rejected").copied().unwrap_or(0),
         });
     }
+    details["lost"] = losses(&merged, commands.as_ref());
     if let Some(c) = &commands {
         details["commands"] = json!({
             "sent": c.sent,
@@ -458,6 +459,30 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         details,
     };
     Ok(result)
+}
+
+/// Everything sent and never answered, by kind: uplinks without PUBACK within
+/// [`VehicleBehaviour::lost_after`](crate::vehicle::VehicleBehaviour::lost_after) (resent across reconnects until then), heartbeats unanswered when
+/// the next was due or the connection dropped, door events still unacknowledged when the run
+/// stopped (they are retried until then), commands without any reply, and commands not
+/// delivered (replies other than answered or delivered: timed out, busy, not connected,
+/// invalid; and devices not found in the connection map).
+fn losses(merged: &Merged, commands: Option<&commander::CommandStats>) -> serde_json::Value {
+    let count = |k: &str| merged.counters.get(k).copied().unwrap_or(0);
+    let (without_reply, failed) = commands.map_or((0, 0), |c| {
+        let replies: u64 = c.outcomes.values().sum();
+        let failed: u64 =
+            c.outcomes.iter().filter(|(k, _)| !matches!(**k, "answered" | "delivered")).map(|(_, v)| v).sum();
+        (c.sent.saturating_sub(replies), failed + c.unmapped)
+    });
+    json!({
+        "uplinks_unacknowledged": count("uplinks_unacknowledged"),
+        "uplinks_in_flight_at_stop": count("uplinks_in_flight_at_stop"),
+        "heartbeats_unanswered": count("heartbeats_unanswered"),
+        "door_events_unacknowledged_at_stop": count("door_events_unacknowledged_at_stop"),
+        "commands_without_reply": without_reply,
+        "commands_not_delivered": failed,
+    })
 }
 
 /// Where the report goes and what it records besides the results.

@@ -75,6 +75,19 @@ pub fn lines(results: &Value) -> Vec<String> {
             out.push(format!("  notice -> success reported {}", latency(l)));
         }
     }
+    let lost = &d["lost"];
+    if lost.is_object() {
+        out.push(format!(
+            "lost: {} uplinks unacknowledged ({} in flight at the stop), {} heartbeats unanswered, {} commands \
+             without reply and {} not delivered, {} door events unacknowledged at the stop",
+            lost["uplinks_unacknowledged"],
+            lost["uplinks_in_flight_at_stop"],
+            lost["heartbeats_unanswered"],
+            lost["commands_without_reply"],
+            lost["commands_not_delivered"],
+            lost["door_events_unacknowledged_at_stop"]
+        ));
+    }
     if let Some(r) = d["uplinks_acked_per_s_in_hold"].as_f64().filter(|r| *r > 0.0) {
         out.push(format!("uplinks acknowledged: {r:.0}/s during the hold"));
     }

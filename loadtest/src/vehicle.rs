@@ -38,6 +38,9 @@ pub struct VehicleBehaviour {
     pub ota_step: Duration,
     /// TLS to the gateway's MQTT TLS listener; `None`: plain TCP.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// An uplink not acknowledged this long after it was (last) sent counts as lost; younger
+    /// ones at the end of a run were merely in flight.
+    pub lost_after: Duration,
 }
 
 impl Default for VehicleBehaviour {
@@ -48,6 +51,7 @@ impl Default for VehicleBehaviour {
             credentials: true,
             ota_step: Duration::from_millis(500),
             tls: None,
+            lost_after: Duration::from_secs(10),
         }
     }
 }
@@ -192,7 +196,8 @@ pub async fn run(
                     } else {
                         stats.add("vehicle_connect_failures", 1);
                     }
-                    in_flight.clear();
+                    // rumqttc sends unacknowledged publishes again after reconnecting: they stay
+                    // in flight (their send time is renewed when they go out again).
                     let wait = Duration::from_millis(fastrand::u64(0..=u64::try_from(backoff.as_millis()).unwrap_or(1000)));
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                     tokio::select! {
@@ -223,6 +228,14 @@ pub async fn run(
     }
     if connected {
         stats.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+    let now = Instant::now();
+    for sent in in_flight.values() {
+        if now.duration_since(*sent) >= behaviour.lost_after {
+            stats.add("uplinks_unacknowledged", 1);
+        } else {
+            stats.add("uplinks_in_flight_at_stop", 1);
+        }
     }
     let _ = client.try_disconnect();
 }

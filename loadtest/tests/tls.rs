@@ -92,6 +92,11 @@ async fn a_fleet_runs_over_tls_with_commands_and_uplinks() {
     let delivered = outcomes.get("delivered").and_then(serde_json::Value::as_u64).unwrap_or(0);
     assert!(sent > 0 && answered > 0 && delivered > 0, "commands reached both kinds: {commands}");
     assert_eq!(answered + delivered, sent, "every command answered or delivered: {commands}");
+    let lost = &results["details"]["lost"];
+    for kind in ["uplinks_unacknowledged", "heartbeats_unanswered", "commands_without_reply", "commands_not_delivered"]
+    {
+        assert_eq!(lost[kind], 0, "nothing lost: {lost}");
+    }
     assert_eq!(report["parameters"]["tls"]["server_name"], "localhost");
     assert_eq!(metric(&gw, r#"gateway_tls_handshake_failures_total{protocol="cabinet"}"#), 0.0);
     assert_eq!(metric(&gw, r#"gateway_tls_handshake_failures_total{protocol="mqtt"}"#), 0.0);
