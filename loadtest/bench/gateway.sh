@@ -33,6 +33,7 @@ trap cleanup EXIT
 # A throwaway CA and a server certificate for localhost and 127.0.0.1 (ECDSA P-256), for the
 # TLS runs.
 make_certificates() {
+  command -v openssl >/dev/null || { echo "openssl is needed for the TLS run (apt install openssl)"; exit 1; }
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=iotgw bench CA" \
     -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null
   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
