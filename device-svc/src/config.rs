@@ -38,6 +38,8 @@ pub struct Config {
     pub vehicles: VehiclesConfig,
     /// OTA campaigns.
     pub ota: OtaConfig,
+    /// `[retention]`
+    pub retention: RetentionConfig,
 }
 
 /// `[http]`
@@ -112,6 +114,22 @@ pub struct WeightsConfig {
     pub retention_days: u32,
     /// Partitions created ahead, days.
     pub partitions_ahead_days: u32,
+}
+
+/// `[retention]`: how long operational logs are kept (0: forever).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Online/offline transitions, days.
+    pub status_history_days: u32,
+    /// Vehicles' OTA reports as received, days.
+    pub ota_reports_days: u32,
+    /// Outbox messages already relayed, days.
+    pub outbox_published_days: u32,
+    /// Time between two sweeps, s.
+    pub sweep_interval_s: u64,
+    /// Rows deleted per statement.
+    pub batch_rows: u32,
 }
 
 /// `[commands]`
@@ -223,6 +241,13 @@ impl Default for Config {
                 verify_timeout_s: 600,
                 upgrade_timeout_s: 120,
             },
+            retention: RetentionConfig {
+                status_history_days: 90,
+                ota_reports_days: 90,
+                outbox_published_days: 7,
+                sweep_interval_s: 3600,
+                batch_rows: 5000,
+            },
         }
     }
 }
@@ -286,6 +311,12 @@ impl Default for VehiclesConfig {
 impl Default for OtaConfig {
     fn default() -> Self {
         Config::default().ota
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Config::default().retention
     }
 }
 
@@ -399,6 +430,9 @@ impl Config {
         }
         if [o.waiting_timeout_s, o.download_timeout_s, o.verify_timeout_s, o.upgrade_timeout_s].contains(&0) {
             return bad("ota: every phase timeout must be positive");
+        }
+        if self.retention.sweep_interval_s == 0 || self.retention.batch_rows == 0 {
+            return bad("retention: sweep_interval_s and batch_rows positive");
         }
         if self.weights.retention_days == 0 || self.postgres.pool_size == 0 {
             return bad("weights.retention_days and postgres.pool_size must be positive");

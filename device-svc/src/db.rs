@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "registry_status_weights", include_str!("../migrations/0001_registry_status_weights.sql")),
     (2, "purchases", include_str!("../migrations/0002_purchases.sql")),
     (3, "vehicles", include_str!("../migrations/0003_vehicles.sql")),
+    (4, "retention", include_str!("../migrations/0004_retention.sql")),
 ];
 
 /// Longest wait for a pooled connection.

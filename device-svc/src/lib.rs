@@ -8,6 +8,7 @@
 //! - [`status`]: epoch-fenced status changes and their history;
 //! - [`offline`]: deadline-ordered, exactly-once offline detection guarded by node health;
 //! - [`weights`]: readings into PostgreSQL, stable weights into the Redis cache;
+//! - [`retention`]: operational logs deleted past their age;
 //! - [`consumer`]: the consumer group over the gateways' upstream streams;
 //! - [`commands`]: commands to devices through the connection map;
 //! - [`purchases`]: orders from scan to settlement, door locks, anomalies, restocks;
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod offline;
 pub mod purchases;
 pub mod registry;
+pub mod retention;
 pub mod status;
 pub mod vehicles;
 pub mod weights;
@@ -146,6 +148,10 @@ impl DeviceService {
         }));
         tasks.spawn(every(PARTITIONS_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
             weights::maintain_partitions(&app).await
+        }));
+        let sweep_every = Duration::from_secs(app.config.retention.sweep_interval_s);
+        tasks.spawn(every(sweep_every, stop.clone(), Arc::clone(&app), |app| async move {
+            retention::sweep(&app).await.map(|_| ())
         }));
         tasks.spawn(every(GAUGES_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
             refresh_device_gauges(&app).await?;

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub claimed: IntCounter,
     /// `devsvc_weight_readings_persisted_total`
     pub readings_persisted: IntCounter,
+    /// `devsvc_retention_deleted_rows_total{table}`
+    pub retention_deleted: IntCounterVec,
     /// `devsvc_commands_total{outcome}`
     pub commands: IntCounterVec,
     /// `devsvc_command_duration_seconds`
@@ -172,6 +174,11 @@ impl Metrics {
                 &r,
                 IntCounter::new("devsvc_weight_readings_persisted_total", "Lane weight readings stored.")
                     .expect("valid"),
+            ),
+            retention_deleted: c(
+                "devsvc_retention_deleted_rows_total",
+                "Rows of operational logs deleted past their retention, by table.",
+                &["table"],
             ),
             commands: c("devsvc_commands_total", "Commands sent to devices, by outcome.", &["outcome"]),
             command_duration: register(
