@@ -366,3 +366,67 @@ async fn pushes_are_paced_fleet_wide_and_sent_once_by_two_instances() {
     other.stop().await;
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn a_batch_folds_in_order_each_report_seeing_the_state_the_previous_left() {
+    use device_svc::vehicles::ota::reports::{Uplink, apply_batch};
+
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    let v = vin(7);
+    register_vehicle(api, &v, json!({"sw_version": "1.0.0"})).await;
+    let id = create(api, task("2.0.0", "normal", std::slice::from_ref(&v))).await["id"].as_str().unwrap().to_owned();
+    let vin_of = protocol::Vin::new(v.clone()).unwrap();
+    let uplink = |n: u32, kind: UplinkKind, body: Value| Uplink {
+        entry: format!("up:0/1-{n}"),
+        vin: vin_of.clone(),
+        kind,
+        payload: body.to_string().into(),
+    };
+    let progress = |p: u8| json!({"task_id": id, "percent": p, "bytes_done": u64::from(p) * 1000, "ts_ms": now_ms()});
+    let status = |s: &str| json!({"task_id": id, "status": s, "version": "2.0.0", "ts_ms": now_ms()});
+    let mut batch = vec![
+        uplink(1, UplinkKind::OtaStatus, status("downloading")),
+        uplink(2, UplinkKind::OtaDownloadProgress, progress(50)),
+        uplink(3, UplinkKind::OtaDownloadProgress, progress(30)),
+        uplink(4, UplinkKind::OtaStatus, status("success")),
+        // After the success in the same batch: must not move the finished upgrade back.
+        uplink(5, UplinkKind::OtaDownloadProgress, progress(80)),
+        uplink(1, UplinkKind::OtaStatus, status("downloading")),
+        uplink(6, UplinkKind::OtaStatus, json!({"task_id": id})),
+        uplink(7, UplinkKind::OtaStatus, json!({"task_id": "no-such-task", "status": "waiting", "ts_ms": 1})),
+    ];
+    batch[6].payload = bytes::Bytes::from_static(b"{not json");
+    let results = apply_batch(&svc.app, &batch).await.unwrap();
+    assert_eq!(
+        results,
+        ["applied", "applied", "stale", "applied", "stale", "duplicate", "invalid", "unknown_task"],
+        "each report's result, in order"
+    );
+    let row = vehicles(api, &id).await.remove(&v).unwrap();
+    assert_eq!((row["state"].as_str(), row["download_percent"].as_i64()), (Some("success"), Some(50)), "{row}");
+    let vehicle = expect(api, "GET", &format!("/v1/vehicles/{v}"), None, 200).await;
+    assert_eq!(vehicle["sw_version"], "2.0.0");
+    let stored: Vec<(String, String)> = stack
+        .pg()
+        .await
+        .query("SELECT entry, applied FROM ota_reports ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected = [(1, "applied"), (2, "applied"), (3, "stale"), (4, "applied"), (5, "stale"), (7, "unknown_task")];
+    let expected: Vec<(String, String)> =
+        expected.iter().map(|(n, a)| (format!("up:0/1-{n}"), (*a).to_owned())).collect();
+    assert_eq!(stored, expected, "stored once each, with its result");
+
+    // The whole batch redelivered: nothing is stored or changed twice.
+    let again = apply_batch(&svc.app, &batch).await.unwrap();
+    assert_eq!(
+        again,
+        ["duplicate", "duplicate", "duplicate", "duplicate", "duplicate", "duplicate", "invalid", "duplicate"]
+    );
+    svc.stop().await;
+}

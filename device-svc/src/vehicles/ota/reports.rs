@@ -15,6 +15,8 @@
 //!   operator notice (stream `P notices`, type `ota_failure`);
 //! - every applied report moves the silence deadline of the vehicle's phase.
 
+use std::collections::HashMap;
+
 use protocol::Vin;
 use protocol::mqtt::topic::UplinkKind;
 use protocol::vehicle::{OtaDownloadProgress, OtaStatus, OtaStatusReport, OtaUpgradeProgress};
@@ -84,21 +86,55 @@ pub struct Uplink {
 /// the thousand during a campaign), in order. Returns each report's result, also counted by
 /// kind: `applied`, `stale`, `duplicate`, `unknown_task` or `invalid`.
 ///
+/// The batch costs three statements plus one per report folded: every report is stored by one
+/// multi-row insert, the vehicles' rows are locked by one select (in key order, so two
+/// instances never wait on each other crosswise), and the results are written back by one
+/// update. Reports of one vehicle fold in order, each seeing the state the previous one left.
+///
 /// # Errors
 /// Storage errors: nothing of the batch is stored, and the caller applies it again.
 pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static str>, StoreError> {
     if uplinks.is_empty() {
         return Ok(Vec::new());
     }
+    let parsed: Vec<Option<Report>> = uplinks.iter().map(|u| Report::parse(u.kind, &u.payload)).collect();
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
+    let ids = store(&tx, uplinks, &parsed).await?;
+    let mut rows = lock_rows(&tx, uplinks, &parsed).await?;
     let mut results = Vec::with_capacity(uplinks.len());
+    let mut stored: Vec<(i64, &'static str)> = Vec::with_capacity(uplinks.len());
     let mut failures = false;
-    for u in uplinks {
-        let (result, failed) = apply_one(app, &tx, u).await?;
-        failures |= failed;
+    for ((u, report), id) in uplinks.iter().zip(&parsed).zip(&ids) {
+        let Some(report) = report else {
+            tracing::info!(vin = %u.vin, kind = u.kind.as_str(), "invalid OTA report");
+            results.push("invalid");
+            continue;
+        };
+        let Some(id) = id else {
+            results.push("duplicate");
+            continue;
+        };
+        let raw: Value = serde_json::from_slice(&u.payload).unwrap_or(Value::Null);
+        let result = match rows.get_mut(&(report.task_id().to_owned(), u.vin.to_string())) {
+            None => "unknown_task",
+            Some(row) => {
+                let (result, now) = fold(app, &tx, &u.vin, report, row, &raw).await?;
+                row.state = now;
+                result
+            }
+        };
+        failures |= result == "applied" && matches!(report, Report::Status(s) if s.status >= OtaStatus::Success);
+        stored.push((*id, result));
         results.push(result);
     }
+    let (ids, applied): (Vec<i64>, Vec<&str>) = stored.into_iter().unzip();
+    tx.execute(
+        "UPDATE ota_reports r SET applied = u.result FROM UNNEST($1::bigint[], $2::text[]) AS u(id, result)
+          WHERE r.id = u.id",
+        &[&ids, &applied],
+    )
+    .await?;
     tx.commit().await?;
     for (u, result) in uplinks.iter().zip(&results) {
         app.metrics.ota_reports.with_label_values(&[u.kind.as_str(), result]).inc();
@@ -109,41 +145,70 @@ pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static s
     Ok(results)
 }
 
-/// Applies one report inside `tx`; also says whether it recorded a failure (a notice to relay).
-async fn apply_one(app: &App, tx: &Transaction<'_>, u: &Uplink) -> Result<(&'static str, bool), StoreError> {
-    let (vin, kind) = (&u.vin, u.kind);
-    let Some(report) = Report::parse(kind, &u.payload) else {
-        tracing::info!(%vin, kind = kind.as_str(), "invalid OTA report");
-        return Ok(("invalid", false));
-    };
-    let raw: Value = serde_json::from_slice(&u.payload).unwrap_or(Value::Null);
-    let stored = tx
-        .query_opt(
-            "INSERT INTO ota_reports (entry, task_id, vin, kind, payload, applied) VALUES ($1, $2, $3, $4, $5, '')
-             ON CONFLICT (entry) DO NOTHING RETURNING id",
-            &[&u.entry, &report.task_id(), &vin.as_str(), &kind.as_str(), &raw],
+/// Stores every valid report as received, in one statement. Returns each report's row id;
+/// `None` for an invalid report and for an entry stored before (a redelivery, or the same
+/// entry earlier in the batch).
+async fn store(
+    tx: &Transaction<'_>,
+    uplinks: &[Uplink],
+    parsed: &[Option<Report>],
+) -> Result<Vec<Option<i64>>, StoreError> {
+    let mut columns: [Vec<&str>; 5] = Default::default();
+    for (u, report) in uplinks.iter().zip(parsed) {
+        // A report that parsed is valid UTF-8 JSON.
+        let (Some(report), Ok(payload)) = (report, std::str::from_utf8(&u.payload)) else { continue };
+        for (column, value) in
+            columns.iter_mut().zip([&u.entry, report.task_id(), u.vin.as_str(), u.kind.as_str(), payload])
+        {
+            column.push(value);
+        }
+    }
+    let [entries, tasks, vins, kinds, payloads] = &columns;
+    let rows = tx
+        .query(
+            "INSERT INTO ota_reports (entry, task_id, vin, kind, payload, applied)
+             SELECT e, t, v, k, p::jsonb, '' FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+                 AS r(e, t, v, k, p)
+             ON CONFLICT (entry) DO NOTHING RETURNING entry, id",
+            &[entries, tasks, vins, kinds, payloads],
         )
         .await?;
-    let Some(stored) = stored else { return Ok(("duplicate", false)) };
-    let report_id: i64 = stored.get(0);
-    let row = tx
-        .query_opt(
-            "SELECT v.state, t.version FROM ota_task_vehicles v JOIN ota_tasks t ON t.id = v.task_id
-              WHERE v.task_id = $1 AND v.vin = $2 FOR UPDATE OF v",
-            &[&report.task_id(), &vin.as_str()],
-        )
-        .await?
-        .and_then(|r| VehicleState::parse(r.get(0)).map(|state| Row { state, target: r.get(1) }));
-    let result = match row {
-        None => "unknown_task",
-        Some(row) => fold(app, tx, vin, &report, &row, &raw).await?,
-    };
-    tx.execute("UPDATE ota_reports SET applied = $2 WHERE id = $1", &[&report_id, &result]).await?;
-    let failed = result == "applied" && matches!(&report, Report::Status(s) if s.status >= OtaStatus::Success);
-    Ok((result, failed))
+    // An entry twice in one batch is stored once: its first occurrence takes the id, a later one
+    // is a duplicate like any redelivery.
+    let mut ids: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(uplinks.iter().zip(parsed).map(|(u, report)| report.as_ref().and_then(|_| ids.remove(&u.entry))).collect())
 }
 
-/// Folds `report` into the vehicle's row.
+/// Locks the rows of every (task, vehicle) the batch reports on, in key order; returns their
+/// state and target version. A pair without a row (a task the vehicle is not in) is absent.
+async fn lock_rows(
+    tx: &Transaction<'_>,
+    uplinks: &[Uplink],
+    parsed: &[Option<Report>],
+) -> Result<HashMap<(String, String), Row>, StoreError> {
+    let (tasks, vins): (Vec<&str>, Vec<&str>) = uplinks
+        .iter()
+        .zip(parsed)
+        .filter_map(|(u, report)| report.as_ref().map(|r| (r.task_id(), u.vin.as_str())))
+        .unzip();
+    let rows = tx
+        .query(
+            "SELECT v.task_id, v.vin, v.state, t.version FROM ota_task_vehicles v JOIN ota_tasks t ON t.id = v.task_id
+              WHERE (v.task_id, v.vin) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))
+              ORDER BY v.task_id, v.vin FOR UPDATE OF v",
+            &[&tasks, &vins],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let state = VehicleState::parse(r.get(2))?;
+            Some(((r.get(0), r.get(1)), Row { state, target: r.get(3) }))
+        })
+        .collect())
+}
+
+/// Folds `report` into the vehicle's row; returns the result and the vehicle's state after it.
 async fn fold(
     app: &App,
     tx: &Transaction<'_>,
@@ -151,12 +216,12 @@ async fn fold(
     report: &Report,
     row: &Row,
     raw: &Value,
-) -> Result<&'static str, StoreError> {
+) -> Result<(&'static str, VehicleState), StoreError> {
     let (task, vin) = (report.task_id(), vin.as_str());
     match report {
         Report::Download(d) => {
             if !row.state.is_active() {
-                return Ok("stale");
+                return Ok(("stale", row.state));
             }
             let state = at_least(row.state, OtaStatus::Downloading);
             let n = tx
@@ -177,11 +242,11 @@ async fn fold(
                     ],
                 )
                 .await?;
-            moved_or_alive(app, tx, task, vin, row.state, n).await
+            moved_or_alive(app, tx, task, vin, row.state, n).await.map(|r| (r, if n > 0 { state } else { row.state }))
         }
         Report::Upgrade(u) => {
             if !row.state.is_active() {
-                return Ok("stale");
+                return Ok(("stale", row.state));
             }
             let state = at_least(row.state, OtaStatus::Upgrading);
             let ts = i64::try_from(u.ts_ms).unwrap_or(i64::MAX);
@@ -208,7 +273,7 @@ async fn fold(
                     ],
                 )
                 .await?;
-            moved_or_alive(app, tx, task, vin, row.state, n).await
+            moved_or_alive(app, tx, task, vin, row.state, n).await.map(|r| (r, if n > 0 { state } else { row.state }))
         }
         Report::Status(s) => fold_status(app, tx, vin, s, row, raw).await,
     }
@@ -252,13 +317,13 @@ async fn fold_status(
     s: &OtaStatusReport,
     row: &Row,
     raw: &Value,
-) -> Result<&'static str, StoreError> {
+) -> Result<(&'static str, VehicleState), StoreError> {
     let task = s.task_id.as_str();
     let rolls_back_failure =
         row.state == VehicleState::Reported(OtaStatus::Failed) && s.status == OtaStatus::RolledBack;
     let mut new = VehicleState::Reported(s.status);
     if !(row.state.is_active() || rolls_back_failure) || new.rank() <= row.state.rank() {
-        return Ok("stale");
+        return Ok(("stale", row.state));
     }
     let mut error = s.error.clone();
     if s.status == OtaStatus::Success {
@@ -294,5 +359,5 @@ async fn fold_status(
         }
         _ => {}
     }
-    Ok("applied")
+    Ok(("applied", new))
 }
