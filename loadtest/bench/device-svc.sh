@@ -159,14 +159,17 @@ run_uplink() {
     --publish-per-s "$rate" --server-pid "$gw" --max-duration-s 300 --out "$WORK/uplink.json" 2>"$WORK/uplink.log"
   local c1; c1=$(cpu_s "$gw")
   local acked; acked=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"]["details"]["counters"].get("uplinks_acked", 0))' "$WORK/uplink.json")
+  # What the device service had stored when the fleet stopped: it kept pace if that is all.
+  local n0; n0=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM ota_reports")
   for _ in $(seq 1 1200); do
     [ "$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM ota_reports")" -ge "$acked" ] && break
     sleep 0.1
   done
   local stored; stored=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM ota_reports")
-  python3 - "$WORK/uplink.json" "$c0" "$c1" "$stored" "$OUT/devsvc-uplink.json" <<'PY'
+  python3 - "$WORK/uplink.json" "$c0" "$c1" "$stored" "$OUT/devsvc-uplink.json" "$n0" <<'PY'
 import json, sys
 report, c0, c1, stored, out = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+stored_at_stop = int(sys.argv[6])
 r = json.load(open(report))
 d = r["results"]["details"]
 acked = d["counters"].get("uplinks_acked", 0)
@@ -177,6 +180,8 @@ r["results"]["forwarding"] = {
     "uplinks_acked": acked,
     "stored_by_device_service": stored,
     "all_stored": stored >= acked,
+    "stored_when_the_fleet_stopped": stored_at_stop,
+    "reports_stored_per_s_during_the_run": round(stored_at_stop / run_s),
     "uplinks_acked_per_s_in_hold": d["uplinks_acked_per_s_in_hold"],
     "gateway_cpu_s": round(c1 - c0, 3),
     "gateway_cores_busy": round(cpu_per_s, 3),
