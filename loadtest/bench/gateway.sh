@@ -109,6 +109,12 @@ $tls_files"
         --mqtt-addr 127.0.0.1:18883 --tls-ca "$TLS_DIR/ca.pem" --vehicles 15000 --ramp-per-s 2000 --hold-s 60 \
         --commands-per-s 200 --server-pid "$LAST_PID" --out "$OUT/gateway-tls-vehicles-15k.json"
       stop_gateways
+      # Login storm over TLS: handshake, then login, with the accept pacing raised.
+      start_gateway bench-a 17100 11883 19100 50000
+      "$LT" fleet --label tls-login-rate-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --cabinet-addr 127.0.0.1:17101 --tls-ca "$TLS_DIR/ca.pem" --cabinets 15000 --ramp-per-s 50000 --hold-s 10 \
+        --server-pid "$LAST_PID" --out "$OUT/gateway-tls-login-rate-15k.json"
+      stop_gateways
       CABINET_EXTRA="" MQTT_EXTRA=""
       ;;
     login)
