@@ -4,7 +4,7 @@
 # Every run is bounded in time; results go to loadtest/results/*.json.
 #
 #   loadtest/bench/gateway.sh            all of them (about 20 minutes)
-#   loadtest/bench/gateway.sh idle       only the named ones: idle tls login nodes four storm mqtt
+#   loadtest/bench/gateway.sh idle       only the named ones: idle tls login nodes four storm tls-storm mqtt
 #
 # Redis: REDIS_URL, or the local one; keys go under a prefix of their own, removed at the end.
 set -euo pipefail
@@ -13,7 +13,7 @@ REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/}"
 PREFIX="bench$$:"
 OUT=loadtest/results
 RUNS=("$@")
-[ "${#RUNS[@]}" -gt 0 ] || RUNS=(idle tls login nodes four storm mqtt)
+[ "${#RUNS[@]}" -gt 0 ] || RUNS=(idle tls login nodes four storm tls-storm mqtt)
 
 cargo build --release -q -p gateway -p loadtest
 GW=target/release/gateway
@@ -75,6 +75,31 @@ stop_gateways() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   PIDS=()
+}
+
+# run_storm LABEL PORT_A PORT_B [FLEET FLAGS...]: 2 nodes x 15,000 cabinets on PORT_A and PORT_B;
+# node A is killed (SIGKILL) 25 s into the hold and started again 1 s later: its cabinets
+# reconnect with backoff and jitter while B's keep beating. A TLS listener is one port above
+# the plain one, so the second node's configuration follows from CABINET_EXTRA.
+run_storm() {
+  local label=$1 a_port=$2 b_port=$3; shift 3
+  local a_extra=$CABINET_EXTRA b_extra=${CABINET_EXTRA//17101/17201}
+  CABINET_EXTRA=$a_extra start_gateway bench-a 17100 11883 19100 5000; local A=$LAST_PID
+  CABINET_EXTRA=$b_extra start_gateway bench-b 17200 11983 19200 5000; local B=$LAST_PID
+  local log; log=$(mktemp)
+  "$LT" fleet --label "$label" --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+    --cabinet-addr "127.0.0.1:$a_port" --cabinet-addr "127.0.0.1:$b_port" --cabinets 30000 --heartbeat-s 30 \
+    --ramp-per-s 3000 --hold-s 150 --server-pid "$B" --max-duration-s 600 "$@" \
+    --out "$OUT/gateway-$label.json" 2> >(tee "$log" >&2) &
+  local fleet=$!
+  until grep -q '^ramp done' "$log"; do sleep 1; done
+  sleep 25
+  kill -KILL "$A"; wait "$A" 2>/dev/null || true
+  sleep 1
+  CABINET_EXTRA=$a_extra start_gateway bench-a 17100 11883 19100 5000
+  wait "$fleet"
+  rm -f "$log"
+  stop_gateways
 }
 
 for run in "${RUNS[@]}"; do
@@ -146,24 +171,17 @@ $tls_files"
       stop_gateways
       ;;
     storm)
-      # 2 nodes x 15,000 cabinets; node A is killed (SIGKILL) 20 s into the hold and started
-      # again 1 s later: its cabinets reconnect with backoff and jitter while B's keep beating.
-      start_gateway bench-a 17100 11883 19100 5000; A=$LAST_PID
-      start_gateway bench-b 17200 11983 19200 5000; B=$LAST_PID
-      log=$(mktemp)
-      "$LT" fleet --label reconnect-storm-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
-        --cabinet-addr 127.0.0.1:17100 --cabinet-addr 127.0.0.1:17200 --cabinets 30000 --heartbeat-s 30 \
-        --ramp-per-s 3000 --hold-s 150 --server-pid "$B" --max-duration-s 600 \
-        --out "$OUT/gateway-reconnect-storm-15k.json" 2> >(tee "$log" >&2) &
-      fleet=$!
-      until grep -q '^ramp done' "$log"; do sleep 1; done
-      sleep 25
-      kill -KILL "$A"; wait "$A" 2>/dev/null || true
-      sleep 1
-      start_gateway bench-a 17100 11883 19100 5000
-      wait "$fleet"
-      rm -f "$log"
-      stop_gateways
+      run_storm reconnect-storm-15k 17100 17200
+      ;;
+    tls-storm)
+      # The same storm with every cabinet on TLS: each reconnection is a handshake.
+      make_certificates
+      tls_files="tls_cert = \"$TLS_DIR/server.pem\"
+tls_key = \"$TLS_DIR/server.key\""
+      CABINET_EXTRA="tls_listen = \"0.0.0.0:17101\"
+$tls_files"
+      run_storm tls-reconnect-storm-15k 17101 17201 --tls-ca "$TLS_DIR/ca.pem"
+      CABINET_EXTRA=""
       ;;
     mqtt)
       start_gateway bench-a 17100 11883 19100
@@ -177,7 +195,7 @@ $tls_files"
         --server-pid "$LAST_PID" --mosquitto-port 18831 --out "$OUT/mqtt-vs-mosquitto-throughput.json"
       stop_gateways
       ;;
-    *) echo "unknown run: $run (idle tls login nodes four storm mqtt)"; exit 2 ;;
+    *) echo "unknown run: $run (idle tls login nodes four storm tls-storm mqtt)"; exit 2 ;;
   esac
 done
 echo "results in $OUT/"
