@@ -6,6 +6,7 @@ has a unit. Run it after changing a definition and commit its output:
     python3 grafana/build.py
 
 Query variables: $datasource (the Prometheus), $node (gateway instances), $kind (cab, veh).
+Per-node gateway series are labelled with the node id through gateway_node_info.
 $__rate_interval is Grafana's; grafana/check.py substitutes it when it runs the queries.
 """
 
@@ -23,6 +24,11 @@ def q(expr, legend=""):
 
 def panel(title, unit, *queries, kind="timeseries", description=""):
     return {"title": title, "unit": unit, "queries": list(queries), "kind": kind, "description": description}
+
+
+def named(expr):
+    """Adds the gateway's node id (label `node`) to a per-instance series, for the legend."""
+    return f"{expr} * on (instance) group_left (node) max by (instance, node) (gateway_node_info)"
 
 
 def quantiles(metric, matcher=""):
@@ -66,7 +72,7 @@ DASHBOARDS = {
         "description": "Per node: connections, logins, traffic, commands, Redis, process CPU and memory.",
         "panels": [
             panel("Connections per node", "short",
-                  q(f"sum by (instance, protocol) (gateway_connections_open{{{NODE}}})", "{{instance}} {{protocol}}")),
+                  q(named(f"sum by (instance, protocol) (gateway_connections_open{{{NODE}}})"), "{{node}} {{protocol}}")),
             panel("Logins per second by result", "ops",
                   q(f"sum by (protocol, result) (rate(gateway_logins_total{{{NODE}}}[{RATE}]))", "{{protocol}} {{result}}")),
             panel("Login rejections per second by reason", "ops",
@@ -82,20 +88,20 @@ DASHBOARDS = {
             panel("Frames rejected per second by reason", "ops",
                   q(f"sum by (protocol, reason) (rate(gateway_frames_rejected_total{{{NODE}}}[{RATE}]))", "{{protocol}} {{reason}}")),
             panel("Slow readers dropped per second", "ops",
-                  q(f'sum by (instance) (rate(gateway_sessions_closed_total{{{NODE}, reason="slow_reader"}}[{RATE}]))',
-                    "{{instance}}")),
+                  q(named(f'sum by (instance) (rate(gateway_sessions_closed_total{{{NODE}, reason="slow_reader"}}[{RATE}]))'),
+                    "{{node}}")),
             panel("Commands per second by outcome", "ops",
                   q(f"sum by (protocol, outcome) (rate(gateway_commands_total{{{NODE}}}[{RATE}]))", "{{protocol}} {{outcome}}")),
             panel("Command latency at the node", "s", *quantiles("gateway_command_duration_seconds", NODE)),
             panel("Redis errors per second", "ops",
-                  q(f"sum by (instance, op) (rate(gateway_redis_errors_total{{{NODE}}}[{RATE}]))", "{{instance}} {{op}}")),
+                  q(named(f"sum by (instance, op) (rate(gateway_redis_errors_total{{{NODE}}}[{RATE}]))"), "{{node}} {{op}}")),
             panel("Upstream buffer depth", "short",
-                  q(f"sum by (instance) (gateway_upstream_buffer_events{{{NODE}}})", "{{instance}}"),
+                  q(named(f"sum by (instance) (gateway_upstream_buffer_events{{{NODE}}})"), "{{node}}"),
                   description="Events accepted and not yet in Redis: grows while Redis is away."),
             panel("Process CPU", "percentunit",
-                  q(f'rate(process_cpu_seconds_total{{job="gateway", {NODE}}}[{RATE}])', "{{instance}}")),
+                  q(named(f'rate(process_cpu_seconds_total{{job="gateway", {NODE}}}[{RATE}])'), "{{node}}")),
             panel("Process memory", "bytes",
-                  q(f'process_resident_memory_bytes{{job="gateway", {NODE}}}', "{{instance}}")),
+                  q(named(f'process_resident_memory_bytes{{job="gateway", {NODE}}}'), "{{node}}")),
         ],
     },
     "purchases": {

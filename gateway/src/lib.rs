@@ -118,6 +118,7 @@ impl Gateway {
     /// opened.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let metrics = Metrics::new();
+        metrics.node_info.with_label_values(&[&config.node_id, env!("CARGO_PKG_VERSION")]).set(1);
         let keys = Keys::new(config.key_prefix.clone());
         let target = RedisTarget::from_config(&config.redis.url, &config.redis.cluster_urls);
         let redis = RedisConn::open(&target, None).await?;

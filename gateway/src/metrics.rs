@@ -21,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 pub struct Metrics {
     /// The registry they are all in.
     pub registry: Registry,
+    /// `gateway_node_info{node,version}`: always 1; joins a scrape target (`instance`) to the
+    /// node id that the connection map and the device service's metrics use.
+    pub node_info: IntGaugeVec,
     /// `gateway_connections_open{protocol}`
     pub connections_open: IntGaugeVec,
     /// `gateway_connections_accepted_total{protocol}`
@@ -91,6 +94,12 @@ impl Metrics {
         {
             let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
         }
+        let node_info = IntGaugeVec::new(
+            Opts::new("gateway_node_info", "Always 1: this node's id and the gateway's version."),
+            &["node", "version"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(node_info.clone())).expect("registered once");
         let connections_open = IntGaugeVec::new(
             Opts::new("gateway_connections_open", "Device connections currently open, by protocol."),
             &["protocol"],
@@ -225,6 +234,7 @@ impl Metrics {
                 &["action"],
             ),
             connections_open,
+            node_info,
             registry,
         }
     }

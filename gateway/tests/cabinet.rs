@@ -420,6 +420,8 @@ async fn metrics_endpoint_serves_prometheus_text() {
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("gateway_connections_open{protocol=\"cabinet\"} 1"), "{body}");
     assert!(body.contains("# HELP gateway_connections_open"));
+    let info = format!("gateway_node_info{{node=\"gw-a\",version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    assert!(body.contains(&info), "{body}");
     gw.stop().await;
 }
 
