@@ -26,6 +26,14 @@ def panel(title, unit, *queries, kind="timeseries", description=""):
     return {"title": title, "unit": unit, "queries": list(queries), "kind": kind, "description": description}
 
 
+def per_s(metric, by, matcher=""):
+    """Rate per second of a counter, summed by `by` (comma-separated labels), one series per
+    label combination, named by those labels."""
+    sel = f"{{{matcher}}}" if matcher else ""
+    legend = " ".join("{{" + label.strip() + "}}" for label in by.split(","))
+    return q(f"sum by ({by}) (rate({metric}{sel}[{RATE}]))", legend)
+
+
 def named(expr):
     """Adds the gateway's node id (label `node`) to a per-instance series, for the legend."""
     return f"{expr} * on (instance) group_left (node) max by (instance, node) (gateway_node_info)"
@@ -49,10 +57,9 @@ DASHBOARDS = {
             panel("Online devices", "short",
                   q('max by (kind) (devsvc_devices{kind=~"$kind", status="online"})', "{{kind}}"), kind="stat"),
             panel("Connects per second", "ops",
-                  q(f'sum by (protocol) (rate(gateway_logins_total{{{NODE}, result="accepted"}}[{RATE}]))', "{{protocol}}")),
+                  per_s("gateway_logins_total", "protocol", f'{NODE}, result="accepted"')),
             panel("Disconnects per second by reason", "ops",
-                  q(f"sum by (protocol, reason) (rate(gateway_sessions_closed_total{{{NODE}}}[{RATE}]))",
-                    "{{protocol}} {{reason}}")),
+                  per_s("gateway_sessions_closed_total", "protocol, reason", NODE)),
             panel("Heartbeat intake vs expected, per node", "short",
                   q("max by (node) (devsvc_node_heartbeats_received)", "{{node}} received"),
                   q("max by (node) (devsvc_node_heartbeats_expected)", "{{node}} expected"),
@@ -60,11 +67,11 @@ DASHBOARDS = {
             panel("Node heartbeat health (1 = healthy)", "short",
                   q("min by (node) (devsvc_node_healthy)", "{{node}}")),
             panel("Offline decisions per second", "ops",
-                  q(f"sum by (kind) (rate(devsvc_offline_decisions_total[{RATE}]))", "{{kind}}")),
+                  per_s("devsvc_offline_decisions_total", "kind")),
             panel("Offline decisions suppressed (storms averted)", "short",
                   q(f"sum by (node) (increase(devsvc_offline_suppressed_total[{RATE}]))", "{{node}}")),
             panel("Takeovers per second", "ops",
-                  q(f"sum by (protocol, scope) (rate(gateway_takeovers_total{{{NODE}}}[{RATE}]))", "{{protocol}} {{scope}}")),
+                  per_s("gateway_takeovers_total", "protocol, scope", NODE)),
         ],
     },
     "gateway": {
@@ -74,24 +81,23 @@ DASHBOARDS = {
             panel("Connections per node", "short",
                   q(named(f"sum by (instance, protocol) (gateway_connections_open{{{NODE}}})"), "{{node}} {{protocol}}")),
             panel("Logins per second by result", "ops",
-                  q(f"sum by (protocol, result) (rate(gateway_logins_total{{{NODE}}}[{RATE}]))", "{{protocol}} {{result}}")),
+                  per_s("gateway_logins_total", "protocol, result", NODE)),
             panel("Login rejections per second by reason", "ops",
-                  q(f'sum by (protocol, result) (rate(gateway_logins_total{{{NODE}, result!="accepted"}}[{RATE}]))',
-                    "{{protocol}} {{result}}")),
+                  per_s("gateway_logins_total", "protocol, result", f'{NODE}, result!="accepted"')),
             panel("Frames received per second by type", "ops",
-                  q(f"sum by (protocol, type) (rate(gateway_frames_received_total{{{NODE}}}[{RATE}]))", "{{protocol}} {{type}}")),
+                  per_s("gateway_frames_received_total", "protocol, type", NODE)),
             panel("Frames sent per second by type", "ops",
-                  q(f"sum by (protocol, type) (rate(gateway_frames_sent_total{{{NODE}}}[{RATE}]))", "{{protocol}} {{type}}")),
+                  per_s("gateway_frames_sent_total", "protocol, type", NODE)),
             panel("Bytes per second", "Bps",
                   q(f"sum by (protocol) (rate(gateway_bytes_received_total{{{NODE}}}[{RATE}]))", "{{protocol}} in"),
                   q(f"sum by (protocol) (rate(gateway_bytes_sent_total{{{NODE}}}[{RATE}]))", "{{protocol}} out")),
             panel("Frames rejected per second by reason", "ops",
-                  q(f"sum by (protocol, reason) (rate(gateway_frames_rejected_total{{{NODE}}}[{RATE}]))", "{{protocol}} {{reason}}")),
+                  per_s("gateway_frames_rejected_total", "protocol, reason", NODE)),
             panel("Slow readers dropped per second", "ops",
                   q(named(f'sum by (instance) (rate(gateway_sessions_closed_total{{{NODE}, reason="slow_reader"}}[{RATE}]))'),
                     "{{node}}")),
             panel("Commands per second by outcome", "ops",
-                  q(f"sum by (protocol, outcome) (rate(gateway_commands_total{{{NODE}}}[{RATE}]))", "{{protocol}} {{outcome}}")),
+                  per_s("gateway_commands_total", "protocol, outcome", NODE)),
             panel("Command latency at the node", "s", *quantiles("gateway_command_duration_seconds", NODE)),
             panel("Redis errors per second", "ops",
                   q(named(f"sum by (instance, op) (rate(gateway_redis_errors_total{{{NODE}}}[{RATE}]))"), "{{node}} {{op}}")),
@@ -110,13 +116,13 @@ DASHBOARDS = {
         "panels": [
             panel("Orders by state", "short", q("max by (state) (devsvc_orders)", "{{state}}")),
             panel("Order transitions per second", "ops",
-                  q(f"sum by (to) (rate(devsvc_order_transitions_total[{RATE}]))", "{{to}}")),
+                  per_s("devsvc_order_transitions_total", "to")),
             panel("Authorised to door open", "s", *quantiles("devsvc_order_door_open_seconds")),
             panel("Door closed to settled", "s", *quantiles("devsvc_order_settlement_seconds")),
             panel("Anomalies per second by kind", "ops",
-                  q(f"sum by (kind) (rate(devsvc_anomalies_total[{RATE}]))", "{{kind}}")),
+                  per_s("devsvc_anomalies_total", "kind")),
             panel("Door lock attempts per second (contention)", "ops",
-                  q(f"sum by (result) (rate(devsvc_door_lock_attempts_total[{RATE}]))", "{{result}}")),
+                  per_s("devsvc_door_lock_attempts_total", "result")),
             panel("Restock orders opened per second", "ops",
                   q(f"sum(rate(devsvc_restock_orders_total[{RATE}]))", "restock orders")),
             panel("Weight readings stored per second", "ops",
@@ -132,20 +138,20 @@ DASHBOARDS = {
             panel("Vehicles connected", "short",
                   q(f'sum(gateway_connections_open{{{NODE}, protocol="mqtt"}})', "vehicles"), kind="stat"),
             panel("Activation steps per second by result", "ops",
-                  q(f"sum by (step, result) (rate(devsvc_activation_steps_total[{RATE}]))", "{{step}} {{result}}")),
+                  per_s("devsvc_activation_steps_total", "step, result")),
             panel("QR id issued to activated", "s", *quantiles("devsvc_activation_seconds")),
             panel("OTA tasks by state", "short", q("max by (state) (devsvc_ota_tasks)", "{{state}}")),
             panel("OTA vehicles by state", "short", q("max by (state) (devsvc_ota_vehicles)", "{{state}}")),
             panel("OTA notices per second by outcome", "ops",
-                  q(f"sum by (kind, outcome) (rate(devsvc_ota_pushes_total[{RATE}]))", "{{kind}} {{outcome}}")),
+                  per_s("devsvc_ota_pushes_total", "kind, outcome")),
             panel("OTA reports per second by result", "ops",
-                  q(f"sum by (kind, result) (rate(devsvc_ota_reports_total[{RATE}]))", "{{kind}} {{result}}")),
+                  per_s("devsvc_ota_reports_total", "kind, result")),
             panel("OTA validation rejections per second", "ops",
-                  q(f"sum by (reason) (rate(devsvc_ota_validation_rejections_total[{RATE}]))", "{{reason}}")),
+                  per_s("devsvc_ota_validation_rejections_total", "reason")),
             panel("OTA vehicles timed out per second", "ops",
-                  q(f"sum by (phase) (rate(devsvc_ota_timeouts_total[{RATE}]))", "{{phase}}")),
+                  per_s("devsvc_ota_timeouts_total", "phase")),
             panel("Downlinks to vehicles per second", "ops",
-                  q(f"sum by (kind, outcome) (rate(devsvc_vehicle_downlinks_total[{RATE}]))", "{{kind}} {{outcome}}")),
+                  per_s("devsvc_vehicle_downlinks_total", "kind, outcome")),
         ],
     },
 }
