@@ -101,7 +101,7 @@ pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static s
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
     let ids = store(&tx, uplinks, &parsed).await?;
-    let mut rows = lock_rows(&tx, uplinks, &parsed).await?;
+    let mut rows = lock_rows(&tx, uplinks, &parsed, &ids).await?;
     let mut results = Vec::with_capacity(uplinks.len());
     let mut stored: Vec<(i64, &'static str)> = Vec::with_capacity(uplinks.len());
     let mut failures = false;
@@ -179,17 +179,21 @@ async fn store(
     Ok(uplinks.iter().zip(parsed).map(|(u, report)| report.as_ref().and_then(|_| ids.remove(&u.entry))).collect())
 }
 
-/// Locks the rows of every (task, vehicle) the batch reports on, in key order; returns their
-/// state and target version. A pair without a row (a task the vehicle is not in) is absent.
+/// Locks the rows of every (task, vehicle) the batch's newly stored reports are about, in key
+/// order (duplicates fold nothing and lock nothing); returns their state and target version. A
+/// pair without a row (a task the vehicle is not in) is absent.
 async fn lock_rows(
     tx: &Transaction<'_>,
     uplinks: &[Uplink],
     parsed: &[Option<Report>],
+    ids: &[Option<i64>],
 ) -> Result<HashMap<(String, String), Row>, StoreError> {
     let (tasks, vins): (Vec<&str>, Vec<&str>) = uplinks
         .iter()
         .zip(parsed)
-        .filter_map(|(u, report)| report.as_ref().map(|r| (r.task_id(), u.vin.as_str())))
+        .zip(ids)
+        .filter(|(_, id)| id.is_some())
+        .filter_map(|((u, report), _)| report.as_ref().map(|r| (r.task_id(), u.vin.as_str())))
         .unzip();
     let rows = tx
         .query(
