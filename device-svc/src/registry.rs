@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use protocol::bus::{DeviceKey, Keys};
+use protocol::bus::{CredentialChange, CredentialChangeKind, DeviceKey, Keys};
 use protocol::{DeviceId, Vin};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -104,8 +104,11 @@ pub struct Cabinet {
 pub struct Issued {
     /// The device.
     pub device: String,
-    /// Cabinets: the HMAC key, 64 hex characters. Vehicles: the token.
+    /// Cabinets: the HMAC key, 64 hex characters. Vehicles: the token (also in `token`).
     pub secret: String,
+    /// Vehicles: the token, under the name `POST /v1/vehicles` takes it by.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// How many times the credentials were issued.
     pub generation: i32,
 }
@@ -281,8 +284,8 @@ pub async fn create_cabinet(app: &App, c: &NewCabinet) -> Result<Issued, StoreEr
     tx.commit().await?;
     // A second connection is taken for the mirror: never hold one while waiting for another.
     drop(client);
-    mirror_one(app, &key).await;
-    Ok(Issued { device: key, secret: hex::encode(&secret), generation: 1 })
+    mirror_one(app, &key, CredentialChangeKind::Registered).await;
+    Ok(Issued { device: key, secret: hex::encode(&secret), token: None, generation: 1 })
 }
 
 /// A cabinet's configuration.
@@ -392,8 +395,12 @@ pub async fn create_vehicle(app: &App, v: &crate::vehicles::profile::NewVehicle)
     let hash = Sha256::digest(token.as_bytes()).to_vec();
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
-    let inserted =
-        tx.execute("INSERT INTO devices (key, kind) VALUES ($1, 'veh') ON CONFLICT DO NOTHING", &[&key]).await?;
+    let inserted = tx
+        .execute(
+            "INSERT INTO devices (key, kind, initialised) VALUES ($1, 'veh', true) ON CONFLICT DO NOTHING",
+            &[&key],
+        )
+        .await?;
     if inserted == 0 {
         return Err(StoreError::Conflict(format!("vehicle {vin}")));
     }
@@ -407,8 +414,8 @@ pub async fn create_vehicle(app: &App, v: &crate::vehicles::profile::NewVehicle)
     tx.commit().await?;
     // A second connection is taken for the mirror: never hold one while waiting for another.
     drop(client);
-    mirror_one(app, &key).await;
-    Ok(Issued { device: key, secret: token, generation: 1 })
+    mirror_one(app, &key, CredentialChangeKind::Registered).await;
+    Ok(Issued { device: key, token: Some(token.clone()), secret: token, generation: 1 })
 }
 
 /// Issues new credentials to a device; the old ones stop working at once.
@@ -438,8 +445,9 @@ pub async fn rotate_credentials(app: &App, key: &DeviceKey) -> Result<Issued, St
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("device {k}")))?;
     drop(client);
-    mirror_one(app, &k).await;
-    Ok(Issued { device: k, secret, generation: row.get(0) })
+    mirror_one(app, &k, CredentialChangeKind::Rotated).await;
+    let token = matches!(key, DeviceKey::Vehicle(_)).then(|| secret.clone());
+    Ok(Issued { device: k, secret, token, generation: row.get(0) })
 }
 
 /// Enables or disables a device's logins.
@@ -454,14 +462,32 @@ pub async fn set_enabled(app: &App, key: &DeviceKey, enabled: bool) -> Result<()
         return Err(StoreError::NotFound(format!("device {k}")));
     }
     drop(client);
-    mirror_one(app, &k).await;
+    let change = if enabled { CredentialChangeKind::Enabled } else { CredentialChangeKind::Disabled };
+    mirror_one(app, &k, change).await;
     Ok(())
 }
 
-/// Writes one device's credentials to Redis. A failure is logged; the periodic mirror repairs it.
-async fn mirror_one(app: &App, key: &str) {
+/// Writes one device's credentials to Redis, then announces the change on `P cred:changes`, so
+/// every gateway node drops its cached copy and ends a revoked session at once (SPEC.md 3.1).
+/// A failure is logged; the periodic mirror repairs the credentials and the gateways' cache
+/// lifetime bounds how long a missed announcement matters.
+async fn mirror_one(app: &App, key: &str, change: CredentialChangeKind) {
     if let Err(e) = mirror(app, Some(key)).await {
         tracing::warn!(device = key, error = %e, "failed to mirror credentials to Redis; the periodic mirror will retry");
+    }
+    let Ok(device) = DeviceKey::parse(key) else { return };
+    let entry = CredentialChange { device, kind: change };
+    let announced: redis::RedisResult<()> = redis::cmd("XADD")
+        .arg(app.keys.credential_changes())
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(protocol::bus::CREDENTIAL_CHANGES_MAXLEN)
+        .arg("*")
+        .arg(entry.to_fields())
+        .query_async(&mut app.redis.clone())
+        .await;
+    if let Err(e) = announced {
+        tracing::warn!(device = key, error = %e, "failed to announce a credential change; gateways see it when their cache expires");
     }
 }
 

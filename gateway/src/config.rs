@@ -38,6 +38,8 @@ pub struct Config {
     pub commands: CommandsConfig,
     /// Credential cache.
     pub auth: AuthConfig,
+    /// Login flapping (clones).
+    pub flapping: FlappingConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
     /// Graceful shutdown.
@@ -80,6 +82,8 @@ pub struct CabinetConfig {
     pub idle_timeout_ms: u64,
     /// Allowed device clock skew at login, s.
     pub max_clock_skew_s: u64,
+    /// Lowest login version accepted (1 or 2).
+    pub min_login_version: u8,
     /// Per-device command queue length.
     pub command_queue_len: usize,
     /// Write timeout, ms.
@@ -160,6 +164,20 @@ pub struct AuthConfig {
     pub negative_cache_ttl_s: u64,
 }
 
+/// `[flapping]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlappingConfig {
+    /// Window logins are counted in, s.
+    pub window_s: u64,
+    /// Logins allowed per device in one window.
+    pub max_logins: u32,
+    /// First cool-down, s.
+    pub cooldown_s: u64,
+    /// Longest cool-down, s.
+    pub max_cooldown_s: u64,
+}
+
 /// `[metrics]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -191,6 +209,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             commands: CommandsConfig::default(),
             auth: AuthConfig::default(),
+            flapping: FlappingConfig::default(),
             metrics: MetricsConfig::default(),
             drain: DrainConfig::default(),
         }
@@ -216,6 +235,7 @@ impl Default for CabinetConfig {
             heartbeat_interval_s: 30,
             idle_timeout_ms: 45_000,
             max_clock_skew_s: 300,
+            min_login_version: 1,
             command_queue_len: 16,
             write_timeout_ms: 10_000,
         }
@@ -260,6 +280,12 @@ impl Default for CommandsConfig {
 impl Default for AuthConfig {
     fn default() -> Self {
         Self { cache_ttl_s: 10, negative_cache_ttl_s: 5 }
+    }
+}
+
+impl Default for FlappingConfig {
+    fn default() -> Self {
+        Self { window_s: 60, max_logins: 10, cooldown_s: 30, max_cooldown_s: 1800 }
     }
 }
 
@@ -358,6 +384,15 @@ impl Config {
         if c.heartbeat_interval_s == 0 || c.idle_timeout_ms < u64::from(c.heartbeat_interval_s) * 1000 {
             return Err(invalid("cabinet.idle_timeout_ms must be at least one heartbeat interval"));
         }
+        if !(1..=2).contains(&c.min_login_version) {
+            return Err(invalid("cabinet.min_login_version must be 1 or 2"));
+        }
+        let f = &self.flapping;
+        if f.window_s == 0 || f.max_logins == 0 || f.cooldown_s == 0 || f.max_cooldown_s < f.cooldown_s {
+            return Err(invalid(
+                "flapping.window_s, max_logins and cooldown_s must be positive, max_cooldown_s at least cooldown_s",
+            ));
+        }
         let m = &self.mqtt;
         if !m.tls_listen.is_empty() && (m.tls_cert.is_empty() || m.tls_key.is_empty()) {
             return Err(invalid("mqtt.tls_listen needs mqtt.tls_cert and mqtt.tls_key"));
@@ -406,6 +441,17 @@ impl Config {
             ("mqtt.tls_listen", &self.mqtt.tls_listen),
             ("metrics.listen", &self.metrics.listen),
         ]
+    }
+
+    /// The flapping rule as the connection map applies it.
+    pub fn flap_policy(&self) -> crate::registry::FlapPolicy {
+        let f = &self.flapping;
+        crate::registry::FlapPolicy {
+            window: Duration::from_secs(f.window_s),
+            max_logins: f.max_logins,
+            cooldown: Duration::from_secs(f.cooldown_s),
+            max_cooldown: Duration::from_secs(f.max_cooldown_s),
+        }
     }
 
     /// Cabinet login deadline.

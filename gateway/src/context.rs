@@ -11,7 +11,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::credentials::Credentials;
 use crate::metrics::Metrics;
-use crate::registry::{LocalInsert, Registry};
+use crate::registry::{ClaimRefusal, LocalInsert, LoginFacts, Registry};
 use crate::session::{EndReason, SessionHandle};
 use crate::stream_writer::{Entry, StreamWriter};
 use crate::upstream::Upstream;
@@ -24,6 +24,21 @@ pub enum SessionRefused {
     Unavailable,
     /// A newer login of the same device won the race on this node; this one yields.
     Superseded,
+    /// The map refused the login: a replay, a login-version downgrade, or a flapping device.
+    Refused(ClaimRefusal),
+}
+
+impl SessionRefused {
+    /// The `result` label of `gateway_logins_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            SessionRefused::Unavailable => "unavailable",
+            SessionRefused::Superseded => "superseded",
+            SessionRefused::Refused(ClaimRefusal::Replayed) => "replayed",
+            SessionRefused::Refused(ClaimRefusal::Downgrade) => "login_version",
+            SessionRefused::Refused(ClaimRefusal::Flapping { .. }) => "flapping",
+        }
+    }
 }
 
 /// Shared state of one gateway node.
@@ -80,9 +95,10 @@ impl Ctx {
         }
     }
 
-    /// Opens an authenticated device's session, the same for every protocol: claims the device
-    /// in the connection map (a new epoch), puts the session in the local table (ending an
-    /// older local one), and tells the node that held it before, if another, to end its
+    /// Opens an authenticated device's session, the same for every protocol: admits the login
+    /// and claims the device in the connection map (a new epoch; `facts` are checked there
+    /// against replays, downgrades and flapping), puts the session in the local table (ending
+    /// an older local one), and tells the node that held it before, if another, to end its
     /// session. Returns the handle and the epoch.
     ///
     /// # Errors
@@ -92,12 +108,27 @@ impl Ctx {
         protocol: &'static str,
         device: &DeviceKey,
         queue_len: usize,
+        facts: LoginFacts,
     ) -> Result<(Arc<SessionHandle>, u64), SessionRefused> {
         let session = self.registry.new_session();
-        let claim = self.registry.claim(device, session).await.map_err(|e| {
-            tracing::warn!(error = %e, "failed to claim the device in the connection map");
-            SessionRefused::Unavailable
-        })?;
+        let claim = self
+            .registry
+            .claim(device, session, facts, &self.config.flap_policy())
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "failed to claim the device in the connection map");
+                SessionRefused::Unavailable
+            })?
+            .map_err(|refusal| {
+                if let ClaimRefusal::Flapping { started: true, retry_after } = refusal {
+                    self.metrics.flapping_cooldowns.with_label_values(&[protocol]).inc();
+                    tracing::warn!(
+                        cooldown_s = retry_after.as_secs(),
+                        "device flapping; logins refused for a cool-down"
+                    );
+                }
+                SessionRefused::Refused(refusal)
+            })?;
         let handle = Arc::new(SessionHandle::new(device.clone(), claim.epoch, session, queue_len));
         match self.registry.insert_local(Arc::clone(&handle)) {
             LocalInsert::Fresh => {}

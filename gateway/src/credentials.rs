@@ -105,6 +105,18 @@ impl Credentials {
         value.map_or(Lookup::Unknown, Lookup::Found)
     }
 
+    /// Forgets what is cached for `device` (SPEC.md 3.1, `P cred:changes`): the next lookup
+    /// reads Redis.
+    pub fn forget(&self, device: &DeviceKey) {
+        self.cache.remove(device);
+    }
+
+    /// Forgets everything cached.
+    pub fn clear(&self) {
+        self.cache.clear();
+        self.cache.shrink_to_fit();
+    }
+
     /// Drops expired cache entries and gives their memory back, so the cache holds only
     /// recently seen devices: after a login storm it shrinks to nothing.
     pub fn sweep(&self) {

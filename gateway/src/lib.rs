@@ -7,7 +7,8 @@
 //! - [`transport`]: a connection's bytes, with buffers allocated only while used;
 //! - [`cabinet`], [`mqtt`]: the two protocols' logins and sessions;
 //! - [`session`]: the handle through which the node reaches a live session;
-//! - [`registry`]: local sessions and the connection map; [`credentials`]: device secrets;
+//! - [`registry`]: local sessions and the connection map; [`credentials`]: device secrets,
+//!   kept current by [`credential_watch`];
 //! - [`upstream`], [`stream_writer`]: device traffic to the device service;
 //! - [`routing`]: this node's command stream;
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
@@ -20,6 +21,7 @@ pub mod cabinet;
 pub mod clock;
 pub mod config;
 pub mod context;
+pub mod credential_watch;
 pub mod credentials;
 pub mod metrics;
 pub mod mqtt;
@@ -125,6 +127,8 @@ impl Gateway {
         // The blocking command read gets a connection of its own.
         let block = Duration::from_millis(config.commands.block_ms);
         let command_redis = RedisConn::open(&target, Some(block + Duration::from_secs(3))).await?;
+        // So does the blocking read of credential changes.
+        let watch_redis = RedisConn::open(&target, Some(block + Duration::from_secs(3))).await?;
 
         let cabinet_tls = if config.cabinet.tls_listen.is_empty() {
             None
@@ -226,6 +230,7 @@ impl Gateway {
         let liveness_stop = CancellationToken::new();
         services.spawn(Arc::clone(&registry).run_liveness(liveness_stop.clone()));
         services.spawn(Arc::clone(&registry).run_janitor(liveness_stop.clone()));
+        services.spawn(credential_watch::run(Arc::clone(&ctx), watch_redis, liveness_stop.clone()));
         let sweeper = Arc::clone(&ctx);
         let sweep_stop = liveness_stop.clone();
         services.spawn(async move {

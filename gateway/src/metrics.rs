@@ -50,6 +50,11 @@ pub struct Metrics {
     pub takeovers: IntCounterVec,
     /// `gateway_sessions_closed_total{protocol,reason}` (idle timeouts, slow readers, ...)
     pub sessions_closed: IntCounterVec,
+    /// `gateway_flapping_cooldowns_total{protocol}`: devices that logged in too often and were
+    /// refused for a cool-down (a clone, or firmware reconnecting in a loop).
+    pub flapping_cooldowns: IntCounterVec,
+    /// `gateway_credential_changes_total{change}`: credential changes this node applied.
+    pub credential_changes: IntCounterVec,
     /// `gateway_mqtt_acl_denied_total{action}`
     pub acl_denied: IntCounterVec,
     /// `gateway_heartbeats_total`
@@ -185,6 +190,18 @@ impl Metrics {
                 "gateway_sessions_closed_total",
                 "Sessions ended, by reason (idle_timeout, slow_reader, taken_over, peer_closed, ...).",
                 &["protocol", "reason"],
+            ),
+            flapping_cooldowns: counter_vec(
+                r,
+                "gateway_flapping_cooldowns_total",
+                "Cool-downs started for devices that logged in too often (clones, reconnect loops).",
+                &["protocol"],
+            ),
+            credential_changes: counter_vec(
+                r,
+                "gateway_credential_changes_total",
+                "Credential changes applied from the change stream (registered, rotated, disabled, enabled, resync).",
+                &["change"],
             ),
             acl_denied: counter_vec(
                 r,

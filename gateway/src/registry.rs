@@ -23,12 +23,47 @@ use crate::metrics::Metrics;
 use crate::session::SessionHandle;
 use redis_conn::RedisConn;
 
-/// Increments the epoch, names the new holder, returns `{epoch, previous node, previous session}`.
+/// Admits a login, then claims the device for it. In order, each refusal leaving the entry as
+/// it was: a device cooling down after flapping (`{4, 0, '', ms left}`); a version-1 login for a
+/// device that has used version 2 (`{2}`); a version-1 login whose device time is not later than
+/// the last accepted login's (`{1}`, a replay); a login that makes the device flap, which starts
+/// a cool-down twice as long as the previous one (`{3, 0, '', ms}`). Otherwise increments the
+/// epoch, names the new holder and returns `{0, epoch, previous node}`.
+///
+/// ARGV: node, session, now (ms), device time (ms, `''` = not given), login version (0 = none),
+/// flap window (ms), logins allowed in it, first cool-down (ms), longest cool-down (ms).
 const CLAIM: &str = r"
+local now = tonumber(ARGV[3])
+local f = redis.call('HMGET', KEYS[1], 'fu', 'fw', 'fc', 'fl', 'dt', 'lv')
+local cool_until = tonumber(f[1]) or 0
+if now < cool_until then return {4, 0, '', cool_until - now} end
+local version = tonumber(ARGV[5])
+local last_version = tonumber(f[6]) or 0
+if version == 1 and last_version >= 2 then return {2, 0, '', 0} end
+local device_time = tonumber(ARGV[4])
+local last_time = tonumber(f[5])
+if version == 1 and device_time and last_time and device_time <= last_time then return {1, 0, '', 0} end
+local window_start = tonumber(f[2]) or 0
+local count = tonumber(f[3]) or 0
+if now - window_start >= tonumber(ARGV[6]) then
+  window_start = now
+  count = 0
+end
+count = count + 1
+local level = tonumber(f[4]) or 0
+if cool_until > 0 and now - cool_until > tonumber(ARGV[9]) then level = 0 end
+if count > tonumber(ARGV[7]) then
+  local cool = math.min(tonumber(ARGV[8]) * 2 ^ level, tonumber(ARGV[9]))
+  redis.call('HSET', KEYS[1], 'fu', now + cool, 'fl', level + 1, 'fw', now, 'fc', 0)
+  return {3, 0, '', cool}
+end
+redis.call('HSET', KEYS[1], 'fw', window_start, 'fc', count, 'fl', level)
+if device_time and (not last_time or device_time > last_time) then redis.call('HSET', KEYS[1], 'dt', ARGV[4]) end
+if version > last_version then redis.call('HSET', KEYS[1], 'lv', version) end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 local prev = redis.call('HMGET', KEYS[1], 'node', 'session')
 redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'since_ms', ARGV[3])
-return {epoch, prev[1] or '', prev[2] or ''}
+return {0, epoch, prev[1] or '', 0}
 ";
 
 /// Compare-and-delete: clears the holder only if it is still `ARGV[1]`; the epoch stays.
@@ -58,6 +93,45 @@ pub struct Claim {
     pub epoch: u64,
     /// The node that held the device before, if any.
     pub previous_node: Option<String>,
+}
+
+/// What a login proves besides its credentials, checked against the device's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoginFacts {
+    /// The cabinet's clock in its `LOGIN` (ms); `None` for vehicles.
+    pub device_time_ms: Option<u64>,
+    /// The cabinet login version (SPEC.md 1.7); 0 for vehicles.
+    pub version: u8,
+}
+
+/// How often a device may log in before it counts as flapping, and how long it is then refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlapPolicy {
+    /// The window logins are counted in.
+    pub window: Duration,
+    /// Logins allowed in one window; one more starts a cool-down.
+    pub max_logins: u32,
+    /// The first cool-down; each next one is twice as long.
+    pub cooldown: Duration,
+    /// The longest cool-down; a device quiet for this long after one starts again from the first.
+    pub max_cooldown: Duration,
+}
+
+/// Why the connection map refused a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimRefusal {
+    /// A version-1 login whose device time is not later than the last accepted one: a replay.
+    Replayed,
+    /// A version-1 login for a device that has logged in with version 2.
+    Downgrade,
+    /// The device logged in too often: refused for `retry_after`; `started` when this login
+    /// began the cool-down.
+    Flapping {
+        /// Time left in the cool-down.
+        retry_after: Duration,
+        /// This login started it.
+        started: bool,
+    },
 }
 
 /// Outcome of adding a session to the local table.
@@ -162,28 +236,50 @@ impl Registry {
         format!("{}{n}", self.session_prefix())
     }
 
-    /// Claims `device` for `session_id` in the connection map.
+    /// Admits a login of `device` and claims the device for session `session` in the
+    /// connection map, in one script on the device's entry (see [`ClaimRefusal`]).
     ///
     /// # Errors
     /// Any Redis error; the login is then refused as "unavailable".
-    pub async fn claim(&self, device: &DeviceKey, session: u64) -> RedisResult<Claim> {
+    pub async fn claim(
+        &self,
+        device: &DeviceKey,
+        session: u64,
+        facts: LoginFacts,
+        flap: &FlapPolicy,
+    ) -> RedisResult<Result<Claim, ClaimRefusal>> {
         let mut con = self.redis.clone();
-        let (epoch, prev_node, _prev_session): (u64, String, String) = self
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let (status, epoch, prev_node, wait_ms): (u8, u64, String, u64) = self
             .claim
             .key(self.keys.conn(device))
             .arg(&self.node)
             .arg(self.session_id(session))
             .arg(now_ms())
+            .arg(facts.device_time_ms.map(|t| t.to_string()).unwrap_or_default())
+            .arg(facts.version)
+            .arg(ms(flap.window))
+            .arg(flap.max_logins)
+            .arg(ms(flap.cooldown))
+            .arg(ms(flap.max_cooldown))
             .invoke_async(&mut con)
             .await
             .inspect_err(|_| self.metrics.redis_errors.with_label_values(&["claim"]).inc())?;
+        let retry_after = Duration::from_millis(wait_ms);
+        match status {
+            0 => {}
+            1 => return Ok(Err(ClaimRefusal::Replayed)),
+            2 => return Ok(Err(ClaimRefusal::Downgrade)),
+            3 => return Ok(Err(ClaimRefusal::Flapping { retry_after, started: true })),
+            _ => return Ok(Err(ClaimRefusal::Flapping { retry_after, started: false })),
+        }
         // Remembered so that a restart of this node can clear what a crash left behind.
         let _: RedisResult<()> = redis::cmd("SADD")
             .arg(self.keys.node_conns(&self.node))
             .arg(device.to_string())
             .query_async(&mut con)
             .await;
-        Ok(Claim { epoch, previous_node: (!prev_node.is_empty()).then_some(prev_node) })
+        Ok(Ok(Claim { epoch, previous_node: (!prev_node.is_empty()).then_some(prev_node) }))
     }
 
     /// Releases `device` if the map still names session `session`. On a Redis error the

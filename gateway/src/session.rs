@@ -44,8 +44,10 @@ pub enum EndReason {
     Drain = 1,
     /// The device logged in again (here or on another node): end now.
     TakenOver = 2,
+    /// The device's credentials were rotated or it was disabled: end now.
+    Revoked = 3,
     /// The drain's grace is running out: end now.
-    Close = 3,
+    Close = 4,
 }
 
 impl EndReason {
@@ -53,7 +55,8 @@ impl EndReason {
         match v {
             1 => EndReason::Drain,
             2 => EndReason::TakenOver,
-            3 => EndReason::Close,
+            3 => EndReason::Revoked,
+            4 => EndReason::Close,
             _ => EndReason::None,
         }
     }
@@ -220,6 +223,10 @@ mod tests {
         h.end(EndReason::TakenOver);
         h.end(EndReason::Drain);
         assert_eq!(h.end_reason(), EndReason::TakenOver);
+        h.end(EndReason::Revoked);
+        assert_eq!(h.end_reason(), EndReason::Revoked);
+        h.end(EndReason::TakenOver);
+        assert_eq!(h.end_reason(), EndReason::Revoked);
         h.end(EndReason::Close);
         assert_eq!(h.end_reason(), EndReason::Close);
     }

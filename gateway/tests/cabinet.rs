@@ -166,8 +166,8 @@ async fn unknown_type_and_bad_fields_are_answered_and_the_connection_stays() {
     let gw = env.start("gw-a").await;
     let mut cab = logged_in(&env, &gw, "CAB-7").await;
 
-    // Type 0x06, seq 9, empty payload, valid CRC.
-    let mut frame = vec![0xCA, 0xB1, 0x01, 0x06, 0x00, 0, 0, 0, 9, 0, 0];
+    // Type 0x07, seq 9, empty payload, valid CRC.
+    let mut frame = vec![0xCA, 0xB1, 0x01, 0x07, 0x00, 0, 0, 0, 9, 0, 0];
     frame.extend_from_slice(&crc32c::crc32c(&frame).to_be_bytes());
     cab.send_raw(&frame).await;
     let answer = cab.recv().await.expect("answered");

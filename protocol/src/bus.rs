@@ -167,6 +167,12 @@ impl Keys {
         format!("{}cred:{device}", self.prefix)
     }
 
+    /// Stream: every change to a device's credentials or its enabled flag, read by every gateway
+    /// node to drop its cached credentials and end revoked sessions (SPEC.md 3.1).
+    pub fn credential_changes(&self) -> String {
+        format!("{}cred:changes", self.prefix)
+    }
+
     /// Stream: upstream shard `n`.
     pub fn upstream(&self, shard: u16) -> String {
         format!("{}up:{shard}", self.prefix)
@@ -660,6 +666,74 @@ impl CommandReply {
     }
 }
 
+// === credential changes ===
+
+/// Approximate length cap of the credential-change stream: far more changes than a gateway can
+/// miss while it reconnects to Redis; one that falls behind it clears its whole cache.
+pub const CREDENTIAL_CHANGES_MAXLEN: usize = 10_000;
+
+/// What happened to a device's credentials (SPEC.md 3.1, `P cred:changes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialChangeKind {
+    /// The device was registered: forget that it was unknown.
+    Registered,
+    /// New credentials were issued: the old ones stop working and live sessions end.
+    Rotated,
+    /// Logins were disabled: live sessions end.
+    Disabled,
+    /// Logins were enabled again.
+    Enabled,
+}
+
+impl CredentialChangeKind {
+    /// The wire name (`why` field) and metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CredentialChangeKind::Registered => "registered",
+            CredentialChangeKind::Rotated => "rotated",
+            CredentialChangeKind::Disabled => "disabled",
+            CredentialChangeKind::Enabled => "enabled",
+        }
+    }
+
+    /// Whether a session logged in with the previous credentials must end.
+    pub fn revokes_sessions(self) -> bool {
+        matches!(self, CredentialChangeKind::Rotated | CredentialChangeKind::Disabled)
+    }
+}
+
+/// One entry of `P cred:changes`: `dev`, `why`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialChange {
+    /// The device.
+    pub device: DeviceKey,
+    /// What changed.
+    pub kind: CredentialChangeKind,
+}
+
+impl CredentialChange {
+    /// The stream entry's fields.
+    pub fn to_fields(&self) -> Fields {
+        vec![("dev", self.device.to_string().into_bytes()), ("why", self.kind.label().as_bytes().to_vec())]
+    }
+
+    /// Reads an entry back.
+    ///
+    /// # Errors
+    /// [`BusError`] naming the missing or invalid field.
+    pub fn from_fields(fields: &HashMap<String, Vec<u8>>) -> Result<Self, BusError> {
+        let f = FieldReader(fields);
+        let kind = match f.text("why")? {
+            "registered" => CredentialChangeKind::Registered,
+            "rotated" => CredentialChangeKind::Rotated,
+            "disabled" => CredentialChangeKind::Disabled,
+            "enabled" => CredentialChangeKind::Enabled,
+            other => return Err(invalid("why", format!("unknown change {other:?}"))),
+        };
+        Ok(Self { device: DeviceKey::parse(f.text("dev")?)?, kind })
+    }
+}
+
 /// Converts stream fields as a Redis client returns them into the map the readers take.
 pub fn field_map<'a>(fields: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> HashMap<String, Vec<u8>> {
     fields.into_iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()
@@ -676,6 +750,21 @@ mod tests {
 
     fn cab(id: &str) -> DeviceKey {
         DeviceKey::Cabinet(DeviceId::new(id).expect("valid"))
+    }
+
+    #[test]
+    fn credential_changes_round_trip() {
+        for kind in [
+            CredentialChangeKind::Registered,
+            CredentialChangeKind::Rotated,
+            CredentialChangeKind::Disabled,
+            CredentialChangeKind::Enabled,
+        ] {
+            let change = CredentialChange { device: cab("C-1"), kind };
+            assert_eq!(CredentialChange::from_fields(&map(change.to_fields())), Ok(change));
+        }
+        let bad = map(vec![("dev", b"cab:C-1".to_vec()), ("why", b"stolen".to_vec())]);
+        assert!(matches!(CredentialChange::from_fields(&bad), Err(BusError::Invalid { field: "why", .. })));
     }
 
     fn veh() -> DeviceKey {

@@ -95,7 +95,7 @@ fn spec_rejection_bad_checksum() {
     bytes[22] = 0x48;
     let mut buf = BytesMut::from(&bytes[..]);
     let err = cabinet::decode(&mut buf, MAX_PAYLOAD_LEN).expect_err("bad crc");
-    assert_eq!(err, FrameError::BadChecksum { expected: 0x8A15_C647, actual: 0x8A15_C648 });
+    assert_eq!(err, FrameError::BadChecksum { seq: 2, expected: 0x8A15_C647, actual: 0x8A15_C648 });
     assert!(err.is_fatal());
     assert_eq!(err.label(), "bad_checksum");
     assert_eq!(buf.len(), 23, "nothing consumed on a framing error");
@@ -115,20 +115,20 @@ fn spec_rejection_too_large_before_the_payload() {
     let header = [0xCA, 0xB1, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x10, 0x01];
     let mut buf = BytesMut::from(&header[..]);
     let err = cabinet::decode(&mut buf, MAX_PAYLOAD_LEN).expect_err("too large");
-    assert_eq!(err, FrameError::TooLarge { len: 4097, max: 4096 });
+    assert_eq!(err, FrameError::TooLarge { seq: 2, len: 4097, max: 4096 });
     assert!(buf.capacity() < 4096, "the body was not reserved");
 }
 
 #[test]
 fn spec_rejection_unknown_type_keeps_the_stream() {
-    // A valid frame of type 0x06 followed by the spec's heartbeat.
-    let mut frame = vec![0xCA, 0xB1, 0x01, 0x06, 0x00, 0x00, 0x00, 0x00, 0x09, 0x00, 0x00];
+    // A valid frame of type 0x07 followed by the spec's heartbeat.
+    let mut frame = vec![0xCA, 0xB1, 0x01, 0x07, 0x00, 0x00, 0x00, 0x00, 0x09, 0x00, 0x00];
     let crc = crc32c(&frame);
     frame.extend_from_slice(&crc.to_be_bytes());
     frame.extend_from_slice(&HEARTBEAT);
     let mut buf = BytesMut::from(&frame[..]);
     let err = cabinet::decode(&mut buf, MAX_PAYLOAD_LEN).expect_err("unknown type");
-    assert_eq!(err, FrameError::Invalid { seq: 9, msg_type: 0x06, reason: MessageError::UnknownType(0x06) });
+    assert_eq!(err, FrameError::Invalid { seq: 9, msg_type: 0x07, reason: MessageError::UnknownType(0x07) });
     assert!(!err.is_fatal());
     assert_eq!(err.label(), "unknown_type");
     let next = cabinet::decode(&mut buf, MAX_PAYLOAD_LEN).expect("next frame").expect("whole");

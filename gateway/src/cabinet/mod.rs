@@ -41,14 +41,15 @@ pub(crate) fn queue(conn: &mut Conn, ctx: &Ctx, frame: &Frame) {
 
 /// The `ERROR` frame answering a rejected frame (SPEC.md 1.7, `ERROR`).
 pub(crate) fn error_frame(err: &FrameError) -> Frame {
-    let (seq, code) = match err {
-        FrameError::BadMagic(_) => (0, ErrorCode::BadMagic),
-        FrameError::UnsupportedVersion(_) => (0, ErrorCode::UnsupportedVersion),
-        FrameError::TooLarge { .. } => (0, ErrorCode::TooLarge),
-        FrameError::BadChecksum { .. } => (0, ErrorCode::BadChecksum),
-        FrameError::Invalid { seq, reason: MessageError::UnknownType(_), .. } => (*seq, ErrorCode::UnknownType),
-        FrameError::Invalid { seq, .. } => (*seq, ErrorCode::Malformed),
+    let code = match err {
+        FrameError::BadMagic(_) => ErrorCode::BadMagic,
+        FrameError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+        FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+        FrameError::BadChecksum { .. } => ErrorCode::BadChecksum,
+        FrameError::Invalid { reason: MessageError::UnknownType(_), .. } => ErrorCode::UnknownType,
+        FrameError::Invalid { .. } => ErrorCode::Malformed,
     };
+    let seq = err.seq();
     let detail = match err {
         FrameError::UnsupportedVersion(_) => format!("supported versions: {}", cabinet::frame::VERSION),
         other => other.to_string(),

@@ -31,6 +31,7 @@ enum End {
     PeerClosed,
     IdleTimeout,
     TakenOver,
+    Revoked,
     Drain,
     ProtocolError(&'static str),
     SlowReader,
@@ -43,6 +44,7 @@ impl End {
             End::PeerClosed => "peer_closed",
             End::IdleTimeout => "idle_timeout",
             End::TakenOver => "taken_over",
+            End::Revoked => "revoked",
             End::Drain => "drain",
             End::ProtocolError(_) => "protocol_error",
             End::SlowReader => "slow_reader",
@@ -90,8 +92,9 @@ struct Session<'a> {
 /// Serves a logged-in cabinet until its session ends, then cleans up.
 pub(super) async fn run(conn: &mut Conn, ctx: &Ctx, live: &mut Live) {
     let mut s = Session { conn, ctx, live };
-    s.conn.release_read_buf();
-    let end = match s.push_out() {
+    // Frames the cabinet wrote right behind its LOGIN (one segment) are already in the read
+    // buffer: serve them now, not when more bytes happen to arrive.
+    let end = match s.on_bytes().and_then(|()| s.push_out()) {
         Ok(()) => s.serve().await,
         Err(end) => end,
     };
@@ -136,6 +139,7 @@ impl Session<'_> {
             let step = match next_wake(&self.live.handle, timer.as_mut(), self.conn, true, waiting_to_write).await {
                 Wake::Handle => match self.live.handle.end_reason() {
                     EndReason::TakenOver => Err(End::TakenOver),
+                    EndReason::Revoked => Err(End::Revoked),
                     EndReason::Close => Err(End::Drain),
                     reason => {
                         if reason == EndReason::Drain && drain_deadline.is_none() {
@@ -290,11 +294,12 @@ impl Session<'_> {
                 }
             },
             Message::Error(e) => tracing::debug!(code = ?e.code, detail = %e.detail, seq, "cabinet reported an error"),
-            Message::Login(_) => {
+            Message::Login(_) | Message::Hello(_) => {
                 self.ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, "unexpected"]).inc();
                 self.send(&error(seq, ErrorCode::Unexpected, "already logged in"));
             }
             Message::LoginResult(_)
+            | Message::Challenge(_)
             | Message::HeartbeatAck(_)
             | Message::Ack
             | Message::Command(_)

@@ -17,6 +17,7 @@ use super::{PROTOCOL, queue};
 use crate::clock::now_ms;
 use crate::context::{Ctx, SessionRefused};
 use crate::credentials::Lookup;
+use crate::registry::LoginFacts;
 use crate::session::SessionHandle;
 use crate::transport::{Conn, Event};
 
@@ -138,14 +139,17 @@ pub(super) async fn connect(
         return None;
     }
 
-    let (handle, epoch) = match ctx.open_session(PROTOCOL, &device, cfg.command_queue_len).await {
+    let (handle, epoch) = match ctx.open_session(PROTOCOL, &device, cfg.command_queue_len, LoginFacts::default()).await
+    {
         Ok(opened) => opened,
-        Err(SessionRefused::Unavailable) => {
-            refuse(conn, codec, ConnectCode::ServerUnavailable, "unavailable");
-            return None;
-        }
-        Err(SessionRefused::Superseded) => {
-            refuse(conn, codec, ConnectCode::ServerBusy, "superseded");
+        Err(refused) => {
+            let code = match refused {
+                SessionRefused::Unavailable => ConnectCode::ServerUnavailable,
+                // A vehicle's login carries no version or clock: only flapping can be refused.
+                SessionRefused::Refused(_) => ConnectCode::ConnectionRateExceeded,
+                SessionRefused::Superseded => ConnectCode::ServerBusy,
+            };
+            refuse(conn, codec, code, refused.label());
             return None;
         }
     };

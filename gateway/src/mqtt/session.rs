@@ -45,6 +45,7 @@ enum End {
     PeerClosed,
     IdleTimeout,
     TakenOver,
+    Revoked,
     Drain,
     ProtocolError(&'static str),
     AclDenied,
@@ -59,6 +60,7 @@ impl End {
             End::PeerClosed => "peer_closed",
             End::IdleTimeout => "idle_timeout",
             End::TakenOver => "taken_over",
+            End::Revoked => "revoked",
             End::Drain => "drain",
             End::ProtocolError(_) => "protocol_error",
             End::AclDenied => "acl_denied",
@@ -74,7 +76,7 @@ impl End {
             End::TakenOver => Some(DisconnectReason::SessionTakenOver),
             End::Drain => Some(DisconnectReason::UseAnotherServer),
             End::ProtocolError(_) => Some(DisconnectReason::ProtocolError),
-            End::AclDenied => Some(DisconnectReason::NotAuthorized),
+            End::AclDenied | End::Revoked => Some(DisconnectReason::NotAuthorized),
             End::PeerDisconnect | End::PeerClosed | End::SlowReader | End::Io => None,
         }
     }
@@ -165,9 +167,10 @@ pub(super) async fn run(
     resend: Vec<StoredDownlink>,
 ) {
     let mut s = Session { conn, codec, ctx, live };
-    s.conn.release_read_buf();
     s.resend(resend);
-    let end = match s.push_out() {
+    // Packets the vehicle wrote right behind its CONNECT are already in the read buffer: serve
+    // them now, not when more bytes happen to arrive.
+    let end = match s.on_bytes().await.and_then(|()| s.push_out()) {
         Ok(()) => s.serve().await,
         Err(end) => end,
     };
@@ -212,6 +215,7 @@ impl Session<'_> {
             {
                 Wake::Handle => match self.live.handle.end_reason() {
                     EndReason::TakenOver => Err(End::TakenOver),
+                    EndReason::Revoked => Err(End::Revoked),
                     EndReason::Close => Err(End::Drain),
                     reason => {
                         if reason == EndReason::Drain && drain_deadline.is_none() {

@@ -22,6 +22,8 @@ pub enum FrameError {
     /// The declared payload length exceeds the limit; nothing of the body was buffered.
     #[error("failed to decode frame: payload length {len} exceeds the limit {max}")]
     TooLarge {
+        /// The frame's sequence number as read from its header.
+        seq: u32,
         /// Declared payload length in bytes.
         len: usize,
         /// The limit in force.
@@ -30,6 +32,8 @@ pub enum FrameError {
     /// The CRC-32C trailer does not match the header and payload.
     #[error("failed to decode frame: checksum {actual:#010x} does not match computed {expected:#010x}")]
     BadChecksum {
+        /// The frame's sequence number as read from its (unverified) header.
+        seq: u32,
         /// CRC-32C computed over the received header and payload.
         expected: u32,
         /// The trailer as received.
@@ -51,6 +55,17 @@ impl FrameError {
     /// `true` when the stream has lost its framing and the connection must be closed.
     pub fn is_fatal(&self) -> bool {
         !matches!(self, FrameError::Invalid { .. })
+    }
+
+    /// The `seq` an `ERROR` about this rejection carries (SPEC.md 1.6): the frame's own once
+    /// its 11-byte header was read, 0 for a frame refused by its first three bytes.
+    pub fn seq(&self) -> u32 {
+        match self {
+            FrameError::BadMagic(_) | FrameError::UnsupportedVersion(_) => 0,
+            FrameError::TooLarge { seq, .. }
+            | FrameError::BadChecksum { seq, .. }
+            | FrameError::Invalid { seq, .. } => *seq,
+        }
     }
 
     /// The metric label of this rejection (`reason="..."`).

@@ -102,9 +102,10 @@ pub fn decode(src: &mut BytesMut, max_payload_len: usize) -> Result<Option<Frame
         return Ok(None);
     }
     let payload_len = usize::from(u16::from_be_bytes([src[9], src[10]]));
+    let header_seq = u32::from_be_bytes([src[5], src[6], src[7], src[8]]);
     if payload_len > max_payload_len {
         // Don't let a rogue peer make us buffer a body we will refuse anyway.
-        return Err(FrameError::TooLarge { len: payload_len, max: max_payload_len });
+        return Err(FrameError::TooLarge { seq: header_seq, len: payload_len, max: max_payload_len });
     }
     let frame_len = HEADER_LEN + payload_len + TRAILER_LEN;
     if src.len() < frame_len {
@@ -115,7 +116,7 @@ pub fn decode(src: &mut BytesMut, max_payload_len: usize) -> Result<Option<Frame
     let expected = crc32c::crc32c(&src[..body_len]);
     let actual = u32::from_be_bytes([src[body_len], src[body_len + 1], src[body_len + 2], src[body_len + 3]]);
     if expected != actual {
-        return Err(FrameError::BadChecksum { expected, actual });
+        return Err(FrameError::BadChecksum { seq: header_seq, expected, actual });
     }
 
     // The frame is intact: from here on it leaves the buffer whatever its content.

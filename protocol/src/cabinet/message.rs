@@ -23,6 +23,13 @@ pub const FIRMWARE_VERSION_MAX_LEN: usize = 32;
 pub const TEXT_MAX_LEN: usize = 255;
 /// Length of the login authentication tag (HMAC-SHA256).
 pub const LOGIN_TAG_LEN: usize = 32;
+/// Length of the gateway's login challenge (SPEC.md, "CHALLENGE").
+pub const NONCE_LEN: usize = 16;
+/// The login versions (SPEC.md, "Login versions"): 1 signs the device time only, 2 also signs
+/// the nonce of the connection's `CHALLENGE`, so a recorded login cannot be used again.
+pub const LOGIN_V1: u8 = 1;
+/// See [`LOGIN_V1`].
+pub const LOGIN_V2: u8 = 2;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
@@ -72,6 +79,8 @@ byte_enum!(
         DoorEvent = 0x04,
         /// Cabinet -> gateway: the outcome of a command.
         CommandResult = 0x05,
+        /// Cabinet -> gateway, before `LOGIN`: asks for a login challenge (login version 2).
+        Hello = 0x06,
         /// Gateway -> cabinet: the answer to `LOGIN`.
         LoginResult = 0x81,
         /// Gateway -> cabinet: the answer to `HEARTBEAT`.
@@ -82,6 +91,8 @@ byte_enum!(
         Command = 0x84,
         /// Gateway -> cabinet: something the cabinet should know (reconnect elsewhere, ...).
         Notice = 0x85,
+        /// Gateway -> cabinet: the answer to `HELLO`, the nonce the login must sign.
+        Challenge = 0x86,
         /// Either way: a frame was rejected.
         Error = 0xFF,
     }
@@ -96,11 +107,13 @@ impl MessageType {
             MessageType::WeightReport => "weight_report",
             MessageType::DoorEvent => "door_event",
             MessageType::CommandResult => "command_result",
+            MessageType::Hello => "hello",
             MessageType::LoginResult => "login_result",
             MessageType::HeartbeatAck => "heartbeat_ack",
             MessageType::Ack => "ack",
             MessageType::Command => "command",
             MessageType::Notice => "notice",
+            MessageType::Challenge => "challenge",
             MessageType::Error => "error",
         }
     }
@@ -123,6 +136,12 @@ byte_enum!(
         Disabled = 5,
         /// The gateway cannot check credentials right now; retry after `retry_after_s`.
         Unavailable = 6,
+        /// This gateway (or, after a version-2 login, this device) no longer accepts a
+        /// version-1 login: send `HELLO` and log in with the challenge.
+        LoginVersion = 7,
+        /// The login was already used: a version-1 `device_time` not later than the last
+        /// accepted login's, or a nonce that is not this connection's challenge.
+        Replayed = 8,
     }
 );
 
@@ -209,6 +228,8 @@ pub struct Login {
     device_id: DeviceId,
     firmware_version: String,
     device_time_ms: u64,
+    /// Login version 2: the connection's challenge, the first extension of `LOGIN`.
+    nonce: Option<[u8; NONCE_LEN]>,
     tag: [u8; LOGIN_TAG_LEN],
     /// The payload bytes before the tag: what the tag authenticates.
     signed: Bytes,
@@ -225,17 +246,54 @@ impl Login {
         device_time_ms: u64,
         secret: &[u8],
     ) -> Result<Self, EncodeError> {
-        let firmware_version = firmware_version.into();
+        Self::sign_with(device_id, firmware_version.into(), device_time_ms, None, secret)
+    }
+
+    /// Builds a version-2 login answering `nonce` (the connection's `CHALLENGE`) and signs it.
+    ///
+    /// # Errors
+    /// As [`Login::sign`].
+    pub fn sign_v2(
+        device_id: DeviceId,
+        firmware_version: impl Into<String>,
+        device_time_ms: u64,
+        nonce: [u8; NONCE_LEN],
+        secret: &[u8],
+    ) -> Result<Self, EncodeError> {
+        Self::sign_with(device_id, firmware_version.into(), device_time_ms, Some(nonce), secret)
+    }
+
+    fn sign_with(
+        device_id: DeviceId,
+        firmware_version: String,
+        device_time_ms: u64,
+        nonce: Option<[u8; NONCE_LEN]>,
+        secret: &[u8],
+    ) -> Result<Self, EncodeError> {
         if !is_printable_ascii(&firmware_version) {
             return Err(EncodeError::OutOfRange { field: "firmware_version", value: -1 });
         }
-        let mut signed = BytesMut::with_capacity(str8_len(device_id.as_str()) + str8_len(&firmware_version) + 8);
+        let mut signed =
+            BytesMut::with_capacity(str8_len(device_id.as_str()) + str8_len(&firmware_version) + 8 + NONCE_LEN);
         put_str8(&mut signed, "device_id", device_id.as_str(), DEVICE_ID_MAX_LEN)?;
         put_str8(&mut signed, "firmware_version", &firmware_version, FIRMWARE_VERSION_MAX_LEN)?;
         signed.put_u64(device_time_ms);
+        if let Some(nonce) = &nonce {
+            signed.put_slice(nonce);
+        }
         let signed = signed.freeze();
         let tag = login_tag(secret, &signed);
-        Ok(Self { device_id, firmware_version, device_time_ms, tag, signed })
+        Ok(Self { device_id, firmware_version, device_time_ms, nonce, tag, signed })
+    }
+
+    /// The nonce a version-2 login signs; `None` for version 1.
+    pub fn nonce(&self) -> Option<&[u8; NONCE_LEN]> {
+        self.nonce.as_ref()
+    }
+
+    /// [`LOGIN_V2`] when the login carries a nonce, else [`LOGIN_V1`].
+    pub fn version(&self) -> u8 {
+        if self.nonce.is_some() { LOGIN_V2 } else { LOGIN_V1 }
     }
 
     /// The cabinet's id.
@@ -281,9 +339,16 @@ impl Login {
         }
         let firmware_version = firmware_version.to_owned();
         let device_time_ms = r.u64("device_time_ms")?;
+        // The first extension is the nonce (login version 2); anything after it is ignored.
+        let nonce = (r.remaining() >= NONCE_LEN).then(|| {
+            let at = signed.len() - r.remaining();
+            let mut nonce = [0u8; NONCE_LEN];
+            nonce.copy_from_slice(&signed[at..at + NONCE_LEN]);
+            nonce
+        });
         let mut tag = [0u8; LOGIN_TAG_LEN];
         tag.copy_from_slice(&payload[signed_len..]);
-        Ok(Self { device_id, firmware_version, device_time_ms, tag, signed })
+        Ok(Self { device_id, firmware_version, device_time_ms, nonce, tag, signed })
     }
 
     fn write(&self, dst: &mut BytesMut) {
@@ -330,6 +395,24 @@ pub struct Heartbeat {
 /// `HEARTBEAT_ACK` (0x82).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatAck {
+    /// The gateway's clock, in milliseconds since the Unix epoch (UTC).
+    pub server_time_ms: u64,
+}
+
+/// `HELLO` (0x06): the first frame of a login-version-2 cabinet, asking for a challenge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// The highest login version the cabinet speaks (2 or more).
+    pub login_version: u8,
+}
+
+/// `CHALLENGE` (0x86): the gateway's answer to `HELLO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Challenge {
+    /// The login version the gateway chose (2).
+    pub login_version: u8,
+    /// Random bytes, fresh for this connection, that the `LOGIN` tag must cover.
+    pub nonce: [u8; NONCE_LEN],
     /// The gateway's clock, in milliseconds since the Unix epoch (UTC).
     pub server_time_ms: u64,
 }
@@ -440,7 +523,8 @@ pub struct Notice {
     pub text: String,
 }
 
-/// `ERROR` (0xFF): sent with the `seq` of the rejected frame, or 0 if it could not be read.
+/// `ERROR` (0xFF): sent with the `seq` of the rejected frame, or 0 when its header was not
+/// read (bad magic, unsupported version).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorMessage {
     /// Why.
@@ -462,6 +546,8 @@ pub enum Message {
     DoorEvent(DoorEvent),
     /// 0x05
     CommandResult(CommandResult),
+    /// 0x06
+    Hello(Hello),
     /// 0x81
     LoginResult(LoginResult),
     /// 0x82
@@ -472,6 +558,8 @@ pub enum Message {
     Command(Command),
     /// 0x85
     Notice(Notice),
+    /// 0x86
+    Challenge(Challenge),
     /// 0xFF
     Error(ErrorMessage),
 }
@@ -485,11 +573,13 @@ impl Message {
             Message::WeightReport(_) => MessageType::WeightReport,
             Message::DoorEvent(_) => MessageType::DoorEvent,
             Message::CommandResult(_) => MessageType::CommandResult,
+            Message::Hello(_) => MessageType::Hello,
             Message::LoginResult(_) => MessageType::LoginResult,
             Message::HeartbeatAck(_) => MessageType::HeartbeatAck,
             Message::Ack => MessageType::Ack,
             Message::Command(_) => MessageType::Command,
             Message::Notice(_) => MessageType::Notice,
+            Message::Challenge(_) => MessageType::Challenge,
             Message::Error(_) => MessageType::Error,
         }
     }
@@ -526,6 +616,15 @@ impl Message {
                 door_id: r.u8("door_id")?,
                 door_state: DoorStatus::from_u8(r.u8("door_state")?)?,
             }),
+            MessageType::Hello => Message::Hello(Hello { login_version: r.u8("login_version")? }),
+            MessageType::Challenge => {
+                let login_version = r.u8("login_version")?;
+                let mut nonce = [0u8; NONCE_LEN];
+                for b in &mut nonce {
+                    *b = r.u8("nonce")?;
+                }
+                Message::Challenge(Challenge { login_version, nonce, server_time_ms: r.u64("server_time_ms")? })
+            }
             MessageType::Ack => Message::Ack,
             MessageType::Command => Message::Command(parse_command(&mut r, payload)?),
             MessageType::Notice => Message::Notice(Notice {
@@ -572,6 +671,12 @@ impl Message {
                 dst.put_u8(c.door_id);
                 dst.put_u8(c.door_state.as_u8());
             }
+            Message::Hello(h) => dst.put_u8(h.login_version),
+            Message::Challenge(c) => {
+                dst.put_u8(c.login_version);
+                dst.put_slice(&c.nonce);
+                dst.put_u64(c.server_time_ms);
+            }
             Message::Ack => {}
             Message::Command(c) => write_command(c, dst)?,
             Message::Notice(n) => {
@@ -598,6 +703,8 @@ impl Message {
             Message::WeightReport(w) => 10 + 6 * w.lanes.len(),
             Message::DoorEvent(e) => 10 + str8_len(e.order_id.as_ref().map_or("", OrderId::as_str)),
             Message::CommandResult(_) => 3,
+            Message::Hello(_) => 1,
+            Message::Challenge(_) => 1 + NONCE_LEN + 8,
             Message::Ack => 0,
             Message::Command(c) => {
                 9 + match &c.action {

@@ -3,11 +3,16 @@
 //! `examples/spec_frames.rs` (which prints them).
 
 use protocol::cabinet::{
-    Command, CommandAction, CommandResult, CommandStatus, DoorEvent, DoorState, DoorStatus, ErrorCode, ErrorMessage,
-    Flags, Frame, Heartbeat, HeartbeatAck, LaneWeight, Login, LoginResult, LoginStatus, Message, Notice, NoticeKind,
-    WeightReport,
+    Challenge, Command, CommandAction, CommandResult, CommandStatus, DoorEvent, DoorState, DoorStatus, ErrorCode,
+    ErrorMessage, Flags, Frame, Heartbeat, HeartbeatAck, Hello, LaneWeight, Login, LoginResult, LoginStatus, Message,
+    Notice, NoticeKind, WeightReport,
 };
 use protocol::{DeviceId, OrderId};
+
+/// The example challenge nonce: bytes 0xA0, 0xA1, ..., 0xAF.
+pub(crate) fn nonce() -> [u8; 16] {
+    std::array::from_fn(|i| 0xA0 + i as u8)
+}
 
 /// The example device secret: bytes 0x00, 0x01, ..., 0x1f.
 pub(crate) fn secret() -> Vec<u8> {
@@ -16,6 +21,7 @@ pub(crate) fn secret() -> Vec<u8> {
 
 pub(crate) fn frames() -> Result<Vec<(&'static str, Frame)>, Box<dyn std::error::Error>> {
     let device = DeviceId::new("CAB-000123")?;
+    let device_v2 = device.clone();
     let order = OrderId::new("ORD-20231114-0001")?;
     Ok(vec![
         ("login", Frame::new(1, Message::Login(Login::sign(device, "1.4.2", 1_700_000_000_000, &secret())?))),
@@ -109,6 +115,18 @@ pub(crate) fn frames() -> Result<Vec<(&'static str, Frame)>, Box<dyn std::error:
         (
             "error_not_logged_in",
             Frame::new(5, Message::Error(ErrorMessage { code: ErrorCode::NotLoggedIn, detail: "login first".into() })),
+        ),
+        ("hello", Frame::new(1, Message::Hello(Hello { login_version: 2 }))),
+        (
+            "challenge",
+            Frame::new(
+                1,
+                Message::Challenge(Challenge { login_version: 2, nonce: nonce(), server_time_ms: 1_700_000_000_100 }),
+            ),
+        ),
+        (
+            "login_v2",
+            Frame::new(2, Message::Login(Login::sign_v2(device_v2, "1.4.2", 1_700_000_000_000, nonce(), &secret())?)),
         ),
     ])
 }
