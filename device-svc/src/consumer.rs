@@ -150,7 +150,7 @@ impl Consumer {
                 "applied"
             }
             UpEvent::Cabinet { device, message: Message::DoorEvent(event), .. } => {
-                purchases::doors::on_door_event(&self.app, entry, &device, &event).await?
+                purchases::doors::on_door_event(&self.app, &device, &event).await?
             }
             UpEvent::Vehicle { vin, kind, payload, .. } => {
                 vehicles::on_uplink(&self.app, entry, &vin, kind, &payload).await?

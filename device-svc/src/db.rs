@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "purchases", include_str!("../migrations/0002_purchases.sql")),
     (3, "vehicles", include_str!("../migrations/0003_vehicles.sql")),
     (4, "retention", include_str!("../migrations/0004_retention.sql")),
+    (5, "vehicle_status", include_str!("../migrations/0005_vehicle_status.sql")),
 ];
 
 /// Longest wait for a pooled connection.

@@ -1,6 +1,8 @@
-//! Device status: `registered` -> (first login) `pending_init` -> (initial lane weights)
-//! `online`; later logins go straight to `online`; `offline` when the session closes or its
-//! heartbeats stop (see [`offline`](crate::offline)).
+//! Device status. Cabinets: `registered` -> (first login) `pending_init` -> (initial lane
+//! weights) `online`; later logins go straight to `online`; `offline` when the session closes or
+//! its heartbeats stop (see [`offline`](crate::offline)). Vehicles have nothing to initialise
+//! (they are registered `initialised`): `online` while they hold a session, `offline` when it
+//! ends.
 //!
 //! Every change is fenced by the session epoch (the gateway's token, SPEC.md 3.1): an event
 //! for an older session than the one the status already belongs to changes nothing, and so does
@@ -156,6 +158,13 @@ mod tests {
         assert_eq!(decide(&cur("registered", 0, false), &opened(1)).map(|d| d.0), Some("pending_init".into()));
         assert_eq!(decide(&cur("pending_init", 1, false), &Event::Initialised).map(|d| d.0), Some("online".into()));
         assert_eq!(decide(&cur("offline", 1, true), &opened(2)).map(|d| d.0), Some("online".into()));
+    }
+
+    #[test]
+    fn an_initialised_device_goes_online_at_its_first_login() {
+        // Vehicles are registered initialised: a session makes them online at once.
+        assert_eq!(decide(&cur("registered", 0, true), &opened(1)).map(|d| d.0), Some("online".into()));
+        assert_eq!(decide(&cur("online", 1, true), &closed(1)).map(|d| d.0), Some("offline".into()));
     }
 
     #[test]

@@ -168,6 +168,12 @@ async fn a_cancelled_activation_refuses_the_report_and_too_many_wrong_codes_canc
     let code = car.next(DownlinkKind::ActivationCode).await["code"].as_str().unwrap().to_owned();
     assert_eq!(step(api, &qr, "cancel", "u-2", 409).await["error"], "already_scanned", "only the owner cancels");
     assert_eq!(step(api, &qr, "cancel", "u-1", 200).await["state"], "cancelled");
+    // The car is told without having to report first.
+    let told = car.next(DownlinkKind::ActivationResult).await;
+    assert_eq!(
+        (told["qr_id"].as_str(), told["outcome"].as_str(), told["reason"].as_str()),
+        (Some(qr.as_str()), Some("rejected"), Some("cancelled"))
+    );
     let refused = report(&mut car, &qr, &code).await;
     assert_eq!((refused["outcome"].as_str(), refused["reason"].as_str()), (Some("rejected"), Some("cancelled")));
     assert_eq!(vehicle(api).await["state"], "delivered");

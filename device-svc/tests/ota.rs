@@ -205,12 +205,20 @@ async fn notices_reach_online_and_reconnecting_vehicles_and_reports_only_move_fo
     car_a.publish(UplinkKind::OtaUpgradeProgress, upgrade(55, "BCM", t0)).await;
     car_a.publish(UplinkKind::OtaUpgradeProgress, upgrade(30, "VCU", t0 - 5000)).await; // older
     reports_applied(&stack, 11).await;
+    // Newer but behind (a lower percent): a late report changes nothing, its ECU fields
+    // included, in a batch of its own as in one with the others (SPEC.md 2.3).
+    car_a.publish(UplinkKind::OtaUpgradeProgress, upgrade(20, "VCU", t0 + 1000)).await;
+    reports_applied(&stack, 12).await;
     let row = vehicles(api, &id).await.remove(&a).unwrap();
-    assert_eq!((row["upgrade_percent"].as_i64(), row["ecu"].as_str()), (Some(55), Some("BCM")), "{row}");
+    assert_eq!(
+        (row["upgrade_percent"].as_i64(), row["ecu"].as_str(), row["ecu_percent"].as_i64()),
+        (Some(55), Some("BCM"), Some(70)),
+        "{row}"
+    );
     status(&mut car_a, &id, "success", json!({"version": "2.0.0"})).await;
     wait_vehicle_state(api, &id, &a, "success").await;
     status(&mut car_a, &id, "upgrading", json!({})).await; // after the end
-    reports_applied(&stack, 13).await;
+    reports_applied(&stack, 14).await;
     assert_eq!(vehicles(api, &id).await[&a]["state"], "success");
     assert_eq!(expect(api, "GET", &format!("/v1/vehicles/{a}"), None, 200).await["sw_version"], "2.0.0");
 
@@ -254,7 +262,7 @@ async fn notices_reach_online_and_reconnecting_vehicles_and_reports_only_move_fo
         .publish(UplinkKind::OtaDownloadProgress, json!({"task_id": id, "percent": 140, "bytes_done": 1, "ts_ms": 1}))
         .await;
     status(&mut car_b, "t-unknown", "waiting", json!({})).await;
-    reports_applied(&stack, 17).await;
+    reports_applied(&stack, 18).await;
     let metrics = http(api, "GET", "/metrics", None).await.1;
     let text = metrics.as_str().unwrap();
     assert_eq!(metric(text, "devsvc_ota_reports_total{kind=\"ota_status\",result=\"invalid\"}"), 1.0);

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::error::ApiError;
 use super::extract::{JsonBody, device_key};
 use crate::app::App;
+use crate::error::StoreError;
 
 /// The longest deadline an operator may give.
 const MAX_TIMEOUT_MS: u64 = 60_000;
@@ -104,6 +105,32 @@ fn body_of(app: &App, device: &DeviceKey, input: CommandInput) -> Result<(Comman
     Ok((body, Duration::from_millis(timeout_ms)))
 }
 
+/// Refuses a command to a device that is not registered (404) or to a door its cabinet does not
+/// have (400), before anything is sent: only a registered target can be `not_connected`.
+async fn check_target(app: &App, device: &DeviceKey, body: &CommandBody) -> Result<(), ApiError> {
+    let client = app.pg.get().await.map_err(StoreError::from)?;
+    let key = device.to_string();
+    let registered =
+        client.query_opt("SELECT 1 FROM devices WHERE key = $1", &[&key]).await.map_err(StoreError::from)?;
+    if registered.is_none() {
+        return Err(StoreError::NotFound(format!("device {key}")).into());
+    }
+    let door_id = match body {
+        CommandBody::Cabinet(CommandAction::OpenDoor { door_id, .. } | CommandAction::QueryDoor { door_id }) => {
+            *door_id
+        }
+        _ => return Ok(()),
+    };
+    let exists = client
+        .query_opt("SELECT 1 FROM doors WHERE cabinet_id = $1 AND door_id = $2", &[&device.id(), &i16::from(door_id)])
+        .await
+        .map_err(StoreError::from)?;
+    if exists.is_none() {
+        return Err(ApiError::invalid("door_id", format!("cabinet {} has no door {door_id}", device.id())));
+    }
+    Ok(())
+}
+
 pub(super) async fn send(
     State(app): State<Arc<App>>,
     Path(key): Path<String>,
@@ -111,6 +138,7 @@ pub(super) async fn send(
 ) -> Result<Json<Answer>, ApiError> {
     let device = device_key(&key)?;
     let (body, timeout) = body_of(&app, &device, input)?;
+    check_target(&app, &device, &body).await?;
     let started = Instant::now();
     let outcome = app.commander.send(&device, body, timeout).await?;
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -55,18 +55,23 @@ fn event_json(event: &DoorEvent) -> serde_json::Value {
     })
 }
 
-/// Applies a door event taken from stream entry `entry` (unique, for idempotent anomalies).
+/// What identifies a door event (SPEC.md 1.7 `DOOR_EVENT`): cabinet, door, state and event
+/// time. A retransmission, the same event re-sent with a new seq after a reconnect, and a
+/// redelivered stream entry all share it, so anomalies recorded under it are recorded once.
+fn event_key(cabinet: &str, event: &DoorEvent) -> String {
+    let state = if event.state == DoorState::Open { "open" } else { "closed" };
+    format!("door_event:{cabinet}:{}:{state}:{}", event.door_id, event.event_time_ms)
+}
+
+/// Applies a door event. Applying the same event (by [`event_key`]) again changes nothing.
 /// Returns the consumer's result label.
 ///
 /// # Errors
 /// Storage errors (the entry is then retried).
-pub async fn on_door_event(
-    app: &App,
-    entry: &str,
-    cabinet: &DeviceId,
-    event: &DoorEvent,
-) -> Result<&'static str, StoreError> {
+pub async fn on_door_event(app: &App, cabinet: &DeviceId, event: &DoorEvent) -> Result<&'static str, StoreError> {
     let cabinet = cabinet.as_str();
+    let key = event_key(cabinet, event);
+    let entry = key.as_str();
     let Some(order) = find_order(app, cabinet, event).await? else {
         if restock::is_running(app, cabinet, event.door_id).await? {
             return Ok("restock");

@@ -384,13 +384,25 @@ pub async fn confirm(app: &App, qr_id: &str, user: &str) -> Result<ActivationVie
     Ok(view)
 }
 
-/// The owner cancelled before the car reported: every later report is refused (`cancelled`).
+/// The owner cancelled before the car reported: every later report is refused (`cancelled`), and
+/// the car is sent `activation_result` rejected/cancelled.
 ///
 /// # Errors
 /// `NotFound`, `Rejected` (`already_reported`, `already_scanned`, `not_scanned`, `expired`), Redis errors.
-pub async fn cancel(app: &App, qr_id: &str, user: &str) -> Result<ActivationView, StoreError> {
+pub async fn cancel(app: &Arc<App>, qr_id: &str, user: &str) -> Result<ActivationView, StoreError> {
     run(app, &CANCEL_SCRIPT, "cancel", qr_id, &[user]).await?;
-    view(app, qr_id).await
+    let view = view(app, qr_id).await?;
+    // The car may be showing the code or holding an activation code: tell it, as it would be
+    // told in answer to a report (SPEC.md 2.3), so it shows a new QR code without waiting.
+    if let Some(vin) = view.vin.as_deref().and_then(|v| Vin::new(v).ok()) {
+        let result = ActivationResult {
+            qr_id: qr_id.to_owned(),
+            outcome: ActivationOutcome::Rejected,
+            reason: Some("cancelled".to_owned()),
+        };
+        downlink::send_in_background(app, vin, DownlinkKind::ActivationResult, result, 1);
+    }
+    Ok(view)
 }
 
 /// The car reported its local activation: checks the code, makes the car active in PostgreSQL

@@ -19,8 +19,6 @@ use protocol::cabinet::{Frame, Heartbeat, LaneWeight, LoginStatus, Message, Weig
 use redis_conn::{RedisConn, RedisTarget};
 use serde_json::{Value, json};
 use testkit::cabinet::Cabinet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -133,32 +131,7 @@ fn gateway_config(ns: &testkit::RedisNamespace, node: &str) -> gateway::config::
     c
 }
 
-/// Calls the API: `(status, JSON body)` (`Null` for an empty body).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut raw)).await.expect("API answered").unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "unexpected chunked answer");
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let value =
-        if body.is_empty() { Value::Null } else { serde_json::from_str(body).unwrap_or(Value::String(body.into())) };
-    (status, value)
-}
-
-/// Calls the API and expects `status`; returns the body.
-pub async fn expect(addr: SocketAddr, method: &str, path: &str, body: Option<Value>, status: u16) -> Value {
-    let (got, value) = http(addr, method, path, body).await;
-    assert_eq!(got, status, "{method} {path} answered {value}");
-    value
-}
+pub use testkit::http::{call as http, expect};
 
 /// Registers a cabinet with `doors` (door id, lane count); returns its id and secret.
 pub async fn register_cabinet(api: SocketAddr, id: &str, doors: &[(u8, u8)]) -> (DeviceId, Vec<u8>) {

@@ -249,6 +249,9 @@ async fn fold(
             moved_or_alive(app, tx, task, vin, row.state, n).await.map(|r| (r, if n > 0 { state } else { row.state }))
         }
         Report::Upgrade(u) => {
+            // A report is ahead when its overall percent is, or equal and it is newer; only then
+            // do its ECU fields replace the stored ones, so a late report (lower percent, even
+            // with a newer timestamp) changes nothing whatever the batching (SPEC.md 2.3).
             if !row.state.is_active() {
                 return Ok(("stale", row.state));
             }
@@ -258,11 +261,11 @@ async fn fold(
                 .execute(
                     "UPDATE ota_task_vehicles SET state = $3, rank = $4, due_at = now() + make_interval(secs => $5),
                             upgrade_percent = GREATEST(upgrade_percent, $6),
-                            ecu = CASE WHEN $9 > ecu_ts_ms THEN $7 ELSE ecu END,
-                            ecu_percent = CASE WHEN $9 > ecu_ts_ms THEN $8 ELSE ecu_percent END,
-                            ecu_ts_ms = GREATEST(ecu_ts_ms, $9),
+                            ecu = CASE WHEN ($6, $9) > (upgrade_percent, ecu_ts_ms) THEN $7 ELSE ecu END,
+                            ecu_percent = CASE WHEN ($6, $9) > (upgrade_percent, ecu_ts_ms) THEN $8 ELSE ecu_percent END,
+                            ecu_ts_ms = CASE WHEN ($6, $9) > (upgrade_percent, ecu_ts_ms) THEN $9 ELSE ecu_ts_ms END,
                             last_report = $10, last_report_at = now(), updated_at = now()
-                      WHERE task_id = $1 AND vin = $2 AND (upgrade_percent < $6 OR rank < $4 OR ecu_ts_ms < $9)",
+                      WHERE task_id = $1 AND vin = $2 AND (($6, $9) > (upgrade_percent, ecu_ts_ms) OR rank < $4)",
                     &[
                         &task,
                         &vin,
@@ -337,7 +340,8 @@ async fn fold_status(
         };
         if !at_target {
             new = VehicleState::Reported(OtaStatus::Failed);
-            error = Some(format!("version_mismatch: reported {:?}, target {}", s.version, row.target));
+            let reported = s.version.as_deref().unwrap_or("none");
+            error = Some(format!("version_mismatch: reported {reported}, target {}", row.target));
         }
     }
     let ts = i64::try_from(s.ts_ms).ok();

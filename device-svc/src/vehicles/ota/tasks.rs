@@ -187,7 +187,11 @@ fn judge(t: &NewTask, target: &[u64], c: &Candidate) -> Result<(), (&'static str
         return Err(("sale_vehicle", "test tasks may not target vehicles sold to customers".into()));
     }
     let Some(current) = c.sw_version.as_deref().and_then(parse_version) else {
-        return Err(("unknown_version", format!("current version {:?}", c.sw_version)));
+        let detail = match c.sw_version.as_deref() {
+            Some(v) => format!("current version {v:?} is not a dotted numeric version"),
+            None => "current version not known".to_owned(),
+        };
+        return Err(("unknown_version", detail));
     };
     let current_text = c.sw_version.clone().unwrap_or_default();
     match compare_versions(target, &current) {
