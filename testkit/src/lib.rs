@@ -12,6 +12,7 @@
 //! at the end of the run.
 
 pub mod cabinet;
+pub mod http;
 pub mod pki;
 pub mod redis_server;
 
