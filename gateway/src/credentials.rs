@@ -5,6 +5,7 @@
 //! Secrets never reach a log: [`Credential`] prints as `***`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -69,13 +70,38 @@ pub struct Credentials {
     cache: DashMap<DeviceKey, Cached>,
     ttl: Duration,
     negative_ttl: Duration,
+    /// Bumped by every change applied ([`Credentials::forget`], [`Credentials::clear`]): a login
+    /// that verified before a change and registered after it checks again.
+    changes: AtomicU64,
     metrics: Metrics,
 }
 
 impl Credentials {
     /// A cache with the given lifetimes for found and unknown devices.
     pub fn new(redis: RedisConn, keys: Keys, ttl: Duration, negative_ttl: Duration, metrics: Metrics) -> Self {
-        Self { redis, keys, cache: DashMap::new(), ttl, negative_ttl, metrics }
+        Self { redis, keys, cache: DashMap::new(), ttl, negative_ttl, changes: AtomicU64::new(0), metrics }
+    }
+
+    /// How many changes were applied so far; read before a lookup, passed to
+    /// [`Credentials::still_valid`] after the session is registered.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    /// Whether `verified` (what a login was checked against when `changes` was read) is still
+    /// the device's enabled credential. Free unless a change was applied since: a rotation or a
+    /// disable announced while the login was between its check and its registration would
+    /// otherwise find no session to end, and leave one running.
+    pub async fn still_valid(&self, device: &DeviceKey, changes: u64, verified: &Credential) -> bool {
+        if self.changes() == changes {
+            return true;
+        }
+        match self.lookup(device).await {
+            Lookup::Found(now) => now.enabled && *now == *verified,
+            Lookup::Unknown => false,
+            // Not known either way: keep the session; the change stream ends it if it must.
+            Lookup::Unavailable => true,
+        }
     }
 
     /// The credentials of `device`.
@@ -109,12 +135,14 @@ impl Credentials {
     /// reads Redis.
     pub fn forget(&self, device: &DeviceKey) {
         self.cache.remove(device);
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Forgets everything cached.
     pub fn clear(&self) {
         self.cache.clear();
         self.cache.shrink_to_fit();
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Drops expired cache entries and gives their memory back, so the cache holds only

@@ -84,6 +84,28 @@ fn spec_login_tag_verifies_with_the_example_secret_only() {
     assert_eq!(login.firmware_version(), "1.4.2");
 }
 
+#[test]
+fn spec_login_v2_signs_the_nonce() {
+    let frames = spec_examples::frames().expect("frames");
+    let (_, frame) = frames.iter().find(|(name, _)| *name == "login_v2").expect("login_v2 example");
+    let Message::Login(login) = &frame.message else { panic!("login_v2 is a LOGIN") };
+    assert_eq!(login.version(), 2);
+    assert_eq!(login.nonce(), Some(&spec_examples::nonce()));
+    assert!(login.verify(&spec_examples::secret()));
+    // The version-1 example carries no nonce.
+    let Message::Login(v1) = &frames[0].1.message else { panic!("first example is LOGIN") };
+    assert_eq!((v1.version(), v1.nonce()), (1, None));
+    // Another nonce in the same place breaks the tag: the nonce is signed.
+    let mut wire = encode(frame);
+    wire[11 + 25] ^= 0xFF;
+    let body_len = wire.len() - 4;
+    let crc = crc32c(&wire[..body_len]);
+    wire[body_len..].copy_from_slice(&crc.to_be_bytes());
+    let decoded = decode_all(&wire).remove(0);
+    let Message::Login(forged) = decoded.message else { panic!("still a LOGIN") };
+    assert!(!forged.verify(&spec_examples::secret()));
+}
+
 const HEARTBEAT: [u8; 23] = [
     0xCA, 0xB1, 0x01, 0x02, 0x00, 0x00, 0x00, 0x00, 0x02, 0x00, 0x08, 0x00, 0x00, 0x01, 0x8B, 0xCF, 0xE5, 0xDD, 0x30,
     0x8A, 0x15, 0xC6, 0x47,

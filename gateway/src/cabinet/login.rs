@@ -18,6 +18,7 @@ use crate::clock::now_ms;
 use crate::context::{Ctx, SessionRefused};
 use crate::credentials::Lookup;
 use crate::registry::{ClaimRefusal, LoginFacts};
+use crate::session::EndReason;
 use crate::session::SessionHandle;
 use crate::transport::{Conn, Event};
 
@@ -142,6 +143,7 @@ pub(super) async fn login(conn: &mut Conn, ctx: &Ctx) -> Option<LoggedIn> {
         refuse(conn, LoginStatus::ClockSkew, "clock_skew", 0);
         return None;
     }
+    let changes = ctx.credentials.changes();
     let credential = match ctx.credentials.lookup(&device).await {
         Lookup::Found(c) => c,
         Lookup::Unknown => {
@@ -193,6 +195,10 @@ pub(super) async fn login(conn: &mut Conn, ctx: &Ctx) -> Option<LoggedIn> {
         }
     };
 
+    if !ctx.credentials.still_valid(&device, changes, &credential).await {
+        // Rotated or disabled while this login was being checked: the session ends at once.
+        handle.end(EndReason::Revoked);
+    }
     count(ctx, "accepted");
     let answer = LoginResult {
         status: LoginStatus::Accepted,

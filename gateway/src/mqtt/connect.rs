@@ -18,7 +18,7 @@ use crate::clock::now_ms;
 use crate::context::{Ctx, SessionRefused};
 use crate::credentials::Lookup;
 use crate::registry::LoginFacts;
-use crate::session::SessionHandle;
+use crate::session::{EndReason, SessionHandle};
 use crate::transport::{Conn, Event};
 
 /// A connected vehicle.
@@ -116,6 +116,7 @@ pub(super) async fn connect(
     };
     tracing::Span::current().record("device_id", vin.as_str());
     let device = DeviceKey::Vehicle(vin.clone());
+    let changes = ctx.credentials.changes();
     let credential = match ctx.credentials.lookup(&device).await {
         Lookup::Found(c) => c,
         Lookup::Unknown => {
@@ -153,6 +154,11 @@ pub(super) async fn connect(
             return None;
         }
     };
+
+    if !ctx.credentials.still_valid(&device, changes, &credential).await {
+        // Rotated or disabled while this connect was being checked: the session ends at once.
+        handle.end(EndReason::Revoked);
+    }
 
     // Session state: a clean start discards what was stored; a persistent session resumes it.
     let session_expiry_s = connect.session_expiry_s.min(cfg.max_session_expiry_s);
