@@ -34,7 +34,7 @@ use redis_conn::RedisConn;
 /// flap window (ms), logins allowed in it, first cool-down (ms), longest cool-down (ms).
 const CLAIM: &str = r"
 local now = tonumber(ARGV[3])
-local f = redis.call('HMGET', KEYS[1], 'fu', 'fw', 'fc', 'fl', 'dt', 'lv')
+local f = redis.call('HMGET', KEYS[1], 'fu', 'fw', 'fc', 'fl', 'dt', 'lv', 'node')
 local cool_until = tonumber(f[1]) or 0
 if now < cool_until then return {4, 0, '', cool_until - now} end
 local version = tonumber(ARGV[5])
@@ -57,13 +57,18 @@ if count > tonumber(ARGV[7]) then
   redis.call('HSET', KEYS[1], 'fu', now + cool, 'fl', level + 1, 'fw', now, 'fc', 0)
   return {3, 0, '', cool}
 end
-redis.call('HSET', KEYS[1], 'fw', window_start, 'fc', count, 'fl', level)
-if device_time and (not last_time or device_time > last_time) then redis.call('HSET', KEYS[1], 'dt', ARGV[4]) end
-if version > last_version then redis.call('HSET', KEYS[1], 'lv', version) end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-local prev = redis.call('HMGET', KEYS[1], 'node', 'session')
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'since_ms', ARGV[3])
-return {0, epoch, prev[1] or '', 0}
+local set = {'node', ARGV[1], 'session', ARGV[2], 'since_ms', ARGV[3], 'fw', window_start, 'fc', count, 'fl', level}
+if device_time and (not last_time or device_time > last_time) then
+  set[#set + 1] = 'dt'
+  set[#set + 1] = ARGV[4]
+end
+if version > last_version then
+  set[#set + 1] = 'lv'
+  set[#set + 1] = version
+end
+redis.call('HSET', KEYS[1], unpack(set))
+return {0, epoch, f[7] or '', 0}
 ";
 
 /// Compare-and-delete: clears the holder only if it is still `ARGV[1]`; the epoch stays.
