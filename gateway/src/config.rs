@@ -122,6 +122,8 @@ pub struct MqttConfig {
     pub max_stored_downlinks: usize,
     /// Longest granted session expiry, s.
     pub max_session_expiry_s: u32,
+    /// Subscription filters one connection may hold.
+    pub max_subscriptions: usize,
     /// Per-device command queue length.
     pub command_queue_len: usize,
     /// Write timeout, ms.
@@ -259,6 +261,7 @@ impl Default for MqttConfig {
             max_inflight: 16,
             max_stored_downlinks: 100,
             max_session_expiry_s: 86_400,
+            max_subscriptions: 50,
             command_queue_len: 16,
             write_timeout_ms: 10_000,
         }
@@ -411,6 +414,7 @@ impl Config {
             ("mqtt.max_connections", m.max_connections),
             ("cabinet.command_queue_len", c.command_queue_len),
             ("mqtt.command_queue_len", m.command_queue_len),
+            ("mqtt.max_subscriptions", m.max_subscriptions),
             ("upstream.batch_max", self.upstream.batch_max),
             ("upstream.buffer_max", self.upstream.buffer_max),
         ] {

@@ -103,6 +103,38 @@ async fn foreign_topics_are_refused_and_counted() {
 }
 
 #[tokio::test]
+async fn subscriptions_are_capped_per_connection() {
+    let env = Env::single().await;
+    let mut config = env.config("gw-a");
+    config.mqtt.max_subscriptions = 3;
+    let gw = env.start_with(config).await;
+    let (vin, token) = env.provision_vehicle(VIN).await;
+    let mut car = Vehicle::connect(gw.addresses.mqtt.unwrap(), &vin, &token).await;
+    let filter = |n: u32| rumqttc::SubscribeFilter::new(format!("vehicles/{VIN}/down/x{n}"), QoS::AtLeastOnce);
+
+    // Four in one SUBSCRIBE: the fourth is over the quota.
+    car.client.subscribe_many((1..=4).map(filter)).await.unwrap();
+    let Packet::SubAck(ack) = car.wait_for("suback", |p| matches!(p, Packet::SubAck(_))).await else { unreachable!() };
+    let granted = SubscribeReasonCode::Success(QoS::AtLeastOnce);
+    assert_eq!(ack.return_codes, [granted, granted, granted, SubscribeReasonCode::Failure]);
+    // One already held is replaced, not counted; a new one is still refused.
+    car.client.subscribe_many([filter(2), filter(5)]).await.unwrap();
+    let Packet::SubAck(ack) = car.wait_for("suback", |p| matches!(p, Packet::SubAck(_))).await else { unreachable!() };
+    assert_eq!(ack.return_codes, [granted, SubscribeReasonCode::Failure]);
+    assert_eq!(
+        metric(&gw, "gateway_frames_rejected_total", &[("protocol", "mqtt"), ("reason", "subscription_quota")]),
+        2.0
+    );
+
+    // A downlink over the payload cap is answered `invalid` and never sent.
+    let huge = vec![b'x'; protocol::mqtt::topic::MAX_DOWNLINK_PAYLOAD + 1];
+    let body = CommandBody::Vehicle { kind: DownlinkKind::Command, payload: huge.into() };
+    let reply = env.command(&DeviceKey::Vehicle(vin.clone()), body, Duration::from_secs(5)).await;
+    assert!(matches!(&reply.outcome, Outcome::Invalid(why) if why.contains("exceeds")), "{:?}", reply.outcome);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn persistent_session_resends_unacknowledged_downlinks() {
     let env = Env::single().await;
     let gw = env.start("gw-a").await;

@@ -174,6 +174,7 @@ fn client_bound(version: Version) -> impl Strategy<Value = Packet> {
             SubAckResult::Granted(QoS::AtLeastOnce),
             SubAckResult::NotAuthorized,
             SubAckResult::TopicFilterInvalid,
+            SubAckResult::QuotaExceeded,
         ]
     } else {
         &[SubAckResult::Granted(QoS::AtMostOnce), SubAckResult::Granted(QoS::AtLeastOnce), SubAckResult::Failure]

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use protocol::OrderId;
 use protocol::bus::{CommandBody, DeviceKey, Outcome};
 use protocol::cabinet::{CommandAction, CommandStatus, DoorStatus};
-use protocol::mqtt::topic::DownlinkKind;
+use protocol::mqtt::topic::{DownlinkKind, MAX_DOWNLINK_PAYLOAD};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -93,6 +93,10 @@ fn body_of(app: &App, device: &DeviceKey, input: CommandInput) -> Result<(Comman
             let kind: DownlinkKind =
                 kind.parse().map_err(|_| ApiError::invalid("kind", format!("unknown downlink {kind:?}")))?;
             let payload = serde_json::to_vec(&payload).map_err(|e| ApiError::invalid("payload", e.to_string()))?;
+            if payload.len() > MAX_DOWNLINK_PAYLOAD {
+                let max = MAX_DOWNLINK_PAYLOAD;
+                return Err(ApiError::invalid("payload", format!("{} bytes; at most {max}", payload.len())));
+            }
             (CommandBody::Vehicle { kind, payload: Bytes::from(payload) }, timeout_ms)
         }
         (DeviceKey::Cabinet(_), _) => return Err(ApiError::invalid("action", "cabinets take open_door or query_door")),

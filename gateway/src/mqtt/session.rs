@@ -439,7 +439,12 @@ impl Session<'_> {
     async fn on_subscribe(&mut self, packet_id: NonZeroU16, filters: Vec<(String, QoS)>) {
         let mut results = Vec::with_capacity(filters.len());
         for (filter, qos) in filters {
-            if topic::may_subscribe(&self.live.vin, &filter) {
+            let held = self.live.subscriptions.iter().any(|(f, _)| *f == filter);
+            if !held && self.live.subscriptions.len() >= self.ctx.config.mqtt.max_subscriptions {
+                // Each filter is stored and matched against every downlink (SPEC.md 2.2, "Limits").
+                self.ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, "subscription_quota"]).inc();
+                results.push(SubAckResult::QuotaExceeded);
+            } else if topic::may_subscribe(&self.live.vin, &filter) {
                 // QoS 1 at most (SPEC.md 2.1).
                 let granted = qos.min(QoS::AtLeastOnce);
                 self.live.subscriptions.retain(|(f, _)| *f != filter);
@@ -502,6 +507,11 @@ impl Session<'_> {
                 );
                 continue;
             };
+            if payload.len() > topic::MAX_DOWNLINK_PAYLOAD {
+                let why = format!("downlink of {} bytes exceeds {}", payload.len(), topic::MAX_DOWNLINK_PAYLOAD);
+                self.ctx.reply(PROTOCOL, &request_id, &reply_to, &self.live.handle.device, Outcome::Invalid(why));
+                continue;
+            }
             let topic_name = topic::downlink_topic(&self.live.vin, kind);
             let Some(qos) = self.granted_qos(&topic_name) else {
                 self.ctx.reply(

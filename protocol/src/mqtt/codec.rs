@@ -438,6 +438,7 @@ fn from_v5(packet: v5::Packet) -> Result<Packet, MqttError> {
                         R::GrantedQos2 => SubAckResult::Granted(QoS::ExactlyOnce),
                         R::NotAuthorized => SubAckResult::NotAuthorized,
                         R::TopicFilterInvalid => SubAckResult::TopicFilterInvalid,
+                        R::QuotaExceeded => SubAckResult::QuotaExceeded,
                         _ => SubAckResult::Failure,
                     }
                 })
@@ -570,6 +571,7 @@ fn to_v5(packet: Packet) -> Result<v5::Packet, MqttError> {
                         SubAckResult::Granted(QoS::ExactlyOnce) => R::GrantedQos2,
                         SubAckResult::NotAuthorized => R::NotAuthorized,
                         SubAckResult::TopicFilterInvalid => R::TopicFilterInvalid,
+                        SubAckResult::QuotaExceeded => R::QuotaExceeded,
                         SubAckResult::Failure => R::UnspecifiedError,
                     }
                 })

@@ -203,6 +203,9 @@ pub enum SubAckResult {
     NotAuthorized,
     /// Refused: invalid filter (3.1.1: failure `0x80`).
     TopicFilterInvalid,
+    /// Refused: the connection holds as many subscriptions as it may (5.0 `0x97` quota
+    /// exceeded; 3.1.1: failure `0x80`).
+    QuotaExceeded,
     /// Refused for another reason (3.1.1: failure `0x80`).
     Failure,
 }

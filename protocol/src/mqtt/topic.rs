@@ -16,6 +16,10 @@ use crate::ids::Vin;
 /// First level of every vehicle topic.
 pub const ROOT: &str = "vehicles";
 
+/// The largest downlink payload, in bytes (SPEC.md 2.2, "Limits"): the device service refuses
+/// a larger one and a gateway answers it `invalid` without sending it.
+pub const MAX_DOWNLINK_PAYLOAD: usize = 128 * 1024;
+
 macro_rules! kinds {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$doc])*
