@@ -31,14 +31,37 @@ pub struct Commander {
     metrics: Metrics,
     /// Replies awaited, by request id.
     waiting: DashMap<String, oneshot::Sender<Outcome>>,
-    /// One lock per cabinet door: commands to a door go one at a time.
+    /// One lock per cabinet door while commands to it run or wait: they go one at a time. An
+    /// entry leaves with its last user ([`DoorTurn`]), so the map holds only doors in use, not
+    /// every door ever named (a caller naming random cabinets must not grow it for good).
     doors: DashMap<(String, u8), Arc<Mutex<()>>>,
+}
+
+/// A command's turn at its door: removes the door's entry when nobody else holds or awaits it.
+struct DoorTurn<'a> {
+    doors: &'a DashMap<(String, u8), Arc<Mutex<()>>>,
+    key: (String, u8),
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for DoorTurn<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // Under the shard's lock, as the clone in `send_identified` is: a turn taken meanwhile
+        // keeps the entry.
+        self.doors.remove_if(&self.key, |_, lock| Arc::strong_count(lock) == 1);
+    }
 }
 
 impl Commander {
     /// A commander for this instance; run [`Commander::run_replies`] alongside.
     pub fn new(redis: RedisConn, keys: Keys, instance: String, metrics: Metrics) -> Self {
         Self { redis, keys, instance, metrics, waiting: DashMap::new(), doors: DashMap::new() }
+    }
+
+    /// Cabinet doors with a command running or waiting now (the per-door map's size).
+    pub fn doors_in_use(&self) -> usize {
+        self.doors.len()
     }
 
     fn reply_stream(&self) -> String {
@@ -65,11 +88,15 @@ impl Commander {
         body: CommandBody,
         timeout: Duration,
     ) -> Result<(String, Outcome), StoreError> {
-        let _door_guard = match (&device, &body) {
+        let _turn = match (&device, &body) {
             (DeviceKey::Cabinet(id), CommandBody::Cabinet(action)) => match door_of(action) {
                 Some(door) => {
-                    let lock = Arc::clone(&self.doors.entry((id.to_string(), door)).or_default());
-                    Some(lock.lock_owned().await)
+                    let key = (id.to_string(), door);
+                    let lock = Arc::clone(&self.doors.entry(key.clone()).or_default());
+                    // Built before the wait, so a cancelled wait still cleans up.
+                    let mut turn = DoorTurn { doors: &self.doors, key, guard: None };
+                    turn.guard = Some(lock.lock_owned().await);
+                    Some(turn)
                 }
                 None => None,
             },

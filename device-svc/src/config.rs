@@ -48,6 +48,14 @@ pub struct Config {
 pub struct HttpConfig {
     /// Listen address.
     pub listen: String,
+    /// Connections held at once.
+    pub max_connections: usize,
+    /// Header read (and keep-alive idle) timeout, ms.
+    pub header_timeout_ms: u64,
+    /// Whole-request timeout, ms.
+    pub request_timeout_ms: u64,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
 }
 
 /// `[postgres]`
@@ -207,7 +215,13 @@ impl Default for Config {
         Self {
             instance_id: String::new(),
             key_prefix: "iotgw:".into(),
-            http: HttpConfig { listen: "0.0.0.0:8080".into() },
+            http: HttpConfig {
+                listen: "127.0.0.1:8080".into(),
+                max_connections: 4096,
+                header_timeout_ms: 10_000,
+                request_timeout_ms: 30_000,
+                max_body_bytes: 1 << 20,
+            },
             postgres: PostgresConfig { url: "postgres://postgres@127.0.0.1:5432/iotgw".into(), pool_size: 16 },
             redis: RedisConfig { url: "redis://127.0.0.1:6379/".into(), cluster_urls: Vec::new() },
             streams: StreamsConfig::default(),
@@ -381,6 +395,12 @@ impl Config {
     /// [`ConfigError::Invalid`] naming the setting.
     pub fn validate(mut self) -> Result<Self, ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        let h = &self.http;
+        if h.max_connections == 0 || h.header_timeout_ms == 0 || h.request_timeout_ms == 0 || h.max_body_bytes == 0 {
+            return bad(
+                "http.max_connections, header_timeout_ms, request_timeout_ms and max_body_bytes must be positive",
+            );
+        }
         if self.instance_id.is_empty() {
             self.instance_id = format!("{}-{}", service_kit::config::host_name(), std::process::id());
         }

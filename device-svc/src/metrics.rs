@@ -29,6 +29,8 @@ pub struct Metrics {
     pub deadline_checks: IntCounter,
     /// `devsvc_stream_lag_entries{shard}`
     pub stream_lag: IntGaugeVec,
+    /// `devsvc_http_connections_open`: API connections held now (at most `http.max_connections`).
+    pub http_connections_open: prometheus::IntGauge,
     /// `devsvc_stream_pending_entries{shard}`
     pub stream_pending: IntGaugeVec,
     /// `devsvc_stream_entries_total{type,result}`
@@ -107,7 +109,14 @@ impl Metrics {
         let c = |name: &str, help: &str, labels: &[&str]| {
             register(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid"))
         };
+        let http_connections_open = prometheus::IntGauge::new(
+            "devsvc_http_connections_open",
+            "HTTP API connections held now (at most http.max_connections; more wait in the backlog).",
+        )
+        .expect("valid");
+        r.register(Box::new(http_connections_open.clone())).expect("metric registered once");
         Self {
+            http_connections_open,
             devices: ig("devsvc_devices", "Registered devices by kind and status.", &["kind", "status"]),
             status_changes: c(
                 "devsvc_status_changes_total",

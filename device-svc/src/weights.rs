@@ -18,7 +18,7 @@ use protocol::cabinet::WeightReport;
 use redis::Script;
 use serde::Serialize;
 
-use crate::app::{App, ms_of, now_ms, time_of};
+use crate::app::{App, checked_time, ms_of, now_ms, time_of};
 use crate::error::StoreError;
 use crate::status::{self, Event};
 
@@ -224,8 +224,8 @@ pub async fn history(
                 &cabinet,
                 &i16::from(door),
                 &i16::from(lane),
-                &time_of(from_ms),
-                &time_of(to_ms),
+                &checked_time("from_ms", from_ms)?,
+                &checked_time("to_ms", to_ms)?,
                 &limit.clamp(1, 10_000),
             ],
         )

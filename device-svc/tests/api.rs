@@ -9,6 +9,7 @@ use common::*;
 use protocol::cabinet::LoginStatus;
 use serde_json::json;
 use testkit::cabinet::Cabinet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn registry_round_trips_and_rejects_bad_input_by_field() {
@@ -193,5 +194,80 @@ async fn concurrent_registrations_do_not_exhaust_a_small_pool() {
     for call in calls {
         assert_eq!(call.await.unwrap(), 201);
     }
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_input_is_a_400_naming_the_field_never_a_5xx() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    let product = |name: &str| json!({"id": "p-1", "name": name, "unit_grams": 350, "price_cents": 300});
+
+    // A web page can post text/plain or a form without a preflight: refused before parsing.
+    let body = product("Cola").to_string();
+    let (code, e) =
+        testkit::http::call_raw(api, &testkit::http::request("POST", "/v1/products", "text/plain", &body)).await;
+    assert_eq!((code, e["error"].as_str()), (415, Some("unsupported_media_type")), "{e}");
+    let form = testkit::http::request("POST", "/v1/products", "application/x-www-form-urlencoded", &body);
+    assert_eq!(testkit::http::call_raw(api, &form).await.0, 415);
+
+    // What PostgreSQL would refuse, as the caller's error.
+    let e = expect(api, "POST", "/v1/products", Some(product("Co\u{0}la")), 400).await;
+    assert_eq!(e["field"], "name", "NUL in a body");
+    let e = expect(api, "GET", "/v1/cabinets/cab%00x", None, 400).await;
+    assert_eq!(e["field"], "path", "NUL in a path");
+    let e = expect(api, "GET", "/v1/anomalies?cabinet_id=a%00b", None, 400).await;
+    assert_eq!(e["field"], "query", "NUL in a query");
+    let e = expect(api, "POST", "/v1/products", Some(product(&"x".repeat(5000))), 400).await;
+    assert_eq!(e["field"], "name", "a text longer than 4 KiB");
+    let e = expect(api, "POST", "/v1/products", Some(product(&"x".repeat(1_900_000))), 400).await;
+    assert_eq!(e["field"], "body", "a body over http.max_body_bytes");
+    let task = |start: u64| {
+        json!({"name": "t", "version": "2.0.0", "upgrade_type": "silent", "task_type": "normal",
+               "package": {"id": "p", "size_bytes": 1, "sha256": "a".repeat(64), "signature": "s", "url": "https://x"},
+               "start_at_ms": start, "vins": ["LSVAU2180N2183294"]})
+    };
+    let e = expect(api, "POST", "/v1/ota/tasks", Some(task(u64::MAX)), 400).await;
+    assert_eq!(e["field"], "start_at_ms", "a number past i64");
+    let e = expect(api, "POST", "/v1/ota/tasks", Some(task(253_402_300_800_000)), 400).await;
+    assert_eq!(e["field"], "start_at_ms", "a time past year 9999");
+    register_cabinet(api, "cab-h", &[(1, 1)]).await;
+    let readings = "/v1/cabinets/cab-h/doors/1/lanes/1/readings?from_ms=0&to_ms=18446744073709551615";
+    let e = expect(api, "GET", readings, None, 400).await;
+    assert_eq!(e["field"], "to_ms", "a time past year 9999 in a query");
+    let vins: Vec<String> = (0..10_001).map(|n| format!("LSVAU2180N{n:07}")).collect();
+    let mut many = task(1);
+    many["vins"] = json!(vins);
+    let e = expect(api, "POST", "/v1/ota/tasks", Some(many), 400).await;
+    assert_eq!(e["field"], "vins", "more VINs than a task takes");
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn idle_and_half_sent_connections_cannot_hold_the_api() {
+    let stack = Stack::new().await;
+    let mut config = stack.svc_config("svc-1");
+    config.http.max_connections = 3;
+    config.http.header_timeout_ms = 500;
+    let svc = stack.service_with(config).await;
+    let api = svc.addr;
+
+    // Three sockets that never send a whole request take every connection...
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        idle.push(tokio::net::TcpStream::connect(api).await.unwrap());
+    }
+    let mut half = tokio::net::TcpStream::connect(api).await.unwrap();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: api\r\n").await.unwrap();
+    // ...and are closed at the header timeout, so the next caller is answered.
+    let (code, _) = tokio::time::timeout(WAIT, http(api, "GET", "/healthz", None)).await.expect("answered");
+    assert_eq!(code, 200);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, half.read_to_end(&mut rest)).await.expect("closed, not held");
+    assert!(read.is_ok());
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"), "a half-sent request is never served");
+    let metrics = http(api, "GET", "/metrics", None).await.1;
+    assert!(metric(metrics.as_str().unwrap(), "devsvc_http_connections_open") <= 3.0);
     svc.stop().await;
 }

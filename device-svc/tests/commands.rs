@@ -4,7 +4,10 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
+use protocol::bus::{CommandBody, DeviceKey, Outcome};
 use protocol::cabinet::{Command, CommandAction, CommandResult, CommandStatus, DoorStatus, Frame, Message};
 use serde_json::{Value, json};
 use testkit::cabinet::Cabinet;
@@ -109,5 +112,38 @@ async fn commands_to_one_door_go_one_at_a_time() {
     for pending in [first, second, other_door] {
         assert_eq!(pending.await.unwrap()["outcome"], "timed_out");
     }
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn the_per_door_locks_hold_only_doors_in_use() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let app = std::sync::Arc::clone(&svc.app);
+    let commander = &app.commander;
+    // A caller naming cabinet doors that exist nowhere (the HTTP API refuses those; the
+    // commander is what the purchase flow uses too).
+    for n in 0..200u32 {
+        let device = DeviceKey::parse(&format!("cab:cab-nowhere-{n}")).unwrap();
+        let body = CommandBody::Cabinet(CommandAction::QueryDoor { door_id: u8::try_from(n % 255 + 1).unwrap() });
+        assert_eq!(commander.send(&device, body, Duration::from_secs(1)).await.unwrap(), Outcome::NotConnected);
+    }
+    assert_eq!(commander.doors_in_use(), 0, "no lock kept for a door no command is using");
+
+    // While a command waits on a mute cabinet, its door is in use; afterwards it is not.
+    let (id, secret) = register_cabinet(svc.addr, "cab-locks", &[(1, 1)]).await;
+    let _cabinet = login(stack.cabinet_addr(), &id, &secret).await;
+    wait_status(svc.addr, "cab:cab-locks", "pending_init").await;
+    let device = DeviceKey::Cabinet(id);
+    let body = CommandBody::Cabinet(CommandAction::QueryDoor { door_id: 1 });
+    let waiting = commander.send(&device, body, Duration::from_millis(800));
+    tokio::pin!(waiting);
+    let in_use = tokio::select! {
+        _ = &mut waiting => panic!("a mute cabinet cannot answer"),
+        n = async { wait_until("the door in use", WAIT, || async { (commander.doors_in_use() == 1).then_some(1) }).await } => n,
+    };
+    assert_eq!(in_use, 1);
+    assert_eq!(waiting.await.unwrap(), Outcome::TimedOut);
+    assert_eq!(commander.doors_in_use(), 0);
     svc.stop().await;
 }

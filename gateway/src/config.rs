@@ -294,7 +294,7 @@ impl Default for FlappingConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:9100".into() }
+        Self { listen: "127.0.0.1:9100".into() }
     }
 }
 

@@ -17,17 +17,29 @@ use tokio::net::TcpStream;
 /// is not HTTP: the test cannot go on.
 pub async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    call_raw(addr, &request(method, path, "application/json", &body)).await
+}
+
+/// An HTTP/1.1 request with `body` sent as `content_type`, closing the connection after it.
+pub fn request(method: &str, path: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: api\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    );
+    )
+}
+
+/// Sends `request` as it is and reads the answer: `(status, JSON body)` as [`call`].
+///
+/// # Panics
+/// As [`call`].
+pub async fn call_raw(addr: SocketAddr, request: &str) -> (u16, Value) {
     let mut tcp =
         TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("failed to connect to the API at {addr}: {e}"));
     tcp.write_all(request.as_bytes()).await.unwrap_or_else(|e| panic!("failed to send the request: {e}"));
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut raw))
         .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no answer within 30 s"))
+        .unwrap_or_else(|_| panic!("no answer within 30 s to {}", request.lines().next().unwrap_or_default()))
         .unwrap_or_else(|e| panic!("failed to read the answer: {e}"));
     let text = String::from_utf8(raw).unwrap_or_else(|e| panic!("answer is not UTF-8: {e}"));
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));

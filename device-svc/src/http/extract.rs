@@ -1,24 +1,73 @@
 //! Request parsing that names the offending field in its 400 answers (axum's own extractors
-//! answer 422 or plain text without one).
+//! answer 422 or plain text without one), and bounds every value a caller sends before any of
+//! it reaches storage: a body must say it is JSON (a form or `text/plain` post from a web page
+//! is refused, 415), no text may hold a NUL or exceed [`MAX_TEXT_BYTES`], no number may exceed
+//! what PostgreSQL's `bigint` holds. PostgreSQL would refuse each of these as an error that
+//! looks like an outage (5xx); here they are the caller's 400 naming the field.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
+use axum::http::header;
 use protocol::bus::DeviceKey;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::error::ApiError;
+
+/// The longest text value the API takes, in bytes (names, notes, ids, ...; a vehicle downlink's
+/// payload is bounded as a whole instead, SPEC.md 2.2).
+pub(super) const MAX_TEXT_BYTES: usize = 4096;
 
 /// A JSON body; a body that does not fit `T` is a 400 naming the field's path.
 #[derive(Debug)]
 pub(super) struct JsonBody<T>(pub(super) T);
 
+/// The first value in `v` that breaks a rule of the module header, as (path, why).
+fn out_of_bounds(v: &Value, path: &mut Vec<String>) -> Option<(String, String)> {
+    let here = |path: &[String]| if path.is_empty() { "body".to_owned() } else { path.join(".") };
+    match v {
+        Value::String(s) if s.contains('\0') => Some((here(path), "must not contain NUL".into())),
+        Value::String(s) if s.len() > MAX_TEXT_BYTES => {
+            Some((here(path), format!("{} bytes; at most {MAX_TEXT_BYTES}", s.len())))
+        }
+        Value::Number(n) if n.as_i64().is_none() && n.as_u64().is_some() => {
+            Some((here(path), format!("{n} is larger than {}", i64::MAX)))
+        }
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            path.push(format!("[{i}]"));
+            let found = out_of_bounds(item, path);
+            path.pop();
+            found
+        }),
+        Value::Object(fields) => fields.iter().find_map(|(k, item)| {
+            path.push(k.clone());
+            let found = out_of_bounds(item, path);
+            path.pop();
+            found
+        }),
+        _ => None,
+    }
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(ApiError::unsupported_media_type("send the body as Content-Type: application/json"));
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::invalid("body", e.body_text()))?;
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize(&mut de) {
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+        if let Some((field, why)) = out_of_bounds(&value, &mut Vec::new()) {
+            return Err(ApiError::invalid(field, why));
+        }
+        match serde_path_to_error::deserialize(value) {
             Ok(v) => Ok(Self(v)),
             Err(e) => {
                 let inner = e.inner().to_string();

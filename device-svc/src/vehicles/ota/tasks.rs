@@ -27,11 +27,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{VehicleState, compare_versions, parse_version};
-use crate::app::{App, ms_of, now_ms, time_of};
+use crate::app::{App, checked_time, ms_of, now_ms};
 use crate::error::StoreError;
 
 /// Most VINs one task may list.
-pub const MAX_VINS: usize = 100_000;
+pub const MAX_VINS: usize = 10_000;
 
 /// What a task is for (the seed's 任务类型).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,7 +217,7 @@ fn judge(t: &NewTask, target: &[u64], c: &Candidate) -> Result<(), (&'static str
 pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
     let target = check_request(t)?;
     let id = crate::purchases::lock::token("t")?;
-    let start = time_of(t.start_at_ms.unwrap_or_else(now_ms));
+    let start = checked_time("start_at_ms", t.start_at_ms.unwrap_or_else(now_ms))?;
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
     let valid: Vec<String> = t.vins.iter().filter(|v| Vin::new(v.as_str()).is_ok()).cloned().collect();
