@@ -94,9 +94,9 @@ impl Stack {
         hex::decode(issued["secret"].as_str().unwrap()).unwrap()
     }
 
-    /// Registers a vehicle at software 1.0.0; returns its token.
+    /// Registers a vehicle at software 1.0.0, sold to user `u-1`; returns its token.
     pub async fn register_vehicle(&self, vin: &str) -> String {
-        let body = json!({"vin": vin, "sw_version": "1.0.0"});
+        let body = json!({"vin": vin, "sw_version": "1.0.0", "buyer_user_id": "u-1"});
         let issued = expect(self.api(), "POST", "/v1/vehicles", Some(body), 201).await;
         issued["token"].as_str().or(issued["secret"].as_str()).unwrap().to_owned()
     }

@@ -186,6 +186,8 @@ pub struct VehiclesConfig {
     pub connect_send_attempts: u32,
     /// Pause between those tries, ms.
     pub connect_send_retry_ms: u64,
+    /// Only a vehicle's registered buyer may scan its QR id; without one, nobody may.
+    pub require_buyer: bool,
 }
 
 /// `[ota]`
@@ -245,6 +247,7 @@ impl Default for Config {
                 downlink_timeout_ms: 10_000,
                 connect_send_attempts: 5,
                 connect_send_retry_ms: 1000,
+                require_buyer: true,
             },
             ota: OtaConfig {
                 push_rate_per_s: 50,

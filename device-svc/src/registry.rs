@@ -405,9 +405,17 @@ pub async fn create_vehicle(app: &App, v: &crate::vehicles::profile::NewVehicle)
         return Err(StoreError::Conflict(format!("vehicle {vin}")));
     }
     tx.execute(
-        "INSERT INTO vehicles (vin, device_key, model, state, purpose, sw_version)
-         VALUES ($1, $2, $3, COALESCE($4, 'delivered'), COALESCE($5, 'sale'), $6)",
-        &[&vin.as_str(), &key, &p.model.clone().unwrap_or_default(), &p.state, &p.purpose, &p.sw_version],
+        "INSERT INTO vehicles (vin, device_key, model, state, purpose, sw_version, buyer_user_id)
+         VALUES ($1, $2, $3, COALESCE($4, 'delivered'), COALESCE($5, 'sale'), $6, $7)",
+        &[
+            &vin.as_str(),
+            &key,
+            &p.model.clone().unwrap_or_default(),
+            &p.state,
+            &p.purpose,
+            &p.sw_version,
+            &p.buyer_user_id,
+        ],
     )
     .await?;
     tx.execute("INSERT INTO device_credentials (device_key, token_sha256) VALUES ($1, $2)", &[&key, &hash]).await?;

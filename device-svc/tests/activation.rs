@@ -49,7 +49,7 @@ async fn setup(qr_ttl_s: Option<u64>) -> (Stack, DeviceService, String, Car) {
         config.vehicles.qr_ttl_s = ttl;
     }
     let svc = stack.service_with(config).await;
-    let token = register_vehicle(svc.addr, VIN, json!({})).await;
+    let token = register_vehicle(svc.addr, VIN, json!({"buyer_user_id": "u-1"})).await;
     let car = Car::connect(stack.mqtt_addr(), VIN, &token).await;
     (stack, svc, token, car)
 }
@@ -67,7 +67,7 @@ async fn the_happy_path_with_a_second_scanner_a_wrong_code_and_repeated_reports(
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
     let api = svc.addr;
-    let token = register_vehicle(api, VIN, json!({"state": "pending_activation"})).await;
+    let token = register_vehicle(api, VIN, json!({"state": "pending_activation", "buyer_user_id": "u-1"})).await;
     let mut car = Car::connect(stack.mqtt_addr(), VIN, &token).await;
 
     let qr = request_qr(&mut car, "r-1").await;
@@ -82,7 +82,7 @@ async fn the_happy_path_with_a_second_scanner_a_wrong_code_and_repeated_reports(
     assert_eq!(step(api, &qr, "confirm", "u-1", 409).await["error"], "not_scanned");
     assert_eq!(step(api, &qr, "scan", "u-1", 200).await["state"], "scanned");
     assert_eq!(step(api, &qr, "scan", "u-1", 200).await["state"], "scanned", "scanning again is harmless");
-    assert_eq!(step(api, &qr, "scan", "u-2", 409).await["error"], "already_scanned");
+    assert_eq!(step(api, &qr, "scan", "u-2", 409).await["error"], "not_the_buyer", "only the buyer scans");
     assert_eq!(step(api, &qr, "confirm", "u-2", 409).await["error"], "already_scanned");
 
     let confirmed = step(api, &qr, "confirm", "u-1", 200).await;
@@ -220,7 +220,32 @@ async fn expired_and_superseded_ids_are_refused() {
     let refused = report(&mut car, &new, code_msg["code"].as_str().unwrap()).await;
     assert_eq!((refused["outcome"].as_str(), refused["reason"].as_str()), (Some("rejected"), Some("expired")));
     assert_eq!(expect(api, "GET", &format!("/v1/activations/{new}"), None, 200).await["state"], "expired");
-    assert_eq!(step(api, &new, "scan", "u-2", 409).await["error"], "expired");
+    assert_eq!(step(api, &new, "scan", "u-1", 409).await["error"], "expired");
     assert_eq!(vehicle(api).await["state"], "delivered");
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn only_the_buyer_activates_and_an_active_car_keeps_its_owner() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = svc.addr;
+    // Sold, but the sales side has not named the buyer yet: nobody may activate it.
+    let token = register_vehicle(api, VIN, json!({"state": "pending_activation"})).await;
+    let mut car = Car::connect(stack.mqtt_addr(), VIN, &token).await;
+    let qr = request_qr(&mut car, "r-1").await;
+    assert_eq!(step(api, &qr, "scan", "u-1", 409).await["error"], "no_buyer");
+    expect(api, "PATCH", &format!("/v1/vehicles/{VIN}"), Some(json!({"buyer_user_id": "u-1"})), 200).await;
+    assert_eq!(step(api, &qr, "scan", "u-9", 409).await["error"], "not_the_buyer");
+    step(api, &qr, "scan", "u-1", 200).await;
+    step(api, &qr, "confirm", "u-1", 200).await;
+    let code = car.next(DownlinkKind::ActivationCode).await["code"].as_str().unwrap().to_owned();
+    assert_eq!(report(&mut car, &qr, &code).await["outcome"], "activated");
+    assert_eq!(vehicle(api).await["owner_user_id"], "u-1");
+
+    // The car shows a code again (a reset head unit, a second seat): another user gets nowhere.
+    let again = request_qr(&mut car, "r-2").await;
+    assert_eq!(step(api, &again, "scan", "u-9", 409).await["error"], "already_activated");
+    assert_eq!(vehicle(api).await["owner_user_id"], "u-1");
     svc.stop().await;
 }

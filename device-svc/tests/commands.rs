@@ -75,7 +75,8 @@ async fn a_connected_cabinet_answers_and_others_are_not_connected_or_time_out() 
     assert_eq!(e["field"], "timeout_ms");
     let e = expect(api, "POST", path, Some(json!({"action": "explode"})), 400).await;
     assert_eq!(e["field"], "action");
-    let huge = json!({"action": "downlink", "kind": "command", "payload": {"x": "a".repeat(140_000)}});
+    let parts: Vec<String> = (0..40).map(|_| "a".repeat(4000)).collect();
+    let huge = json!({"action": "downlink", "kind": "command", "payload": {"x": parts}});
     let e = expect(api, "POST", "/v1/devices/veh:LSVAU2180N2183294/commands", Some(huge), 400).await;
     assert_eq!(e["field"], "payload", "a downlink over 128 KiB");
 

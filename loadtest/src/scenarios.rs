@@ -105,7 +105,7 @@ async fn one_order(api: Api, i: usize, cabinets: usize) -> (String, Option<Durat
 
 /// The owner's app for one QR id: scan, then confirm (the vehicle does the rest).
 pub async fn scan_and_confirm(api: Api, vin: &str, qr_id: &str) -> anyhow::Result<()> {
-    let owner = json!({"user_id": format!("lt-owner-{vin}")});
+    let owner = json!({"user_id": crate::seed::owner_of(vin)});
     api.expect("POST", &format!("/v1/activations/{qr_id}/scan"), Some(&owner), &[200]).await?;
     api.expect("POST", &format!("/v1/activations/{qr_id}/confirm"), Some(&owner), &[200]).await?;
     Ok(())

@@ -42,10 +42,15 @@ fn cabinet_body(n: usize, b: &CabinetBehaviour) -> Value {
            "secret": hex::encode(cabinet_secret(&id))})
 }
 
+/// The user a simulated vehicle is sold to (its `buyer_user_id`), who activates it.
+pub fn owner_of(vin: &(impl std::fmt::Display + ?Sized)) -> String {
+    format!("lt-owner-{vin}")
+}
+
 fn vehicle_body(n: usize) -> Value {
     let v = vin(n);
     json!({"vin": v.as_str(), "model": "LT", "state": "pending_activation", "sw_version": START_VERSION,
-           "token": vehicle_token(&v)})
+           "token": vehicle_token(&v), "buyer_user_id": owner_of(&v)})
 }
 
 /// Registers `cabinets` cabinets (laid out as `behaviour`) and `vehicles` vehicles.

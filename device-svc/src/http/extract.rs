@@ -14,8 +14,8 @@ use serde_json::Value;
 
 use super::error::ApiError;
 
-/// The longest text value the API takes, in bytes (names, notes, ids, ...; a vehicle downlink's
-/// payload is bounded as a whole instead, SPEC.md 2.2).
+/// The longest text value the API takes, in bytes (names, notes, ids, and every text inside a
+/// vehicle downlink's payload, which is also bounded as a whole: SPEC.md 2.2).
 pub(super) const MAX_TEXT_BYTES: usize = 4096;
 
 /// A JSON body; a body that does not fit `T` is a 400 naming the field's path.

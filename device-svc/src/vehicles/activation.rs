@@ -355,14 +355,44 @@ fn refusal(code: &str) -> &'static str {
     }
 }
 
-/// The app scanned the code: binds `user` to it. Scanning again by the same user is harmless;
-/// another user is refused (`already_scanned`).
+/// The app scanned the code: binds `user` to it, if `user` is the vehicle's buyer (seed 004:
+/// the QR content binds the car to the user it was sold to). Scanning again by the same user is
+/// harmless; another user is refused.
 ///
 /// # Errors
-/// `NotFound`, `Rejected` (`expired`, `cancelled`, `already_scanned`), Redis errors.
+/// `NotFound`, `Rejected` (`not_the_buyer`, `no_buyer` while `vehicles.require_buyer` and the
+/// vehicle has none, `already_activated` for another user than its owner, `expired`,
+/// `cancelled`, `already_scanned`), storage errors.
 pub async fn scan(app: &App, qr_id: &str, user: &str) -> Result<ActivationView, StoreError> {
+    check_buyer(app, qr_id, user).await?;
     run(app, &SCAN_SCRIPT, "scan", qr_id, &[user]).await?;
     view(app, qr_id).await
+}
+
+/// Refuses `user` for the vehicle behind `qr_id` unless it is the vehicle's buyer (or, once
+/// activated, its owner). An id this service never issued is left to the scan script (404).
+async fn check_buyer(app: &App, qr_id: &str, user: &str) -> Result<(), StoreError> {
+    let vin: Option<String> =
+        redis::cmd("HGET").arg(qr_key(app, qr_id)).arg("vin").query_async(&mut app.redis.clone()).await?;
+    let Some(vin) = vin else { return Ok(()) };
+    let client = app.pg.get().await?;
+    let Some(row) =
+        client.query_opt("SELECT buyer_user_id, owner_user_id FROM vehicles WHERE vin = $1", &[&vin]).await?
+    else {
+        return Ok(());
+    };
+    let (buyer, owner): (Option<String>, Option<String>) = (row.get(0), row.get(1));
+    if owner.as_deref().is_some_and(|o| o != user) {
+        return Err(StoreError::rejected("already_activated", "the vehicle is activated by another user"));
+    }
+    match buyer.as_deref() {
+        Some(b) if b != user => Err(StoreError::rejected("not_the_buyer", "only the vehicle's buyer may activate it")),
+        None if owner.is_none() && app.config.vehicles.require_buyer => Err(StoreError::rejected(
+            "no_buyer",
+            "the vehicle has no buyer registered; the sales side sets buyer_user_id",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The owner confirmed: creates the activation code (once; a repeated confirmation sends the

@@ -1,6 +1,7 @@
 //! What the registry knows of a vehicle beyond its credentials: model, life-cycle state,
 //! purpose and software version (read by OTA validation, written by operators and factory
-//! systems, by activation and by a successful upgrade), and its owner once activated.
+//! systems, by activation and by a successful upgrade), the buyer the sales side names (the
+//! only user who may activate it), and its owner once activated.
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,9 @@ pub struct Profile {
     /// The installed software version (dotted numbers).
     #[serde(default)]
     pub sw_version: Option<String>,
+    /// The user the vehicle was sold to: the only one who may activate it (set by the sales side).
+    #[serde(default)]
+    pub buyer_user_id: Option<String>,
 }
 
 impl Profile {
@@ -54,6 +58,11 @@ impl Profile {
         {
             return Err(StoreError::invalid("sw_version", format!("{v:?} is not a dotted numeric version")));
         }
+        if let Some(b) = &self.buyer_user_id
+            && (b.is_empty() || b.len() > 128)
+        {
+            return Err(StoreError::invalid("buyer_user_id", "must be 1..=128 characters"));
+        }
         Ok(())
     }
 }
@@ -76,6 +85,9 @@ pub struct NewVehicle {
     /// [`Profile::sw_version`].
     #[serde(default)]
     pub sw_version: Option<String>,
+    /// [`Profile::buyer_user_id`].
+    #[serde(default)]
+    pub buyer_user_id: Option<String>,
     /// A token provisioned at the factory (16..=128 printable characters); generated if absent.
     #[serde(default)]
     pub token: Option<crate::registry::SecretText>,
@@ -89,6 +101,7 @@ impl NewVehicle {
             state: self.state.clone(),
             purpose: self.purpose.clone(),
             sw_version: self.sw_version.clone(),
+            buyer_user_id: self.buyer_user_id.clone(),
         }
     }
 }
@@ -106,6 +119,8 @@ pub struct VehicleView {
     pub purpose: String,
     /// Installed software version, if known.
     pub sw_version: Option<String>,
+    /// The user it was sold to: the only one who may activate it.
+    pub buyer_user_id: Option<String>,
     /// The owner who activated it.
     pub owner_user_id: Option<String>,
     /// When, ms since the Unix epoch.
@@ -122,7 +137,7 @@ pub async fn get(app: &App, vin: &str) -> Result<VehicleView, StoreError> {
     let client = app.pg.get().await?;
     let r = client
         .query_opt(
-            "SELECT vin, model, state, purpose, sw_version, owner_user_id, activated_at, activation_qr
+            "SELECT vin, model, state, purpose, sw_version, owner_user_id, activated_at, activation_qr, buyer_user_id
                FROM vehicles WHERE vin = $1",
             &[&vin],
         )
@@ -134,6 +149,7 @@ pub async fn get(app: &App, vin: &str) -> Result<VehicleView, StoreError> {
         state: r.get(2),
         purpose: r.get(3),
         sw_version: r.get(4),
+        buyer_user_id: r.get(8),
         owner_user_id: r.get(5),
         activated_ms: r.get::<_, Option<std::time::SystemTime>>(6).map(ms_of),
         activation_qr: r.get(7),
@@ -150,9 +166,10 @@ pub async fn update(app: &App, vin: &str, p: &Profile) -> Result<VehicleView, St
     let n = client
         .execute(
             "UPDATE vehicles SET model = COALESCE($2, model), state = COALESCE($3, state),
-                    purpose = COALESCE($4, purpose), sw_version = COALESCE($5, sw_version)
+                    purpose = COALESCE($4, purpose), sw_version = COALESCE($5, sw_version),
+                    buyer_user_id = COALESCE($6, buyer_user_id)
               WHERE vin = $1",
-            &[&vin, &p.model, &p.state, &p.purpose, &p.sw_version],
+            &[&vin, &p.model, &p.state, &p.purpose, &p.sw_version, &p.buyer_user_id],
         )
         .await?;
     if n == 0 {
