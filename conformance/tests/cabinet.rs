@@ -13,6 +13,16 @@ use conformance::stack::Stack;
 /// What "at once" means for credential changes (issue: within a second on every node).
 const AT_ONCE: Duration = Duration::from_secs(1);
 
+/// Logs in on `node` (a new connection each try) until accepted, failing the test after
+/// [`AT_ONCE`]; returns how long it took.
+async fn accepted_at_once(stack: &Stack, node: usize, id: &str, secret: &[u8], what: &str) -> Duration {
+    Stack::until(what, AT_ONCE, || async {
+        let mut cab = VendorCabinet::connect(stack.cabinet_addr(node), id).await;
+        cab.login_v1(secret).await.0 == status::ACCEPTED
+    })
+    .await
+}
+
 #[tokio::test]
 async fn frames_written_behind_the_login_are_served_at_once() {
     let stack = Stack::start(|_| {}).await;
@@ -86,11 +96,7 @@ async fn registration_takes_effect_at_once_on_every_node() {
     }
     let secret = stack.register_cabinet("CAB-NEW").await;
     for node in 0..2 {
-        let took = Stack::until("a login with the new registration", AT_ONCE, || async {
-            let mut cab = VendorCabinet::connect(stack.cabinet_addr(node), "CAB-NEW").await;
-            cab.login_v1(&secret).await.0 == status::ACCEPTED
-        })
-        .await;
+        let took = accepted_at_once(&stack, node, "CAB-NEW", &secret, "a login with the new registration").await;
         println!("registration effective on node {node} after {took:?}");
     }
 }
@@ -115,11 +121,7 @@ async fn rotation_ends_the_session_everywhere_and_each_new_secret_works_at_once(
         for node in 0..2 {
             let mut cab = VendorCabinet::connect(stack.cabinet_addr(node), "CAB-ROT").await;
             assert_eq!(cab.login_v1(&secret).await.0, status::BAD_TAG, "the previous secret, node {node}");
-            let took = Stack::until("a login with the new secret", AT_ONCE, || async {
-                let mut cab = VendorCabinet::connect(stack.cabinet_addr(node), "CAB-ROT").await;
-                cab.login_v1(&new).await.0 == status::ACCEPTED
-            })
-            .await;
+            let took = accepted_at_once(&stack, node, "CAB-ROT", &new, "a login with the new secret").await;
             println!("rotation {round} effective on node {node} after {took:?}");
         }
         secret = new;
@@ -146,11 +148,7 @@ async fn disable_ends_the_session_and_enable_restores_logins_at_once() {
     }
     stack.set_enabled("cab:CAB-DIS", true).await;
     for node in 0..2 {
-        let took = Stack::until("a login after enabling", AT_ONCE, || async {
-            let mut cab = VendorCabinet::connect(stack.cabinet_addr(node), "CAB-DIS").await;
-            cab.login_v1(&secret).await.0 == status::ACCEPTED
-        })
-        .await;
+        let took = accepted_at_once(&stack, node, "CAB-DIS", &secret, "a login after enabling").await;
         println!("enable effective on node {node} after {took:?}");
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::now_ms;
+use crate::clock::now_ms;
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 
@@ -189,7 +189,7 @@ impl Commander {
             let mut last = None;
             for entry in entries {
                 last = Some(entry.id.clone());
-                let fields = crate::consumer::bulk_fields(entry.map);
+                let fields = redis_conn::bulk_fields(entry.map);
                 match CommandReply::from_fields(&fields) {
                     Ok(reply) => {
                         if let Some((_, waiter)) = self.waiting.remove(&reply.request_id) {

@@ -30,16 +30,7 @@ use crate::weights::{self, Received};
 /// The consumer group of every device-service instance.
 pub const GROUP: &str = "device-svc";
 
-/// Stream entry fields as byte strings.
-pub fn bulk_fields(map: HashMap<String, Value>) -> HashMap<String, Vec<u8>> {
-    map.into_iter()
-        .filter_map(|(k, v)| match v {
-            Value::BulkString(b) => Some((k, b)),
-            Value::SimpleString(s) => Some((k, s.into_bytes())),
-            _ => None,
-        })
-        .collect()
-}
+pub use redis_conn::bulk_fields;
 
 /// What applies the entries of a shard.
 #[derive(Debug)]

@@ -21,6 +21,7 @@
 //! read and not yet stored unacknowledged for the next instance.
 
 pub mod app;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod consumer;

@@ -106,14 +106,7 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
         backoff = Duration::from_millis(100);
         let mut newest = cursor;
         for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
-            let fields: HashMap<String, Vec<u8>> = entry
-                .map
-                .into_iter()
-                .filter_map(|(k, v)| match v {
-                    Value::BulkString(b) => Some((k, b)),
-                    _ => None,
-                })
-                .collect();
+            let fields = redis_conn::bulk_fields(entry.map);
             match CredentialChange::from_fields(&fields) {
                 Ok(change) => apply(&ctx, &change),
                 Err(e) => tracing::warn!(id = %entry.id, error = %e, "invalid credential change entry"),

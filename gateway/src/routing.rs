@@ -6,13 +6,12 @@
 //! handed over or answered; on start the node first re-reads what an earlier run read and never
 //! acknowledged.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::bus::{CommandBody, CommandRequest, DeviceKey, Outcome};
+use redis::RedisResult;
 use redis::streams::StreamReadReply;
-use redis::{RedisResult, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -118,14 +117,7 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
         }
         let mut ids = Vec::with_capacity(entries.len());
         for entry in entries {
-            let fields: HashMap<String, Vec<u8>> = entry
-                .map
-                .into_iter()
-                .filter_map(|(k, v)| match v {
-                    Value::BulkString(b) => Some((k, b)),
-                    _ => None,
-                })
-                .collect();
+            let fields = redis_conn::bulk_fields(entry.map);
             match CommandRequest::from_fields(&fields) {
                 Ok(request) => dispatch(&ctx, request),
                 Err(e) => {

@@ -160,14 +160,7 @@ async fn read_replies(
         let Ok(Some(reply)) = reply else { continue };
         for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
             cursor.clone_from(&entry.id);
-            let fields = entry
-                .map
-                .into_iter()
-                .filter_map(|(k, v)| match v {
-                    redis::Value::BulkString(b) => Some((k, b)),
-                    _ => None,
-                })
-                .collect();
+            let fields = redis_conn::bulk_fields(entry.map);
             let Ok(reply) = CommandReply::from_fields(&fields) else { continue };
             let sent = pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&reply.request_id);
             let mut r = results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

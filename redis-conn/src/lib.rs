@@ -12,6 +12,18 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
+/// A stream entry's fields as byte strings, as the bus readers take them (`protocol::bus`);
+/// values of other types are left out.
+pub fn bulk_fields(map: std::collections::HashMap<String, Value>) -> std::collections::HashMap<String, Vec<u8>> {
+    map.into_iter()
+        .filter_map(|(k, v)| match v {
+            Value::BulkString(b) => Some((k, b)),
+            Value::SimpleString(s) => Some((k, s.into_bytes())),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A multiplexed connection to Redis or Redis Cluster. Cheap to clone; clones share the socket.
 #[derive(Clone)]
 pub enum RedisConn {

@@ -35,14 +35,7 @@ pub struct Env {
     pub shards: u16,
 }
 
-fn bulk(map: HashMap<String, redis::Value>) -> HashMap<String, Vec<u8>> {
-    map.into_iter()
-        .filter_map(|(k, v)| match v {
-            redis::Value::BulkString(b) => Some((k, b)),
-            _ => None,
-        })
-        .collect()
-}
+use redis_conn::bulk_fields as bulk;
 
 impl Env {
     /// The run's shared Redis, under a fresh key prefix.
