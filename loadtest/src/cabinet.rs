@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use protocol::cabinet::{
     CabinetCodec, Command, CommandAction, CommandResult, CommandStatus, DoorEvent, DoorState, DoorStatus, Flags, Frame,
-    Heartbeat, LaneWeight, Login, LoginStatus, Message, NoticeKind, WeightReport,
+    Heartbeat, Hello, LOGIN_V2, LaneWeight, Login, LoginStatus, Message, NoticeKind, WeightReport,
 };
 use protocol::{DeviceId, OrderId};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -43,6 +43,8 @@ pub struct CabinetBehaviour {
     pub door_open: Duration,
     /// Items a shopper takes.
     pub items_taken: i32,
+    /// The login version (SPEC.md 1.7): 2 answers the gateway's challenge, 1 is older firmware.
+    pub login_version: u8,
 }
 
 impl Default for CabinetBehaviour {
@@ -55,6 +57,7 @@ impl Default for CabinetBehaviour {
             items_per_lane: 10,
             door_open: Duration::from_secs(3),
             items_taken: 2,
+            login_version: 2,
         }
     }
 }
@@ -228,7 +231,26 @@ async fn session(
         seq = seq.wrapping_add(1).max(1);
         seq
     };
-    let Ok(login) = Login::sign(id.clone(), "loadtest-1.0", now_ms(), secret) else { return Ended::Backoff };
+    let nonce = if behaviour.login_version >= LOGIN_V2 {
+        // Version 2: the login signs the nonce of this connection's CHALLENGE.
+        let hello = Message::Hello(Hello { login_version: LOGIN_V2 });
+        if framed.send(Frame::new(next(), hello)).await.is_err() {
+            return Ended::Backoff;
+        }
+        let answer = timeout(Duration::from_secs(10), framed.next()).await;
+        let Ok(Some(Ok(Ok(Frame { message: Message::Challenge(challenge), .. })))) = answer else {
+            stats.add("cabinet_login_failures", 1);
+            return Ended::Backoff;
+        };
+        Some(challenge.nonce)
+    } else {
+        None
+    };
+    let signed = match nonce {
+        Some(nonce) => Login::sign_v2(id.clone(), "loadtest-1.0", now_ms(), nonce, secret),
+        None => Login::sign(id.clone(), "loadtest-1.0", now_ms(), secret),
+    };
+    let Ok(login) = signed else { return Ended::Backoff };
     if framed.send(Frame::new(next(), Message::Login(login))).await.is_err() {
         return Ended::Backoff;
     }

@@ -98,6 +98,10 @@ struct FleetArgs {
     /// Cabinet heartbeat interval, seconds.
     #[arg(long, default_value_t = 30)]
     heartbeat_s: u64,
+    /// Cabinet login version (SPEC.md 1.7): 2 answers the gateway's challenge; 1 simulates
+    /// firmware that signs only its clock.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    login_version: u8,
     /// Seconds to hold the connected fleet.
     #[arg(long, default_value_t = 30)]
     hold_s: u64,
@@ -165,6 +169,7 @@ impl FleetArgs {
             source_ips: self.source_ips,
             ramp_per_s: self.ramp_per_s,
             heartbeat_s: self.heartbeat_s,
+            login_version: self.login_version,
             hold_s: self.hold_s,
             commands_per_s: self.commands_per_s,
             open_doors: self.open_doors,

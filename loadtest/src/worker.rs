@@ -36,6 +36,9 @@ pub struct WorkerPlan {
     pub ramp_per_s: u32,
     /// Heartbeat interval, seconds.
     pub heartbeat_s: u64,
+    /// Cabinet login version.
+    #[serde(default = "default_login_version")]
+    pub login_version: u8,
     /// QoS 1 uplinks per second per vehicle.
     pub publish_per_s: f64,
     /// Vehicles authenticate (false against a bare broker).
@@ -52,6 +55,10 @@ pub struct WorkerPlan {
 
 fn default_ota_step_ms() -> u64 {
     500
+}
+
+fn default_login_version() -> u8 {
+    protocol::cabinet::LOGIN_V2
 }
 
 /// One line of worker output.
@@ -99,8 +106,11 @@ pub async fn run(plan: WorkerPlan) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let cab_behaviour =
-        Arc::new(CabinetBehaviour { heartbeat: Duration::from_secs(plan.heartbeat_s), ..CabinetBehaviour::default() });
+    let cab_behaviour = Arc::new(CabinetBehaviour {
+        heartbeat: Duration::from_secs(plan.heartbeat_s),
+        login_version: plan.login_version,
+        ..CabinetBehaviour::default()
+    });
     let veh_behaviour = Arc::new(VehicleBehaviour {
         publish_per_s: plan.publish_per_s,
         credentials: plan.credentials,

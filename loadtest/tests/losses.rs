@@ -53,7 +53,9 @@ async fn unanswered_heartbeats_and_unacknowledged_door_events_are_counted() {
     let stats = Arc::new(Stats::default());
     let stop = CancellationToken::new();
     // Heartbeats every 200 ms; the shopper keeps the door open past the end of the test.
+    // The stub answers a version-1 login only.
     let behaviour = CabinetBehaviour {
+        login_version: 1,
         heartbeat: Duration::from_millis(200),
         door_open: Duration::from_secs(60),
         ..CabinetBehaviour::default()
