@@ -57,7 +57,8 @@ fn event_json(event: &DoorEvent) -> serde_json::Value {
 
 /// What identifies a door event (SPEC.md 1.7 `DOOR_EVENT`): cabinet, door, state and event
 /// time. A retransmission, the same event re-sent with a new seq after a reconnect, and a
-/// redelivered stream entry all share it, so anomalies recorded under it are recorded once.
+/// redelivered stream entry all share it, so an anomaly recorded under it (with its kind: one
+/// event may explain anomalies of different kinds) is recorded once.
 fn event_key(cabinet: &str, event: &DoorEvent) -> String {
     let state = if event.state == DoorState::Open { "open" } else { "closed" };
     format!("door_event:{cabinet}:{}:{state}:{}", event.door_id, event.event_time_ms)
@@ -71,14 +72,14 @@ fn event_key(cabinet: &str, event: &DoorEvent) -> String {
 pub async fn on_door_event(app: &App, cabinet: &DeviceId, event: &DoorEvent) -> Result<&'static str, StoreError> {
     let cabinet = cabinet.as_str();
     let key = event_key(cabinet, event);
-    let entry = key.as_str();
+    let source = |kind: &str| format!("{kind}:{key}");
     let Some(order) = find_order(app, cabinet, event).await? else {
         if restock::is_running(app, cabinet, event.door_id).await? {
             return Ok("restock");
         }
         let a = NewAnomaly {
             kind: kind::EVENT_WITHOUT_ORDER,
-            source: entry.to_owned(),
+            source: source(kind::EVENT_WITHOUT_ORDER),
             order_id: None,
             cabinet_id: cabinet,
             door_id: event.door_id,
@@ -106,7 +107,7 @@ pub async fn on_door_event(app: &App, cabinet: &DeviceId, event: &DoorEvent) -> 
             Ok("applied")
         }
         (DoorState::Closed, State::DoorOpening | State::Authorised) => {
-            closed(app, &order, event_ms, Some(entry)).await?;
+            closed(app, &order, event_ms, Some(&source(kind::CLOSE_BEFORE_OPEN))).await?;
             Ok("applied")
         }
         (DoorState::Closed, State::DoorClosed) => Ok("unchanged"),
@@ -117,14 +118,14 @@ pub async fn on_door_event(app: &App, cabinet: &DeviceId, event: &DoorEvent) -> 
         (_, State::Created | State::Settled | State::Cancelled | State::Abnormal) => {
             let k = if order.state == State::Created { kind::EVENT_WITHOUT_ORDER } else { kind::EVENT_AFTER_END };
             let detail = json!({"event": event_json(event), "order_state": order.state, "goods": order.goods});
-            let a = NewAnomaly::of_order(k, entry.to_owned(), &order, detail);
+            let a = NewAnomaly::of_order(k, source(k), &order, detail);
             anomalies::record_now(app, &a).await?;
             Ok("anomaly")
         }
     }
 }
 
-/// Moves the order to `door_closed` and tries to settle at once. `early`: the entry of a close
+/// Moves the order to `door_closed` and tries to settle at once. `early`: the anomaly source of a close
 /// event that came before the door was known open (flagged, recorded as an anomaly).
 async fn closed(app: &App, order: &Order, event_ms: i64, early: Option<&str>) -> Result<(), StoreError> {
     let wait = Duration::from_secs(app.config.purchases.settle_wait_s);
