@@ -41,7 +41,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::bus::Keys;
+use protocol::bus::{DeviceKind, Keys};
 use redis_conn::{RedisConn, RedisTarget};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -198,7 +198,13 @@ where
 async fn refresh_device_gauges(app: &App) -> Result<(), StoreError> {
     let client = app.pg.get().await?;
     let rows = client.query("SELECT kind, status, count(*) FROM devices GROUP BY kind, status", &[]).await?;
-    app.metrics.devices.reset();
+    // Every pair is reported, zero when no device is in it: a series that vanished when the
+    // last device left a status would read as "no data", not as 0, on a dashboard or in an alert.
+    for kind in [DeviceKind::Cabinet, DeviceKind::Vehicle] {
+        for status in status::ALL {
+            app.metrics.devices.with_label_values(&[kind.as_str(), status]).set(0);
+        }
+    }
     for r in rows {
         let (kind, status, n): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
         app.metrics.devices.with_label_values(&[&kind, &status]).set(n);

@@ -15,6 +15,9 @@ use protocol::bus::DeviceKey;
 use crate::app::App;
 use crate::error::StoreError;
 
+/// Every status a device row can hold (the `devices.status` check constraint).
+pub const ALL: [&str; 4] = ["registered", "pending_init", "online", "offline"];
+
 /// Something that may change a device's status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
