@@ -32,6 +32,8 @@ pub struct App {
     pub purchase_wakers: crate::purchases::Wakers,
     /// Wakes the OTA driver (a task created or cancelled, a vehicle connected).
     pub ota_waker: tokio::sync::Notify,
+    /// Verifies the API's keys (with its bounded cache).
+    pub verifier: crate::auth::keys::Verifier,
 }
 
 // The time helpers live in `clock`, below `commands` and everything else; these paths stay.

@@ -40,6 +40,59 @@ pub struct Config {
     pub ota: OtaConfig,
     /// `[retention]`
     pub retention: RetentionConfig,
+    /// `[auth]`
+    pub auth: AuthConfig,
+    /// `[payments]`
+    pub payments: PaymentsConfig,
+}
+
+/// `[auth]`: API keys (see [`crate::auth`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Requests per second per API key (0: unlimited).
+    pub rate_per_s: u32,
+    /// Requests a key may send at once above its rate.
+    pub burst: u32,
+    /// How long a verified key is trusted without reading PostgreSQL again, ms.
+    pub cache_ttl_ms: u64,
+}
+
+/// `[payments]`: the payment providers' signed callbacks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PaymentsConfig {
+    /// Each provider's shared secret (a name may appear twice while its secret is rotated).
+    pub providers: Vec<PaymentProvider>,
+    /// A callback signed further than this from now (either way) is refused, s.
+    pub tolerance_s: u64,
+}
+
+/// One `[[payments.providers]]` entry.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentProvider {
+    /// The name the provider sends in `X-Payment-Provider`.
+    pub name: String,
+    /// The shared HMAC secret (never printed: `Debug` redacts it).
+    pub secret: String,
+}
+
+impl std::fmt::Debug for PaymentProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaymentProvider").field("name", &self.name).field("secret", &"<redacted>").finish()
+    }
+}
+
+impl PaymentProvider {
+    /// Parses `name:secret,name:secret` (the `DEVICE_SVC_PAYMENT_PROVIDERS` form).
+    pub fn parse_list(value: &str) -> Vec<Self> {
+        value
+            .split(',')
+            .filter_map(|pair| pair.trim().split_once(':'))
+            .map(|(name, secret)| Self { name: name.trim().to_owned(), secret: secret.trim().to_owned() })
+            .collect()
+    }
 }
 
 /// `[http]`
@@ -134,6 +187,8 @@ pub struct RetentionConfig {
     pub ota_reports_days: u32,
     /// Outbox messages already relayed, days.
     pub outbox_published_days: u32,
+    /// Audit rows, days (0 = forever).
+    pub audit_days: u32,
     /// Time between two sweeps, s.
     pub sweep_interval_s: u64,
     /// Rows deleted per statement.
@@ -170,6 +225,10 @@ pub struct PurchasesConfig {
     pub door_open_max_s: u64,
     /// Due-order poll, ms.
     pub poll_ms: u64,
+    /// Amount the provider must authorise per order (the most an order may charge), cents.
+    pub hold_cents: i64,
+    /// Currency of holds and charges (ISO 4217).
+    pub currency: String,
 }
 
 /// `[vehicles]`
@@ -240,6 +299,8 @@ impl Default for Config {
                 tolerance: 0.3,
                 door_open_max_s: 600,
                 poll_ms: 200,
+                hold_cents: 20_000,
+                currency: "CNY".into(),
             },
             vehicles: VehiclesConfig {
                 qr_ttl_s: 300,
@@ -262,9 +323,12 @@ impl Default for Config {
                 status_history_days: 90,
                 ota_reports_days: 90,
                 outbox_published_days: 7,
+                audit_days: 365,
                 sweep_interval_s: 3600,
                 batch_rows: 5000,
             },
+            auth: AuthConfig { rate_per_s: 200, burst: 400, cache_ttl_ms: 5000 },
+            payments: PaymentsConfig { providers: Vec::new(), tolerance_s: 300 },
         }
     }
 }
@@ -337,6 +401,18 @@ impl Default for RetentionConfig {
     }
 }
 
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Config::default().auth
+    }
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        Config::default().payments
+    }
+}
+
 impl Default for CommandsConfig {
     fn default() -> Self {
         Config::default().commands
@@ -356,6 +432,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("DEVICE_SVC_DATABASE_URL", "postgres.url"),
     ("DEVICE_SVC_REDIS_URL", "redis.url"),
     ("DEVICE_SVC_REDIS_CLUSTER_URLS", "redis.cluster_urls (comma-separated)"),
+    ("DEVICE_SVC_PAYMENT_PROVIDERS", "payments.providers (name:secret,...)"),
 ];
 
 impl Config {
@@ -389,6 +466,9 @@ impl Config {
         set(&mut self.redis.url, "DEVICE_SVC_REDIS_URL");
         if let Some(v) = lookup("DEVICE_SVC_REDIS_CLUSTER_URLS") {
             self.redis.cluster_urls = service_kit::config::url_list(&v);
+        }
+        if let Some(v) = lookup("DEVICE_SVC_PAYMENT_PROVIDERS") {
+            self.payments.providers = PaymentProvider::parse_list(&v);
         }
     }
 
@@ -440,6 +520,9 @@ impl Config {
         if p.authorise_timeout_s == 0 || p.lock_ttl_s < 3 || p.open_timeout_ms == 0 || p.poll_ms == 0 {
             return bad("purchases: authorise_timeout_s, open_timeout_ms and poll_ms positive, lock_ttl_s at least 3");
         }
+        if p.hold_cents <= 0 || p.currency.len() != 3 || !p.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return bad("purchases: hold_cents positive, currency an ISO 4217 code (three capitals)");
+        }
         if !(0.0..0.5).contains(&p.tolerance) {
             return bad("purchases.tolerance must be within 0..0.5 of a unit weight (or two counts would fit)");
         }
@@ -456,6 +539,17 @@ impl Config {
         }
         if self.retention.sweep_interval_s == 0 || self.retention.batch_rows == 0 {
             return bad("retention: sweep_interval_s and batch_rows positive");
+        }
+        if self.auth.rate_per_s > 0 && self.auth.burst == 0 {
+            return bad("auth.burst must be positive when auth.rate_per_s is");
+        }
+        if !(1..=3600).contains(&self.payments.tolerance_s) {
+            return bad("payments.tolerance_s must be within 1..=3600");
+        }
+        for provider in &self.payments.providers {
+            if provider.name.is_empty() || provider.name.len() > 64 || provider.secret.len() < 16 {
+                return bad("payments.providers: a name of 1..=64 characters and a secret of at least 16");
+            }
         }
         if self.weights.retention_days == 0 || self.postgres.pool_size == 0 {
             return bad("weights.retention_days and postgres.pool_size must be positive");

@@ -21,6 +21,7 @@
 //! read and not yet stored unacknowledged for the next instance.
 
 pub mod app;
+pub mod auth;
 pub mod clock;
 pub mod commands;
 pub mod config;
@@ -115,6 +116,7 @@ impl DeviceService {
         let keys = Keys::new(config.key_prefix.clone());
         let commander =
             Arc::new(Commander::new(redis.clone(), keys.clone(), config.instance_id.clone(), metrics.clone()));
+        let verifier = auth::keys::Verifier::new(Duration::from_millis(config.auth.cache_ttl_ms));
         let app = Arc::new(App {
             config,
             pg,
@@ -125,6 +127,7 @@ impl DeviceService {
             started,
             purchase_wakers: purchases::Wakers::default(),
             ota_waker: tokio::sync::Notify::new(),
+            verifier,
         });
         weights::maintain_partitions(&app).await?;
 

@@ -1,5 +1,6 @@
 //! The `device-svc` binary: configuration, logging, start, and a clean stop on SIGTERM or SIGINT.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -37,6 +38,40 @@ struct Args {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Without a command: run the service.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// API keys, straight in PostgreSQL (the first operator key is made here; later ones too, or
+    /// with POST /v1/keys). Applies pending migrations first.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum KeysCommand {
+    /// Creates a key and prints it on stdout (the only time it is shown).
+    Create {
+        /// operator, viewer, shop, owner_app or metrics.
+        #[arg(long)]
+        role: String,
+        /// A name for people, e.g. shop-backend-prod.
+        #[arg(long)]
+        name: String,
+        /// The tenant of a shop key.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Lists every key (never a secret) as JSON lines.
+    List,
+    /// Revokes a key by its id.
+    Revoke {
+        /// The key's id (the 16 hex characters after `iotk_`).
+        id: String,
+    },
 }
 
 fn env_help() -> String {
@@ -63,6 +98,34 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     Ok(config.validate()?)
 }
 
+/// `device-svc keys ...`: what it prints on stdout is the key itself (create) or JSON lines.
+async fn keys(config: Config, command: &KeysCommand) -> anyhow::Result<()> {
+    use device_svc::auth::keys::{self, NewKey};
+    let pool = device_svc::db::pool(&config.postgres.url, 1)?;
+    device_svc::db::migrate(&pool).await.context("failed to prepare the database")?;
+    let client = pool.get().await.context("failed to connect to PostgreSQL")?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        KeysCommand::Create { role, name, tenant } => {
+            let role = role.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let new = NewKey { name, role, tenant: tenant.as_deref(), created_by: "cli" };
+            let issued = keys::create(&**client, &new).await?;
+            tracing::info!(id = %issued.info.id, role = %role, "API key created");
+            writeln!(out, "{}", issued.key)?;
+        }
+        KeysCommand::List => {
+            for key in keys::list(&**client).await? {
+                writeln!(out, "{}", serde_json::to_string(&key)?)?;
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            let info = keys::revoke(&**client, id).await?;
+            writeln!(out, "{}", serde_json::to_string(&info)?)?;
+        }
+    }
+    Ok(())
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     let service = DeviceService::start(config).await.context("failed to start the device service")?;
     let signal = service_kit::run::wait_for_signal().await?;
@@ -80,5 +143,10 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    service_kit::run::main("device-svc", args.log_json, || load_config(&args), run)
+    match &args.command {
+        Some(Command::Keys(command)) => {
+            service_kit::run::main("device-svc", args.log_json, || load_config(&args), |c| keys(c, command))
+        }
+        None => service_kit::run::main("device-svc", args.log_json, || load_config(&args), run),
+    }
 }

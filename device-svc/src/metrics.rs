@@ -31,6 +31,17 @@ pub struct Metrics {
     pub stream_lag: IntGaugeVec,
     /// `devsvc_http_connections_open`: API connections held now (at most `http.max_connections`).
     pub http_connections_open: prometheus::IntGauge,
+    /// `devsvc_api_auth_total{result}`: API requests by authentication and authorisation result
+    /// (`ok`, `missing`, `malformed`, `unknown`, `wrong_secret`, `revoked`, `forbidden`,
+    /// `rate_limited`, `unavailable`).
+    pub api_auth: IntCounterVec,
+    /// `devsvc_payment_callbacks_total{result}`: `authorised`, `refused`, or why the callback
+    /// changed nothing (`unsigned`, `unknown_provider`, `stale`, `bad_signature`, `replayed`,
+    /// `amount_mismatch`, `invalid`).
+    pub payment_callbacks: IntCounterVec,
+    /// `devsvc_audit_rows_total{written}`: `in_transaction` (with the change), `before_change`
+    /// (a command), `after` (a refusal or failure).
+    pub audit_rows: IntCounterVec,
     /// `devsvc_stream_pending_entries{shard}`
     pub stream_pending: IntGaugeVec,
     /// `devsvc_stream_entries_total{type,result}`
@@ -117,6 +128,17 @@ impl Metrics {
         r.register(Box::new(http_connections_open.clone())).expect("metric registered once");
         Self {
             http_connections_open,
+            api_auth: c(
+                "devsvc_api_auth_total",
+                "API requests by authentication and authorisation result.",
+                &["result"],
+            ),
+            payment_callbacks: c(
+                "devsvc_payment_callbacks_total",
+                "Payment provider callbacks by result (authorised, refused, or why nothing changed).",
+                &["result"],
+            ),
+            audit_rows: c("devsvc_audit_rows_total", "Audit trail rows written, by how.", &["written"]),
             devices: ig("devsvc_devices", "Registered devices by kind and status.", &["kind", "status"]),
             status_changes: c(
                 "devsvc_status_changes_total",

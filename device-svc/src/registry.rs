@@ -183,8 +183,9 @@ pub async fn create_product(app: &App, p: &Product) -> Result<(), StoreError> {
     if p.price_cents < 0 {
         return Err(StoreError::invalid("price_cents", "must not be negative"));
     }
-    let client = app.pg.get().await?;
-    let result = client
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let result = tx
         .execute(
             "INSERT INTO products (id, name, unit_grams, price_cents) VALUES ($1, $2, $3, $4)",
             &[&p.id, &p.name, &p.unit_grams, &p.price_cents],
@@ -192,7 +193,8 @@ pub async fn create_product(app: &App, p: &Product) -> Result<(), StoreError> {
         .await;
     match result.map_err(StoreError::from) {
         Err(e) if e.is_unique_violation() => Err(StoreError::Conflict(format!("product {}", p.id))),
-        other => other.map(|_| ()),
+        Err(e) => Err(e),
+        Ok(_) => crate::auth::audit::commit(tx).await,
     }
 }
 
@@ -281,7 +283,7 @@ pub async fn create_cabinet(app: &App, c: &NewCabinet) -> Result<Issued, StoreEr
         }
     }
     tx.execute("INSERT INTO device_credentials (device_key, secret) VALUES ($1, $2)", &[&key, &secret]).await?;
-    tx.commit().await?;
+    crate::auth::audit::commit(tx).await?;
     // A second connection is taken for the mirror: never hold one while waiting for another.
     drop(client);
     mirror_one(app, &key, CredentialChangeKind::Registered).await;
@@ -338,8 +340,9 @@ pub async fn configure_lane(app: &App, cabinet: &str, door: u8, lane: &LaneConfi
     if lane.price_cents.is_some_and(|p| p < 0) {
         return Err(StoreError::invalid("price_cents", "must not be negative"));
     }
-    let client = app.pg.get().await?;
-    let result = client
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let result = tx
         .execute(
             "INSERT INTO lanes (cabinet_id, door_id, lane_id, product_id, restock_threshold, price_cents)
              VALUES ($1, $2, $3, $4, $5, $6)
@@ -357,9 +360,10 @@ pub async fn configure_lane(app: &App, cabinet: &str, door: u8, lane: &LaneConfi
         )
         .await;
     match result {
-        Ok(_) => Ok(()),
+        Ok(_) => crate::auth::audit::commit(tx).await,
         Err(e) => match e.code() {
             Some(c) if *c == tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION => {
+                drop(tx);
                 if get_product_opt(app, lane.product_id.as_deref()).await? {
                     Err(StoreError::NotFound(format!("door {door} of cabinet {cabinet}")))
                 } else {
@@ -419,7 +423,7 @@ pub async fn create_vehicle(app: &App, v: &crate::vehicles::profile::NewVehicle)
     )
     .await?;
     tx.execute("INSERT INTO device_credentials (device_key, token_sha256) VALUES ($1, $2)", &[&key, &hash]).await?;
-    tx.commit().await?;
+    crate::auth::audit::commit(tx).await?;
     // A second connection is taken for the mirror: never hold one while waiting for another.
     drop(client);
     mirror_one(app, &key, CredentialChangeKind::Registered).await;
@@ -432,7 +436,8 @@ pub async fn create_vehicle(app: &App, v: &crate::vehicles::profile::NewVehicle)
 /// `NotFound`, or a storage error.
 pub async fn rotate_credentials(app: &App, key: &DeviceKey) -> Result<Issued, StoreError> {
     let k = key.to_string();
-    let client = app.pg.get().await?;
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
     let (secret, stored_secret, stored_hash) = match key {
         DeviceKey::Cabinet(_) => {
             let s = random_bytes(32)?;
@@ -444,7 +449,7 @@ pub async fn rotate_credentials(app: &App, key: &DeviceKey) -> Result<Issued, St
             (t, None, Some(h))
         }
     };
-    let row = client
+    let row = tx
         .query_opt(
             "UPDATE device_credentials SET secret = $2, token_sha256 = $3, generation = generation + 1, rotated_at = now()
               WHERE device_key = $1 RETURNING generation",
@@ -452,6 +457,7 @@ pub async fn rotate_credentials(app: &App, key: &DeviceKey) -> Result<Issued, St
         )
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("device {k}")))?;
+    crate::auth::audit::commit(tx).await?;
     drop(client);
     mirror_one(app, &k, CredentialChangeKind::Rotated).await;
     let token = matches!(key, DeviceKey::Vehicle(_)).then(|| secret.clone());
@@ -464,11 +470,13 @@ pub async fn rotate_credentials(app: &App, key: &DeviceKey) -> Result<Issued, St
 /// `NotFound`, or a storage error.
 pub async fn set_enabled(app: &App, key: &DeviceKey, enabled: bool) -> Result<(), StoreError> {
     let k = key.to_string();
-    let client = app.pg.get().await?;
-    let n = client.execute("UPDATE devices SET enabled = $2 WHERE key = $1", &[&k, &enabled]).await?;
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx.execute("UPDATE devices SET enabled = $2 WHERE key = $1", &[&k, &enabled]).await?;
     if n == 0 {
         return Err(StoreError::NotFound(format!("device {k}")));
     }
+    crate::auth::audit::commit(tx).await?;
     drop(client);
     let change = if enabled { CredentialChangeKind::Enabled } else { CredentialChangeKind::Disabled };
     mirror_one(app, &k, change).await;

@@ -1,5 +1,6 @@
 //! Retention of operational logs: rows that only grow with traffic (online/offline
-//! transitions, OTA reports as received, relayed outbox messages) are deleted once older than
+//! transitions, OTA reports as received, relayed outbox messages, the audit trail, payment
+//! callback signatures seen) are deleted once older than
 //! their configured age, so a fleet's database does not grow without bound. Weight readings
 //! have their own, partition-based retention ([`crate::weights::maintain_partitions`]); orders,
 //! settlements, anomalies and registry data are business records and are never swept.
@@ -23,6 +24,10 @@ const OTA_REPORTS: Log = Log { table: "ota_reports", age_column: "received_at" }
 // By relay time: a message not yet relayed (`published_at` NULL) never compares as old, so it
 // is kept however long it waits to go out.
 const OUTBOX: Log = Log { table: "outbox", age_column: "published_at" };
+const AUDIT: Log = Log { table: "audit_log", age_column: "at" };
+// A signature older than the tolerance window is refused as stale anyway: its row is no longer
+// needed to refuse a replay.
+const PAYMENT_CALLBACKS: Log = Log { table: "payment_callbacks", age_column: "received_at" };
 
 /// Rows deleted by one sweep, per table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,6 +38,10 @@ pub struct Swept {
     pub ota_reports: u64,
     /// `outbox` rows (relayed ones only).
     pub outbox: u64,
+    /// `audit_log` rows.
+    pub audit: u64,
+    /// `payment_callbacks` rows (signatures seen).
+    pub payment_callbacks: u64,
 }
 
 /// Deletes every row past its retention (a table with 0 days is kept forever).
@@ -45,12 +54,17 @@ pub async fn sweep(app: &App) -> Result<Swept, StoreError> {
         status_history: sweep_log(app, STATUS_HISTORY, cfg.status_history_days).await?,
         ota_reports: sweep_log(app, OTA_REPORTS, cfg.ota_reports_days).await?,
         outbox: sweep_log(app, OUTBOX, cfg.outbox_published_days).await?,
+        audit: sweep_log(app, AUDIT, cfg.audit_days).await?,
+        // A day is far beyond any tolerance window (at most an hour, config validation).
+        payment_callbacks: sweep_log(app, PAYMENT_CALLBACKS, 1).await?,
     };
     if swept != Swept::default() {
         tracing::info!(
             status_history = swept.status_history,
             ota_reports = swept.ota_reports,
             outbox = swept.outbox,
+            audit = swept.audit,
+            payment_callbacks = swept.payment_callbacks,
             "deleted operational logs past retention"
         );
     }

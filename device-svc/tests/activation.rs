@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 
 use common::car::{Car, register_vehicle};
 use common::*;
@@ -28,7 +27,7 @@ async fn request_qr(car: &mut Car, request_id: &str) -> String {
     qr
 }
 
-async fn step(api: SocketAddr, qr: &str, what: &str, user: &str, status: u16) -> Value {
+async fn step(api: Api, qr: &str, what: &str, user: &str, status: u16) -> Value {
     expect(api, "POST", &format!("/v1/activations/{qr}/{what}"), Some(json!({"user_id": user})), status).await
 }
 
@@ -49,12 +48,12 @@ async fn setup(qr_ttl_s: Option<u64>) -> (Stack, DeviceService, String, Car) {
         config.vehicles.qr_ttl_s = ttl;
     }
     let svc = stack.service_with(config).await;
-    let token = register_vehicle(svc.addr, VIN, json!({"buyer_user_id": "u-1"})).await;
+    let token = register_vehicle(stack.api(svc.addr), VIN, json!({"buyer_user_id": "u-1"})).await;
     let car = Car::connect(stack.mqtt_addr(), VIN, &token).await;
     (stack, svc, token, car)
 }
 
-async fn vehicle(api: SocketAddr) -> Value {
+async fn vehicle(api: Api) -> Value {
     expect(api, "GET", &format!("/v1/vehicles/{VIN}"), None, 200).await
 }
 
@@ -66,7 +65,7 @@ async fn activations_stored(stack: &Stack) -> i64 {
 async fn the_happy_path_with_a_second_scanner_a_wrong_code_and_repeated_reports() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let token = register_vehicle(api, VIN, json!({"state": "pending_activation", "buyer_user_id": "u-1"})).await;
     let mut car = Car::connect(stack.mqtt_addr(), VIN, &token).await;
 
@@ -125,7 +124,7 @@ async fn the_happy_path_with_a_second_scanner_a_wrong_code_and_repeated_reports(
 #[tokio::test]
 async fn a_car_offline_at_confirmation_gets_the_code_when_it_connects_and_a_lost_result_is_answered_again() {
     let (stack, svc, token, mut car) = setup(None).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let qr = request_qr(&mut car, "r-1").await;
     car.disconnect().await;
     wait_status(api, &format!("veh:{VIN}"), "offline").await;
@@ -159,7 +158,7 @@ async fn a_car_offline_at_confirmation_gets_the_code_when_it_connects_and_a_lost
 #[tokio::test]
 async fn a_cancelled_activation_refuses_the_report_and_too_many_wrong_codes_cancel() {
     let (stack, svc, _token, mut car) = setup(None).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
 
     // Cancelled by the owner after the code went down, before the car reported.
     let qr = request_qr(&mut car, "r-1").await;
@@ -199,8 +198,8 @@ async fn a_cancelled_activation_refuses_the_report_and_too_many_wrong_codes_canc
 
 #[tokio::test]
 async fn expired_and_superseded_ids_are_refused() {
-    let (_stack, svc, _token, mut car) = setup(Some(2)).await;
-    let api = svc.addr;
+    let (stack, svc, _token, mut car) = setup(Some(2)).await;
+    let api = stack.api(svc.addr);
 
     // A new request kills the previous id.
     let old = request_qr(&mut car, "r-1").await;
@@ -229,7 +228,7 @@ async fn expired_and_superseded_ids_are_refused() {
 async fn only_the_buyer_activates_and_an_active_car_keeps_its_owner() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     // Sold, but the sales side has not named the buyer yet: nobody may activate it.
     let token = register_vehicle(api, VIN, json!({"state": "pending_activation"})).await;
     let mut car = Car::connect(stack.mqtt_addr(), VIN, &token).await;

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn registry_round_trips_and_rejects_bad_input_by_field() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
 
     let product = json!({"id": "cola-330", "name": "Cola 330 ml", "unit_grams": 350, "price_cents": 300});
     expect(api, "POST", "/v1/products", Some(product.clone()), 201).await;
@@ -108,7 +108,7 @@ async fn registry_round_trips_and_rejects_bad_input_by_field() {
 async fn rotated_and_disabled_credentials_take_effect_at_the_gateway() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let (id, old) = register_cabinet(api, "cab-cred-1", &[(1, 1)]).await;
     let gw = stack.cabinet_addr();
     drop(login(gw, &id, &old).await);
@@ -150,7 +150,7 @@ async fn rotated_and_disabled_credentials_take_effect_at_the_gateway() {
 async fn factory_provisioned_credentials_are_kept_and_checked() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let secret = "5a".repeat(32);
     let doors = json!([{"door_id": 1, "lanes": [{"lane_id": 1}]}]);
     let issued =
@@ -178,7 +178,7 @@ async fn concurrent_registrations_do_not_exhaust_a_small_pool() {
     let mut config = stack.svc_config("svc-1");
     config.postgres.pool_size = 2;
     let svc = stack.service_with(config).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     // Each registration writes in a transaction, then mirrors the credentials to Redis: with
     // more requests than connections, none may hold one connection while waiting for another.
     let calls: Vec<_> = (0..8)
@@ -201,16 +201,18 @@ async fn concurrent_registrations_do_not_exhaust_a_small_pool() {
 async fn hostile_input_is_a_400_naming_the_field_never_a_5xx() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let product = |name: &str| json!({"id": "p-1", "name": name, "unit_grams": 350, "price_cents": 300});
 
-    // A web page can post text/plain or a form without a preflight: refused before parsing.
+    // A web page can post text/plain or a form without a preflight, but it cannot attach an
+    // API key: 401 without one; and even with a key such a body is refused before parsing.
     let body = product("Cola").to_string();
-    let (code, e) =
-        testkit::http::call_raw(api, &testkit::http::request("POST", "/v1/products", "text/plain", &body)).await;
+    let page = testkit::http::request("POST", "/v1/products", "text/plain", &body);
+    assert_eq!(testkit::http::call_raw(api.addr, &page).await.0, 401, "a cross-site post carries no key");
+    let (code, e) = testkit::http::call_raw(api.addr, &api.request("POST", "/v1/products", "text/plain", &body)).await;
     assert_eq!((code, e["error"].as_str()), (415, Some("unsupported_media_type")), "{e}");
-    let form = testkit::http::request("POST", "/v1/products", "application/x-www-form-urlencoded", &body);
-    assert_eq!(testkit::http::call_raw(api, &form).await.0, 415);
+    let form = api.request("POST", "/v1/products", "application/x-www-form-urlencoded", &body);
+    assert_eq!(testkit::http::call_raw(api.addr, &form).await.0, 415);
 
     // What PostgreSQL would refuse, as the caller's error.
     let e = expect(api, "POST", "/v1/products", Some(product("Co\u{0}la")), 400).await;
@@ -251,14 +253,14 @@ async fn idle_and_half_sent_connections_cannot_hold_the_api() {
     config.http.max_connections = 3;
     config.http.header_timeout_ms = 500;
     let svc = stack.service_with(config).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
 
     // Three sockets that never send a whole request take every connection...
     let mut idle = Vec::new();
     for _ in 0..2 {
-        idle.push(tokio::net::TcpStream::connect(api).await.unwrap());
+        idle.push(tokio::net::TcpStream::connect(api.addr).await.unwrap());
     }
-    let mut half = tokio::net::TcpStream::connect(api).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(api.addr).await.unwrap();
     half.write_all(b"GET /healthz HTTP/1.1\r\nHost: api\r\n").await.unwrap();
     // ...and are closed at the header timeout, so the next caller is answered.
     let (code, _) = tokio::time::timeout(WAIT, http(api, "GET", "/healthz", None)).await.expect("answered");

@@ -18,7 +18,7 @@ async fn next_command(cabinet: &mut Cabinet) -> (u32, Command) {
     (frame.seq, command)
 }
 
-fn send(api: std::net::SocketAddr, key: &str, body: Value) -> tokio::task::JoinHandle<Value> {
+fn send(api: Api, key: &str, body: Value) -> tokio::task::JoinHandle<Value> {
     let path = format!("/v1/devices/{key}/commands");
     tokio::spawn(async move { expect(api, "POST", &path, Some(body), 200).await })
 }
@@ -27,7 +27,7 @@ fn send(api: std::net::SocketAddr, key: &str, body: Value) -> tokio::task::JoinH
 async fn a_connected_cabinet_answers_and_others_are_not_connected_or_time_out() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let (id, secret) = register_cabinet(api, "cab-cmd-1", &[(1, 1), (2, 1)]).await;
     let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
     wait_status(api, "cab:cab-cmd-1", "pending_init").await;
@@ -92,7 +92,7 @@ async fn a_connected_cabinet_answers_and_others_are_not_connected_or_time_out() 
 async fn commands_to_one_door_go_one_at_a_time() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let (id, secret) = register_cabinet(api, "cab-cmd-2", &[(1, 1), (2, 1)]).await;
     let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
     wait_status(api, "cab:cab-cmd-2", "pending_init").await;
@@ -132,9 +132,9 @@ async fn the_per_door_locks_hold_only_doors_in_use() {
     assert_eq!(commander.doors_in_use(), 0, "no lock kept for a door no command is using");
 
     // While a command waits on a mute cabinet, its door is in use; afterwards it is not.
-    let (id, secret) = register_cabinet(svc.addr, "cab-locks", &[(1, 1)]).await;
+    let (id, secret) = register_cabinet(stack.api(svc.addr), "cab-locks", &[(1, 1)]).await;
     let _cabinet = login(stack.cabinet_addr(), &id, &secret).await;
-    wait_status(svc.addr, "cab:cab-locks", "pending_init").await;
+    wait_status(stack.api(svc.addr), "cab:cab-locks", "pending_init").await;
     let device = DeviceKey::Cabinet(id);
     let body = CommandBody::Cabinet(CommandAction::QueryDoor { door_id: 1 });
     let waiting = commander.send(&device, body, Duration::from_millis(800));

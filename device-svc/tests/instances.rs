@@ -23,7 +23,7 @@ async fn two_instances_judge_each_silent_cabinet_once() {
     let mut fleet = Vec::new();
     for n in 0..40 {
         let (id, secret) =
-            register_cabinet(if n % 2 == 0 { one.addr } else { two.addr }, &format!("cab-two-{n}"), &[(1, 1)]).await;
+            register_cabinet(stack.api(if n % 2 == 0 { one.addr } else { two.addr }), &format!("cab-two-{n}"), &[(1, 1)]).await;
         fleet.push(Beating::start(login(stack.cabinet_addr(), &id, &secret).await));
     }
     wait_until("a healthy node, seen by both", WAIT, || async {
@@ -37,7 +37,7 @@ async fn two_instances_judge_each_silent_cabinet_once() {
         b.set_beating(false);
     }
     for key in &silent {
-        let view = wait_status(one.addr, key, "offline").await;
+        let view = wait_status(stack.api(one.addr), key, "offline").await;
         assert_eq!(view["status_reason"], "heartbeat_timeout");
     }
     let checks = |svc: &DeviceService| metric(&metrics_of(svc), "devsvc_deadline_checks_total");
@@ -132,7 +132,7 @@ async fn an_instance_killed_mid_batch_has_its_entries_taken_over_once() {
     let b = stack.service("svc-b").await;
     let mut cabinets = Vec::new();
     for n in 0..5 {
-        let (id, secret) = register_cabinet(b.addr, &format!("cab-kill-{n}"), &[(1, 4)]).await;
+        let (id, secret) = register_cabinet(stack.api(b.addr), &format!("cab-kill-{n}"), &[(1, 4)]).await;
         cabinets.push((id, secret));
     }
     let a = spawn_process(&stack, "svc-a", &dir);

@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
 use common::car::{Car, register_vehicle};
 use common::*;
@@ -31,16 +30,16 @@ fn task(version: &str, task_type: &str, vins: &[String]) -> Value {
     })
 }
 
-async fn create(api: SocketAddr, body: Value) -> Value {
+async fn create(api: Api, body: Value) -> Value {
     expect(api, "POST", "/v1/ota/tasks", Some(body), 201).await
 }
 
-async fn vehicles(api: SocketAddr, task: &str) -> HashMap<String, Value> {
+async fn vehicles(api: Api, task: &str) -> HashMap<String, Value> {
     let list = expect(api, "GET", &format!("/v1/ota/tasks/{task}/vehicles"), None, 200).await;
     list.as_array().unwrap().iter().map(|v| (v["vin"].as_str().unwrap().to_owned(), v.clone())).collect()
 }
 
-async fn wait_vehicle_state(api: SocketAddr, task: &str, vin: &str, state: &str) -> Value {
+async fn wait_vehicle_state(api: Api, task: &str, vin: &str, state: &str) -> Value {
     wait_until(&format!("{vin} {state} in {task}"), WAIT, || async {
         let v = vehicles(api, task).await.remove(vin)?;
         (v["state"] == state).then_some(v)
@@ -68,7 +67,7 @@ async fn reports_applied(stack: &Stack, n: i64) {
 async fn every_validation_rule_refuses_with_its_reason_and_the_lists_are_managed() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let at = |v: &str| json!({"sw_version": v});
     register_vehicle(api, &vin(1), at("1.0.0")).await; // accepted
     register_vehicle(api, &vin(2), at("1.0.0")).await; // blacklisted
@@ -157,7 +156,7 @@ async fn every_validation_rule_refuses_with_its_reason_and_the_lists_are_managed
 async fn notices_reach_online_and_reconnecting_vehicles_and_reports_only_move_forward() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let (a, b) = (vin(1), vin(2));
     let token_a = register_vehicle(api, &a, json!({"sw_version": "1.0.0"})).await;
     let token_b = register_vehicle(api, &b, json!({"sw_version": "1.0.0"})).await;
@@ -278,7 +277,7 @@ async fn silent_vehicles_time_out_wrong_versions_fail_and_cancel_spares_started_
     let mut config = stack.svc_config("svc-1");
     config.ota.download_timeout_s = 1;
     let svc = stack.service_with(config).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let vins: Vec<String> = (1..=5).map(vin).collect();
     let mut tokens = Vec::new();
     for v in &vins {
@@ -352,7 +351,7 @@ async fn pushes_are_paced_fleet_wide_and_sent_once_by_two_instances() {
     let svc = stack.service_with(config.clone()).await;
     config.instance_id = "svc-2".into();
     let other = stack.service_with(config).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let vins: Vec<String> = (1..=6).map(vin).collect();
     let mut cars = Vec::new();
     for v in &vins {
@@ -381,7 +380,7 @@ async fn a_batch_folds_in_order_each_report_seeing_the_state_the_previous_left()
 
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let v = vin(7);
     register_vehicle(api, &v, json!({"sw_version": "1.0.0"})).await;
     let id = create(api, task("2.0.0", "normal", std::slice::from_ref(&v))).await["id"].as_str().unwrap().to_owned();

@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 
 use common::shop::{Mode, Settling, Shop};
 use common::*;
@@ -49,12 +48,12 @@ async fn setup(
     let mut config = purchase_config(&stack, "svc-1");
     tweak(&mut config);
     let svc = stack.service_with(config.clone()).await;
-    let shop = shop(&stack, svc.addr, id).await;
+    let shop = shop(&stack, stack.api(svc.addr), id).await;
     (stack, config, svc, shop)
 }
 
 /// Registers the products and cabinet `id`, logs it in with its shelves, waits until online.
-async fn shop(stack: &Stack, api: SocketAddr, id: &str) -> Shop {
+async fn shop(stack: &Stack, api: Api, id: &str) -> Shop {
     for (name, unit, price) in [WATER, CHIPS, COLA] {
         let (code, _) = http(
             api,
@@ -79,21 +78,25 @@ async fn shop(stack: &Stack, api: SocketAddr, id: &str) -> Shop {
     shop
 }
 
-async fn order(api: SocketAddr, user: &str, cabinet: &str, door: u8) -> (u16, Value) {
+async fn order(api: Api, user: &str, cabinet: &str, door: u8) -> (u16, Value) {
     http(api, "POST", "/v1/orders", Some(json!({"user_id": user, "cabinet_id": cabinet, "door_id": door}))).await
 }
 
-async fn authorise(api: SocketAddr, id: &str) -> (u16, Value) {
+/// The device service's default hold (`purchases.hold_cents`), which the provider authorises.
+const HOLD_CENTS: i64 = 20_000;
+
+async fn authorise(api: Api, id: &str) -> (u16, Value) {
     http(
         api,
         "POST",
         "/v1/payments/callback",
-        Some(json!({"order_id": id, "status": "authorised", "payment_id": format!("pay-{id}")})),
+        Some(json!({"order_id": id, "status": "authorised", "payment_id": format!("pay-{id}"),
+                    "amount_cents": HOLD_CENTS, "currency": "CNY"})),
     )
     .await
 }
 
-async fn wait_order(api: SocketAddr, id: &str, state: &str) -> Value {
+async fn wait_order(api: Api, id: &str, state: &str) -> Value {
     wait_until(&format!("order {id} {state}"), WAIT, || async {
         let v = expect(api, "GET", &format!("/v1/orders/{id}"), None, 200).await;
         (v["state"] == state).then_some(v)
@@ -138,7 +141,7 @@ async fn lock_holder(stack: &Stack, cabinet: &str, door: u8) -> Option<String> {
 }
 
 /// Orders, authorises and waits for the door to be open; returns the order id.
-async fn open(api: SocketAddr, user: &str, cabinet: &str, door: u8) -> String {
+async fn open(api: Api, user: &str, cabinet: &str, door: u8) -> String {
     let (code, o) = order(api, user, cabinet, door).await;
     assert_eq!(code, 201, "{o}");
     let id = o["id"].as_str().unwrap().to_owned();
@@ -152,7 +155,7 @@ async fn open(api: SocketAddr, user: &str, cabinet: &str, door: u8) -> String {
 #[tokio::test]
 async fn a_purchase_settles_once_and_a_low_lane_gets_one_restock_order() {
     let (stack, _, svc, shop) = setup("cab-p-1", |_| {}).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
 
     let id = open(api, "alice", "cab-p-1", 1).await;
     assert_eq!(lock_holder(&stack, "cab-p-1", 1).await.as_deref(), Some(id.as_str()));
@@ -232,7 +235,7 @@ async fn a_purchase_settles_once_and_a_low_lane_gets_one_restock_order() {
 #[tokio::test]
 async fn a_cabinet_silent_after_the_open_command_is_queried_five_times_then_the_order_is_cancelled() {
     let (stack, _, svc, shop) = setup("cab-p-2", |_| {}).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     shop.set_mode(Mode::Mute);
     let (_, o) = order(api, "dave", "cab-p-2", 1).await;
     let id = o["id"].as_str().unwrap().to_owned();
@@ -258,7 +261,7 @@ async fn a_cabinet_silent_after_the_open_command_is_queried_five_times_then_the_
 #[tokio::test]
 async fn an_order_not_authorised_in_time_is_cancelled_across_a_restart() {
     let (stack, mut config, svc, shop) = setup("cab-p-3", |c| c.purchases.authorise_timeout_s = 2).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let (_, o) = order(api, "erin", "cab-p-3", 2).await;
     let id = o["id"].as_str().unwrap().to_owned();
     // The instance that took the order goes away before the deadline; a new one cancels it.
@@ -266,7 +269,7 @@ async fn an_order_not_authorised_in_time_is_cancelled_across_a_restart() {
     assert_eq!(lock_holder(&stack, "cab-p-3", 2).await.as_deref(), Some(id.as_str()));
     config.instance_id = "svc-2".into();
     let svc = stack.service_with(config).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let cancelled = wait_order(api, &id, "cancelled").await;
     assert_eq!(cancelled["reason"], "not_authorised_in_time");
     assert_eq!(cancelled["transitions"][1]["cause"], "authorisation_timeout");
@@ -281,8 +284,8 @@ async fn an_order_not_authorised_in_time_is_cancelled_across_a_restart() {
 
 #[tokio::test]
 async fn two_users_on_one_door_one_proceeds_and_the_other_is_refused() {
-    let (_stack, _, svc, shop) = setup("cab-p-4", |_| {}).await;
-    let api = svc.addr;
+    let (stack, _, svc, shop) = setup("cab-p-4", |_| {}).await;
+    let api = stack.api(svc.addr);
     let a = tokio::spawn(order(api, "frank", "cab-p-4", 1));
     let b = tokio::spawn(order(api, "grace", "cab-p-4", 1));
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
@@ -322,7 +325,7 @@ async fn two_users_on_one_door_one_proceeds_and_the_other_is_refused() {
 async fn a_close_before_the_open_result_is_settled_from_the_weights_and_flagged() {
     // The cabinet's answers are lost; long enough queries for the close to come first.
     let (stack, _, svc, shop) = setup("cab-p-5", |c| c.purchases.query_interval_ms = 1000).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     shop.set_mode(Mode::OpensSilently);
     let (_, o) = order(api, "ivan", "cab-p-5", 1).await;
     let id = o["id"].as_str().unwrap().to_owned();
@@ -350,7 +353,7 @@ async fn a_close_before_the_open_result_is_settled_from_the_weights_and_flagged(
 #[tokio::test]
 async fn an_item_moved_between_lanes_is_not_charged_and_operators_are_told() {
     let (stack, _, svc, shop) = setup("cab-p-6", |_| {}).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let id = open(api, "judy", "cab-p-6", 1).await;
     // One water taken; one bag of chips moved from lane 4 into lane 3 (cola).
     shop.take(1, 1, 1, WATER.1);
@@ -391,7 +394,7 @@ async fn apply_charges(stack: &Stack) -> i64 {
 #[tokio::test]
 async fn a_settlement_relayed_twice_or_a_close_redelivered_charges_once() {
     let (stack, mut config, svc, shop) = setup("cab-p-7", |_| {}).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let id = open(api, "ken", "cab-p-7", 1).await;
     shop.take(1, 2, 3, CHIPS.1);
     shop.close(1);
@@ -408,7 +411,7 @@ async fn a_settlement_relayed_twice_or_a_close_redelivered_charges_once() {
     assert_eq!(n, 1);
     config.instance_id = "svc-2".into();
     let svc = stack.service_with(config).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     wait_until("published again", WAIT, || async { (settlements(&stack).await.len() == 2).then_some(()) }).await;
     let published = settlements(&stack).await;
     assert_eq!(published[0].0, published[1].0, "both carry the same idempotency key");
@@ -457,7 +460,7 @@ async fn a_settlement_relayed_twice_or_a_close_redelivered_charges_once() {
 #[tokio::test]
 async fn unstable_readings_make_the_order_wait_and_past_the_bound_go_to_review() {
     let (stack, _, svc, shop) = setup("cab-p-8", |c| c.purchases.settle_wait_s = 2).await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     shop.set_settling(Settling::NeverStable);
     let id = open(api, "leo", "cab-p-8", 1).await;
     shop.take(1, 3, 1, COLA.1);
@@ -500,6 +503,95 @@ async fn unstable_readings_make_the_order_wait_and_past_the_bound_go_to_review()
     let settled = wait_order(api, &id, "settled").await;
     // The cola the first shopper took is gone too, but it was before this order's snapshot.
     assert_eq!(settled["amount_cents"], 2 * COLA.2);
+    shop.stop().await;
+    svc.stop().await;
+}
+
+/// Sends a callback for `body` signed with `secret` at `t` as provider `provider`.
+async fn signed_callback(api: Api, provider: &str, secret: &str, t: u64, body: &Value) -> (u16, Value) {
+    let text = body.to_string();
+    let signature = protocol::payment::header(secret.as_bytes(), t, text.as_bytes());
+    let request = format!(
+        "POST /v1/payments/callback HTTP/1.1\r\nHost: api\r\nX-Payment-Provider: {provider}\r\nX-Payment-Signature: {signature}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+    testkit::http::call_raw(api.addr, &request).await
+}
+
+#[tokio::test]
+async fn forged_replayed_stale_or_mismatched_callbacks_change_nothing() {
+    let (stack, _, svc, shop) = setup("cab-p-9", |_| {}).await;
+    let api = stack.api(svc.addr);
+    let (code, o) = order(api, "mallory-victim", "cab-p-9", 1).await;
+    assert_eq!(code, 201, "{o}");
+    let id = o["id"].as_str().unwrap().to_owned();
+    assert_eq!((o["hold_cents"].as_i64(), o["currency"].as_str()), (Some(HOLD_CENTS), Some("CNY")));
+    let now = now_ms() / 1000;
+    let good = json!({"order_id": id, "status": "authorised", "payment_id": "p-1", "amount_cents": HOLD_CENTS, "currency": "CNY"});
+
+    // The attack as found: an unsigned {"status":"authorised"} from anyone.
+    let unsigned = http(api.anonymous(), "POST", "/v1/payments/callback", Some(good.clone())).await;
+    assert_eq!((unsigned.0, unsigned.1["error"].as_str()), (401, Some("unauthorized")), "{}", unsigned.1);
+    let refusals = [
+        ("bad_signature", signed_callback(api, PROVIDER, "not-the-secret-at-all-000", now, &good).await),
+        ("unknown_provider", signed_callback(api, "evil-pay", PROVIDER_SECRET, now, &good).await),
+        ("stale", signed_callback(api, PROVIDER, PROVIDER_SECRET, now - 3600, &good).await),
+    ];
+    for (why, (code, body)) in &refusals {
+        assert_eq!(*code, 401, "{why}: {body}");
+    }
+    let mut cheap = good.clone();
+    cheap["amount_cents"] = json!(1);
+    let (code, e) = signed_callback(api, PROVIDER, PROVIDER_SECRET, now, &cheap).await;
+    assert_eq!((code, e["error"].as_str()), (409, Some("amount_mismatch")), "{e}");
+    let mut dollars = good.clone();
+    dollars["currency"] = json!("USD");
+    let (code, e) = signed_callback(api, PROVIDER, PROVIDER_SECRET, now, &dollars).await;
+    assert_eq!((code, e["error"].as_str()), (409, Some("amount_mismatch")), "{e}");
+    let still = expect(api, "GET", &format!("/v1/orders/{id}"), None, 200).await;
+    assert_eq!(still["state"], "created", "no refused callback moved the order");
+    assert!(shop.commands().is_empty(), "no door opened");
+
+    // The genuine callback opens the door; the same signed request again is a replay.
+    let (code, a) = signed_callback(api, PROVIDER, PROVIDER_SECRET, now, &good).await;
+    assert_eq!((code, a["state"].as_str()), (200, Some("authorised")), "{a}");
+    let (code, e) = signed_callback(api, PROVIDER, PROVIDER_SECRET, now, &good).await;
+    assert_eq!((code, e["error"].as_str()), (409, Some("replayed")), "{e}");
+    wait_order(api, &id, "door_open").await;
+
+    let metrics = http(api, "GET", "/metrics", None).await.1;
+    let text = metrics.as_str().unwrap();
+    for result in ["unsigned", "bad_signature", "unknown_provider", "stale", "amount_mismatch", "replayed", "authorised"] {
+        let n = metric(text, &format!("devsvc_payment_callbacks_total{{result=\"{result}\"}}"));
+        let want = if result == "amount_mismatch" { 2.0 } else { 1.0 };
+        assert_eq!(n, want, "{result}");
+    }
+    // The provider's acts are in the audit trail under its name.
+    let trail = expect(api, "GET", "/v1/audit?principal=provider:test-pay", None, 200).await;
+    let outcomes: Vec<&str> = trail.as_array().unwrap().iter().map(|e| e["outcome"].as_str().unwrap()).collect();
+    assert!(outcomes.contains(&"ok") && outcomes.contains(&"amount_mismatch") && outcomes.contains(&"replayed"), "{outcomes:?}");
+    shop.stop().await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_shop_sees_only_its_own_orders_and_its_users_are_its_own() {
+    let (stack, _, svc, shop) = setup("cab-p-10", |_| {}).await;
+    let api = stack.api(svc.addr);
+    let (code, mine) = order(api, "u-7", "cab-p-10", 1).await;
+    assert_eq!(code, 201, "{mine}");
+    let id = mine["id"].as_str().unwrap();
+    assert_eq!(mine["tenant"], "shop-1");
+    let other = api.with_key(&stack.key(device_svc::auth::Role::Shop, Some("shop-2")).await);
+    // Another shop cannot read it, and its own user "u-7" is not blocked by shop-1's unpaid order
+    // (the answer would otherwise name shop-1's order).
+    let (code, e) = http(other, "GET", &format!("/v1/orders/{id}"), None).await;
+    assert_eq!((code, e["error"].as_str()), (404, Some("not_found")), "{e}");
+    let (code, theirs) =
+        http(other, "POST", "/v1/orders", Some(json!({"user_id": "u-7", "cabinet_id": "cab-p-10", "door_id": 2}))).await;
+    assert_eq!((code, theirs["tenant"].as_str()), (201, Some("shop-2")), "{theirs}");
+    // An operator reads both.
+    assert_eq!(expect(api.with_key(&stack.parties.operator), "GET", &format!("/v1/orders/{id}"), None, 200).await["id"], *id);
     shop.stop().await;
     svc.stop().await;
 }

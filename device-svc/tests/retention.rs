@@ -53,7 +53,7 @@ async fn keeping(stack: &Stack, [history, reports, outbox]: [u32; 3], batch_rows
     config.retention.outbox_published_days = outbox;
     config.retention.batch_rows = batch_rows;
     let svc = stack.service_with(config).await;
-    register_cabinet(svc.addr, "cab-r-1", &[(1, 2)]).await;
+    register_cabinet(stack.api(svc.addr), "cab-r-1", &[(1, 2)]).await;
     svc
 }
 

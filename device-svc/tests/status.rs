@@ -14,7 +14,7 @@ use serde_json::Value;
 async fn first_connect_waits_for_initial_weights_then_reconnects_straight_online() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let (id, secret) = register_cabinet(api, "cab-life-1", &[(1, 2), (2, 3)]).await;
     let key = format!("cab:{id}");
     assert_eq!(expect(api, "GET", &format!("/v1/devices/{key}"), None, 200).await["status"], "registered");
@@ -87,7 +87,7 @@ async fn lateness_ms(stack: &Stack, key: &str, last_seen_ms: u64) -> i64 {
 async fn a_silent_cabinet_alone_goes_offline_within_a_second_of_its_deadline() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let mut fleet = Vec::new();
     for n in 0..10 {
         let (id, secret) = register_cabinet(api, &format!("cab-hb-{n}"), &[(1, 1)]).await;
@@ -128,7 +128,7 @@ async fn a_silent_cabinet_alone_goes_offline_within_a_second_of_its_deadline() {
 async fn a_node_below_its_heartbeat_share_marks_nobody_offline_until_it_recovers() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let mut fleet = Vec::new();
     for n in 0..10 {
         let (id, secret) = register_cabinet(api, &format!("cab-node-{n}"), &[(1, 1)]).await;

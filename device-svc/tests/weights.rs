@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-async fn cached(api: std::net::SocketAddr, cabinet: &str) -> Vec<(u64, u64, i64, u64)> {
+async fn cached(api: Api, cabinet: &str) -> Vec<(u64, u64, i64, u64)> {
     let v = expect(api, "GET", &format!("/v1/cabinets/{cabinet}/weights"), None, 200).await;
     v["lanes"]
         .as_array()
@@ -24,7 +24,7 @@ async fn cached(api: std::net::SocketAddr, cabinet: &str) -> Vec<(u64, u64, i64,
 async fn unstable_readings_never_move_the_cache_and_every_reading_is_stored() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let (id, secret) = register_cabinet(api, "cab-w-1", &[(1, 4), (2, 4)]).await;
     let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
     let t0 = now_ms() - 60_000;
@@ -87,7 +87,7 @@ async fn unstable_readings_never_move_the_cache_and_every_reading_is_stored() {
 async fn readings_of_a_day_without_a_partition_are_kept_and_moved_when_it_is_created() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
-    let api = svc.addr;
+    let api = stack.api(svc.addr);
     let (id, secret) = register_cabinet(api, "cab-w-2", &[(1, 2)]).await;
     let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
     // Ten days ahead: no partition yet, so the default partition takes it.

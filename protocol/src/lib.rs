@@ -6,12 +6,14 @@
 //! - [`cabinet`]: the binary cabinet protocol of `SPEC.md` (frames, messages, codec);
 //! - [`mqtt`]: the server-side MQTT codec, its extra checks, and the vehicle topic scheme;
 //! - [`vehicle`]: the JSON payloads carried on the vehicle topics;
-//! - [`bus`]: what gateway nodes and the device service exchange through Redis.
+//! - [`bus`]: what gateway nodes and the device service exchange through Redis;
+//! - [`payment`]: the payment provider's signed callback.
 
 pub mod bus;
 pub mod cabinet;
 pub mod ids;
 pub mod mqtt;
+pub mod payment;
 pub mod vehicle;
 
 pub use ids::{DeviceId, IdError, OrderId, Vin};

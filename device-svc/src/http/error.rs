@@ -7,6 +7,10 @@ use serde::Serialize;
 
 use crate::error::StoreError;
 
+/// The `error` code of an answer, kept in the response's extensions for the audit trail.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ErrorCode(pub(super) &'static str);
+
 /// An error answer: `{"error": code, "message": text, "field": name?}`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -40,6 +44,26 @@ impl ApiError {
         }
     }
 
+    /// 401: no valid API key.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::UNAUTHORIZED, code: "unauthorized", message: message.into(), field: None }
+    }
+
+    /// 403: the caller's role may not call the route, or the target is not the caller's.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::FORBIDDEN, code: "forbidden", message: message.into(), field: None }
+    }
+
+    /// 429: the key is above its rate.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::TOO_MANY_REQUESTS, code: "rate_limited", message: message.into(), field: None }
+    }
+
+    /// 409 with a machine-readable `code` a client acts on.
+    pub fn rejected(code: &'static str, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::CONFLICT, code, message: message.into(), field: None }
+    }
+
     /// 404.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self { status: StatusCode::NOT_FOUND, code: "not_found", message: message.into(), field: None }
@@ -69,6 +93,8 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Body { error: self.code, message: &self.message, field: self.field.as_deref() };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(ErrorCode(self.code));
+        response
     }
 }

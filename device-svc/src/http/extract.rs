@@ -7,7 +7,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use protocol::bus::DeviceKey;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -49,26 +49,35 @@ fn out_of_bounds(v: &Value, path: &mut Vec<String>) -> Option<(String, String)> 
     }
 }
 
+/// 415 unless the request says its body is `application/json`.
+pub(super) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if json { Ok(()) } else { Err(ApiError::unsupported_media_type("send the body as Content-Type: application/json")) }
+}
+
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
-            return Err(ApiError::unsupported_media_type("send the body as Content-Type: application/json"));
-        }
+        require_json(req.headers())?;
         let bytes = Bytes::from_request(req, state).await.map_err(|e| ApiError::invalid("body", e.body_text()))?;
-        let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid("body", e.to_string()))?;
+        decode(&bytes).map(Self)
+    }
+}
+
+/// Parses and bounds a JSON body (the rules of the module header), naming the offending field.
+pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::invalid("body", e.to_string()))?;
         if let Some((field, why)) = out_of_bounds(&value, &mut Vec::new()) {
             return Err(ApiError::invalid(field, why));
         }
         match serde_path_to_error::deserialize(value) {
-            Ok(v) => Ok(Self(v)),
+            Ok(v) => Ok(v),
             Err(e) => {
                 let inner = e.inner().to_string();
                 let path = e.path().to_string();

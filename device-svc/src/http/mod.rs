@@ -1,5 +1,7 @@
 //! The admin HTTP API (JSON), `/metrics` and `/healthz`. `docs/api.md` lists every endpoint
-//! with its request, answers and errors.
+//! with its request, answers, errors and the roles that may call it. The route table below is
+//! the one place that says who may call what: the router is built from it and the guard
+//! ([`guard`]) enforces it.
 //!
 //! Errors are JSON `{"error", "message", "field"?}`: 400 for bad input naming the field, 404
 //! for an unknown id, 409 for a conflict, 503 when PostgreSQL or Redis cannot be reached.
@@ -7,6 +9,8 @@
 mod devices;
 mod error;
 mod extract;
+mod guard;
+mod keys;
 mod ops;
 mod orders;
 mod ota;
@@ -14,11 +18,13 @@ mod send;
 mod vehicles;
 mod weights;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post, put};
+use axum::http::Method;
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -27,50 +33,105 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+pub use guard::Access;
 
 use crate::app::App;
+use crate::auth::Role;
+use guard::Guard;
 
-/// Every route of the API.
+/// One route: method, path pattern, who may call it.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// HTTP method.
+    pub method: Method,
+    /// Path pattern as axum matches it (`/v1/orders/{id}`).
+    pub path: &'static str,
+    /// Who may call it.
+    pub access: Access,
+}
+
+const OPERATOR: &[Role] = &[Role::Operator];
+const READERS: &[Role] = &[Role::Operator, Role::Viewer];
+const SCRAPERS: &[Role] = &[Role::Metrics, Role::Operator, Role::Viewer];
+const SHOP: &[Role] = &[Role::Shop];
+const ORDER_READERS: &[Role] = &[Role::Shop, Role::Operator, Role::Viewer];
+const OWNER_APP: &[Role] = &[Role::OwnerApp];
+const ACTIVATION_READERS: &[Role] = &[Role::OwnerApp, Role::Operator, Role::Viewer];
+
+/// The route table: every route with its roles and handler. The router is built from it, so a
+/// route cannot exist without an entry (docs/api.md lists the same table).
+fn table() -> Vec<(RouteSpec, MethodRouter<Arc<App>>)> {
+    use Access::{PaymentProvider, Public, Roles};
+    let r = |method: Method, path: &'static str, access: Access, handler: MethodRouter<Arc<App>>| {
+        (RouteSpec { method, path, access }, handler)
+    };
+    let (get_, post_, put_, patch_, delete_) = (Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE);
+    vec![
+        r(get_.clone(), "/healthz", Public, get(ops::healthz)),
+        r(get_.clone(), "/metrics", Roles(SCRAPERS), get(ops::metrics)),
+        r(get_.clone(), "/v1/alerts", Roles(READERS), get(ops::alerts)),
+        r(post_.clone(), "/v1/keys", Roles(OPERATOR), post(keys::create)),
+        r(get_.clone(), "/v1/keys", Roles(OPERATOR), get(keys::list)),
+        r(post_.clone(), "/v1/keys/{id}/revoke", Roles(OPERATOR), post(keys::revoke)),
+        r(get_.clone(), "/v1/audit", Roles(OPERATOR), get(keys::audit)),
+        r(post_.clone(), "/v1/products", Roles(OPERATOR), post(devices::create_product)),
+        r(get_.clone(), "/v1/products/{id}", Roles(READERS), get(devices::get_product)),
+        r(post_.clone(), "/v1/cabinets", Roles(OPERATOR), post(devices::create_cabinet)),
+        r(get_.clone(), "/v1/cabinets/{id}", Roles(READERS), get(devices::get_cabinet)),
+        r(put_.clone(), "/v1/cabinets/{id}/doors/{door}/lanes/{lane}", Roles(OPERATOR), put(devices::configure_lane)),
+        r(get_.clone(), "/v1/cabinets/{id}/weights", Roles(READERS), get(weights::current)),
+        r(get_.clone(), "/v1/cabinets/{id}/doors/{door}/lanes/{lane}/readings", Roles(READERS), get(weights::history)),
+        r(post_.clone(), "/v1/vehicles", Roles(OPERATOR), post(devices::create_vehicle)),
+        r(get_.clone(), "/v1/vehicles/{vin}", Roles(READERS), get(vehicles::get)),
+        r(patch_.clone(), "/v1/vehicles/{vin}", Roles(OPERATOR), patch(vehicles::update)),
+        r(get_.clone(), "/v1/activations/{qr_id}", Roles(ACTIVATION_READERS), get(vehicles::get_activation)),
+        r(post_.clone(), "/v1/activations/{qr_id}/scan", Roles(OWNER_APP), post(vehicles::scan)),
+        r(post_.clone(), "/v1/activations/{qr_id}/confirm", Roles(OWNER_APP), post(vehicles::confirm)),
+        r(post_.clone(), "/v1/activations/{qr_id}/cancel", Roles(OWNER_APP), post(vehicles::cancel)),
+        r(post_.clone(), "/v1/ota/tasks", Roles(OPERATOR), post(ota::create)),
+        r(get_.clone(), "/v1/ota/tasks", Roles(READERS), get(ota::list)),
+        r(get_.clone(), "/v1/ota/tasks/{id}", Roles(READERS), get(ota::get)),
+        r(get_.clone(), "/v1/ota/tasks/{id}/vehicles", Roles(READERS), get(ota::vehicles)),
+        r(get_.clone(), "/v1/ota/tasks/{id}/rejections", Roles(READERS), get(ota::rejections)),
+        r(get_.clone(), "/v1/ota/tasks/{id}/failures", Roles(READERS), get(ota::failures)),
+        r(post_.clone(), "/v1/ota/tasks/{id}/cancel", Roles(OPERATOR), post(ota::cancel)),
+        r(get_.clone(), "/v1/ota/lists/{list}", Roles(READERS), get(ota::list_entries)),
+        r(put_.clone(), "/v1/ota/lists/{list}/{vin}", Roles(OPERATOR), put(ota::add_to_list)),
+        r(delete_.clone(), "/v1/ota/lists/{list}/{vin}", Roles(OPERATOR), delete(ota::remove_from_list)),
+        r(get_.clone(), "/v1/devices/{key}", Roles(READERS), get(devices::get_device)),
+        r(get_.clone(), "/v1/devices/{key}/history", Roles(READERS), get(devices::history)),
+        r(post_.clone(), "/v1/devices/{key}/credentials", Roles(OPERATOR), post(devices::rotate_credentials)),
+        r(put_.clone(), "/v1/devices/{key}/enabled", Roles(OPERATOR), put(devices::set_enabled)),
+        r(post_.clone(), "/v1/devices/{key}/commands", Roles(OPERATOR), post(send::send)),
+        r(post_.clone(), "/v1/orders", Roles(SHOP), post(orders::create)),
+        r(get_.clone(), "/v1/orders/{id}", Roles(ORDER_READERS), get(orders::get)),
+        r(post_.clone(), "/v1/orders/{id}/settle", Roles(OPERATOR), post(orders::settle)),
+        r(post_.clone(), "/v1/payments/callback", PaymentProvider, post(orders::payment_callback)),
+        r(get_.clone(), "/v1/anomalies", Roles(READERS), get(orders::list_anomalies)),
+        r(post_.clone(), "/v1/anomalies/{id}/resolve", Roles(OPERATOR), post(orders::resolve_anomaly)),
+        r(post_.clone(), "/v1/cabinets/{id}/doors/{door}/restocks", Roles(OPERATOR), post(orders::start_restock)),
+        r(post_.clone(), "/v1/restocks/{id}/finish", Roles(OPERATOR), post(orders::finish_restock)),
+        r(get_, "/v1/restock-orders", Roles(READERS), get(orders::restock_orders)),
+    ]
+}
+
+/// Every route with who may call it (for the route-table test and the docs).
+pub fn routes() -> Vec<RouteSpec> {
+    table().into_iter().map(|(spec, _)| spec).collect()
+}
+
+/// Every route of the API, each behind the guard (authentication, the role table, the rate
+/// limit, the audit context).
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/metrics", get(ops::metrics))
-        .route("/v1/alerts", get(ops::alerts))
-        .route("/v1/products", post(devices::create_product))
-        .route("/v1/products/{id}", get(devices::get_product))
-        .route("/v1/cabinets", post(devices::create_cabinet))
-        .route("/v1/cabinets/{id}", get(devices::get_cabinet))
-        .route("/v1/cabinets/{id}/doors/{door}/lanes/{lane}", put(devices::configure_lane))
-        .route("/v1/cabinets/{id}/weights", get(weights::current))
-        .route("/v1/cabinets/{id}/doors/{door}/lanes/{lane}/readings", get(weights::history))
-        .route("/v1/vehicles", post(devices::create_vehicle))
-        .route("/v1/vehicles/{vin}", get(vehicles::get).patch(vehicles::update))
-        .route("/v1/activations/{qr_id}", get(vehicles::get_activation))
-        .route("/v1/activations/{qr_id}/scan", post(vehicles::scan))
-        .route("/v1/activations/{qr_id}/confirm", post(vehicles::confirm))
-        .route("/v1/activations/{qr_id}/cancel", post(vehicles::cancel))
-        .route("/v1/ota/tasks", post(ota::create).get(ota::list))
-        .route("/v1/ota/tasks/{id}", get(ota::get))
-        .route("/v1/ota/tasks/{id}/vehicles", get(ota::vehicles))
-        .route("/v1/ota/tasks/{id}/rejections", get(ota::rejections))
-        .route("/v1/ota/tasks/{id}/failures", get(ota::failures))
-        .route("/v1/ota/tasks/{id}/cancel", post(ota::cancel))
-        .route("/v1/ota/lists/{list}", get(ota::list_entries))
-        .route("/v1/ota/lists/{list}/{vin}", put(ota::add_to_list).delete(ota::remove_from_list))
-        .route("/v1/devices/{key}", get(devices::get_device))
-        .route("/v1/devices/{key}/history", get(devices::history))
-        .route("/v1/devices/{key}/credentials", post(devices::rotate_credentials))
-        .route("/v1/devices/{key}/enabled", put(devices::set_enabled))
-        .route("/v1/devices/{key}/commands", post(send::send))
-        .route("/v1/orders", post(orders::create))
-        .route("/v1/orders/{id}", get(orders::get))
-        .route("/v1/orders/{id}/settle", post(orders::settle))
-        .route("/v1/payments/callback", post(orders::payment_callback))
-        .route("/v1/anomalies", get(orders::list_anomalies))
-        .route("/v1/anomalies/{id}/resolve", post(orders::resolve_anomaly))
-        .route("/v1/cabinets/{id}/doors/{door}/restocks", post(orders::start_restock))
-        .route("/v1/restocks/{id}/finish", post(orders::finish_restock))
-        .route("/v1/restock-orders", get(orders::restock_orders))
+    let mut router = Router::new();
+    let mut access = HashMap::new();
+    for (spec, handler) in table() {
+        access.insert((spec.method.clone(), spec.path), spec.access);
+        router = router.route(spec.path, handler);
+    }
+    let guard = Arc::new(Guard::new(Arc::clone(&app), access));
+    router
+        .route_layer(axum::middleware::from_fn_with_state(guard, guard::guard))
         .layer(axum::middleware::from_fn(refuse_nul))
         .with_state(app)
 }

@@ -4,16 +4,21 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::Json;
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
+use protocol::payment;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::{JsonBody, query_num, small_id};
+use super::extract::{JsonBody, decode, query_num, require_json, small_id};
 use crate::app::App;
+use crate::auth::audit;
+use crate::auth::{Principal, Role};
+use crate::error::StoreError;
 use crate::purchases::anomalies::{self, Anomaly};
-use crate::purchases::orders::{self, Authorisation, NewOrder, Order, Transition};
+use crate::purchases::orders::{self, Authorisation, NewOrder, Order, Signed, Transition};
 use crate::purchases::restock::{self, Restock};
 use crate::purchases::settlement;
 
@@ -30,28 +35,127 @@ async fn view(app: &App, order: Order) -> Result<Json<OrderView>, ApiError> {
     Ok(Json(OrderView { order, transitions }))
 }
 
-/// `POST /v1/orders`: 201, or 409 `cabinet_offline` / `unpaid_order` / `door_busy`.
+/// `POST /v1/orders` (a `shop` key; the order belongs to the key's tenant): 201, or 409
+/// `cabinet_offline` / `unpaid_order` / `door_busy`.
 pub(super) async fn create(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Principal>,
     JsonBody(new): JsonBody<NewOrder>,
 ) -> Result<(StatusCode, Json<OrderView>), ApiError> {
-    let order = orders::create(&app, &new).await?;
+    // The role table admits only shop keys here, and every shop key has a tenant.
+    let tenant = caller.tenant.as_deref().ok_or_else(|| ApiError::forbidden("only a shop key creates orders"))?;
+    let order = orders::create(&app, &new, tenant).await?;
     Ok((StatusCode::CREATED, view(&app, order).await?))
 }
 
-/// `GET /v1/orders/{id}`
-pub(super) async fn get(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<OrderView>, ApiError> {
+/// `GET /v1/orders/{id}`: a shop key sees its own tenant's orders only (another's is 404, as if
+/// it did not exist).
+pub(super) async fn get(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Json<OrderView>, ApiError> {
     let order = orders::get(&app, &id).await?;
+    if caller.role == Role::Shop && order.tenant != caller.tenant {
+        return Err(ApiError::not_found(format!("not found: order {id}")));
+    }
     view(&app, order).await
 }
 
-/// `POST /v1/payments/callback`: idempotent; 409 `order_cancelled` for a late authorisation.
+/// `POST /v1/payments/callback`, authenticated by the provider's signature
+/// (`protocol::payment`): refused with 401 (`unsigned`, `unknown_provider`, `stale`,
+/// `bad_signature`) before the body is even parsed, 409 `replayed` / `amount_mismatch` /
+/// `order_cancelled`; each refusal counted in `devsvc_payment_callbacks_total`.
 pub(super) async fn payment_callback(
     State(app): State<Arc<App>>,
-    JsonBody(a): JsonBody<Authorisation>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Json<OrderView>, ApiError> {
-    let order = orders::authorise(&app, &a).await?;
-    view(&app, order).await
+    let count = |result: &str| app.metrics.payment_callbacks.with_label_values(&[result]).inc();
+    let signed = match verify_signature(&app, &headers, &body) {
+        Ok(s) => s,
+        Err(refusal) => {
+            count(refusal.reason());
+            tracing::warn!(reason = refusal.reason(), "payment callback refused");
+            return Err(ApiError::unauthorized(refusal.to_string()));
+        }
+    };
+    let (provider, signature) = signed;
+    let parsed = require_json(&headers).and_then(|()| decode::<Authorisation>(&body));
+    let a = match parsed {
+        Ok(a) => a,
+        Err(e) => {
+            count("invalid");
+            return Err(e);
+        }
+    };
+    let ctx = Arc::new(audit::Context::new(
+        request_id(&headers),
+        format!("provider:{provider}"),
+        "payment_provider",
+        "POST".into(),
+        "/v1/payments/callback".into(),
+        format!("/v1/payments/callback#{}", a.order_id),
+    ));
+    let outcome =
+        audit::scope(Arc::clone(&ctx), orders::authorise(&app, &a, Signed { provider: &provider, signature: &signature }))
+            .await;
+    match outcome {
+        Ok(order) => {
+            count(a.status.as_str());
+            view(&app, order).await
+        }
+        Err(e) => {
+            let code = match &e {
+                StoreError::Rejected { code, .. } => code,
+                StoreError::NotFound(_) => "not_found",
+                StoreError::Invalid { .. } => "invalid",
+                _ => "unavailable",
+            };
+            count(code);
+            if let Err(write) = audit::record_outcome(&app, &ctx, code).await {
+                tracing::warn!(error = %write, "failed to write an audit row");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// The provider and the matching signature of a callback, or why it is refused.
+fn verify_signature(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(String, [u8; 32]), payment::Refusal> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let provider = text(payment::PROVIDER_HEADER).ok_or(payment::Refusal::Unsigned)?;
+    let signature = payment::Signature::parse(text(payment::SIGNATURE_HEADER).ok_or(payment::Refusal::Unsigned)?)?;
+    let secrets: Vec<&[u8]> = app
+        .config
+        .payments
+        .providers
+        .iter()
+        .filter(|p| p.name == provider)
+        .map(|p| p.secret.as_bytes())
+        .collect();
+    if secrets.is_empty() {
+        return Err(payment::Refusal::UnknownProvider);
+    }
+    let now = crate::clock::now_ms() / 1000;
+    let matched = signature.verify(&secrets, body, now, app.config.payments.tolerance_s)?;
+    Ok((provider.to_owned(), matched))
+}
+
+/// The guard's request id is not on this route (it has no key); a fresh one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        .map_or_else(
+            || {
+                let mut raw = [0u8; 12];
+                let _ = getrandom::fill(&mut raw);
+                hex::encode(raw)
+            },
+            str::to_owned,
+        )
 }
 
 /// The body of `POST /v1/orders/{id}/settle`.

@@ -143,6 +143,8 @@ pub(super) async fn send(
     let device = device_key(&key)?;
     let (body, timeout) = body_of(&app, &device, input)?;
     check_target(&app, &device, &body).await?;
+    // A command changes a device, not a row: its audit row is written before it is sent.
+    crate::auth::audit::record_now(&app).await?;
     let started = Instant::now();
     let outcome = app.commander.send(&device, body, timeout).await?;
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

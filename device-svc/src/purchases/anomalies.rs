@@ -35,6 +35,8 @@ pub mod kind {
     pub const CABINET_SILENT: &str = "cabinet_silent";
     /// The door stayed open longer than allowed.
     pub const DOOR_LEFT_OPEN: &str = "door_left_open";
+    /// The goods taken cost more than the payment provider authorised (the order's hold).
+    pub const OVER_HOLD: &str = "over_hold";
 }
 
 /// An anomaly to record.
@@ -167,11 +169,11 @@ pub async fn list(
 /// # Errors
 /// `NotFound`, or PostgreSQL errors.
 pub async fn resolve(app: &App, id: i64) -> Result<(), StoreError> {
-    let client = app.pg.get().await?;
-    let n =
-        client.execute("UPDATE anomalies SET resolved_at = COALESCE(resolved_at, now()) WHERE id = $1", &[&id]).await?;
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx.execute("UPDATE anomalies SET resolved_at = COALESCE(resolved_at, now()) WHERE id = $1", &[&id]).await?;
     if n == 0 {
         return Err(StoreError::NotFound(format!("anomaly {id}")));
     }
-    Ok(())
+    crate::auth::audit::commit(tx).await
 }

@@ -15,7 +15,7 @@ use crate::error::StoreError;
 /// The columns [`Order::from_row`] reads, in order.
 pub const COLUMNS: &str = "id, user_id, cabinet_id, door_id, state, door_state, reason, review, lock_token, goods, \
                            open_attempts, opened_ms, closed_ms, amount_cents, created_at, door_closed_at, \
-                           authorised_at";
+                           authorised_at, tenant, hold_cents, currency";
 
 /// An order as stored.
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +48,13 @@ pub struct Order {
     pub closed_ms: Option<i64>,
     /// What was charged, cents.
     pub amount_cents: Option<i64>,
+    /// The amount the payment provider must authorise (the most the order may charge), cents.
+    pub hold_cents: i64,
+    /// Currency of the hold and the charge.
+    pub currency: String,
+    /// The shop (tenant) that created the order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// When the order was created, ms since the Unix epoch.
     pub created_ms: u64,
     #[serde(skip)]
@@ -77,6 +84,9 @@ impl Order {
             created_ms: ms_of(r.get(14)),
             door_closed_ms: r.get::<_, Option<std::time::SystemTime>>(15).map(ms_of),
             authorised_ms: r.get::<_, Option<std::time::SystemTime>>(16).map(ms_of),
+            tenant: r.get(17),
+            hold_cents: r.get(18),
+            currency: r.get(19),
         }
     }
 
@@ -206,7 +216,7 @@ pub async fn transition_now(
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
     let moved = transition(&tx, id, from, to, cause, changes).await?;
-    tx.commit().await?;
+    crate::auth::audit::commit(tx).await?;
     if moved.is_some() {
         app.metrics.order_transitions.with_label_values(&[to.as_str()]).inc();
     }
@@ -272,7 +282,7 @@ pub struct NewOrder {
 /// # Errors
 /// `Invalid`, `NotFound` (cabinet or door), `Rejected` (`cabinet_offline`, `unpaid_order`,
 /// `door_busy`), or storage errors.
-pub async fn create(app: &App, new: &NewOrder) -> Result<Order, StoreError> {
+pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, StoreError> {
     if new.user_id.is_empty() || new.user_id.len() > 128 {
         return Err(StoreError::invalid("user_id", "1 to 128 characters"));
     }
@@ -298,9 +308,9 @@ pub async fn create(app: &App, new: &NewOrder) -> Result<Order, StoreError> {
     }
     let unpaid = client
         .query_opt(
-            "SELECT id FROM orders WHERE user_id = $1
+            "SELECT id FROM orders WHERE user_id = $1 AND coalesce(tenant, '') = $2
                 AND state IN ('created', 'authorised', 'door_opening', 'door_open', 'door_closed')",
-            &[&new.user_id],
+            &[&new.user_id, &tenant],
         )
         .await?;
     if let Some(r) = unpaid {
@@ -318,11 +328,22 @@ pub async fn create(app: &App, new: &NewOrder) -> Result<Order, StoreError> {
         let row = tx
             .query_one(
                 &format!(
-                    "INSERT INTO orders (id, user_id, cabinet_id, door_id, state, lock_token, due_at)
-                     VALUES ($1, $2, $3, $4, 'created', $1, now() + make_interval(secs => $5::float8 / 1000))
+                    "INSERT INTO orders (id, user_id, cabinet_id, door_id, state, lock_token, due_at, tenant,
+                                         hold_cents, currency)
+                     VALUES ($1, $2, $3, $4, 'created', $1, now() + make_interval(secs => $5::float8 / 1000), $6,
+                             $7, $8)
                      RETURNING {COLUMNS}"
                 ),
-                &[&id, &new.user_id, &new.cabinet_id, &door, &authorise_ms],
+                &[
+                    &id,
+                    &new.user_id,
+                    &new.cabinet_id,
+                    &door,
+                    &authorise_ms,
+                    &tenant,
+                    &app.config.purchases.hold_cents,
+                    &app.config.purchases.currency,
+                ],
             )
             .await?;
         tx.execute(
@@ -330,7 +351,7 @@ pub async fn create(app: &App, new: &NewOrder) -> Result<Order, StoreError> {
             &[&id],
         )
         .await?;
-        tx.commit().await?;
+        crate::auth::audit::commit(tx).await?;
         Ok::<_, StoreError>(Order::from_row(&row))
     }
     .await;
@@ -351,7 +372,7 @@ pub async fn create(app: &App, new: &NewOrder) -> Result<Order, StoreError> {
     }
 }
 
-/// The payment provider's verdict.
+/// The payment provider's verdict (the body of its signed callback, docs/api.md).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Authorisation {
@@ -362,50 +383,87 @@ pub struct Authorisation {
     /// The provider's reference.
     #[serde(default)]
     pub payment_id: Option<String>,
+    /// The amount authorised, cents: must equal the order's `hold_cents` (for `authorised`).
+    #[serde(default)]
+    pub amount_cents: Option<i64>,
+    /// The currency authorised: must equal the order's (for `authorised`).
+    #[serde(default)]
+    pub currency: Option<String>,
 }
 
-/// Applies the provider's callback. Idempotent: a repeated `authorised` answers the order as
-/// it is now. An authorisation that arrives after the order was cancelled is refused with
-/// `Rejected("order_cancelled")` so the provider releases the funds.
+/// Who signed a callback, and the signature accepted (recorded so it is accepted once).
+#[derive(Debug, Clone, Copy)]
+pub struct Signed<'a> {
+    /// The provider's configured name.
+    pub provider: &'a str,
+    /// The matching `v1` signature.
+    pub signature: &'a [u8; 32],
+}
+
+/// Applies the provider's signed callback, in one transaction with the record of its signature:
+/// a replay of the same signed request is refused (`Rejected("replayed")`) and changes nothing;
+/// an authorisation for another amount or currency than the order's hold is refused
+/// (`Rejected("amount_mismatch")`). A new callback for an order already moved answers the order
+/// as it is now (the provider retries with a fresh signature). An authorisation that arrives
+/// after the order was cancelled is refused with `Rejected("order_cancelled")` so the provider
+/// releases the funds.
 ///
 /// # Errors
 /// `Invalid`, `NotFound`, `Rejected`, or storage errors.
-pub async fn authorise(app: &App, a: &Authorisation) -> Result<Order, StoreError> {
+pub async fn authorise(app: &App, a: &Authorisation, signed: Signed<'_>) -> Result<Order, StoreError> {
     let authorised = match a.status.as_str() {
         "authorised" => true,
         "refused" => false,
         other => return Err(StoreError::invalid("status", format!("{other:?}: authorised or refused"))),
     };
-    let moved = if authorised {
-        let mut client = app.pg.get().await?;
-        let tx = client.transaction().await?;
-        let moved = transition(
-            &tx,
-            &a.order_id,
-            &[State::Created],
-            State::Authorised,
-            "payment_authorised",
-            Changes { due: Some(Due::In(Duration::ZERO)), ..Changes::default() },
+    if authorised && (a.amount_cents.is_none() || a.currency.is_none()) {
+        return Err(StoreError::invalid("amount_cents", "an authorisation names amount_cents and currency"));
+    }
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let first = tx
+        .execute(
+            "INSERT INTO payment_callbacks (provider, signature, order_id) VALUES ($1, $2, $3)
+             ON CONFLICT (provider, signature) DO NOTHING",
+            &[&signed.provider, &signed.signature.as_slice(), &a.order_id],
         )
         .await?;
+    if first == 0 {
+        return Err(StoreError::rejected("replayed", "this signed callback was already received"));
+    }
+    let held = tx
+        .query_opt("SELECT hold_cents, currency FROM orders WHERE id = $1 FOR UPDATE", &[&a.order_id])
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("order {}", a.order_id)))?;
+    let (hold, currency): (i64, String) = (held.get(0), held.get(1));
+    if authorised && (a.amount_cents != Some(hold) || a.currency.as_deref() != Some(currency.as_str())) {
+        return Err(StoreError::rejected(
+            "amount_mismatch",
+            format!("the order's hold is {hold} {currency}; the callback authorised another amount or currency"),
+        ));
+    }
+    let moved = if authorised {
+        let changes = Changes { due: Some(Due::In(Duration::ZERO)), ..Changes::default() };
+        let moved = transition(&tx, &a.order_id, &[State::Created], State::Authorised, "payment_authorised", changes)
+            .await?;
         if moved.is_some() {
             tx.execute("UPDATE orders SET payment_id = $2 WHERE id = $1", &[&a.order_id, &a.payment_id]).await?;
-        }
-        tx.commit().await?;
-        if moved.is_some() {
-            app.metrics.order_transitions.with_label_values(&["authorised"]).inc();
-            app.purchase_wakers.driver.notify_one();
         }
         moved
     } else {
         let changes = Changes { reason: Some("payment_refused".into()), ..Changes::default() };
-        let moved =
-            transition_now(app, &a.order_id, &[State::Created], State::Cancelled, "payment_refused", changes).await?;
-        if let Some(order) = &moved {
+        transition(&tx, &a.order_id, &[State::Created], State::Cancelled, "payment_refused", changes).await?
+    };
+    crate::auth::audit::commit(tx).await?;
+    drop(client);
+    if let Some(order) = &moved {
+        app.metrics.order_transitions.with_label_values(&[order.state.as_str()]).inc();
+        if authorised {
+            app.purchase_wakers.driver.notify_one();
+        } else {
             lock::release_quietly(app, order.door(), &order.lock_token).await;
         }
-        moved
-    };
+    }
     let order = match moved {
         Some(o) => o,
         None => get(app, &a.order_id).await?,

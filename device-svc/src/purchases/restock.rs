@@ -46,7 +46,7 @@ pub async fn start(app: &App, cabinet: &str, door: u8, operator: &str) -> Result
     if operator.is_empty() || operator.len() > 128 {
         return Err(StoreError::invalid("operator", "1 to 128 characters"));
     }
-    let client = app.pg.get().await?;
+    let mut client = app.pg.get().await?;
     let exists = client
         .query_opt("SELECT 1 FROM doors WHERE cabinet_id = $1 AND door_id = $2", &[&cabinet, &i16::from(door)])
         .await?;
@@ -58,14 +58,19 @@ pub async fn start(app: &App, cabinet: &str, door: u8, operator: &str) -> Result
     if !lock::acquire(app, lock_door, &id).await? {
         return Err(StoreError::rejected("door_busy", "the door is in use by an order or another restock"));
     }
-    let row = client
-        .query_one(
-            "INSERT INTO restocks (id, cabinet_id, door_id, operator, lock_token) VALUES ($1, $2, $3, $4, $1)
-             RETURNING started_at",
-            &[&id, &cabinet, &i16::from(door), &operator],
-        )
-        .await;
-    match row {
+    let inserted = async {
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_one(
+                "INSERT INTO restocks (id, cabinet_id, door_id, operator, lock_token) VALUES ($1, $2, $3, $4, $1)
+                 RETURNING started_at",
+                &[&id, &cabinet, &i16::from(door), &operator],
+            )
+            .await?;
+        crate::auth::audit::commit(tx).await?;
+        Ok::<_, StoreError>(row)
+    };
+    match inserted.await {
         Ok(row) => Ok(Restock {
             id,
             cabinet_id: cabinet.to_owned(),
@@ -77,7 +82,6 @@ pub async fn start(app: &App, cabinet: &str, door: u8, operator: &str) -> Result
         }),
         Err(e) => {
             lock::release_quietly(app, lock_door, &id).await;
-            let e = StoreError::from(e);
             if e.is_unique_violation() {
                 Err(StoreError::rejected("door_busy", "a restock of this door runs"))
             } else {
@@ -122,7 +126,7 @@ pub async fn finish(app: &App, id: &str) -> Result<Restock, StoreError> {
                 .get(0)
         }
     };
-    tx.commit().await?;
+    crate::auth::audit::commit(tx).await?;
     lock::release_quietly(app, Door { cabinet: &cabinet, door: u8::try_from(door).unwrap_or(0) }, &token).await;
     Ok(Restock {
         id: id.to_owned(),

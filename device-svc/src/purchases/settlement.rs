@@ -66,6 +66,8 @@ pub async fn try_settle(app: &App, id: &str, give_up: bool) -> Result<Option<Sta
     let r = reckon::reckon(&goods, &after, app.config.purchases.tolerance);
     let verdict = match r.review_reasons().first() {
         Some(reason) => Verdict::Review(reason, Some((&r, &after)), &goods),
+        // Never charge more than was authorised: an operator settles it.
+        None if r.amount_cents > order.hold_cents => Verdict::Review(kind::OVER_HOLD, Some((&r, &after)), &goods),
         None => Verdict::Charge(&r, &after, &goods),
     };
     finish(app, &order, verdict).await.map(Some)
@@ -154,7 +156,9 @@ async fn record_settlement(
         "idem_key": key,
         "order_id": order.id,
         "user_id": order.user_id,
+        "tenant": order.tenant,
         "payment_id": payment_id,
+        "currency": order.currency,
         "cabinet_id": order.cabinet_id,
         "door_id": order.door_id,
         "amount_cents": amount_cents,
@@ -220,7 +224,7 @@ pub async fn settle_by_operator(app: &App, id: &str, operator: &str, counted: &[
         ));
     };
     record_settlement(&tx, &done, &lines, amount).await?;
-    tx.commit().await?;
+    crate::auth::audit::commit(tx).await?;
     app.metrics.order_transitions.with_label_values(&[State::Settled.as_str()]).inc();
     app.purchase_wakers.relay.notify_one();
     tracing::info!(order = %id, operator, amount_cents = amount, "order settled by an operator");

@@ -365,6 +365,8 @@ fn refusal(code: &str) -> &'static str {
 /// `cancelled`, `already_scanned`), storage errors.
 pub async fn scan(app: &App, qr_id: &str, user: &str) -> Result<ActivationView, StoreError> {
     check_buyer(app, qr_id, user).await?;
+    // The step is a Redis script: its audit row is written before it runs.
+    crate::auth::audit::record_now(app).await?;
     run(app, &SCAN_SCRIPT, "scan", qr_id, &[user]).await?;
     view(app, qr_id).await
 }
@@ -402,6 +404,7 @@ async fn check_buyer(app: &App, qr_id: &str, user: &str) -> Result<(), StoreErro
 /// `NotFound`, `Rejected` (`not_scanned`, `already_scanned`, `expired`, `cancelled`), Redis errors.
 pub async fn confirm(app: &App, qr_id: &str, user: &str) -> Result<ActivationView, StoreError> {
     let fresh = new_code()?;
+    crate::auth::audit::record_now(app).await?;
     let out = run(app, &CONFIRM_SCRIPT, "confirm", qr_id, &[user, &fresh]).await?;
     let mut view = view(app, qr_id).await?;
     if let [_, _, code, vin, exp] = out.as_slice() {
@@ -420,6 +423,7 @@ pub async fn confirm(app: &App, qr_id: &str, user: &str) -> Result<ActivationVie
 /// # Errors
 /// `NotFound`, `Rejected` (`already_reported`, `already_scanned`, `not_scanned`, `expired`), Redis errors.
 pub async fn cancel(app: &Arc<App>, qr_id: &str, user: &str) -> Result<ActivationView, StoreError> {
+    crate::auth::audit::record_now(app).await?;
     run(app, &CANCEL_SCRIPT, "cancel", qr_id, &[user]).await?;
     let view = view(app, qr_id).await?;
     // The car may be showing the code or holding an activation code: tell it, as it would be

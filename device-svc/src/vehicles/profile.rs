@@ -162,8 +162,9 @@ pub async fn get(app: &App, vin: &str) -> Result<VehicleView, StoreError> {
 /// `Invalid`, `NotFound`; storage errors.
 pub async fn update(app: &App, vin: &str, p: &Profile) -> Result<VehicleView, StoreError> {
     p.check()?;
-    let client = app.pg.get().await?;
-    let n = client
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx
         .execute(
             "UPDATE vehicles SET model = COALESCE($2, model), state = COALESCE($3, state),
                     purpose = COALESCE($4, purpose), sw_version = COALESCE($5, sw_version),
@@ -175,6 +176,7 @@ pub async fn update(app: &App, vin: &str, p: &Profile) -> Result<VehicleView, St
     if n == 0 {
         return Err(StoreError::NotFound(format!("vehicle {vin}")));
     }
+    crate::auth::audit::commit(tx).await?;
     drop(client);
     get(app, vin).await
 }

@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
+use testkit::http::Api;
+
 use protocol::Vin;
 use protocol::mqtt::topic::{self, DownlinkKind, UplinkKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -13,7 +15,7 @@ use tokio::sync::mpsc;
 use super::{WAIT, expect};
 
 /// Registers a vehicle with `profile` fields (state, purpose, sw_version, model); returns its token.
-pub async fn register_vehicle(api: SocketAddr, vin: &str, profile: Value) -> String {
+pub async fn register_vehicle(api: Api, vin: &str, profile: Value) -> String {
     let mut body = json!({"vin": vin});
     if let (Some(b), Some(p)) = (body.as_object_mut(), profile.as_object()) {
         b.extend(p.clone());

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use device_svc::DeviceService;
+use device_svc::auth::Role;
+use device_svc::auth::keys::{self, NewKey};
 use futures_util::{SinkExt, StreamExt};
 use gateway::Gateway;
 use protocol::DeviceId;
@@ -19,6 +21,7 @@ use protocol::cabinet::{Frame, Heartbeat, LaneWeight, LoginStatus, Message, Weig
 use redis_conn::{RedisConn, RedisTarget};
 use serde_json::{Value, json};
 use testkit::cabinet::Cabinet;
+pub use testkit::http::{Api, Parties};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +48,14 @@ pub struct Stack {
     pub redis: RedisConn,
     pub gateway: Gateway,
     pub node: String,
+    /// The API keys and payment secret of the flows' parties (in this test's database).
+    pub parties: &'static Parties,
 }
+
+/// The payment provider the tests' device services trust.
+pub const PROVIDER: &str = "test-pay";
+/// Its shared secret.
+pub const PROVIDER_SECRET: &str = "test-provider-secret-0123456789";
 
 impl Stack {
     /// A fresh database and prefix, and one gateway node.
@@ -56,7 +66,18 @@ impl Stack {
         let redis = RedisConn::open(&RedisTarget::Single(ns.url.clone()), None).await.unwrap();
         let node = "gw-a".to_owned();
         let gateway = Gateway::start(gateway_config(&ns, &node).validate().unwrap()).await.unwrap();
-        Self { db, ns, keys, redis, gateway, node }
+        let parties = Box::leak(Box::new(parties(&db).await));
+        Self { db, ns, keys, redis, gateway, node, parties }
+    }
+
+    /// The API at `addr`, called by the flows' parties.
+    pub fn api(&self, addr: SocketAddr) -> Api {
+        Api { addr, caller: testkit::http::Caller::Parties(self.parties) }
+    }
+
+    /// A fresh key of `role` (and `tenant`).
+    pub async fn key(&self, role: Role, tenant: Option<&str>) -> String {
+        new_key(&self.db.client().await, role, tenant).await
     }
 
     /// The gateway's cabinet listener.
@@ -93,6 +114,10 @@ impl Stack {
         c.vehicles.downlink_timeout_ms = 3000;
         c.vehicles.connect_send_retry_ms = 200;
         c.ota.poll_ms = 100;
+        c.payments.providers =
+            vec![device_svc::config::PaymentProvider { name: PROVIDER.into(), secret: PROVIDER_SECRET.into() }];
+        // The tests' parties send bursts (a test's setup); rate limits have a test of their own.
+        c.auth.rate_per_s = 0;
         c
     }
 
@@ -109,6 +134,26 @@ impl Stack {
     /// A client of this test's database.
     pub async fn pg(&self) -> tokio_postgres::Client {
         self.db.client().await
+    }
+}
+
+async fn new_key(client: &tokio_postgres::Client, role: Role, tenant: Option<&str>) -> String {
+    let new = NewKey { name: "test", role, tenant, created_by: "test" };
+    keys::create(client, &new).await.unwrap().key
+}
+
+/// Applies the migrations to the test's database and makes a key for each party.
+async fn parties(db: &testkit::TestDatabase) -> Parties {
+    let pool = device_svc::db::pool(&db.url, 1).unwrap();
+    device_svc::db::migrate(&pool).await.unwrap();
+    let client = db.client().await;
+    Parties {
+        operator: new_key(&client, Role::Operator, None).await,
+        viewer: new_key(&client, Role::Viewer, None).await,
+        shop: new_key(&client, Role::Shop, Some("shop-1")).await,
+        owner_app: new_key(&client, Role::OwnerApp, None).await,
+        provider: PROVIDER.into(),
+        provider_secret: PROVIDER_SECRET.into(),
     }
 }
 
@@ -134,7 +179,7 @@ fn gateway_config(ns: &testkit::RedisNamespace, node: &str) -> gateway::config::
 pub use testkit::http::{call as http, expect};
 
 /// Registers a cabinet with `doors` (door id, lane count); returns its id and secret.
-pub async fn register_cabinet(api: SocketAddr, id: &str, doors: &[(u8, u8)]) -> (DeviceId, Vec<u8>) {
+pub async fn register_cabinet(api: Api, id: &str, doors: &[(u8, u8)]) -> (DeviceId, Vec<u8>) {
     let doors: Vec<Value> = doors
         .iter()
         .map(|(door, lanes)| json!({"door_id": door, "lanes": (1..=*lanes).map(|l| json!({"lane_id": l})).collect::<Vec<_>>()}))
@@ -168,7 +213,7 @@ where
 }
 
 /// Waits until `key`'s status is `status`; returns the device view.
-pub async fn wait_status(api: SocketAddr, key: &str, status: &str) -> Value {
+pub async fn wait_status(api: Api, key: &str, status: &str) -> Value {
     wait_until(&format!("{key} {status}"), WAIT, || async {
         let (code, v) = http(api, "GET", &format!("/v1/devices/{key}"), None).await;
         (code == 200 && v["status"] == status).then_some(v)

@@ -34,15 +34,15 @@ fn list_name(list: &str) -> Result<&'static str, StoreError> {
 pub async fn add(app: &App, list: &str, vin: &str, note: &str) -> Result<(), StoreError> {
     let list = list_name(list)?;
     let vin = protocol::Vin::new(vin).map_err(|e| StoreError::invalid("vin", e.to_string()))?;
-    let client = app.pg.get().await?;
-    client
-        .execute(
-            "INSERT INTO ota_lists (list, vin, note) VALUES ($1, $2, $3)
-             ON CONFLICT (list, vin) DO UPDATE SET note = EXCLUDED.note",
-            &[&list, &vin.as_str(), &note],
-        )
-        .await?;
-    Ok(())
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "INSERT INTO ota_lists (list, vin, note) VALUES ($1, $2, $3)
+         ON CONFLICT (list, vin) DO UPDATE SET note = EXCLUDED.note",
+        &[&list, &vin.as_str(), &note],
+    )
+    .await?;
+    crate::auth::audit::commit(tx).await
 }
 
 /// Removes `vin` from `list`.
@@ -51,12 +51,13 @@ pub async fn add(app: &App, list: &str, vin: &str, note: &str) -> Result<(), Sto
 /// `NotFound` if it is not listed; `Invalid` for an unknown list; storage errors.
 pub async fn remove(app: &App, list: &str, vin: &str) -> Result<(), StoreError> {
     let list = list_name(list)?;
-    let client = app.pg.get().await?;
-    let n = client.execute("DELETE FROM ota_lists WHERE list = $1 AND vin = $2", &[&list, &vin]).await?;
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let n = tx.execute("DELETE FROM ota_lists WHERE list = $1 AND vin = $2", &[&list, &vin]).await?;
     if n == 0 {
         return Err(StoreError::NotFound(format!("{vin} on the {list}")));
     }
-    Ok(())
+    crate::auth::audit::commit(tx).await
 }
 
 /// Every entry of `list`, by VIN.

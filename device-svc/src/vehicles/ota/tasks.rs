@@ -296,7 +296,7 @@ pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
         &[&id, &positions, &vins, &reasons, &details],
     )
     .await?;
-    tx.commit().await?;
+    crate::auth::audit::commit(tx).await?;
     drop(client);
     let rejected: Vec<Rejection> = rejected.into_iter().map(|(_, r)| r).collect();
     for r in &rejected {
@@ -533,7 +533,7 @@ pub async fn cancel(app: &App, id: &str) -> Result<Task, StoreError> {
             .await?;
         }
     }
-    tx.commit().await?;
+    crate::auth::audit::commit(tx).await?;
     drop(client);
     app.ota_waker.notify_one();
     get(app, id).await
