@@ -6,9 +6,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use device_svc::DeviceService;
+use device_svc::auth::Role;
+use device_svc::auth::keys::{self, NewKey};
 use gateway::Gateway;
 use serde_json::{Value, json};
-use testkit::http::expect;
+use testkit::http::{Api, Parties, expect};
 
 /// One test's stack.
 #[derive(Debug)]
@@ -21,7 +23,14 @@ pub struct Stack {
     pub gateways: Vec<Gateway>,
     /// The device service.
     pub svc: DeviceService,
+    /// The keys and payment secret of the flows' parties.
+    pub parties: &'static Parties,
 }
+
+/// The payment provider the stack's device service trusts.
+pub const PROVIDER: &str = "conformance-pay";
+/// Its shared secret.
+pub const PROVIDER_SECRET: &str = "conformance-provider-secret-0123";
 
 #[allow(clippy::unwrap_used, clippy::missing_panics_doc)] // a test fixture: a failure is the test's
 impl Stack {
@@ -58,13 +67,32 @@ impl Stack {
         c.heartbeat.startup_grace_s = 0;
         c.commands.default_timeout_ms = 2000;
         c.vehicles.connect_send_retry_ms = 200;
+        c.payments.providers =
+            vec![device_svc::config::PaymentProvider { name: PROVIDER.into(), secret: PROVIDER_SECRET.into() }];
         let svc = DeviceService::start(c.validate().unwrap()).await.unwrap();
-        Self { db, ns, gateways, svc }
+        let client = db.client().await;
+        let key = |role: Role, tenant: Option<&'static str>| {
+            let client = &client;
+            async move {
+                let new = NewKey { name: "conformance", role, tenant, created_by: "conformance" };
+                keys::create(client, &new).await.unwrap().key
+            }
+        };
+        let parties = Parties {
+            operator: key(Role::Operator, None).await,
+            viewer: key(Role::Viewer, None).await,
+            shop: key(Role::Shop, Some("shop-1")).await,
+            owner_app: key(Role::OwnerApp, None).await,
+            provider: PROVIDER.into(),
+            provider_secret: PROVIDER_SECRET.into(),
+        };
+        drop(client);
+        Self { db, ns, gateways, svc, parties: Box::leak(Box::new(parties)) }
     }
 
-    /// The API.
-    pub fn api(&self) -> SocketAddr {
-        self.svc.addr
+    /// The API, called by the flows' parties.
+    pub fn api(&self) -> Api {
+        Api { addr: self.svc.addr, caller: testkit::http::Caller::Parties(self.parties) }
     }
 
     /// Node `i`'s cabinet listener.

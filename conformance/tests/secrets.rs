@@ -1,15 +1,21 @@
 //! Secrets never reach a log, at any level: both services run at `trace` (through the filter
 //! the binaries use) while cabinets and a vehicle are registered, log in, are rotated and log in
-//! again; then every secret, token and token hash used, in every form a log could print it
-//! (hex, text, a byte list), is looked for in what was logged.
+//! again, and a purchase is ordered by the shop and authorised by the payment provider's signed
+//! callback; then every secret, token, token hash, API key and the provider's secret used, in
+//! every form a log could print it (hex, text, a byte list), is looked for in what was logged.
 
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use conformance::cabinet::{VendorCabinet, status};
+use conformance::cabinet::now_ms;
 use conformance::stack::Stack;
+use protocol::cabinet::{LaneWeight, Message, WeightReport};
+use serde_json::json;
+use testkit::http::expect;
 use conformance::vehicle::VendorCar;
 use sha2::{Digest, Sha256};
 
@@ -57,12 +63,30 @@ async fn no_secret_is_logged_even_at_trace() {
     let rotated = stack.rotate(&format!("veh:{vin}")).await;
     VendorCar::connect(stack.mqtt_addr(1), vin, &rotated).await.unwrap().leave().await;
 
+    // A purchase: the cabinet reports its lanes and goes online, the shop orders, the provider
+    // authorises with its signature.
+    let shelf_secret = stack.register_cabinet("CAB-SHELF").await;
+    let id = protocol::DeviceId::new("CAB-SHELF").unwrap();
+    let (mut shelf, _) = testkit::cabinet::Cabinet::login(stack.cabinet_addr(0), &id, &shelf_secret).await;
+    let lanes = (1..=2).map(|lane_id| LaneWeight { lane_id, grams: 1000, stable: true }).collect();
+    shelf.send(Message::WeightReport(WeightReport { door_id: 1, sample_time_ms: now_ms(), lanes })).await;
+    Stack::until("the cabinet is online", Duration::from_secs(10), || async {
+        stack.get("/v1/devices/cab:CAB-SHELF").await["status"] == "online"
+    })
+    .await;
+    let order = json!({"user_id": "u-secret", "cabinet_id": "CAB-SHELF", "door_id": 1});
+    let order = expect(stack.api(), "POST", "/v1/orders", Some(order), 201).await;
+    let hold = order["hold_cents"].as_i64().unwrap();
+    let paid = json!({"order_id": order["id"], "status": "authorised", "payment_id": "p-s", "amount_cents": hold, "currency": "CNY"});
+    let paid = expect(stack.api(), "POST", "/v1/payments/callback", Some(paid), 200).await;
+    assert_eq!(paid["state"], "authorised");
+
     tracing::trace!("marker: trace events are captured");
     let logged = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
     assert!(logged.contains("cabinet logged in"), "the capture works: gateway logs are in it");
     assert!(logged.contains("marker: trace events are captured"), "trace level is on");
     let mut secrets = Vec::new();
-    for secret in [&first, &second] {
+    for secret in [&first, &second, &shelf_secret] {
         secrets.extend(forms(secret));
     }
     for token in [&token, &rotated] {
@@ -70,6 +94,13 @@ async fn no_secret_is_logged_even_at_trace() {
         secrets.extend(forms(token.as_bytes()));
         secrets.extend(forms(&Sha256::digest(token.as_bytes())));
     }
+    let parties = stack.parties;
+    for key in [&parties.operator, &parties.viewer, &parties.shop, &parties.owner_app] {
+        // The whole key and its secret half (the id alone is public: the audit trail names it).
+        secrets.push(key.clone());
+        secrets.push(key[22..].to_owned());
+    }
+    secrets.push(parties.provider_secret.clone());
     for secret in &secrets {
         assert!(!logged.contains(secret.as_str()), "a secret was logged: {secret}");
     }
