@@ -48,7 +48,11 @@ trap finish EXIT
 
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || install_packages prometheus
 say "promtool: configuration, rules, rule unit tests"
-promtool check config grafana/prometheus.yml >/dev/null
+# The shipped configuration reads the device service's metrics key from a file beside it.
+mkdir -p "$WORK/shipped"
+cp grafana/prometheus.yml "$WORK/shipped/" && ln -s "$PWD/grafana/rules" "$WORK/shipped/rules"
+echo "iotk_placeholder" >"$WORK/shipped/device-svc-metrics.key"
+promtool check config "$WORK/shipped/prometheus.yml" >/dev/null
 promtool check rules grafana/rules/alerts.yml >/dev/null
 promtool test rules grafana/rules/alerts_test.yml >/dev/null
 
@@ -56,6 +60,7 @@ say "observability check: a small stack under a simulated fleet, scraped by Prom
 cargo build --locked -q -p gateway -p device-svc -p loadtest --bins
 PGOPTIONS="-c client_min_messages=warning" psql "$DATABASE_URL" -Xq -c "DROP DATABASE IF EXISTS \"$DB\"" -c "CREATE DATABASE \"$DB\"" >/dev/null
 DB_URL=$(url_with_db "$DATABASE_URL" "$DB")
+api_parties target/debug/device-svc "$DB_URL" obs
 
 SVC_PORT=$(free_port)
 DEVICE_SVC_KEY_PREFIX=$PREFIX target/debug/device-svc --instance-id obs-svc \
@@ -88,6 +93,8 @@ scrape_configs:
     static_configs:
       - targets: [${TARGETS%, }]
   - job_name: device-svc
+    authorization:
+      credentials: $IOTGW_METRICS_KEY
     static_configs:
       - targets: ["127.0.0.1:$SVC_PORT"]
 EOF

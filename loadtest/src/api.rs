@@ -1,5 +1,10 @@
 //! A small HTTP/1.1 JSON client for the device service's API (one connection per call), so the
 //! harness needs no HTTP stack of its own. Loopback only, like every target of the harness.
+//!
+//! The harness plays every party of the flows, each with its own credentials, taken from the
+//! environment (never from flags, which `ps` shows, nor the report): `IOTGW_OPERATOR_KEY`
+//! (seeding, commands, OTA), `IOTGW_SHOP_KEY` (orders), `IOTGW_OWNER_APP_KEY` (activation steps),
+//! and `IOTGW_PAYMENT_PROVIDER` / `IOTGW_PAYMENT_SECRET` (the signed payment callbacks).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,24 +14,98 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The device service's API at `addr`.
+/// The credentials of the parties the harness plays.
+#[derive(Clone, Default)]
+pub struct Parties {
+    operator: String,
+    shop: String,
+    owner_app: String,
+    provider: String,
+    provider_secret: String,
+}
+
+impl std::fmt::Debug for Parties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parties").field("provider", &self.provider).finish_non_exhaustive()
+    }
+}
+
+impl Parties {
+    /// From the environment variables of the module header (missing ones are empty: the calls
+    /// that need them are then refused by the service, and the harness reports it).
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).unwrap_or_default();
+        Self {
+            operator: var("IOTGW_OPERATOR_KEY"),
+            shop: var("IOTGW_SHOP_KEY"),
+            owner_app: var("IOTGW_OWNER_APP_KEY"),
+            provider: var("IOTGW_PAYMENT_PROVIDER"),
+            provider_secret: var("IOTGW_PAYMENT_SECRET"),
+        }
+    }
+
+    /// The headers that authenticate `method path` with `body`: the key of the party that
+    /// calls the route, or the provider's signature for its callback.
+    fn headers(&self, method: &str, path: &str, body: &str) -> String {
+        let key = if path == "/v1/payments/callback" {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let signature = protocol::payment::header(self.provider_secret.as_bytes(), now, body.as_bytes());
+            return format!("X-Payment-Provider: {}\r\nX-Payment-Signature: {signature}\r\n", self.provider);
+        } else if path == "/v1/orders" && method == "POST" {
+            &self.shop
+        } else if path.starts_with("/v1/activations/") && method == "POST" {
+            &self.owner_app
+        } else {
+            &self.operator
+        };
+        format!("Authorization: Bearer {key}\r\n")
+    }
+}
+
+/// The device service's API at `addr`, called as the parties of the flows.
 #[derive(Debug, Clone, Copy)]
 pub struct Api {
     /// Where it listens.
     pub addr: SocketAddr,
+    parties: &'static Parties,
 }
 
 impl Api {
+    /// The API at `addr`, with the parties' credentials from the environment (read once).
+    pub fn new(addr: SocketAddr) -> Self {
+        static PARTIES: std::sync::OnceLock<Parties> = std::sync::OnceLock::new();
+        Self { addr, parties: PARTIES.get_or_init(Parties::from_env) }
+    }
+
     /// Calls `method path` with an optional JSON body; returns the status and the JSON answer
-    /// (`Null` when empty).
+    /// (`Null` when empty). A 429 (the key above its rate) is waited out as `Retry-After` says,
+    /// up to five times, as a well-behaved client does.
     ///
     /// # Errors
     /// Connection failures, timeouts (10 s) and answers that are not HTTP.
     pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<(u16, Value)> {
+        let mut tries = 0;
+        loop {
+            let (status, retry_after, value) = self.call_once(method, path, body).await?;
+            tries += 1;
+            match retry_after {
+                Some(wait) if status == 429 && tries < 5 => tokio::time::sleep(wait).await,
+                _ => return Ok((status, value)),
+            }
+        }
+    }
+
+    async fn call_once(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Option<Duration>, Value)> {
         let body = body.map(Value::to_string).unwrap_or_default();
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.addr,
+            self.parties.headers(method, path, &body),
             body.len()
         );
         let exchange = async {
@@ -40,8 +119,13 @@ impl Api {
         let text = String::from_utf8_lossy(&raw);
         let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP answer")?;
         let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
+        let retry_after = head
+            .lines()
+            .find_map(|l| l.strip_prefix("retry-after: "))
+            .and_then(|s| s.trim().parse().ok())
+            .map(Duration::from_secs);
         let value = if body.is_empty() { Value::Null } else { serde_json::from_str(body).unwrap_or(Value::Null) };
-        Ok((status, value))
+        Ok((status, retry_after, value))
     }
 
     /// Calls and expects one of `ok` statuses.

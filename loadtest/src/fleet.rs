@@ -254,7 +254,7 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
         let mut con = client.get_multiplexed_async_connection().await.context("failed to reach Redis")?;
         provision_credentials(&mut con, &keys, plan.cabinets, plan.vehicles).await?;
     }
-    let api = plan.api.map(|addr| Api { addr });
+    let api = plan.api.map(Api::new);
     if let (Some(api), true) = (api, plan.seed) {
         let seeded = seed::run(api, plan.cabinets, plan.vehicles, &CabinetBehaviour::default()).await?;
         eprintln!("registered through the API: {} new, {} already there", seeded.created, seeded.existing);

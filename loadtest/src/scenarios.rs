@@ -78,9 +78,12 @@ async fn one_order(api: Api, i: usize, cabinets: usize) -> (String, Option<Durat
         Err(_) => return ("api_error".into(), None, None),
     };
     let id = order["id"].as_str().unwrap_or_default().to_owned();
-    let payment = json!({"order_id": id, "status": "authorised", "payment_id": format!("lt-pay-{id}")});
-    if api.call("POST", "/v1/payments/callback", Some(&payment)).await.is_err() {
-        return ("api_error".into(), None, None);
+    let payment = json!({"order_id": id, "status": "authorised", "payment_id": format!("lt-pay-{id}"),
+                         "amount_cents": order["hold_cents"], "currency": order["currency"]});
+    match api.call("POST", "/v1/payments/callback", Some(&payment)).await {
+        Ok((200, _)) => {}
+        Ok((_, e)) => return (format!("payment_refused:{}", e["error"].as_str().unwrap_or("unknown")), None, None),
+        Err(_) => return ("api_error".into(), None, None),
     }
     // Follow the order; its own transition times (the service's clock) give the durations, so
     // how often the harness looks does not change them.

@@ -197,3 +197,26 @@ services_down() {
     SERVICES_DIR=""
   fi
 }
+
+# api_parties DEVICE_SVC_BINARY DATABASE_URL LABEL
+# Creates an API key per party of the flows in the database (with `device-svc keys create`,
+# which also applies the migrations) and a payment provider secret, and exports what the load
+# harness reads (IOTGW_OPERATOR_KEY, IOTGW_VIEWER_KEY, IOTGW_SHOP_KEY, IOTGW_OWNER_APP_KEY,
+# IOTGW_METRICS_KEY, IOTGW_PAYMENT_PROVIDER, IOTGW_PAYMENT_SECRET) and what the device service
+# reads (DEVICE_SVC_PAYMENT_PROVIDERS). Keys go through the environment, never the command line.
+api_parties() {
+  local bin=$1 db=$2 label=$3 role var
+  for role in operator viewer shop owner_app metrics; do
+    var="IOTGW_$(printf '%s' "$role" | tr '[:lower:]' '[:upper:]')_KEY"
+    local tenant=()
+    [ "$role" = shop ] && tenant=(--tenant "$label-shop")
+    printf -v "$var" '%s' "$("$bin" --database-url "$db" keys create --role "$role" --name "$label-$role" "${tenant[@]}" 2>/dev/null)" \
+      || die "failed to create the $role API key"
+    [ -n "${!var}" ] || die "failed to create the $role API key"
+    export "${var?}"
+  done
+  export IOTGW_PAYMENT_PROVIDER="$label-pay"
+  IOTGW_PAYMENT_SECRET=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+  export IOTGW_PAYMENT_SECRET
+  export DEVICE_SVC_PAYMENT_PROVIDERS="$IOTGW_PAYMENT_PROVIDER:$IOTGW_PAYMENT_SECRET"
+}
