@@ -10,14 +10,14 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use conformance::cabinet::{VendorCabinet, status};
 use conformance::cabinet::now_ms;
+use conformance::cabinet::{VendorCabinet, status};
 use conformance::stack::Stack;
+use conformance::vehicle::VendorCar;
 use protocol::cabinet::{LaneWeight, Message, WeightReport};
 use serde_json::json;
-use testkit::http::expect;
-use conformance::vehicle::VendorCar;
 use sha2::{Digest, Sha256};
+use testkit::http::expect;
 
 /// Everything the process logged.
 #[derive(Clone, Default)]

@@ -6,7 +6,6 @@
 
 mod common;
 
-
 use common::car::{Car, register_vehicle};
 use common::*;
 use device_svc::DeviceService;

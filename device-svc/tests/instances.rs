@@ -22,8 +22,12 @@ async fn two_instances_judge_each_silent_cabinet_once() {
     let two = stack.service("svc-2").await;
     let mut fleet = Vec::new();
     for n in 0..40 {
-        let (id, secret) =
-            register_cabinet(stack.api(if n % 2 == 0 { one.addr } else { two.addr }), &format!("cab-two-{n}"), &[(1, 1)]).await;
+        let (id, secret) = register_cabinet(
+            stack.api(if n % 2 == 0 { one.addr } else { two.addr }),
+            &format!("cab-two-{n}"),
+            &[(1, 1)],
+        )
+        .await;
         fleet.push(Beating::start(login(stack.cabinet_addr(), &id, &secret).await));
     }
     wait_until("a healthy node, seen by both", WAIT, || async {

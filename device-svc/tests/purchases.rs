@@ -561,7 +561,9 @@ async fn forged_replayed_stale_or_mismatched_callbacks_change_nothing() {
 
     let metrics = http(api, "GET", "/metrics", None).await.1;
     let text = metrics.as_str().unwrap();
-    for result in ["unsigned", "bad_signature", "unknown_provider", "stale", "amount_mismatch", "replayed", "authorised"] {
+    for result in
+        ["unsigned", "bad_signature", "unknown_provider", "stale", "amount_mismatch", "replayed", "authorised"]
+    {
         let n = metric(text, &format!("devsvc_payment_callbacks_total{{result=\"{result}\"}}"));
         let want = if result == "amount_mismatch" { 2.0 } else { 1.0 };
         assert_eq!(n, want, "{result}");
@@ -569,7 +571,10 @@ async fn forged_replayed_stale_or_mismatched_callbacks_change_nothing() {
     // The provider's acts are in the audit trail under its name.
     let trail = expect(api, "GET", "/v1/audit?principal=provider:test-pay", None, 200).await;
     let outcomes: Vec<&str> = trail.as_array().unwrap().iter().map(|e| e["outcome"].as_str().unwrap()).collect();
-    assert!(outcomes.contains(&"ok") && outcomes.contains(&"amount_mismatch") && outcomes.contains(&"replayed"), "{outcomes:?}");
+    assert!(
+        outcomes.contains(&"ok") && outcomes.contains(&"amount_mismatch") && outcomes.contains(&"replayed"),
+        "{outcomes:?}"
+    );
     shop.stop().await;
     svc.stop().await;
 }
@@ -588,10 +593,14 @@ async fn a_shop_sees_only_its_own_orders_and_its_users_are_its_own() {
     let (code, e) = http(other, "GET", &format!("/v1/orders/{id}"), None).await;
     assert_eq!((code, e["error"].as_str()), (404, Some("not_found")), "{e}");
     let (code, theirs) =
-        http(other, "POST", "/v1/orders", Some(json!({"user_id": "u-7", "cabinet_id": "cab-p-10", "door_id": 2}))).await;
+        http(other, "POST", "/v1/orders", Some(json!({"user_id": "u-7", "cabinet_id": "cab-p-10", "door_id": 2})))
+            .await;
     assert_eq!((code, theirs["tenant"].as_str()), (201, Some("shop-2")), "{theirs}");
     // An operator reads both.
-    assert_eq!(expect(api.with_key(&stack.parties.operator), "GET", &format!("/v1/orders/{id}"), None, 200).await["id"], *id);
+    assert_eq!(
+        expect(api.with_key(&stack.parties.operator), "GET", &format!("/v1/orders/{id}"), None, 200).await["id"],
+        *id
+    );
     shop.stop().await;
     svc.stop().await;
 }

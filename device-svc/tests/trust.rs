@@ -2,6 +2,8 @@
 //! the right credentials (401 without, 403 for a role it does not list), the attacks that were
 //! found are refused and recorded, keys are revoked at once, and a key above its rate gets 429.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;
@@ -97,14 +99,22 @@ async fn the_attacks_found_are_refused_recorded_and_counted() {
     let operator_id = &stack.parties.operator[5..21];
     let (status, head, _) = testkit::http::exchange(
         api.addr,
-        &api.request("POST", "/v1/products", "application/json", r#"{"id":"p-a","name":"A","unit_grams":10,"price_cents":1}"#),
+        &api.request(
+            "POST",
+            "/v1/products",
+            "application/json",
+            r#"{"id":"p-a","name":"A","unit_grams":10,"price_cents":1}"#,
+        ),
     )
     .await;
     assert_eq!(status, 201);
     let request_id = head.lines().find_map(|l| l.strip_prefix("x-request-id: ")).expect("a request id").to_owned();
     let trail = expect(api, "GET", "/v1/audit?route=/v1/products", None, 200).await;
     let row = &trail[0];
-    assert_eq!((row["principal"].as_str(), row["outcome"].as_str()), (Some(&*format!("key:{operator_id}")), Some("ok")));
+    assert_eq!(
+        (row["principal"].as_str(), row["outcome"].as_str()),
+        (Some(&*format!("key:{operator_id}")), Some("ok"))
+    );
     assert_eq!(row["request_id"], request_id);
     let text = http(api, "GET", "/metrics", None).await.1;
     assert!(metric(text.as_str().unwrap(), "devsvc_audit_rows_total{written=\"in_transaction\"}") >= 1.0);

@@ -129,11 +129,13 @@ impl Signature {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     const SECRET: &[u8] = b"whsec-test";
-    const BODY: &[u8] = br#"{"order_id":"o-1","status":"authorised","payment_id":"p-1","amount_cents":2000,"currency":"CNY"}"#;
+    const BODY: &[u8] =
+        br#"{"order_id":"o-1","status":"authorised","payment_id":"p-1","amount_cents":2000,"currency":"CNY"}"#;
 
     #[test]
     fn the_documented_example_signs_as_written() {

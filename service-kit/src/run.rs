@@ -25,9 +25,10 @@ pub fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
 }
 
 /// Logs through `tracing` (and `log` records, bridged): `RUST_LOG` filters (default `info`),
-/// through [`log_filter`]; JSON lines when asked (for log collectors), text otherwise.
+/// through [`log_filter`]; JSON lines when asked (for log collectors), text otherwise; on stderr.
 pub fn init_logging(json: bool) {
-    let builder = tracing_subscriber::fmt().with_env_filter(log_filter(None));
+    // Logs go to stderr: stdout is a command's output (`device-svc keys create` prints a key).
+    let builder = tracing_subscriber::fmt().with_env_filter(log_filter(None)).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

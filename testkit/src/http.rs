@@ -106,9 +106,8 @@ impl Api {
             Caller::Parties(p) => match p.key_for(method, path) {
                 Some(key) => format!("Authorization: Bearer {key}\r\n"),
                 None => {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs());
+                    let now =
+                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
                     let signature = protocol::payment::header(p.provider_secret.as_bytes(), now, body.as_bytes());
                     format!("X-Payment-Provider: {}\r\nX-Payment-Signature: {signature}\r\n", p.provider)
                 }

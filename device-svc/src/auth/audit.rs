@@ -188,7 +188,8 @@ pub struct Filter<'a> {
 pub async fn list(app: &App, f: &Filter<'_>) -> Result<Vec<Entry>, StoreError> {
     let client = app.pg.get().await?;
     let since = f.since_ms.map(crate::clock::time_of);
-    let prefix = f.target_prefix.map(|p| format!("{}%", p.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
+    let prefix =
+        f.target_prefix.map(|p| format!("{}%", p.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
     let rows = client
         .query(
             "SELECT id, at, request_id, principal, role, method, route, target, outcome FROM audit_log

@@ -138,7 +138,10 @@ fn info_of(r: &tokio_postgres::Row) -> KeyInfo {
 /// Storage errors.
 pub async fn list(client: &impl GenericClient) -> Result<Vec<KeyInfo>, StoreError> {
     let rows = client
-        .query("SELECT id, name, role, tenant, created_by, created_at, revoked_at FROM api_keys ORDER BY created_at DESC", &[])
+        .query(
+            "SELECT id, name, role, tenant, created_by, created_at, revoked_at FROM api_keys ORDER BY created_at DESC",
+            &[],
+        )
         .await?;
     Ok(rows.iter().map(info_of).collect())
 }
@@ -237,9 +240,8 @@ impl Verifier {
             .ok_or(AuthFailure::Missing)?;
         let (id, secret) = split(token.trim()).ok_or(AuthFailure::Invalid("malformed"))?;
         let presented: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-        let fresh = self.cache.get(id).filter(|c| c.at.elapsed() < self.ttl).map(|c| {
-            (c.principal.clone(), c.hash, c.revoked)
-        });
+        let fresh =
+            self.cache.get(id).filter(|c| c.at.elapsed() < self.ttl).map(|c| (c.principal.clone(), c.hash, c.revoked));
         let (principal, hash, revoked) = match fresh {
             Some(hit) => hit,
             None => {
@@ -265,10 +267,8 @@ impl Verifier {
                 if self.cache.len() >= CACHE_CAP {
                     self.cache.clear();
                 }
-                self.cache.insert(
-                    id.to_owned(),
-                    Cached { principal: principal.clone(), hash, revoked, at: Instant::now() },
-                );
+                self.cache
+                    .insert(id.to_owned(), Cached { principal: principal.clone(), hash, revoked, at: Instant::now() });
                 (principal, hash, revoked)
             }
         };

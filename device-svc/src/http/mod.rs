@@ -207,3 +207,41 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
         tracing::warn!("API connections still open after 10 s; closing them");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/api.md's route table, as `(method path, roles)` lines.
+    fn documented() -> Vec<(String, String)> {
+        let doc = include_str!("../../../docs/api.md");
+        let table = doc
+            .split("<!-- route-table: begin -->")
+            .nth(1)
+            .and_then(|rest| rest.split("<!-- route-table: end -->").next())
+            .expect("docs/api.md has the route table");
+        table
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let route = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((route.to_owned(), (*cells.get(2)?).to_owned()))
+            })
+            .collect()
+    }
+
+    fn roles_text(access: Access) -> String {
+        match access {
+            Access::Public => "anyone".into(),
+            Access::PaymentProvider => "the payment provider's signature".into(),
+            Access::Roles(roles) => roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", "),
+        }
+    }
+
+    #[test]
+    fn the_documented_route_table_is_the_one_served() {
+        let served: Vec<(String, String)> =
+            routes().into_iter().map(|r| (format!("{} {}", r.method, r.path), roles_text(r.access))).collect();
+        assert_eq!(documented(), served, "docs/api.md's route table and http::table() must agree, in order");
+    }
+}

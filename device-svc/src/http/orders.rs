@@ -97,9 +97,11 @@ pub(super) async fn payment_callback(
         "/v1/payments/callback".into(),
         format!("/v1/payments/callback#{}", a.order_id),
     ));
-    let outcome =
-        audit::scope(Arc::clone(&ctx), orders::authorise(&app, &a, Signed { provider: &provider, signature: &signature }))
-            .await;
+    let outcome = audit::scope(
+        Arc::clone(&ctx),
+        orders::authorise(&app, &a, Signed { provider: &provider, signature: &signature }),
+    )
+    .await;
     match outcome {
         Ok(order) => {
             count(a.status.as_str());
@@ -126,14 +128,8 @@ fn verify_signature(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(Stri
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let provider = text(payment::PROVIDER_HEADER).ok_or(payment::Refusal::Unsigned)?;
     let signature = payment::Signature::parse(text(payment::SIGNATURE_HEADER).ok_or(payment::Refusal::Unsigned)?)?;
-    let secrets: Vec<&[u8]> = app
-        .config
-        .payments
-        .providers
-        .iter()
-        .filter(|p| p.name == provider)
-        .map(|p| p.secret.as_bytes())
-        .collect();
+    let secrets: Vec<&[u8]> =
+        app.config.payments.providers.iter().filter(|p| p.name == provider).map(|p| p.secret.as_bytes()).collect();
     if secrets.is_empty() {
         return Err(payment::Refusal::UnknownProvider);
     }

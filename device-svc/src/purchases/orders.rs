@@ -444,8 +444,8 @@ pub async fn authorise(app: &App, a: &Authorisation, signed: Signed<'_>) -> Resu
     }
     let moved = if authorised {
         let changes = Changes { due: Some(Due::In(Duration::ZERO)), ..Changes::default() };
-        let moved = transition(&tx, &a.order_id, &[State::Created], State::Authorised, "payment_authorised", changes)
-            .await?;
+        let moved =
+            transition(&tx, &a.order_id, &[State::Created], State::Authorised, "payment_authorised", changes).await?;
         if moved.is_some() {
             tx.execute("UPDATE orders SET payment_id = $2 WHERE id = $1", &[&a.order_id, &a.payment_id]).await?;
         }
