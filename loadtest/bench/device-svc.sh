@@ -27,6 +27,8 @@
 # database of its own, dropped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# api_parties: the API keys and payment secret the harness plays the flows' parties with.
+. scripts/lib/services.sh
 REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/}"
 ADMIN_DB="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 PREFIX="benchsvc$$:"
@@ -57,8 +59,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_port() { for _ in $(seq 1 100); do port_open "$1" && return 0; sleep 0.1; done; echo "nothing on port $1" >&2; exit 1; }
 
 # metrics PORT: the /metrics text of the service on PORT.
 metrics() {
@@ -101,11 +101,16 @@ url = "$REDIS_URL"
 ${2:-}
 [ota]
 ${3:-}
+[auth]
+# The harness's parties send bursts (a storm polls its orders): measure the service, not the
+# per-key rate limit.
+rate_per_s = 0
 TOML
+  api_parties "$SVC" "$DB_URL" bench
   RUST_LOG=warn "$SVC" --config "$WORK/svc.toml" >"$WORK/svc.log" 2>&1 &
   PIDS+=("$!")
   SVC_PID=$!
-  wait_port "$1"
+  wait_port "$1" "a benchmark process"
 }
 
 # start_gateway CABINET_PORT METRICS_PORT [MQTT_PORT]
@@ -124,7 +129,7 @@ listen = "127.0.0.1:$2"
 TOML
   RUST_LOG=warn "$GW" --config "$WORK/gw.toml" >"$WORK/gw.log" 2>&1 &
   PIDS+=("$!")
-  wait_port "$1"
+  wait_port "$1" "a benchmark process"
 }
 
 # register_fleet N: the load harness's cabinets (LT-CAB-000000 ...), 2 doors x 4 lanes, with

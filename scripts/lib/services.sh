@@ -1,4 +1,4 @@
-# Shared by scripts/test, scripts/run, scripts/demo and grafana/check.sh: find or start the Redis and
+# Shared by scripts/test, scripts/run, scripts/demo, grafana/check.sh and loadtest/bench/device-svc.sh: find or start the Redis and
 # PostgreSQL the project needs, install what is missing, and small helpers (ports, URLs). Sourced, not run.
 #
 # After `services_up`:
