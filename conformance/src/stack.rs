@@ -71,21 +71,15 @@ impl Stack {
             vec![device_svc::config::PaymentProvider { name: PROVIDER.into(), secret: PROVIDER_SECRET.into() }];
         let svc = DeviceService::start(c.validate().unwrap()).await.unwrap();
         let client = db.client().await;
-        let key = |role: Role, tenant: Option<&'static str>| {
+        let parties = Parties::make(PROVIDER, PROVIDER_SECRET, |role, tenant| {
             let client = &client;
             async move {
+                let role: Role = role.parse().unwrap();
                 let new = NewKey { name: "conformance", role, tenant, created_by: "conformance" };
                 keys::create(client, &new).await.unwrap().key
             }
-        };
-        let parties = Parties {
-            operator: key(Role::Operator, None).await,
-            viewer: key(Role::Viewer, None).await,
-            shop: key(Role::Shop, Some("shop-1")).await,
-            owner_app: key(Role::OwnerApp, None).await,
-            provider: PROVIDER.into(),
-            provider_secret: PROVIDER_SECRET.into(),
-        };
+        })
+        .await;
         drop(client);
         Self { db, ns, gateways, svc, parties: Box::leak(Box::new(parties)) }
     }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use tokio::sync::mpsc;
 
 use crate::cabinet::WAIT;
 
@@ -16,7 +15,7 @@ pub struct VendorCar {
     /// The VIN.
     pub vin: String,
     client: AsyncClient,
-    events: mpsc::UnboundedReceiver<Result<Event, String>>,
+    events: testkit::mqtt::Events,
 }
 
 #[allow(clippy::unwrap_used, clippy::missing_panics_doc)] // a test client: a failure is the test's
@@ -35,16 +34,7 @@ impl VendorCar {
                 Err(e) => return Err(e),
             }
         }
-        let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let e = eventloop.poll().await.map_err(|e| e.to_string());
-                let end = e.is_err();
-                if tx.send(e).is_err() || end {
-                    return;
-                }
-            }
-        });
+        let events = testkit::mqtt::forward(eventloop);
         let car = Self { vin: vin.to_owned(), client, events };
         car.client.subscribe(format!("vehicles/{vin}/down/#"), QoS::AtLeastOnce).await.unwrap();
         Ok(car)

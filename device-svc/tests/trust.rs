@@ -77,6 +77,7 @@ async fn the_attacks_found_are_refused_recorded_and_counted() {
         ("PATCH", "/v1/vehicles/LSVAU2180N2183294", Some(json!({"purpose": "test"}))),
         ("PUT", "/v1/ota/lists/downgrade/LSVAU2180N2183294", Some(json!({"note": "x"}))),
         ("POST", "/v1/keys", Some(json!({"name": "mine", "role": "operator"}))),
+        ("GET", "/v1/keys", None),
     ];
     for (method, path, body) in &attacks {
         assert_eq!(http(api.anonymous(), method, path, body.clone()).await.0, 401, "anonymous {method} {path}");

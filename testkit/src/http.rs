@@ -32,6 +32,23 @@ pub struct Parties {
 }
 
 impl Parties {
+    /// Makes a key for each party with `key(role, tenant)` (roles by their API names; the shop's
+    /// tenant is `shop-1`), and names the payment provider.
+    pub async fn make<F, Fut>(provider: &str, provider_secret: &str, mut key: F) -> Self
+    where
+        F: FnMut(&'static str, Option<&'static str>) -> Fut,
+        Fut: std::future::Future<Output = String>,
+    {
+        Self {
+            operator: key("operator", None).await,
+            viewer: key("viewer", None).await,
+            shop: key("shop", Some("shop-1")).await,
+            owner_app: key("owner_app", None).await,
+            provider: provider.to_owned(),
+            provider_secret: provider_secret.to_owned(),
+        }
+    }
+
     /// The key of whoever calls `method path` in production (`None` for the payment callback,
     /// which is signed instead).
     pub fn key_for(&self, method: &str, path: &str) -> Option<&str> {

@@ -13,6 +13,7 @@
 
 pub mod cabinet;
 pub mod http;
+pub mod mqtt;
 pub mod pki;
 pub mod redis_server;
 

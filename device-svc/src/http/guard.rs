@@ -3,9 +3,10 @@
 //! call this route, whether the key is within its rate, and the audit context the handler's
 //! changes are recorded under ([`crate::auth::audit`]).
 //!
-//! Answers of its own: 401 (no or no valid key; `WWW-Authenticate: Bearer`), 403 `forbidden`
-//! (a role the route does not list, recorded in the audit trail), 429 `rate_limited` with
-//! `Retry-After`, 503 when the keys cannot be read. Every answer carries `X-Request-Id`, the id
+//! Answers of its own: 401 (no or no valid key; `WWW-Authenticate: Bearer`), 429
+//! `rate_limited` with `Retry-After` (checked before the role, so refused calls spend the key's
+//! budget too), 403 `forbidden` (a role the route does not list, recorded in the audit trail),
+//! 503 when the keys cannot be read. Every answer carries `X-Request-Id`, the id
 //! the audit trail records.
 
 use std::collections::HashMap;
@@ -23,6 +24,10 @@ use super::error::{ApiError, ErrorCode};
 use crate::app::App;
 use crate::auth::audit::{self, Context};
 use crate::auth::{Principal, Role};
+
+/// The id of the request being served (answered as `X-Request-Id`, recorded in the audit trail).
+#[derive(Debug, Clone)]
+pub(super) struct RequestId(pub(super) String);
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +79,10 @@ fn is_change(method: &Method) -> bool {
 }
 
 /// The middleware (installed with `route_layer`, so the matched route is known).
-pub(super) async fn guard(State(g): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+pub(super) async fn guard(State(g): State<Arc<Guard>>, mut request: Request, next: Next) -> Response {
     let id = request_id();
+    // The handler of a route without a key (the payment callback) audits under this id too.
+    request.extensions_mut().insert(RequestId(id.clone()));
     let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_default();
     let access = g.table.get(&(request.method().clone(), route.as_str())).copied();
     let roles = match access {
@@ -111,15 +118,8 @@ pub(super) async fn guard(State(g): State<Arc<Guard>>, request: Request, next: N
         route.clone(),
         request.uri().path().to_owned(),
     ));
-    let change = is_change(request.method());
-    if !roles.contains(&principal.role) {
-        count("forbidden");
-        if change {
-            write_outcome(app, &ctx, "forbidden").await;
-        }
-        let message = format!("a {} key may not call {} {route}", principal.role, request.method());
-        return with_id(ApiError::forbidden(message).into_response(), &id);
-    }
+    // The rate first: a key's refused calls spend its budget too, so probing routes it may not
+    // call cannot flood the audit trail.
     if let Some(limiter) = &g.limiter
         && let Err(not_until) = limiter.check_key(&principal.key_id)
     {
@@ -130,8 +130,14 @@ pub(super) async fn guard(State(g): State<Arc<Guard>>, request: Request, next: N
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         return with_id(r, &id);
     }
+    if !roles.contains(&principal.role) {
+        count("forbidden");
+        write_outcome(app, &ctx, "forbidden").await;
+        let message = format!("a {} key may not call {} {route}", principal.role, request.method());
+        return with_id(ApiError::forbidden(message).into_response(), &id);
+    }
     count("ok");
-    let mut request = request;
+    let change = is_change(request.method());
     request.extensions_mut().insert(principal);
     if !change {
         return with_id(next.run(request).await, &id);

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::{JsonBody, decode, query_num, require_json, small_id};
+use super::guard::RequestId;
 use crate::app::App;
 use crate::auth::audit;
 use crate::auth::{Principal, Role};
@@ -68,6 +69,7 @@ pub(super) async fn get(
 /// `order_cancelled`; each refusal counted in `devsvc_payment_callbacks_total`.
 pub(super) async fn payment_callback(
     State(app): State<Arc<App>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<OrderView>, ApiError> {
@@ -90,7 +92,7 @@ pub(super) async fn payment_callback(
         }
     };
     let ctx = Arc::new(audit::Context::new(
-        request_id(&headers),
+        request_id,
         format!("provider:{provider}"),
         "payment_provider",
         "POST".into(),
@@ -136,22 +138,6 @@ fn verify_signature(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(Stri
     let now = crate::clock::now_ms() / 1000;
     let matched = signature.verify(&secrets, body, now, app.config.payments.tolerance_s)?;
     Ok((provider.to_owned(), matched))
-}
-
-/// The guard's request id is not on this route (it has no key); a fresh one.
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-        .map_or_else(
-            || {
-                let mut raw = [0u8; 12];
-                let _ = getrandom::fill(&mut raw);
-                hex::encode(raw)
-            },
-            str::to_owned,
-        )
 }
 
 /// The body of `POST /v1/orders/{id}/settle`.

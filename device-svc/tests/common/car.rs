@@ -10,7 +10,6 @@ use protocol::Vin;
 use protocol::mqtt::topic::{self, DownlinkKind, UplinkKind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::{WAIT, expect};
 
@@ -28,7 +27,7 @@ pub async fn register_vehicle(api: Api, vin: &str, profile: Value) -> String {
 pub struct Car {
     pub vin: Vin,
     client: AsyncClient,
-    events: mpsc::UnboundedReceiver<Result<Event, String>>,
+    events: testkit::mqtt::Events,
     /// Downlinks received while waiting for another kind.
     held: VecDeque<(DownlinkKind, Value)>,
 }
@@ -41,17 +40,8 @@ impl Car {
         let mut o = MqttOptions::new(vin.as_str(), addr.ip().to_string(), addr.port());
         o.set_credentials(vin.as_str(), token);
         o.set_keep_alive(std::time::Duration::from_secs(30));
-        let (client, mut eventloop) = AsyncClient::new(o, 32);
-        let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let e = eventloop.poll().await.map_err(|e| e.to_string());
-                let end = e.is_err();
-                if tx.send(e).is_err() || end {
-                    return;
-                }
-            }
-        });
+        let (client, eventloop) = AsyncClient::new(o, 32);
+        let events = testkit::mqtt::forward(eventloop);
         let mut car = Self { vin, client, events, held: VecDeque::new() };
         car.wait_packet("connack", |p| matches!(p, Packet::ConnAck(_))).await;
         car.client.subscribe(topic::downlink_filter(&car.vin), QoS::AtLeastOnce).await.unwrap();

@@ -147,14 +147,11 @@ async fn parties(db: &testkit::TestDatabase) -> Parties {
     let pool = device_svc::db::pool(&db.url, 1).unwrap();
     device_svc::db::migrate(&pool).await.unwrap();
     let client = db.client().await;
-    Parties {
-        operator: new_key(&client, Role::Operator, None).await,
-        viewer: new_key(&client, Role::Viewer, None).await,
-        shop: new_key(&client, Role::Shop, Some("shop-1")).await,
-        owner_app: new_key(&client, Role::OwnerApp, None).await,
-        provider: PROVIDER.into(),
-        provider_secret: PROVIDER_SECRET.into(),
-    }
+    Parties::make(PROVIDER, PROVIDER_SECRET, |role, tenant| {
+        let client = &client;
+        async move { new_key(client, role.parse().unwrap(), tenant).await }
+    })
+    .await
 }
 
 fn gateway_config(ns: &testkit::RedisNamespace, node: &str) -> gateway::config::Config {
