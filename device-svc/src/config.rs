@@ -109,6 +109,10 @@ pub struct HttpConfig {
     pub request_timeout_ms: u64,
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
+    /// PEM certificate chain for TLS on the API (empty: plain HTTP).
+    pub tls_cert: String,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: String,
 }
 
 /// `[postgres]`
@@ -282,6 +286,8 @@ impl Default for Config {
                 header_timeout_ms: 10_000,
                 request_timeout_ms: 30_000,
                 max_body_bytes: 1 << 20,
+                tls_cert: String::new(),
+                tls_key: String::new(),
             },
             postgres: PostgresConfig { url: "postgres://postgres@127.0.0.1:5432/iotgw".into(), pool_size: 16 },
             redis: RedisConfig { url: "redis://127.0.0.1:6379/".into(), cluster_urls: Vec::new() },
@@ -429,6 +435,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("DEVICE_SVC_INSTANCE_ID", "instance_id"),
     ("DEVICE_SVC_KEY_PREFIX", "key_prefix"),
     ("DEVICE_SVC_HTTP_LISTEN", "http.listen"),
+    ("DEVICE_SVC_HTTP_TLS_CERT", "http.tls_cert"),
+    ("DEVICE_SVC_HTTP_TLS_KEY", "http.tls_key"),
     ("DEVICE_SVC_DATABASE_URL", "postgres.url"),
     ("DEVICE_SVC_REDIS_URL", "redis.url"),
     ("DEVICE_SVC_REDIS_CLUSTER_URLS", "redis.cluster_urls (comma-separated)"),
@@ -462,6 +470,8 @@ impl Config {
         set(&mut self.instance_id, "DEVICE_SVC_INSTANCE_ID");
         set(&mut self.key_prefix, "DEVICE_SVC_KEY_PREFIX");
         set(&mut self.http.listen, "DEVICE_SVC_HTTP_LISTEN");
+        set(&mut self.http.tls_cert, "DEVICE_SVC_HTTP_TLS_CERT");
+        set(&mut self.http.tls_key, "DEVICE_SVC_HTTP_TLS_KEY");
         set(&mut self.postgres.url, "DEVICE_SVC_DATABASE_URL");
         set(&mut self.redis.url, "DEVICE_SVC_REDIS_URL");
         if let Some(v) = lookup("DEVICE_SVC_REDIS_CLUSTER_URLS") {
@@ -483,6 +493,9 @@ impl Config {
             return bad(
                 "http.max_connections, header_timeout_ms, request_timeout_ms and max_body_bytes must be positive",
             );
+        }
+        if h.tls_cert.is_empty() != h.tls_key.is_empty() {
+            return bad("http.tls_cert and http.tls_key go together");
         }
         if self.instance_id.is_empty() {
             self.instance_id = format!("{}-{}", service_kit::config::host_name(), std::process::id());

@@ -75,6 +75,9 @@ pub enum StartError {
     /// Redis unusable (invalid URL, or no cluster seed reachable).
     #[error("failed to open Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The API's TLS certificate or key cannot be used.
+    #[error("API TLS: {0}")]
+    Tls(#[from] service_kit::tls::TlsError),
 }
 
 /// A running device-service instance.
@@ -162,7 +165,10 @@ impl DeviceService {
             purchases::driver::refresh_gauges(&app).await?;
             vehicles::ota::push::refresh_gauges(&app).await
         }));
-        tasks.spawn(http::serve(listener, Arc::clone(&app), stop.clone()));
+        let tls = (!app.config.http.tls_cert.is_empty())
+            .then(|| service_kit::tls::acceptor(&app.config.http.tls_cert, &app.config.http.tls_key, None, false))
+            .transpose()?;
+        tasks.spawn(http::serve(listener, tls, Arc::clone(&app), stop.clone()));
         tasks.close();
         tracing::info!(%addr, instance = %app.config.instance_id, migrations_applied = applied, "device service started");
         Ok(Self { addr, app, stop, tasks })

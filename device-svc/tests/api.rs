@@ -273,3 +273,57 @@ async fn idle_and_half_sent_connections_cannot_hold_the_api() {
     assert!(metric(metrics.as_str().unwrap(), "devsvc_http_connections_open") <= 3.0);
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn the_api_speaks_tls_when_given_a_certificate() {
+    use rustls_pki_types::pem::PemObject;
+
+    let stack = Stack::new().await;
+    let pki = testkit::pki::Pki::new("unused");
+    let mut config = stack.svc_config("svc-1");
+    config.http.tls_cert = pki.path("server.pem");
+    config.http.tls_key = pki.path("server.key");
+    config.http.header_timeout_ms = 500;
+    let svc = stack.service_with(config).await;
+    let api = stack.api(svc.addr);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_file(pki.path("ca.pem")).unwrap()).unwrap();
+    let client =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let addr = svc.addr;
+    let over_tls = |request: String| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, tcp).await.expect("the API's certificate verifies");
+            tls.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            // A TLS peer may close without close_notify after `Connection: close`; what was read counts.
+            let _ = tls.read_to_end(&mut answer).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let answer = over_tls(api.request("GET", "/v1/alerts", "application/json", "")).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = over_tls(api.anonymous().request("GET", "/v1/alerts", "application/json", "")).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "the key is still asked for over TLS: {answer}");
+
+    // Plain HTTP on the TLS port gets no HTTP answer, and a silent peer is dropped at the
+    // handshake deadline rather than held.
+    let mut plain = tokio::net::TcpStream::connect(svc.addr).await.unwrap();
+    plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: api\r\n\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, plain.read_to_end(&mut rest)).await.expect("closed, not held").ok();
+    assert!(!String::from_utf8_lossy(&rest).contains("HTTP/1.1 200"));
+    let mut silent = tokio::net::TcpStream::connect(svc.addr).await.unwrap();
+    let closed = tokio::time::timeout(WAIT, silent.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a peer that never starts its handshake is closed at the deadline");
+    svc.stop().await;
+}

@@ -5,9 +5,11 @@
 //! configuration that cannot be used.
 //!
 //! - [`config`]: reading configuration files and values;
-//! - [`run`]: running a service binary from parsed flags to exit code.
+//! - [`run`]: running a service binary from parsed flags to exit code;
+//! - [`tls`]: TLS server configuration from PEM files.
 
 pub mod config;
 pub mod run;
+pub mod tls;
 
 pub use config::ConfigError;

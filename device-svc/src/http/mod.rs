@@ -30,6 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
@@ -152,13 +153,14 @@ async fn refuse_nul(request: axum::extract::Request, next: axum::middleware::Nex
     next.run(request).await
 }
 
-/// Serves the API on `listener` until `stop`, bounded against hostile clients: at most
-/// `http.max_connections` connections (more wait in the backlog, so idle sockets cannot take
-/// the process to its file limit and `/healthz` keeps answering), a request head (and the idle
-/// time before the next one on a kept-alive connection) within `http.header_timeout_ms`, a whole
-/// request within `http.request_timeout_ms` (408), bodies up to `http.max_body_bytes`. On `stop`
-/// no new connection is taken and those open finish their requests (10 s at most).
-pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken) {
+/// Serves the API on `listener` until `stop`, over TLS when `tls` is given, bounded against
+/// hostile clients: at most `http.max_connections` connections (more wait in the backlog, so
+/// idle sockets cannot take the process to its file limit and `/healthz` keeps answering), the
+/// TLS handshake and a request head (and the idle time before the next one on a kept-alive
+/// connection) each within `http.header_timeout_ms`, a whole request within
+/// `http.request_timeout_ms` (408), bodies up to `http.max_body_bytes`. On `stop` no new
+/// connection is taken and those open finish their requests (10 s at most).
+pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Arc<App>, stop: CancellationToken) {
     let cfg = app.config.http.clone();
     let metrics = app.metrics.clone();
     let service = router(app).layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes)).layer(
@@ -167,8 +169,9 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
             Duration::from_millis(cfg.request_timeout_ms),
         ),
     );
+    let header_timeout = Duration::from_millis(cfg.header_timeout_ms);
     let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1.timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(cfg.header_timeout_ms));
+    http1.timer(TokioTimer::new()).header_read_timeout(header_timeout);
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
     loop {
@@ -192,13 +195,24 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
             () = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
-        let conn = graceful.watch(conn);
+        let (http1, service, watcher, tls) = (http1.clone(), service.clone(), graceful.watcher(), tls.clone());
         let open = metrics.http_connections_open.clone();
         open.inc();
         tokio::spawn(async move {
-            // A peer that goes away or times out ends its connection; nothing to report.
-            let _ = conn.await;
+            // A peer that goes away, fails its handshake or times out ends its connection;
+            // nothing to report.
+            match tls {
+                None => {
+                    let conn = http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+                    let _ = watcher.watch(conn).await;
+                }
+                Some(tls) => {
+                    if let Ok(Ok(stream)) = tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                        let conn = http1.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+                        let _ = watcher.watch(conn).await;
+                    }
+                }
+            }
             open.dec();
             drop(permit);
         });
