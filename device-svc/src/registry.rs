@@ -180,9 +180,7 @@ pub async fn create_product(app: &App, p: &Product) -> Result<(), StoreError> {
     if p.unit_grams <= 0 {
         return Err(StoreError::invalid("unit_grams", "must be positive"));
     }
-    if p.price_cents < 0 {
-        return Err(StoreError::invalid("price_cents", "must not be negative"));
-    }
+    check_price(Some(p.price_cents))?;
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
     let result = tx
@@ -211,6 +209,19 @@ pub async fn get_product(app: &App, id: &str) -> Result<Product, StoreError> {
     Ok(Product { id: row.get(0), name: row.get(1), unit_grams: row.get(2), price_cents: row.get(3) })
 }
 
+/// The highest price a product or lane may have, in cents (1,000,000.00): far above any vending
+/// item, far below what would overflow a settlement.
+pub const MAX_PRICE_CENTS: i64 = 100_000_000;
+
+fn check_price(cents: Option<i64>) -> Result<(), StoreError> {
+    match cents {
+        Some(c) if !(0..=MAX_PRICE_CENTS).contains(&c) => {
+            Err(StoreError::invalid("price_cents", format!("{c}: within 0..={MAX_PRICE_CENTS}")))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn check_layout(doors: &[DoorConfig]) -> Result<(), StoreError> {
     if doors.is_empty() {
         return Err(StoreError::invalid("doors", "at least one door"));
@@ -228,6 +239,7 @@ fn check_layout(doors: &[DoorConfig]) -> Result<(), StoreError> {
             if l.restock_threshold < 0 {
                 return Err(StoreError::invalid("restock_threshold", "must not be negative"));
             }
+            check_price(l.price_cents)?;
         }
         if d.lanes.len() > protocol::cabinet::MAX_LANES_PER_REPORT {
             return Err(StoreError::invalid("lanes", "at most 64 lanes per door"));
@@ -337,9 +349,7 @@ pub async fn configure_lane(app: &App, cabinet: &str, door: u8, lane: &LaneConfi
     if lane.restock_threshold < 0 {
         return Err(StoreError::invalid("restock_threshold", "must not be negative"));
     }
-    if lane.price_cents.is_some_and(|p| p < 0) {
-        return Err(StoreError::invalid("price_cents", "must not be negative"));
-    }
+    check_price(lane.price_cents)?;
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
     let result = tx

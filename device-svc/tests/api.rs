@@ -221,6 +221,13 @@ async fn hostile_input_is_a_400_naming_the_field_never_a_5xx() {
     assert_eq!(e["field"], "path", "NUL in a path");
     let e = expect(api, "GET", "/v1/anomalies?cabinet_id=a%00b", None, 400).await;
     assert_eq!(e["field"], "query", "NUL in a query");
+    let mut dear = product("Gold");
+    dear["price_cents"] = json!(1_000_000_000_000_000_i64);
+    let e = expect(api, "POST", "/v1/products", Some(dear), 400).await;
+    assert_eq!(e["field"], "price_cents", "a price of 10^15");
+    let lanes = json!([{"door_id": 1, "lanes": [{"lane_id": 1, "price_cents": -1}]}]);
+    let e = expect(api, "POST", "/v1/cabinets", Some(json!({"id": "cab-neg", "doors": lanes})), 400).await;
+    assert_eq!(e["field"], "price_cents", "a negative lane price at registration");
     let e = expect(api, "POST", "/v1/products", Some(product(&"x".repeat(5000))), 400).await;
     assert_eq!(e["field"], "name", "a text longer than 4 KiB");
     let e = expect(api, "POST", "/v1/products", Some(product(&"x".repeat(1_900_000))), 400).await;
