@@ -19,6 +19,7 @@ use redis_conn::RedisConn;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::dead_letters;
 use crate::error::StoreError;
 use crate::offline::{Detector, Window};
 use crate::purchases;
@@ -176,7 +177,10 @@ fn entries_of(reply: Option<redis::streams::StreamReadReply>) -> Vec<StreamId> {
     reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default()
 }
 
-/// Applies `entries` until it succeeds, then acknowledges them.
+/// Applies `entries`, then acknowledges them. An outage is retried until it passes; a batch
+/// that PostgreSQL refuses for what it carries is applied again entry by entry (every effect is
+/// idempotent), and the entry it refuses is set aside as a dead letter ([`crate::dead_letters`]),
+/// so one bad entry never stops its shard.
 async fn apply_and_ack(
     consumer: &Consumer,
     redis: &mut RedisConn,
@@ -184,18 +188,25 @@ async fn apply_and_ack(
     entries: &[StreamId],
     stop: &CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match consumer.apply(stream, entries).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, entries = entries.len(), retry_in_ms = backoff.as_millis(), "failed to apply upstream entries");
-                if stop.is_cancelled() {
-                    // Not acknowledged: another instance (or our next start) takes them over.
-                    return;
+    match apply_retrying(consumer, stream, entries, stop).await {
+        Applied::Yes => {}
+        Applied::Stopped => return,
+        Applied::Poison(_) if entries.len() > 1 => {
+            for entry in entries {
+                match apply_retrying(consumer, stream, std::slice::from_ref(entry), stop).await {
+                    Applied::Yes => {}
+                    Applied::Stopped => return,
+                    Applied::Poison(e) => {
+                        if !set_aside(consumer, stream, entry, &e, stop).await {
+                            return;
+                        }
+                    }
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        Applied::Poison(e) => {
+            if !set_aside(consumer, stream, &entries[0], &e, stop).await {
+                return;
             }
         }
     }
@@ -204,6 +215,56 @@ async fn apply_and_ack(
     if let Err(e) = acked {
         tracing::warn!(error = %e, "failed to acknowledge upstream entries (they will be applied again, harmlessly)");
     }
+}
+
+enum Applied {
+    Yes,
+    /// Stopping before it applied: not acknowledged, taken over later.
+    Stopped,
+    /// Refused for what it carries.
+    Poison(StoreError),
+}
+
+/// Applies `entries`, retrying outages with a growing pause until they apply or `stop`.
+async fn apply_retrying(consumer: &Consumer, stream: &str, entries: &[StreamId], stop: &CancellationToken) -> Applied {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match consumer.apply(stream, entries).await {
+            Ok(()) => return Applied::Yes,
+            Err(e) if dead_letters::is_poison(&e) => return Applied::Poison(e),
+            Err(e) => {
+                tracing::warn!(error = %e, entries = entries.len(), retry_in_ms = backoff.as_millis(), "failed to apply upstream entries");
+                if stop.is_cancelled() {
+                    // Not acknowledged: another instance (or our next start) takes them over.
+                    return Applied::Stopped;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Sets one entry aside, retrying while PostgreSQL cannot take it; `false` when stopping first
+/// (the batch is then not acknowledged: the entry is only acknowledged once it is stored).
+async fn set_aside(
+    consumer: &Consumer,
+    stream: &str,
+    entry: &StreamId,
+    error: &StoreError,
+    stop: &CancellationToken,
+) -> bool {
+    let fields = bulk_fields(entry.map.clone());
+    let mut backoff = Duration::from_millis(100);
+    while let Err(e) = dead_letters::set_aside(&consumer.app, stream, &entry.id, &fields, error).await {
+        tracing::warn!(error = %e, "failed to set an upstream entry aside; retrying");
+        if stop.is_cancelled() {
+            return false;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    true
 }
 
 /// Consumes shard `shard` until `stop`: first this instance's own unacknowledged entries (a

@@ -17,6 +17,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "vehicle_status", include_str!("../migrations/0005_vehicle_status.sql")),
     (6, "vehicle_buyer", include_str!("../migrations/0006_vehicle_buyer.sql")),
     (7, "trust", include_str!("../migrations/0007_trust.sql")),
+    (8, "dead_letters", include_str!("../migrations/0008_dead_letters.sql")),
 ];
 
 /// Longest wait for a pooled connection.

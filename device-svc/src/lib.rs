@@ -27,6 +27,7 @@ pub mod commands;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod dead_letters;
 pub mod error;
 pub mod http;
 pub mod metrics;

@@ -39,6 +39,9 @@ pub struct Metrics {
     /// changed nothing (`unsigned`, `unknown_provider`, `stale`, `bad_signature`, `replayed`,
     /// `amount_mismatch`, `invalid`).
     pub payment_callbacks: IntCounterVec,
+    /// `devsvc_dead_letters_total{type}`: upstream entries set aside because PostgreSQL refuses
+    /// what they carry (their shard moves on).
+    pub dead_letters: IntCounterVec,
     /// `devsvc_audit_rows_total{written}`: `in_transaction` (with the change), `before_change`
     /// (a command), `after` (a refusal or failure).
     pub audit_rows: IntCounterVec,
@@ -137,6 +140,11 @@ impl Metrics {
                 "devsvc_payment_callbacks_total",
                 "Payment provider callbacks by result (authorised, refused, or why nothing changed).",
                 &["result"],
+            ),
+            dead_letters: c(
+                "devsvc_dead_letters_total",
+                "Upstream entries set aside as dead letters, by entry type.",
+                &["type"],
             ),
             audit_rows: c("devsvc_audit_rows_total", "Audit trail rows written, by how.", &["written"]),
             devices: ig("devsvc_devices", "Registered devices by kind and status.", &["kind", "status"]),

@@ -1,6 +1,7 @@
 //! Activation by QR code end to end: a real MQTT client as the car, a real gateway, the device
 //! service with PostgreSQL and Redis, the owner's app as HTTP calls. Every interleaving of the
-//! seed's problem 4.1 must leave the cloud and the car agreeing.
+//! seed's problem 4.1 must leave the cloud and the car agreeing. And a report PostgreSQL
+//! refuses (a NUL in its QR id) is set aside as a dead letter without stopping its shard.
 
 #![allow(clippy::unwrap_used)]
 
@@ -245,5 +246,67 @@ async fn only_the_buyer_activates_and_an_active_car_keeps_its_owner() {
     let again = request_qr(&mut car, "r-2").await;
     assert_eq!(step(api, &again, "scan", "u-9", 409).await["error"], "already_activated");
     assert_eq!(vehicle(api).await["owner_user_id"], "u-1");
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_poison_entry_is_set_aside_and_its_shard_moves_on() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    let vin = protocol::Vin::new("LSVAU2180N2183294").unwrap();
+    let device = protocol::bus::DeviceKey::Vehicle(vin.clone());
+    register_vehicle(api, vin.as_str(), json!({})).await;
+    let shard = device.shard(device_svc::config::Config::default().streams.shards);
+    let stream = stack.keys.upstream(shard);
+    // What a gateway without edge checks would pass on: an activation report whose QR id holds a
+    // NUL, which PostgreSQL refuses; then, behind it on the same shard, the car's session.
+    let poison = protocol::bus::UpEvent::Vehicle {
+        vin: vin.clone(),
+        epoch: 1,
+        node: "gw-x".into(),
+        at_ms: now_ms(),
+        kind: UplinkKind::ActivationReport,
+        payload: bytes::Bytes::from(json!({"qr_id": "q\u{0}r", "code": "123456"}).to_string()),
+    };
+    let opened = protocol::bus::UpEvent::SessionOpened {
+        device: device.clone(),
+        epoch: 1,
+        node: "gw-x".into(),
+        info: "test".into(),
+        at_ms: now_ms(),
+    };
+    let mut redis = stack.redis.clone();
+    for event in [poison, opened] {
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(event.to_fields().unwrap())
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    // The entry behind the poison is applied: the shard did not stop.
+    wait_status(api, &format!("veh:{}", vin.as_str()), "online").await;
+    let letters = expect(api, "GET", "/v1/dead-letters", None, 200).await;
+    let letters = letters.as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["kind"], "veh");
+    assert!(letters[0]["error"].as_str().unwrap().contains("PostgreSQL"), "{}", letters[0]);
+    let metrics = http(api, "GET", "/metrics", None).await.1;
+    assert_eq!(metric(metrics.as_str().unwrap(), "devsvc_dead_letters_total{type=\"veh\"}"), 1.0);
+
+    // Replayed, it is appended again and, still poison, set aside again as a new entry; the first
+    // is marked replayed and cannot be replayed twice.
+    let id = letters[0]["id"].as_i64().unwrap();
+    expect(api, "POST", &format!("/v1/dead-letters/{id}/replay"), None, 200).await;
+    assert_eq!(http(api, "POST", &format!("/v1/dead-letters/{id}/replay"), None).await.0, 409);
+    let again = wait_until("the replayed entry set aside again", WAIT, || async {
+        let open = expect(api, "GET", "/v1/dead-letters?open=true", None, 200).await;
+        let open = open.as_array().unwrap().clone();
+        (open.len() == 1 && open[0]["id"].as_i64() != Some(id)).then_some(open)
+    })
+    .await;
+    assert_eq!(again[0]["fields"]["payload"], letters[0]["fields"]["payload"], "the same bytes");
     svc.stop().await;
 }

@@ -71,6 +71,8 @@ fn table() -> Vec<(RouteSpec, MethodRouter<Arc<App>>)> {
         r(get_.clone(), "/healthz", Public, get(ops::healthz)),
         r(get_.clone(), "/metrics", Roles(SCRAPERS), get(ops::metrics)),
         r(get_.clone(), "/v1/alerts", Roles(READERS), get(ops::alerts)),
+        r(get_.clone(), "/v1/dead-letters", Roles(READERS), get(ops::dead_letters)),
+        r(post_.clone(), "/v1/dead-letters/{id}/replay", Roles(OPERATOR), post(ops::replay_dead_letter)),
         r(post_.clone(), "/v1/keys", Roles(OPERATOR), post(keys::create)),
         r(get_.clone(), "/v1/keys", Roles(OPERATOR), get(keys::list)),
         r(post_.clone(), "/v1/keys/{id}/revoke", Roles(OPERATOR), post(keys::revoke)),

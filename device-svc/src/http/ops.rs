@@ -1,15 +1,18 @@
-//! Operations endpoints: health, metrics, open alerts.
+//! Operations endpoints: health, metrics, open alerts, dead letters.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use super::error::ApiError;
+use super::extract::query_num;
 use crate::app::{App, ms_of};
+use crate::dead_letters::{self, DeadLetter};
 use crate::error::StoreError;
 
 /// 200 when PostgreSQL and Redis answer, 503 naming the one that does not.
@@ -57,4 +60,31 @@ pub(super) async fn alerts(State(app): State<Arc<App>>) -> Result<Json<Vec<Alert
             .map(|r| Alert { kind: r.get(0), node: r.get(1), detail: r.get(2), started_ms: ms_of(r.get(3)) })
             .collect(),
     ))
+}
+
+/// `GET /v1/dead-letters?open=&limit=`: newest first.
+pub(super) async fn dead_letters(
+    State(app): State<Arc<App>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    let limit = query_num::<i64>(&q, "limit")?.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "1..=1000"));
+    }
+    let open = match q.get("open").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(ApiError::invalid("open", format!("{other:?}: true or false"))),
+    };
+    Ok(Json(dead_letters::list(&app, open, limit).await?))
+}
+
+/// `POST /v1/dead-letters/{id}/replay`: `{"entry_id": "..."}` of the entry appended again.
+pub(super) async fn replay_dead_letter(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id: i64 = id.parse().map_err(|_| ApiError::invalid("id", format!("{id:?} is not a number")))?;
+    let entry_id = dead_letters::replay(&app, id).await?;
+    Ok(Json(serde_json::json!({ "entry_id": entry_id })))
 }
