@@ -149,6 +149,8 @@ pub struct StreamsConfig {
     pub claim_idle_ms: u64,
     /// Take-over scan interval, ms.
     pub claim_interval_ms: u64,
+    /// A cabinet time further than this from the gateway's receive time is not trusted, s.
+    pub max_clock_skew_s: u64,
 }
 
 /// `[heartbeat]`
@@ -359,7 +361,14 @@ impl Default for RedisConfig {
 
 impl Default for StreamsConfig {
     fn default() -> Self {
-        Self { shards: 4, batch: 500, block_ms: 1000, claim_idle_ms: 15_000, claim_interval_ms: 5000 }
+        Self {
+            shards: 4,
+            batch: 500,
+            block_ms: 1000,
+            claim_idle_ms: 15_000,
+            claim_interval_ms: 5000,
+            max_clock_skew_s: 300,
+        }
     }
 }
 

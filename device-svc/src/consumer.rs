@@ -69,6 +69,14 @@ impl Consumer {
                     continue;
                 }
             };
+            if let UpEvent::Cabinet { at_ms, message: Message::WeightReport(_) | Message::DoorEvent(_), .. } = &event
+                && device_time(&event)
+                    .is_some_and(|t| t.abs_diff(*at_ms) > self.app.config.streams.max_clock_skew_s * 1000)
+            {
+                tracing::warn!(id = %entry.id, "cabinet time too far from the gateway's; entry not applied");
+                self.count(event.label(), "clock_skew");
+                continue;
+            }
             if let UpEvent::Cabinet { device, at_ms, message: Message::WeightReport(report), .. } = event {
                 reports.push(Received { cabinet: device, report, at_ms });
                 self.count("weight_report", "applied");
@@ -170,6 +178,15 @@ async fn ensure_group(redis: &mut RedisConn, stream: &str) -> redis::RedisResult
     match created {
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         other => other,
+    }
+}
+
+/// The cabinet's own time in a weight report or door event.
+fn device_time(event: &UpEvent) -> Option<u64> {
+    match event {
+        UpEvent::Cabinet { message: Message::WeightReport(r), .. } => Some(r.sample_time_ms),
+        UpEvent::Cabinet { message: Message::DoorEvent(e), .. } => Some(e.event_time_ms),
+        _ => None,
     }
 }
 

@@ -133,3 +133,47 @@ async fn readings_of_a_day_without_a_partition_are_kept_and_moved_when_it_is_cre
     assert!(expired.is_none());
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn a_reading_stamped_far_from_the_gateways_clock_never_reaches_the_cache() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    register_cabinet(api, "cab-w-9", &[(1, 1)]).await;
+    let device = protocol::DeviceId::new("cab-w-9").unwrap();
+    let stream = stack.keys.upstream(protocol::bus::DeviceKey::Cabinet(device.clone()).shard(4));
+    let now = now_ms();
+    // As a gateway without the edge check would pass them on: a stable reading stamped around
+    // the year 2106 (it would win every "newest" comparison), then one on time.
+    let mut redis = stack.redis.clone();
+    for (grams, sample) in [(5, 4_300_000_000_000), (990, now)] {
+        let event = protocol::bus::UpEvent::Cabinet {
+            device: device.clone(),
+            epoch: 1,
+            node: "gw-x".into(),
+            at_ms: now,
+            seq: 1,
+            message: report(1, 1, grams, true, sample),
+        };
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(event.to_fields().unwrap())
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    let lanes = wait_until("the reading on time cached", WAIT, || async {
+        let lanes = cached(api, "cab-w-9").await;
+        (!lanes.is_empty()).then_some(lanes)
+    })
+    .await;
+    assert_eq!(lanes, vec![(1, 1, 990, now)], "the far reading was neither cached nor allowed to shadow the cache");
+    let stored: i64 = stack.pg().await.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
+    assert_eq!(stored, 1);
+    let metrics = http(api, "GET", "/metrics", None).await.1;
+    let counted =
+        metric(metrics.as_str().unwrap(), "devsvc_stream_entries_total{result=\"clock_skew\",type=\"weight_report\"}");
+    assert_eq!(counted, 1.0);
+    svc.stop().await;
+}

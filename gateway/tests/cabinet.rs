@@ -230,18 +230,19 @@ async fn door_events_and_weights_are_acknowledged_and_forwarded_in_order() {
     let gw = env.start("gw-a").await;
     let mut cab = logged_in(&env, &gw, "CAB-9").await;
     let order = OrderId::new("ORD-1").unwrap();
-    let open = DoorEvent { door_id: 1, state: DoorState::Open, event_time_ms: 100, order_id: Some(order) };
+    let t0 = gateway::clock::now_ms();
+    let open = DoorEvent { door_id: 1, state: DoorState::Open, event_time_ms: t0 + 100, order_id: Some(order) };
     let seq = cab.send_frame_ack(Message::DoorEvent(open.clone())).await;
     assert!(matches!(cab.recv().await, Some(Frame { seq: s, message: Message::Ack, .. }) if s == seq));
     for i in 0..20 {
         let report = WeightReport {
             door_id: 1,
-            sample_time_ms: 200 + i,
+            sample_time_ms: t0 + 200 + i,
             lanes: vec![LaneWeight { lane_id: 1, grams: 1000 - i32::try_from(i).unwrap(), stable: i % 2 == 0 }],
         };
         cab.send(Message::WeightReport(report)).await;
     }
-    let close = DoorEvent { door_id: 1, state: DoorState::Closed, event_time_ms: 300, order_id: None };
+    let close = DoorEvent { door_id: 1, state: DoorState::Closed, event_time_ms: t0 + 300, order_id: None };
     let seq = cab.send(Message::DoorEvent(close)).await;
     assert!(matches!(cab.recv().await, Some(Frame { seq: s, message: Message::Ack, .. }) if s == seq), "always acked");
 
@@ -268,7 +269,7 @@ async fn door_events_and_weights_are_acknowledged_and_forwarded_in_order() {
             other => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(times, (200..220).collect::<Vec<_>>(), "order kept");
+    assert_eq!(times, (t0 + 200..t0 + 220).collect::<Vec<_>>(), "order kept");
     gw.stop().await;
 }
 
@@ -381,7 +382,8 @@ async fn drain_moves_cabinets_away_and_loses_nothing() {
     let gw = env.start("gw-a").await;
     let mut cab = logged_in(&env, &gw, "CAB-13").await;
     let id = cab.id.clone();
-    let event = DoorEvent { door_id: 2, state: DoorState::Closed, event_time_ms: 42, order_id: None };
+    let event =
+        DoorEvent { door_id: 2, state: DoorState::Closed, event_time_ms: gateway::clock::now_ms(), order_id: None };
     let seq = cab.send(Message::DoorEvent(event.clone())).await;
     assert!(matches!(cab.recv().await, Some(Frame { seq: s, message: Message::Ack, .. }) if s == seq));
 
@@ -494,5 +496,42 @@ async fn the_connection_limit_holds_excess_connections_back() {
     drop(first);
     let answer = second.recv().await.expect("answered once admitted");
     assert!(matches!(answer.message, Message::LoginResult(r) if r.status == LoginStatus::Accepted));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_device_time_far_from_the_gateways_clock_is_refused_and_counted() {
+    let mut env = Env::single().await;
+    let gw = env.start("gw-a").await;
+    let mut cab = logged_in(&env, &gw, "CAB-CLOCK").await;
+    let now = gateway::clock::now_ms();
+    // Around the year 2106: a reading that would win every "newest" comparison downstream.
+    let far = WeightReport {
+        door_id: 1,
+        sample_time_ms: 4_300_000_000_000,
+        lanes: vec![LaneWeight { lane_id: 1, grams: 1000, stable: true }],
+    };
+    let seq = cab.send_frame_ack(Message::WeightReport(far)).await;
+    let answer = cab.recv_matching("error", |f| f.seq == seq).await;
+    assert!(matches!(&answer.message, Message::Error(e) if e.code == ErrorCode::Malformed), "{answer:?}");
+    let late = DoorEvent { door_id: 1, state: DoorState::Closed, event_time_ms: now - 3_600_000, order_id: None };
+    let seq = cab.send(Message::DoorEvent(late)).await;
+    let answer = cab.recv_matching("error", |f| f.seq == seq).await;
+    assert!(matches!(&answer.message, Message::Error(e) if e.code == ErrorCode::Malformed), "{answer:?}");
+    // The session goes on: a reading on time is acknowledged and forwarded.
+    let fine = WeightReport {
+        door_id: 1,
+        sample_time_ms: now,
+        lanes: vec![LaneWeight { lane_id: 1, grams: 990, stable: true }],
+    };
+    let seq = cab.send_frame_ack(Message::WeightReport(fine)).await;
+    assert!(matches!(cab.recv_matching("ack", |f| f.seq == seq).await.message, Message::Ack));
+    env.wait_upstream("the reading on time", |e| {
+        matches!(e, UpEvent::Cabinet { message: Message::WeightReport(_), .. })
+    })
+    .await;
+    let cabinet_events = env.upstream().await.into_iter().filter(|e| matches!(e, UpEvent::Cabinet { .. })).count();
+    assert_eq!(cabinet_events, 1, "neither refused frame travelled on");
+    assert_eq!(metric(&gw, "gateway_frames_rejected_total", &[("protocol", "cabinet"), ("reason", "clock_skew")]), 2.0);
     gw.stop().await;
 }

@@ -39,8 +39,9 @@ async fn redis_restart_drops_no_connection_and_loses_nothing() {
 
     // Every cabinet keeps being served: its door event is accepted (ACK) and its heartbeat
     // answered, with Redis down.
+    let t0 = gateway::clock::now_ms();
     let during = join_all(cabinets.iter_mut().enumerate().map(|(i, cab)| async move {
-        let event = DoorEvent { door_id: 1, state: DoorState::Closed, event_time_ms: i as u64, order_id: None };
+        let event = DoorEvent { door_id: 1, state: DoorState::Closed, event_time_ms: t0 + i as u64, order_id: None };
         let seq = cab.send(Message::DoorEvent(event)).await;
         let ack = cab.recv_matching("ack", |f| f.seq == seq).await;
         assert!(matches!(ack.message, Message::Ack), "{ack:?}");
@@ -73,7 +74,7 @@ async fn redis_restart_drops_no_connection_and_loses_nothing() {
         })
         .collect();
     times.sort_unstable();
-    assert_eq!(times, (0..CABINETS as u64).collect::<Vec<_>>());
+    assert_eq!(times, (t0..t0 + CABINETS as u64).collect::<Vec<_>>());
     assert_eq!(metric(&gw, "gateway_connections_open", &[("protocol", "cabinet")]), CABINETS as f64);
     assert_eq!(metric(&gw, "gateway_sessions_closed_total", &[("protocol", "cabinet"), ("reason", "io_error")]), 0.0);
 

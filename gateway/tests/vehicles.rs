@@ -329,3 +329,31 @@ async fn a_vehicle_that_stops_reading_is_disconnected_as_a_slow_reader() {
     drop(tcp);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_payload_holding_a_nul_is_acknowledged_dropped_and_counted() {
+    let mut env = Env::single().await;
+    let gw = env.start("gw-a").await;
+    let (vin, token) = env.provision_vehicle(VIN).await;
+    let mut car = Vehicle::connect(gw.addresses.mqtt.unwrap(), &vin, &token).await;
+    let topic = uplink_topic(&vin, UplinkKind::ActivationReport);
+    // 3.1.1 cannot refuse a publish: it is acknowledged (or the car would resend it on every
+    // reconnect) and not forwarded.
+    car.client.publish(topic.clone(), QoS::AtLeastOnce, false, r#"{"qr_id":"q\u0000r","code":"1"}"#).await.unwrap();
+    car.wait_for("puback", |p| matches!(p, Packet::PubAck(_))).await;
+    car.client.publish(topic, QoS::AtLeastOnce, false, r#"{"qr_id":"qr","code":"1"}"#).await.unwrap();
+    env.wait_upstream(
+        "the clean report",
+        |e| matches!(e, UpEvent::Vehicle { payload, .. } if payload.ends_with(b"\"1\"}")),
+    )
+    .await;
+    let forwarded = env.upstream().await;
+    assert!(
+        !forwarded
+            .iter()
+            .any(|e| matches!(e, UpEvent::Vehicle { payload, .. } if payload.windows(6).any(|w| w == br"\u0000"))),
+        "the NUL never travels on"
+    );
+    assert_eq!(metric(&gw, "gateway_frames_rejected_total", &[("protocol", "mqtt"), ("reason", "payload_nul")]), 1.0);
+    gw.stop().await;
+}

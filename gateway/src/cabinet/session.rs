@@ -260,11 +260,28 @@ impl Session<'_> {
                 let must_ack = frame.flags.ack_requested() || matches!(message, Message::DoorEvent(_));
                 // A cabinet session's key is always a cabinet's.
                 let Some(device) = self.key().cabinet_id().cloned() else { return };
+                // A device time is trusted only as far as the login's clock check goes: a reading
+                // stamped far ahead would otherwise win every "newest" comparison downstream, and
+                // one far back would settle against the wrong shelf (SPEC.md 1.6).
+                let at_ms = now_ms();
+                let device_ms = match &message {
+                    Message::WeightReport(r) => r.sample_time_ms,
+                    Message::DoorEvent(e) => e.event_time_ms,
+                    _ => at_ms,
+                };
+                let skew_ms = self.ctx.config.cabinet.max_clock_skew_s.saturating_mul(1000);
+                if device_ms.abs_diff(at_ms) > skew_ms {
+                    self.ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, "clock_skew"]).inc();
+                    let detail =
+                        format!("device time {device_ms} is more than {skew_ms} ms from the gateway's {at_ms}");
+                    self.send(&error(seq, ErrorCode::Malformed, &detail));
+                    return;
+                }
                 let event = UpEvent::Cabinet {
                     device,
                     epoch: self.live.handle.epoch,
                     node: self.ctx.node().to_owned(),
-                    at_ms: now_ms(),
+                    at_ms,
                     seq,
                     message,
                 };

@@ -15,8 +15,8 @@ use protocol::Vin;
 use protocol::bus::{CommandBody, Outcome, UpEvent};
 use protocol::mqtt::topic::{self, DownlinkKind};
 use protocol::mqtt::{
-    Disconnect, DisconnectReason, MqttCodec, Packet, Publish, QoS, REASON_NOT_AUTHORIZED, REASON_SUCCESS, SubAckResult,
-    Version,
+    Disconnect, DisconnectReason, MqttCodec, Packet, Publish, QoS, REASON_NOT_AUTHORIZED,
+    REASON_PAYLOAD_FORMAT_INVALID, REASON_SUCCESS, SubAckResult, Version,
 };
 
 use tokio::time::{Instant, sleep_until};
@@ -382,6 +382,16 @@ impl Session<'_> {
                 return Ok(());
             }
         };
+        if let Some(reason) = topic::payload_problem(&p.payload) {
+            // Refused, not forwarded: 5.0 says why; 3.1.1 cannot refuse a publish except by
+            // closing, and a closed car would send it again on reconnect, so it is acknowledged
+            // and dropped (SPEC.md 2.2). Counted either way.
+            self.ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, reason]).inc();
+            tracing::info!(topic = %p.topic, reason, "publish refused");
+            let code = if self.live.version.is_v3() { REASON_SUCCESS } else { REASON_PAYLOAD_FORMAT_INVALID };
+            self.ack(&p, code);
+            return Ok(());
+        }
         if let (QoS::ExactlyOnce, Some(id)) = (p.qos, p.packet_id)
             && self.live.qos2_received.contains(&id)
         {

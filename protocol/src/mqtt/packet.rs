@@ -214,6 +214,8 @@ pub enum SubAckResult {
 pub const REASON_SUCCESS: u8 = 0x00;
 /// Reason code `0x87`, not authorised.
 pub const REASON_NOT_AUTHORIZED: u8 = 0x87;
+/// Reason code `0x99`, payload format invalid.
+pub const REASON_PAYLOAD_FORMAT_INVALID: u8 = 0x99;
 
 /// Why the server closes a connection (5.0 DISCONNECT reason codes the gateway uses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

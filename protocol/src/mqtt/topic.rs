@@ -119,6 +119,27 @@ impl TopicError {
     }
 }
 
+/// Why an uplink payload is refused before it travels on (SPEC.md 2.2): a NUL, raw or escaped
+/// (`\u0000`) inside a JSON string, is text no store takes, and would stop whatever consumed it.
+/// The scan costs one pass over the bytes and parses nothing. Returns the metric label.
+pub fn payload_problem(payload: &[u8]) -> Option<&'static str> {
+    let mut i = 0;
+    while let Some(&b) = payload.get(i) {
+        match b {
+            0 => return Some("payload_nul"),
+            // An escape: `\u0000` is a NUL; `\\` is a backslash, whose next byte is not an escape.
+            b'\\' => {
+                if payload[i + 1..].starts_with(b"u0000") {
+                    return Some("payload_nul");
+                }
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
 /// The topic a vehicle publishes `kind` on.
 pub fn uplink_topic(vin: &Vin, kind: UplinkKind) -> String {
     format!("{ROOT}/{vin}/up/{kind}")
@@ -186,6 +207,17 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn payloads_with_a_nul_are_refused_and_escaped_backslashes_are_not_mistaken_for_one() {
+        assert_eq!(payload_problem(br#"{"qr_id":"a\u0000b"}"#), Some("payload_nul"));
+        assert_eq!(payload_problem(b"{\"qr_id\":\"a\0b\"}"), Some("payload_nul"));
+        assert_eq!(payload_problem(br#"{"path":"C:\\u0000"}"#), None, "a backslash, then the text u0000");
+        assert_eq!(payload_problem(br#"{"path":"C:\\\u0000"}"#), Some("payload_nul"));
+        assert_eq!(payload_problem(br#"{"status":"ok","ts":1}"#), None);
+        assert_eq!(payload_problem(br#"trailing\"#), None);
+    }
+
     use super::*;
 
     fn vin() -> Vin {
