@@ -123,6 +123,12 @@ pub struct PostgresConfig {
     pub url: String,
     /// Pool size.
     pub pool_size: usize,
+    /// Server-side: a session idle inside a transaction this long is ended, ms.
+    pub idle_in_transaction_timeout_ms: u64,
+    /// Server-side: a wait for a lock longer than this fails, ms.
+    pub lock_timeout_ms: u64,
+    /// Server-side: a statement running longer than this is cancelled, ms.
+    pub statement_timeout_ms: u64,
 }
 
 /// `[redis]`
@@ -291,7 +297,13 @@ impl Default for Config {
                 tls_cert: String::new(),
                 tls_key: String::new(),
             },
-            postgres: PostgresConfig { url: "postgres://postgres@127.0.0.1:5432/iotgw".into(), pool_size: 16 },
+            postgres: PostgresConfig {
+                url: "postgres://postgres@127.0.0.1:5432/iotgw".into(),
+                pool_size: 16,
+                idle_in_transaction_timeout_ms: 15_000,
+                lock_timeout_ms: 5000,
+                statement_timeout_ms: 30_000,
+            },
             redis: RedisConfig { url: "redis://127.0.0.1:6379/".into(), cluster_urls: Vec::new() },
             streams: StreamsConfig::default(),
             heartbeat: HeartbeatConfig::default(),
@@ -572,6 +584,10 @@ impl Config {
             if provider.name.is_empty() || provider.name.len() > 64 || provider.secret.len() < 16 {
                 return bad("payments.providers: a name of 1..=64 characters and a secret of at least 16");
             }
+        }
+        let pg = &self.postgres;
+        if [pg.idle_in_transaction_timeout_ms, pg.lock_timeout_ms, pg.statement_timeout_ms].contains(&0) {
+            return bad("postgres: idle_in_transaction_timeout_ms, lock_timeout_ms and statement_timeout_ms positive");
         }
         if self.weights.retention_days == 0 || self.postgres.pool_size == 0 {
             return bad("weights.retention_days and postgres.pool_size must be positive");

@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (6, "vehicle_buyer", include_str!("../migrations/0006_vehicle_buyer.sql")),
     (7, "trust", include_str!("../migrations/0007_trust.sql")),
     (8, "dead_letters", include_str!("../migrations/0008_dead_letters.sql")),
+    (9, "outbox_lease", include_str!("../migrations/0009_outbox_lease.sql")),
 ];
 
 /// Longest wait for a pooled connection.
@@ -26,12 +27,22 @@ const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// An arbitrary constant naming the migrations' advisory lock.
 const MIGRATION_LOCK: i64 = 0x1070_6777_0001;
 
-/// Opens a pool of `size` connections to `url`.
+/// Opens a pool of `postgres.pool_size` connections to `postgres.url`, every session with the
+/// server-side timeouts of `[postgres]` (idle in transaction, lock wait, statement).
 ///
 /// # Errors
 /// An invalid URL or pool configuration.
-pub fn pool(url: &str, size: usize) -> Result<Pool, StoreError> {
-    let config: tokio_postgres::Config = url.parse()?;
+pub fn pool(cfg: &crate::config::PostgresConfig) -> Result<Pool, StoreError> {
+    let mut config: tokio_postgres::Config = cfg.url.parse()?;
+    let options = format!(
+        "{} -c idle_in_transaction_session_timeout={} -c lock_timeout={} -c statement_timeout={}",
+        config.get_options().unwrap_or_default(),
+        cfg.idle_in_transaction_timeout_ms,
+        cfg.lock_timeout_ms,
+        cfg.statement_timeout_ms
+    );
+    config.options(options.trim_start());
+    let size = cfg.pool_size;
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     // A bounded wait: a pool that stays exhausted answers 503 instead of hanging requests.
     Pool::builder(manager)
@@ -59,6 +70,8 @@ pub async fn migrate(pool: &Pool) -> Result<usize, StoreError> {
     let mut applied = 0;
     for (version, name, sql) in MIGRATIONS {
         let tx = client.transaction().await?;
+        // A migration may rewrite a large table, and waits for another instance's: no limits.
+        tx.batch_execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0").await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
         let done = tx.query_opt("SELECT 1 FROM schema_migrations WHERE version = $1", &[version]).await?.is_some();
         if !done {

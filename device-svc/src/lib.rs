@@ -106,7 +106,7 @@ impl DeviceService {
     /// [`StartError`] if PostgreSQL or Redis cannot be used or the listener cannot be bound.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let started = Instant::now();
-        let pg = db::pool(&config.postgres.url, config.postgres.pool_size)?;
+        let pg = db::pool(&config.postgres)?;
         let applied = db::migrate(&pg).await?;
         let target = RedisTarget::from_config(&config.redis.url, &config.redis.cluster_urls);
         let redis = RedisConn::open(&target, None).await?;

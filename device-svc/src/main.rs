@@ -101,7 +101,7 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
 /// `device-svc keys ...`: what it prints on stdout is the key itself (create) or JSON lines.
 async fn keys(config: Config, command: &KeysCommand) -> anyhow::Result<()> {
     use device_svc::auth::keys::{self, NewKey};
-    let pool = device_svc::db::pool(&config.postgres.url, 1)?;
+    let pool = device_svc::db::pool(&device_svc::config::PostgresConfig { pool_size: 1, ..config.postgres.clone() })?;
     device_svc::db::migrate(&pool).await.context("failed to prepare the database")?;
     let client = pool.get().await.context("failed to connect to PostgreSQL")?;
     let mut out = std::io::stdout().lock();

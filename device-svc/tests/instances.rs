@@ -1,5 +1,6 @@
 //! Several device-service instances: every offline check made by one of them, and the work of
-//! an instance killed mid-batch taken over by another, nothing lost, nothing applied twice.
+//! an instance killed mid-batch taken over by another, nothing lost, nothing applied twice; a
+//! frozen instance's row locks released by the server.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 
 use common::*;
 use device_svc::DeviceService;
+use serde_json::json;
 
 fn metrics_of(svc: &DeviceService) -> String {
     svc.app.metrics.render()
@@ -200,4 +202,29 @@ async fn an_instance_killed_mid_batch_has_its_entries_taken_over_once() {
     drop(sessions);
     b.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_frozen_session_holding_row_locks_is_ended_by_the_server() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    register_cabinet(api, "cab-frozen", &[(1, 1)]).await;
+    // An instance that froze inside a transaction (SIGSTOP, a paused VM): it locked a row and
+    // says nothing more. Its sessions carry the same server-side limits as every instance's.
+    let cfg = device_svc::config::PostgresConfig {
+        url: stack.db.url.clone(),
+        pool_size: 1,
+        idle_in_transaction_timeout_ms: 500,
+        ..Default::default()
+    };
+    let frozen_pool = device_svc::db::pool(&cfg).unwrap();
+    let mut frozen = frozen_pool.get().await.unwrap();
+    let tx = frozen.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM devices WHERE key = 'cab:cab-frozen' FOR UPDATE", &[]).await.unwrap();
+    // The healthy instance's change to that row waits only until the server ends the frozen
+    // session (it would otherwise fail at its own lock timeout, 5 s, as a 503).
+    expect(api, "PUT", "/v1/devices/cab:cab-frozen/enabled", Some(json!({"enabled": false})), 204).await;
+    assert!(tx.execute("SELECT 1", &[]).await.is_err(), "the frozen session was ended");
+    svc.stop().await;
 }

@@ -401,11 +401,15 @@ async fn a_settlement_relayed_twice_or_a_close_redelivered_charges_once() {
     wait_order(api, &id, "settled").await;
     wait_until("published", WAIT, || async { (settlements(&stack).await.len() == 1).then_some(()) }).await;
 
-    // The relay died after XADD and before marking the row: the next instance publishes again.
+    // The relay died after XADD and before marking the row, and its lease on the row ran out:
+    // the next instance publishes again.
     svc.stop().await;
     let pg = stack.pg().await;
     let n = pg
-        .execute("UPDATE outbox SET published_at = NULL WHERE idem_key = $1", &[&format!("settlement:{id}")])
+        .execute(
+            "UPDATE outbox SET published_at = NULL, relay_until = now() - interval '1 second' WHERE idem_key = $1",
+            &[&format!("settlement:{id}")],
+        )
         .await
         .unwrap();
     assert_eq!(n, 1);

@@ -19,8 +19,10 @@ pub const SETTLEMENTS: &str = "account:settlements";
 /// Notices for operators: anomalies, restock orders (stream `P notices`).
 pub const NOTICES: &str = "notices";
 
-/// Rows published per relay transaction.
+/// Rows published per relay round.
 const BATCH: i64 = 200;
+/// How long a relay owns the rows it claimed before another may take them over.
+const LEASE: Duration = Duration::from_secs(30);
 /// Entries kept per stream (approximately); consumers are expected to keep up.
 const MAXLEN: usize = 1_000_000;
 
@@ -40,21 +42,29 @@ pub async fn enqueue(tx: &Transaction<'_>, stream: &str, idem_key: &str, payload
 
 /// Publishes up to one batch of unpublished rows. Returns how many were published.
 ///
+/// The batch is claimed for [`LEASE`] in one short statement, published with no transaction
+/// open (Redis is never waited on while PostgreSQL rows are locked), then marked published. A
+/// relay that stops or freezes in between holds nothing; its rows are claimed again once their
+/// lease has run out and published again, with the same `idem_key`.
+///
 /// # Errors
 /// PostgreSQL or Redis errors; the rows stay unpublished and are tried again.
 pub async fn relay_once(app: &App) -> Result<usize, StoreError> {
-    let mut client = app.pg.get().await?;
-    let tx = client.transaction().await?;
-    let rows = tx
+    let client = app.pg.get().await?;
+    let mut rows = client
         .query(
-            "SELECT id, stream, idem_key, payload FROM outbox WHERE published_at IS NULL
-              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            &[&BATCH],
+            "UPDATE outbox SET relay_until = now() + make_interval(secs => $2)
+              WHERE id IN (SELECT id FROM outbox
+                            WHERE published_at IS NULL AND (relay_until IS NULL OR relay_until < now())
+                            ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+              RETURNING id, stream, idem_key, payload",
+            &[&BATCH, &LEASE.as_secs_f64()],
         )
         .await?;
     if rows.is_empty() {
         return Ok(0);
     }
+    rows.sort_unstable_by_key(|r| r.get::<_, i64>(0));
     let mut pipe = redis::pipe();
     let mut ids = Vec::with_capacity(rows.len());
     let mut streams = Vec::with_capacity(rows.len());
@@ -79,8 +89,7 @@ pub async fn relay_once(app: &App) -> Result<usize, StoreError> {
     }
     let mut con = app.redis.clone();
     pipe.query_async::<()>(&mut con).await?;
-    tx.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1)", &[&ids]).await?;
-    tx.commit().await?;
+    client.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1)", &[&ids]).await?;
     for stream in &streams {
         app.metrics.outbox_published.with_label_values(&[stream]).inc();
     }

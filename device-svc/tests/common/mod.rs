@@ -144,7 +144,8 @@ async fn new_key(client: &tokio_postgres::Client, role: Role, tenant: Option<&st
 
 /// Applies the migrations to the test's database and makes a key for each party.
 async fn parties(db: &testkit::TestDatabase) -> Parties {
-    let pool = device_svc::db::pool(&db.url, 1).unwrap();
+    let cfg = device_svc::config::PostgresConfig { url: db.url.clone(), pool_size: 1, ..Default::default() };
+    let pool = device_svc::db::pool(&cfg).unwrap();
     device_svc::db::migrate(&pool).await.unwrap();
     let client = db.client().await;
     Parties::make(PROVIDER, PROVIDER_SECRET, |role, tenant| {
