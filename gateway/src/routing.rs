@@ -127,9 +127,22 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
             }
             ids.push(entry.id);
         }
-        let acked: RedisResult<i64> =
-            redis::cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).query_async(&mut redis).await;
-        if let Err(e) = acked {
+        // Acknowledged and deleted at once: this node is the stream's only reader, and a
+        // delivered command (a downlink may be 128 KiB) must not stay in Redis until MAXLEN
+        // pushes it out.
+        let done: RedisResult<()> = redis::pipe()
+            .cmd("XACK")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg(&ids)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&stream)
+            .arg(&ids)
+            .ignore()
+            .query_async(&mut redis)
+            .await;
+        if let Err(e) = done {
             ctx.metrics.redis_errors.with_label_values(&["commands"]).inc();
             tracing::warn!(error = %e, "failed to acknowledge commands");
         }

@@ -34,6 +34,10 @@ async fn downlink_and_uplink_round_trip() {
     assert_eq!(p.qos, QoS::AtLeastOnce);
     assert_eq!(&p.payload[..], br#"{"qr_id":"abc"}"#);
     assert_eq!(reply.outcome, Outcome::Delivered, "PUBACK completes the command");
+    // The node took the command: nothing of it is left in its stream.
+    let left: usize =
+        redis::cmd("XLEN").arg(env.keys.commands("gw-a")).query_async(&mut env.redis.clone()).await.unwrap();
+    assert_eq!(left, 0, "a delivered command is deleted from the node's stream");
 
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
         let body = format!(r#"{{"request_id":"r-{}","seat":"driver"}}"#, qos as u8);
