@@ -201,6 +201,8 @@ pub struct RetentionConfig {
     pub outbox_published_days: u32,
     /// Audit rows, days (0 = forever).
     pub audit_days: u32,
+    /// Dead letters, days (0 = forever).
+    pub dead_letters_days: u32,
     /// Time between two sweeps, s.
     pub sweep_interval_s: u64,
     /// Rows deleted per statement.
@@ -344,6 +346,7 @@ impl Default for Config {
                 ota_reports_days: 90,
                 outbox_published_days: 7,
                 audit_days: 365,
+                dead_letters_days: 90,
                 sweep_interval_s: 3600,
                 batch_rows: 5000,
             },

@@ -1,6 +1,6 @@
 //! Retention of operational logs: rows that only grow with traffic (online/offline
 //! transitions, OTA reports as received, relayed outbox messages, the audit trail, payment
-//! callback signatures seen) are deleted once older than
+//! callback signatures seen, dead letters) are deleted once older than
 //! their configured age, so a fleet's database does not grow without bound. Weight readings
 //! have their own, partition-based retention ([`crate::weights::maintain_partitions`]); orders,
 //! settlements, anomalies and registry data are business records and are never swept.
@@ -25,6 +25,7 @@ const OTA_REPORTS: Log = Log { table: "ota_reports", age_column: "received_at" }
 // is kept however long it waits to go out.
 const OUTBOX: Log = Log { table: "outbox", age_column: "published_at" };
 const AUDIT: Log = Log { table: "audit_log", age_column: "at" };
+const DEAD_LETTERS: Log = Log { table: "dead_letters", age_column: "created_at" };
 // A signature older than the tolerance window is refused as stale anyway: its row is no longer
 // needed to refuse a replay.
 const PAYMENT_CALLBACKS: Log = Log { table: "payment_callbacks", age_column: "received_at" };
@@ -40,6 +41,8 @@ pub struct Swept {
     pub outbox: u64,
     /// `audit_log` rows.
     pub audit: u64,
+    /// `dead_letters` rows.
+    pub dead_letters: u64,
     /// `payment_callbacks` rows (signatures seen).
     pub payment_callbacks: u64,
 }
@@ -55,6 +58,7 @@ pub async fn sweep(app: &App) -> Result<Swept, StoreError> {
         ota_reports: sweep_log(app, OTA_REPORTS, cfg.ota_reports_days).await?,
         outbox: sweep_log(app, OUTBOX, cfg.outbox_published_days).await?,
         audit: sweep_log(app, AUDIT, cfg.audit_days).await?,
+        dead_letters: sweep_log(app, DEAD_LETTERS, cfg.dead_letters_days).await?,
         // A day is far beyond any tolerance window (at most an hour, config validation).
         payment_callbacks: sweep_log(app, PAYMENT_CALLBACKS, 1).await?,
     };
@@ -64,6 +68,7 @@ pub async fn sweep(app: &App) -> Result<Swept, StoreError> {
             ota_reports = swept.ota_reports,
             outbox = swept.outbox,
             audit = swept.audit,
+            dead_letters = swept.dead_letters,
             payment_callbacks = swept.payment_callbacks,
             "deleted operational logs past retention"
         );
