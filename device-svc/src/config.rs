@@ -237,6 +237,8 @@ pub struct PurchasesConfig {
     pub tolerance: f64,
     /// Door open this long: anomaly, s.
     pub door_open_max_s: u64,
+    /// Door open this long: the order goes to review and the door out of sale, s.
+    pub door_never_closed_s: u64,
     /// Due-order poll, ms.
     pub poll_ms: u64,
     /// Amount the provider must authorise per order (the most an order may charge), cents.
@@ -320,6 +322,7 @@ impl Default for Config {
                 settle_wait_s: 20,
                 tolerance: 0.3,
                 door_open_max_s: 600,
+                door_never_closed_s: 3600,
                 poll_ms: 200,
                 hold_cents: 20_000,
                 currency: "CNY".into(),
@@ -559,6 +562,9 @@ impl Config {
         }
         if p.hold_cents <= 0 || p.currency.len() != 3 || !p.currency.bytes().all(|b| b.is_ascii_uppercase()) {
             return bad("purchases: hold_cents positive, currency an ISO 4217 code (three capitals)");
+        }
+        if p.door_never_closed_s <= p.door_open_max_s {
+            return bad("purchases.door_never_closed_s must be longer than door_open_max_s");
         }
         if !(0.0..0.5).contains(&p.tolerance) {
             return bad("purchases.tolerance must be within 0..0.5 of a unit weight (or two counts would fit)");

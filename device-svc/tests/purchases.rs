@@ -608,3 +608,38 @@ async fn a_shop_sees_only_its_own_orders_and_its_users_are_its_own() {
     shop.stop().await;
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn a_door_never_reported_closed_releases_its_user_and_leaves_sale_until_restocked() {
+    let (stack, _, svc, shop) = setup("cab-p-11", |c| {
+        c.purchases.door_open_max_s = 1;
+        c.purchases.door_never_closed_s = 2;
+    })
+    .await;
+    let api = stack.api(svc.addr);
+    let id = open(api, "nora", "cab-p-11", 1).await;
+    // The cabinet never reports the door closed.
+    let stuck = wait_order(api, &id, "abnormal").await;
+    assert_eq!((stuck["reason"].as_str(), stuck["door_state"].as_str()), (Some("door_never_closed"), Some("abnormal")));
+    let anomalies = expect(api, "GET", &format!("/v1/anomalies?order_id={id}"), None, 200).await;
+    let mut kinds: Vec<&str> = anomalies.as_array().unwrap().iter().map(|a| a["kind"].as_str().unwrap()).collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["door_left_open", "door_never_closed"], "told at the first limit, escalated at the second");
+    // Her next purchase is not blocked by the stuck one; the stuck door is out of sale.
+    let (code, o) = order(api, "nora", "cab-p-11", 2).await;
+    assert_eq!(code, 201, "{o}");
+    let (code, e) = order(api, "olive", "cab-p-11", 1).await;
+    assert_eq!((code, e["error"].as_str()), (409, Some("door_out_of_sale")), "{e}");
+    // An operator restocks the door (once the stuck order's lock has lapsed): back on sale.
+    let restock = wait_until("the restock started", WAIT, || async {
+        let (code, r) =
+            http(api, "POST", "/v1/cabinets/cab-p-11/doors/1/restocks", Some(json!({"operator": "olga"}))).await;
+        (code == 201).then_some(r)
+    })
+    .await;
+    expect(api, "POST", &format!("/v1/restocks/{}/finish", restock["id"].as_str().unwrap()), None, 200).await;
+    let (code, o) = order(api, "olive", "cab-p-11", 1).await;
+    assert_eq!(code, 201, "{o}");
+    shop.stop().await;
+    svc.stop().await;
+}

@@ -35,6 +35,8 @@ pub mod kind {
     pub const CABINET_SILENT: &str = "cabinet_silent";
     /// The door stayed open longer than allowed.
     pub const DOOR_LEFT_OPEN: &str = "door_left_open";
+    /// A door never reported closed: its order went to review and the door out of sale.
+    pub const DOOR_NEVER_CLOSED: &str = "door_never_closed";
     /// The goods taken cost more than the payment provider authorised (the order's hold).
     pub const OVER_HOLD: &str = "over_hold";
 }

@@ -7,7 +7,8 @@
 //! What "due" means depends on the state:
 //! - `created`: the authorisation deadline passed: cancel (the delayed cancellation);
 //! - `authorised` / `door_opening`: open the door ([`opening`]);
-//! - `door_open`: open longer than `door_open_max_s`: tell operators once;
+//! - `door_open`: open longer than `door_open_max_s`: tell operators once; still open at
+//!   `door_never_closed_s`: the order to review, its user released, the door out of sale;
 //! - `door_closed`: the settlement wait is over: settle or send to review.
 //!
 //! The driver also renews the door locks of running orders and restocks.
@@ -56,12 +57,21 @@ async fn act(app: &App, order: Order) -> Result<(), StoreError> {
         State::DoorOpen => {
             let detail = json!({"opened_ms": order.opened_ms, "goods": order.goods});
             let a = NewAnomaly::of_order(kind::DOOR_LEFT_OPEN, format!("left_open:{}", order.id), &order, detail);
-            anomalies::record_now(app, &a).await?;
-            // Nothing more to time: the close event moves it on.
-            let client = app.pg.get().await?;
-            client
-                .execute("UPDATE orders SET due_at = NULL WHERE id = $1 AND state = 'door_open'", &[&order.id])
-                .await?;
+            if anomalies::record_now(app, &a).await? {
+                // The first limit: operators are told; the second is timed from here.
+                let p = &app.config.purchases;
+                let wait_ms = (p.door_never_closed_s - p.door_open_max_s) as f64 * 1000.0;
+                let client = app.pg.get().await?;
+                client
+                    .execute(
+                        "UPDATE orders SET due_at = now() + make_interval(secs => $2::float8 / 1000)
+                          WHERE id = $1 AND state = 'door_open'",
+                        &[&order.id, &wait_ms],
+                    )
+                    .await?;
+            } else {
+                never_closed(app, &order).await?;
+            }
         }
         State::DoorClosed => {
             settlement::try_settle(app, &order.id, true).await?;
@@ -70,6 +80,39 @@ async fn act(app: &App, order: Order) -> Result<(), StoreError> {
             let client = app.pg.get().await?;
             client.execute("UPDATE orders SET due_at = NULL WHERE id = $1", &[&order.id]).await?;
         }
+    }
+    Ok(())
+}
+
+/// The second limit: the door was never reported closed. The order goes to review (releasing its
+/// user, who may buy elsewhere), the door out of sale until an operator restocks it, and
+/// operators are told, all in one transaction.
+async fn never_closed(app: &App, order: &Order) -> Result<(), StoreError> {
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let changes = orders::Changes {
+        reason: Some(kind::DOOR_NEVER_CLOSED.into()),
+        door_state: Some("abnormal"),
+        ..orders::Changes::default()
+    };
+    let moved =
+        orders::transition(&tx, &order.id, &[State::DoorOpen], State::Abnormal, kind::DOOR_NEVER_CLOSED, changes)
+            .await?;
+    if moved.is_some() {
+        tx.execute(
+            "UPDATE doors SET out_of_sale = $3 WHERE cabinet_id = $1 AND door_id = $2",
+            &[&order.cabinet_id, &i16::from(order.door_id), &format!("{}:{}", kind::DOOR_NEVER_CLOSED, order.id)],
+        )
+        .await?;
+        let detail = json!({"opened_ms": order.opened_ms, "goods": order.goods});
+        let a = NewAnomaly::of_order(kind::DOOR_NEVER_CLOSED, format!("never_closed:{}", order.id), order, detail);
+        anomalies::record(app, &tx, &a).await?;
+    }
+    tx.commit().await?;
+    if moved.is_some() {
+        app.metrics.order_transitions.with_label_values(&[State::Abnormal.as_str()]).inc();
+        app.purchase_wakers.relay.notify_one();
+        tracing::warn!(order = %order.id, cabinet = %order.cabinet_id, door = order.door_id, "door never reported closed; order to review, door out of sale");
     }
     Ok(())
 }

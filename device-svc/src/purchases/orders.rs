@@ -280,8 +280,8 @@ pub struct NewOrder {
 /// still running, and the door's lock is free (taken here, with the order id as token).
 ///
 /// # Errors
-/// `Invalid`, `NotFound` (cabinet or door), `Rejected` (`cabinet_offline`, `unpaid_order`,
-/// `door_busy`), or storage errors.
+/// `Invalid`, `NotFound` (cabinet or door), `Rejected` (`cabinet_offline`, `door_out_of_sale`,
+/// `unpaid_order`, `door_busy`), or storage errors.
 pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, StoreError> {
     if new.user_id.is_empty() || new.user_id.len() > 128 {
         return Err(StoreError::invalid("user_id", "1 to 128 characters"));
@@ -293,7 +293,8 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
     let door = i16::from(new.door_id);
     let row = client
         .query_opt(
-            "SELECT d.status, EXISTS (SELECT 1 FROM doors WHERE cabinet_id = c.id AND door_id = $2)
+            "SELECT d.status, EXISTS (SELECT 1 FROM doors WHERE cabinet_id = c.id AND door_id = $2),
+                    (SELECT out_of_sale FROM doors WHERE cabinet_id = c.id AND door_id = $2)
                FROM cabinets c JOIN devices d ON d.key = c.device_key WHERE c.id = $1",
             &[&new.cabinet_id, &door],
         )
@@ -305,6 +306,12 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
     }
     if status != "online" {
         return Err(StoreError::rejected("cabinet_offline", format!("cabinet {} is {status}", new.cabinet_id)));
+    }
+    if let Some(why) = row.get::<_, Option<String>>(2) {
+        return Err(StoreError::rejected(
+            "door_out_of_sale",
+            format!("the door is out of sale ({why}) until restocked"),
+        ));
     }
     let unpaid = client
         .query_opt(

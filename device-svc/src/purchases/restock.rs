@@ -121,6 +121,12 @@ pub async fn finish(app: &App, id: &str) -> Result<Restock, StoreError> {
                 .await?,
             )
             .unwrap_or(0);
+            // An operator has been at the door: a door taken out of sale is back on sale.
+            tx.execute(
+                "UPDATE doors SET out_of_sale = NULL WHERE cabinet_id = $1 AND door_id = $2",
+                &[&cabinet, &door],
+            )
+            .await?;
             tx.query_one("UPDATE restocks SET finished_at = now() WHERE id = $1 RETURNING finished_at", &[&id])
                 .await?
                 .get(0)
