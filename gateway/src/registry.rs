@@ -2,7 +2,8 @@
 //! in Redis (SPEC.md 3.1).
 //!
 //! Single live session per device, across nodes: a login *claims* the device's map entry,
-//! which increments its epoch (the fencing token) and names this node and session. The claim
+//! which raises its epoch (the fencing token, never lower than the login time in ms, so it cannot go
+//! back when Redis loses the entry) and names this node and session. The claim
 //! returns the previous holder, which is told to end (locally, or through its node's command
 //! stream). When a session ends it *releases* the entry only if the entry still names it, so a
 //! late cleanup can never remove a newer session's entry.
@@ -27,14 +28,15 @@ use redis_conn::RedisConn;
 /// it was: a device cooling down after flapping (`{4, 0, '', ms left}`); a version-1 login for a
 /// device that has used version 2 (`{2}`); a version-1 login whose device time is not later than
 /// the last accepted login's (`{1}`, a replay); a login that makes the device flap, which starts
-/// a cool-down twice as long as the previous one (`{3, 0, '', ms}`). Otherwise increments the
-/// epoch, names the new holder and returns `{0, epoch, previous node}`.
+/// a cool-down twice as long as the previous one (`{3, 0, '', ms}`). Otherwise raises the epoch
+/// to the larger of the last one plus one and the login time in ms (so epochs never go back,
+/// even when Redis lost the entry), names the new holder and returns `{0, epoch, previous node}`.
 ///
 /// ARGV: node, session, now (ms), device time (ms, `''` = not given), login version (0 = none),
 /// flap window (ms), logins allowed in it, first cool-down (ms), longest cool-down (ms).
 const CLAIM: &str = r"
 local now = tonumber(ARGV[3])
-local f = redis.call('HMGET', KEYS[1], 'fu', 'fw', 'fc', 'fl', 'dt', 'lv', 'node')
+local f = redis.call('HMGET', KEYS[1], 'fu', 'fw', 'fc', 'fl', 'dt', 'lv', 'node', 'epoch')
 local cool_until = tonumber(f[1]) or 0
 if now < cool_until then return {4, 0, '', cool_until - now} end
 local version = tonumber(ARGV[5])
@@ -57,8 +59,11 @@ if count > tonumber(ARGV[7]) then
   redis.call('HSET', KEYS[1], 'fu', now + cool, 'fl', level + 1, 'fw', now, 'fc', 0)
   return {3, 0, '', cool}
 end
-local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-local set = {'node', ARGV[1], 'session', ARGV[2], 'since_ms', ARGV[3], 'fw', window_start, 'fc', count, 'fl', level}
+-- Above the last epoch and at least the login time: if Redis lost the entry, the new epoch is
+-- still above every epoch issued before (those were at most their login times).
+local epoch = math.max((tonumber(f[8]) or 0) + 1, now)
+local set = {'node', ARGV[1], 'session', ARGV[2], 'since_ms', ARGV[3], 'fw', window_start, 'fc', count, 'fl', level,
+             'epoch', epoch}
 if device_time and (not last_time or device_time > last_time) then
   set[#set + 1] = 'dt'
   set[#set + 1] = ARGV[4]

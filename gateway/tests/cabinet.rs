@@ -35,9 +35,10 @@ async fn login_heartbeat_and_the_map() {
 
     let entry = env.map_entry(&key(&id)).await;
     assert_eq!(entry.get("node").map(String::as_str), Some("gw-a"));
-    assert_eq!(entry.get("epoch").map(String::as_str), Some("1"));
+    let epoch: u64 = entry.get("epoch").unwrap().parse().unwrap();
+    assert!(epoch.abs_diff(gateway::clock::now_ms()) < 60_000, "the first epoch is the login time in ms: {epoch}");
     let opened = env.wait_upstream("open", |e| matches!(e, UpEvent::SessionOpened { .. })).await;
-    assert!(matches!(opened, UpEvent::SessionOpened { epoch: 1, ref info, .. } if info == "1.0.0"));
+    assert!(matches!(opened, UpEvent::SessionOpened { epoch: e, ref info, .. } if info == "1.0.0" && e == epoch));
     // Heartbeats arrive aggregated, one window entry naming the device.
     let window = env
         .wait_upstream("heartbeat window", |e| matches!(e, UpEvent::Heartbeats { devices, .. } if !devices.is_empty()))
@@ -46,7 +47,7 @@ async fn login_heartbeat_and_the_map() {
     assert_eq!(node, "gw-a");
     assert_eq!(count, 1);
     assert_eq!(devices[0].device, key(&id));
-    assert_eq!(devices[0].epoch, 1);
+    assert_eq!(devices[0].epoch, epoch);
     assert_eq!(metric(&gw, "gateway_logins_total", &[("protocol", "cabinet"), ("result", "accepted")]), 1.0);
     assert_eq!(metric(&gw, "gateway_connections_open", &[("protocol", "cabinet")]), 1.0);
     gw.stop().await;
@@ -212,11 +213,15 @@ async fn idle_session_is_closed_and_its_entry_removed() {
     let (id, secret) = env.provision_cabinet("CAB-8").await;
     let (mut cab, _) = Cabinet::login(gw.addresses.cabinet.unwrap(), &id, &secret).await;
     assert!(cab.until_closed().await.is_empty());
+    let opened = env.wait_upstream("open", |e| matches!(e, UpEvent::SessionOpened { .. })).await;
+    let UpEvent::SessionOpened { epoch, .. } = opened else { unreachable!() };
     let closed = env.wait_upstream("close", |e| matches!(e, UpEvent::SessionClosed { .. })).await;
-    assert!(matches!(closed, UpEvent::SessionClosed { ref reason, epoch: 1, .. } if reason == "idle_timeout"));
+    assert!(
+        matches!(closed, UpEvent::SessionClosed { ref reason, epoch: e, .. } if reason == "idle_timeout" && e == epoch)
+    );
     let entry = env.map_entry(&key(&id)).await;
     assert_eq!(entry.get("node"), None, "entry released");
-    assert_eq!(entry.get("epoch").map(String::as_str), Some("1"), "epoch kept");
+    assert_eq!(entry.get("epoch"), Some(&epoch.to_string()), "epoch kept");
     assert_eq!(
         metric(&gw, "gateway_sessions_closed_total", &[("protocol", "cabinet"), ("reason", "idle_timeout")]),
         1.0
@@ -533,5 +538,23 @@ async fn a_device_time_far_from_the_gateways_clock_is_refused_and_counted() {
     let cabinet_events = env.upstream().await.into_iter().filter(|e| matches!(e, UpEvent::Cabinet { .. })).count();
     assert_eq!(cabinet_events, 1, "neither refused frame travelled on");
     assert_eq!(metric(&gw, "gateway_frames_rejected_total", &[("protocol", "cabinet"), ("reason", "clock_skew")]), 2.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_epoch_does_not_go_back_when_redis_lost_the_connection_map() {
+    let mut env = Env::single().await;
+    let gw = env.start("gw-a").await;
+    let (id, secret) = env.provision_cabinet("CAB-EPOCH").await;
+    let (cab, _) = Cabinet::login(gw.addresses.cabinet.unwrap(), &id, &secret).await;
+    let first: u64 = env.map_entry(&key(&id)).await.get("epoch").unwrap().parse().unwrap();
+    drop(cab);
+    env.wait_upstream("the close", |e| matches!(e, UpEvent::SessionClosed { .. })).await;
+    // Redis restarted empty: the entry, with its epoch, is gone.
+    let _: () = redis::cmd("DEL").arg(env.keys.conn(&key(&id))).query_async(&mut env.redis.clone()).await.unwrap();
+    let (_cab, result) = Cabinet::login(gw.addresses.cabinet.unwrap(), &id, &secret).await;
+    assert_eq!(result.status, LoginStatus::Accepted);
+    let second: u64 = env.map_entry(&key(&id)).await.get("epoch").unwrap().parse().unwrap();
+    assert!(second > first, "the new session's epoch is above the lost one: {second} > {first}");
     gw.stop().await;
 }
