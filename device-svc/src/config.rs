@@ -177,6 +177,8 @@ pub struct HeartbeatConfig {
     pub startup_grace_s: u64,
     /// Recheck delay, s.
     pub recheck_s: u64,
+    /// A node gone this long: the devices it held are marked offline (`node_down`), s.
+    pub node_lost_s: u64,
 }
 
 /// `[weights]`
@@ -400,6 +402,7 @@ impl Default for HeartbeatConfig {
             check_interval_ms: 200,
             startup_grace_s: 90,
             recheck_s: 10,
+            node_lost_s: 300,
         }
     }
 }

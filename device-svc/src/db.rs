@@ -20,6 +20,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (8, "dead_letters", include_str!("../migrations/0008_dead_letters.sql")),
     (9, "outbox_lease", include_str!("../migrations/0009_outbox_lease.sql")),
     (10, "door_out_of_sale", include_str!("../migrations/0010_door_out_of_sale.sql")),
+    (11, "devices_by_node", include_str!("../migrations/0011_devices_by_node.sql")),
 ];
 
 /// Longest wait for a pooled connection.

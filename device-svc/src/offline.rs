@@ -166,11 +166,6 @@ pub struct Detector {
     dead_since: Mutex<HashMap<String, Instant>>,
 }
 
-/// How long a node may be gone before the devices it held are marked offline anyway
-/// (`node_down`): long enough for them to reconnect elsewhere, short enough for the map to
-/// stop lying.
-const DEAD_NODE_AFTER: Duration = Duration::from_secs(300);
-
 /// How long a claimed entry may be judged before another instance takes it over.
 const JUDGE_LEASE_MS: u64 = 10_000;
 
@@ -327,7 +322,7 @@ impl Detector {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(node)
-            .is_some_and(|since| since.elapsed() >= DEAD_NODE_AFTER)
+            .is_some_and(|since| since.elapsed() >= Duration::from_secs(self.app.config.heartbeat.node_lost_s))
     }
 
     /// Judges every entry of `shard` whose deadline has passed. Returns how many were judged.
@@ -426,6 +421,54 @@ impl Detector {
         }
     }
 
+    /// A node without its liveness key: while it still holds devices, alert `node_down` names it;
+    /// once it has been gone `heartbeat.node_lost_s`, every device it still holds, vehicles
+    /// included (they have no heartbeat deadline), is marked offline with reason `node_down`
+    /// (fenced by each device's epoch: one that reconnected elsewhere is not touched). The alert
+    /// closes when the node holds nothing any more or comes back.
+    async fn node_gone(&self, node: &str) -> Result<(), StoreError> {
+        let client = self.app.pg.get().await?;
+        let held = client
+            .query(
+                "SELECT key, status_epoch FROM devices WHERE node = $1 AND status IN ('online', 'pending_init')",
+                &[&node],
+            )
+            .await?;
+        if held.is_empty() {
+            client
+                .execute(
+                    "UPDATE service_alerts SET ended_at = now() WHERE kind = 'node_down' AND node = $1 AND ended_at IS NULL",
+                    &[&node],
+                )
+                .await?;
+            return Ok(());
+        }
+        let detail = format!("gone; still holds {} devices", held.len());
+        let opened = client
+            .execute(
+                "INSERT INTO service_alerts (kind, node, detail) VALUES ('node_down', $1, $2)
+                 ON CONFLICT (kind, node) WHERE ended_at IS NULL DO NOTHING",
+                &[&node, &detail],
+            )
+            .await?;
+        if opened > 0 {
+            tracing::warn!(node, %detail, "gateway node gone");
+        }
+        drop(client);
+        if !self.dead_long_enough(node) {
+            return Ok(());
+        }
+        for row in held {
+            let (key, epoch): (String, i64) = (row.get(0), row.get(1));
+            let (Ok(device), Ok(epoch)) = (DeviceKey::parse(&key), u64::try_from(epoch)) else { continue };
+            let event = Event::HeartbeatTimeout { epoch, reason: "node_down" };
+            if status::apply(&self.app, &device, &event).await?.is_some() {
+                self.app.metrics.offline_decisions.with_label_values(&[device.kind().as_str()]).inc();
+            }
+        }
+        Ok(())
+    }
+
     /// Recomputes every known node's health, and opens or closes its intake alert.
     async fn evaluate_nodes(&self) -> Result<(), StoreError> {
         let mut con = self.app.redis.clone();
@@ -434,6 +477,16 @@ impl Detector {
         for node in nodes {
             let h = self.health(&node).await?;
             let client = self.app.pg.get().await?;
+            if h.alive {
+                client
+                    .execute(
+                        "UPDATE service_alerts SET ended_at = now() WHERE kind = 'node_down' AND node = $1 AND ended_at IS NULL",
+                        &[&node],
+                    )
+                    .await?;
+            } else {
+                self.node_gone(&node).await?;
+            }
             if h.healthy || h.expected < 1.0 {
                 let closed = client
                     .execute(

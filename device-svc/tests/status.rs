@@ -1,5 +1,6 @@
 //! Device status through a real gateway: first connection, initialisation, reconnection,
-//! session close, heartbeat timeout of one device, and a node whose heartbeat intake drops.
+//! session close, heartbeat timeout of one device, a node whose heartbeat intake drops, and a
+//! node gone for good.
 
 #![allow(clippy::unwrap_used)]
 
@@ -177,5 +178,47 @@ async fn a_node_below_its_heartbeat_share_marks_nobody_offline_until_it_recovers
     for b in fleet {
         b.close().await;
     }
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_gone_for_good_has_its_devices_marked_offline_and_named_in_an_alert() {
+    let stack = Stack::new().await;
+    let mut config = stack.svc_config("svc-1");
+    config.heartbeat.node_lost_s = 1;
+    let svc = stack.service_with(config).await;
+    let api = stack.api(svc.addr);
+    let vin = "LSVAU2180N2183294";
+    common::car::register_vehicle(api, vin, serde_json::json!({})).await;
+    // What a node killed for good leaves: it is in the node list, its liveness key has expired,
+    // and PostgreSQL still says it holds a car (a vehicle has no heartbeat deadline to expire).
+    let pg = stack.pg().await;
+    pg.execute(
+        "UPDATE devices SET status = 'online', node = 'gw-ghost', status_epoch = 7 WHERE key = $1",
+        &[&format!("veh:{vin}")],
+    )
+    .await
+    .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(stack.keys.nodes())
+        .arg(1)
+        .arg("gw-ghost")
+        .query_async(&mut stack.redis.clone())
+        .await
+        .unwrap();
+    let alert = wait_until("the node_down alert", WAIT, || async {
+        let alerts = http(api, "GET", "/v1/alerts", None).await.1;
+        alerts.as_array().and_then(|a| a.iter().find(|a| a["kind"] == "node_down").cloned())
+    })
+    .await;
+    assert_eq!(alert["node"], "gw-ghost");
+    let view = wait_status(api, &format!("veh:{vin}"), "offline").await;
+    assert_eq!(view["status_reason"], "node_down");
+    // It holds nothing any more: the alert closes.
+    wait_until("the alert closed", WAIT, || async {
+        let alerts = http(api, "GET", "/v1/alerts", None).await.1;
+        alerts.as_array().is_some_and(|a| a.iter().all(|a| a["kind"] != "node_down")).then_some(())
+    })
+    .await;
     svc.stop().await;
 }
