@@ -35,7 +35,21 @@ pub struct Commander {
     /// entry leaves with its last user ([`DoorTurn`]), so the map holds only doors in use, not
     /// every door ever named (a caller naming random cabinets must not grow it for good).
     doors: DashMap<(String, u8), Arc<Mutex<()>>>,
+    /// [`ADD_COMMAND`], loaded once.
+    add_command: redis::Script,
+    /// Bytes a node's command stream may hold before commands to it are refused: a downlink may
+    /// be 128 KiB, so the entry cap alone would let a node that stopped reading hold gigabytes.
+    stream_max_bytes: u64,
 }
+
+/// Adds a command to a node's stream (`KEYS[1]`) unless the stream already holds `ARGV[2]`
+/// bytes; trims it to about `ARGV[1]` entries. `ARGV[3..]` are the entry's fields. Returns the
+/// entry id, or nil when refused.
+const ADD_COMMAND: &str = r"
+local used = redis.call('MEMORY', 'USAGE', KEYS[1]) or 0
+if used >= tonumber(ARGV[2]) then return false end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+";
 
 /// A command's turn at its door: removes the door's entry when nobody else holds or awaits it.
 struct DoorTurn<'a> {
@@ -55,8 +69,17 @@ impl Drop for DoorTurn<'_> {
 
 impl Commander {
     /// A commander for this instance; run [`Commander::run_replies`] alongside.
-    pub fn new(redis: RedisConn, keys: Keys, instance: String, metrics: Metrics) -> Self {
-        Self { redis, keys, instance, metrics, waiting: DashMap::new(), doors: DashMap::new() }
+    pub fn new(redis: RedisConn, keys: Keys, instance: String, metrics: Metrics, stream_max_bytes: u64) -> Self {
+        Self {
+            redis,
+            keys,
+            instance,
+            metrics,
+            waiting: DashMap::new(),
+            doors: DashMap::new(),
+            add_command: redis::Script::new(ADD_COMMAND),
+            stream_max_bytes,
+        }
     }
 
     /// Cabinet doors with a command running or waiting now (the per-door map's size).
@@ -138,18 +161,27 @@ impl Commander {
         let fields = request.to_fields().map_err(|e| StoreError::invalid("command", e.to_string()))?;
         let (tx, rx) = oneshot::channel();
         self.waiting.insert(request_id.to_owned(), tx);
-        let added: redis::RedisResult<String> = redis::cmd("XADD")
-            .arg(self.keys.commands(&node))
-            .arg("MAXLEN")
-            .arg("~")
+        let added: redis::RedisResult<Option<String>> = self
+            .add_command
+            .key(self.keys.commands(&node))
             .arg(protocol::bus::COMMAND_STREAM_MAXLEN)
-            .arg("*")
+            .arg(self.stream_max_bytes)
             .arg(fields)
-            .query_async(&mut con)
+            .invoke_async(&mut con)
             .await;
-        if let Err(e) = added {
-            self.waiting.remove(request_id);
-            return Err(e.into());
+        match added {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                // The node is not reading its stream (stuck, or gone without its map entries
+                // expiring yet): no more bytes pile up there.
+                self.waiting.remove(request_id);
+                tracing::warn!(node, "command stream at its byte cap; command refused");
+                return Ok(Outcome::Busy);
+            }
+            Err(e) => {
+                self.waiting.remove(request_id);
+                return Err(e.into());
+            }
         }
         // The gateway answers by the deadline itself; the slack covers the reply's trip back.
         let outcome = match tokio::time::timeout(timeout + Duration::from_secs(1), rx).await {

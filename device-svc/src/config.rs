@@ -217,6 +217,8 @@ pub struct RetentionConfig {
 pub struct CommandsConfig {
     /// Default deadline, ms.
     pub default_timeout_ms: u64,
+    /// Bytes a node's command stream may hold before commands to it are answered busy.
+    pub node_stream_max_bytes: u64,
 }
 
 /// `[purchases]`
@@ -314,7 +316,7 @@ impl Default for Config {
             streams: StreamsConfig::default(),
             heartbeat: HeartbeatConfig::default(),
             weights: WeightsConfig { retention_days: 30, partitions_ahead_days: 3 },
-            commands: CommandsConfig { default_timeout_ms: 5000 },
+            commands: CommandsConfig { default_timeout_ms: 5000, node_stream_max_bytes: 64 * 1024 * 1024 },
             purchases: PurchasesConfig {
                 authorise_timeout_s: 120,
                 lock_ttl_s: 60,

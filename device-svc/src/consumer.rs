@@ -338,6 +338,10 @@ pub async fn run_shard(consumer: Arc<Consumer>, mut redis: RedisConn, shard: u16
             last_claim = tokio::time::Instant::now();
             claim(&consumer, &mut redis, &stream, &me, cfg.claim_idle_ms, cfg.batch, &stop).await;
             report_lag(&app, &mut redis, &stream, shard).await;
+            match crate::trim::trim_consumed(&mut redis, &stream).await {
+                Ok(n) => app.metrics.trimmed.inc_by(n),
+                Err(e) => tracing::warn!(shard, error = %e, "failed to trim the upstream stream"),
+            }
         }
     }
 }

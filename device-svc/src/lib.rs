@@ -36,6 +36,7 @@ pub mod purchases;
 pub mod registry;
 pub mod retention;
 pub mod status;
+pub mod trim;
 pub mod vehicles;
 pub mod weights;
 
@@ -118,8 +119,13 @@ impl DeviceService {
 
         let metrics = Metrics::new();
         let keys = Keys::new(config.key_prefix.clone());
-        let commander =
-            Arc::new(Commander::new(redis.clone(), keys.clone(), config.instance_id.clone(), metrics.clone()));
+        let commander = Arc::new(Commander::new(
+            redis.clone(),
+            keys.clone(),
+            config.instance_id.clone(),
+            metrics.clone(),
+            config.commands.node_stream_max_bytes,
+        ));
         let verifier = auth::keys::Verifier::new(Duration::from_millis(config.auth.cache_ttl_ms));
         let app = Arc::new(App {
             config,

@@ -51,6 +51,9 @@ pub struct Metrics {
     pub stream_entries: IntCounterVec,
     /// `devsvc_stream_claimed_entries_total`
     pub claimed: IntCounter,
+    /// `devsvc_stream_trimmed_entries_total`: upstream entries removed once every consumer
+    /// group had acknowledged them.
+    pub trimmed: IntCounter,
     /// `devsvc_weight_readings_persisted_total`
     pub readings_persisted: IntCounter,
     /// `devsvc_retention_deleted_rows_total{table}`
@@ -206,6 +209,14 @@ impl Metrics {
                 IntCounter::new(
                     "devsvc_stream_claimed_entries_total",
                     "Upstream entries taken over from an instance that stopped acknowledging.",
+                )
+                .expect("valid"),
+            ),
+            trimmed: register(
+                &r,
+                IntCounter::new(
+                    "devsvc_stream_trimmed_entries_total",
+                    "Upstream entries removed from their stream once every consumer group had acknowledged them.",
                 )
                 .expect("valid"),
             ),

@@ -148,3 +148,27 @@ async fn the_per_door_locks_hold_only_doors_in_use() {
     assert_eq!(commander.doors_in_use(), 0);
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn a_node_stream_at_its_byte_cap_takes_no_more_commands() {
+    let stack = Stack::new().await;
+    // Any stream at all is over this cap: the node's stream exists once the gateway reads it.
+    let mut config = stack.svc_config("svc-1");
+    config.commands.node_stream_max_bytes = 1;
+    let svc = stack.service_with(config).await;
+    let api = stack.api(svc.addr);
+    let (id, secret) = register_cabinet(api, "cab-cap-1", &[(1, 1)]).await;
+    let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
+    wait_status(api, "cab:cab-cap-1", "pending_init").await;
+
+    let answer = send(api, "cab:cab-cap-1", json!({"action": "query_door", "door_id": 1})).await.unwrap();
+    assert_eq!(answer["outcome"], "busy", "{answer}");
+    let len: usize =
+        redis::cmd("XLEN").arg(stack.keys.commands(&stack.node)).query_async(&mut stack.redis.clone()).await.unwrap();
+    assert_eq!(len, 0, "nothing added to the node's stream");
+    // The cabinet was sent nothing: the next frame it gets answers its own heartbeat.
+    let seq = cabinet.send(Message::Heartbeat(protocol::cabinet::Heartbeat { device_time_ms: 0 })).await;
+    let next = cabinet.recv().await.unwrap();
+    assert!(matches!(next.message, Message::HeartbeatAck(_)) && next.seq == seq, "{next:?}");
+    svc.stop().await;
+}

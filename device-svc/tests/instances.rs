@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 
 use common::*;
 use device_svc::DeviceService;
+use protocol::bus::Keys;
+use redis_conn::{RedisConn, RedisTarget};
 use serde_json::json;
 
 fn metrics_of(svc: &DeviceService) -> String {
@@ -227,4 +229,71 @@ async fn a_frozen_session_holding_row_locks_is_ended_by_the_server() {
     expect(api, "PUT", "/v1/devices/cab:cab-frozen/enabled", Some(json!({"enabled": false})), 204).await;
     assert!(tx.execute("SELECT 1", &[]).await.is_err(), "the frozen session was ended");
     svc.stop().await;
+}
+
+/// Ids of the entries `group` reads next (up to `count`), acknowledging the first `ack` of them.
+async fn read_and_ack(redis: &mut RedisConn, stream: &str, group: &str, count: usize, ack: usize) {
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg("reader")
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(redis)
+        .await
+        .unwrap();
+    let ids: Vec<String> = reply.keys.into_iter().flat_map(|k| k.ids).map(|e| e.id).take(ack).collect();
+    if !ids.is_empty() {
+        let _: i64 = redis::cmd("XACK").arg(stream).arg(group).arg(&ids).query_async(redis).await.unwrap();
+    }
+}
+
+/// How many of `ids` are still in the stream.
+async fn kept(redis: &mut RedisConn, stream: &str, ids: &[String]) -> usize {
+    let range: redis::streams::StreamRangeReply =
+        redis::cmd("XRANGE").arg(stream).arg(&ids[0]).arg(ids.last().unwrap()).query_async(redis).await.unwrap();
+    range.ids.len()
+}
+
+#[tokio::test]
+async fn upstream_streams_are_trimmed_only_below_what_every_group_acknowledged() {
+    use device_svc::trim::trim_consumed;
+    let ns = testkit::RedisNamespace::create();
+    let mut redis = RedisConn::open(&RedisTarget::Single(ns.url.clone()), None).await.unwrap();
+    let stream = Keys::new(ns.prefix.clone()).upstream(0);
+    let mut pipe = redis::pipe();
+    for n in 0..3000 {
+        pipe.cmd("XADD").arg(&stream).arg("*").arg("n").arg(n);
+    }
+    let ids: Vec<String> = pipe.query_async(&mut redis).await.unwrap();
+
+    // Nobody has read anything: nothing goes.
+    assert_eq!(trim_consumed(&mut redis, &stream).await.unwrap(), 0);
+    for group in ["device-svc", "audit"] {
+        let _: () =
+            redis::cmd("XGROUP").arg("CREATE").arg(&stream).arg(group).arg("0").query_async(&mut redis).await.unwrap();
+    }
+    // One group read 2,000 and acknowledged 1,500; the other read and acknowledged 1,000.
+    read_and_ack(&mut redis, &stream, "device-svc", 2000, 1500).await;
+    read_and_ack(&mut redis, &stream, "audit", 1000, 1000).await;
+    let trimmed = trim_consumed(&mut redis, &stream).await.unwrap();
+    assert!(trimmed > 0, "entries both groups acknowledged go");
+    assert_eq!(kept(&mut redis, &stream, &ids[1000..]).await, 2000, "nothing the slower group still needs");
+
+    // The slower group catches up: now the other's oldest unacknowledged entry is the floor.
+    read_and_ack(&mut redis, &stream, "audit", 3000, 3000).await;
+    trim_consumed(&mut redis, &stream).await.unwrap();
+    assert_eq!(kept(&mut redis, &stream, &ids[1500..]).await, 1500, "nothing delivered and unacknowledged");
+    assert!(kept(&mut redis, &stream, &ids).await < 1600);
+
+    // Everything acknowledged by both: at most one internal node of entries stays.
+    read_and_ack(&mut redis, &stream, "device-svc", 3000, 3000).await;
+    let _: i64 =
+        redis::cmd("XACK").arg(&stream).arg("device-svc").arg(&ids[1500..2000]).query_async(&mut redis).await.unwrap();
+    trim_consumed(&mut redis, &stream).await.unwrap();
+    let left: usize = redis::cmd("XLEN").arg(&stream).query_async(&mut redis).await.unwrap();
+    assert!(left <= 100, "{left} entries left");
 }

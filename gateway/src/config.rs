@@ -88,6 +88,8 @@ pub struct CabinetConfig {
     pub command_queue_len: usize,
     /// Write timeout, ms.
     pub write_timeout_ms: u64,
+    /// Frames one cabinet may have on their way to Redis, unacknowledged; past it `Busy`.
+    pub max_unconfirmed: usize,
 }
 
 /// `[mqtt]`
@@ -120,6 +122,9 @@ pub struct MqttConfig {
     pub max_inflight: u16,
     /// Unacknowledged downlinks kept per persistent session.
     pub max_stored_downlinks: usize,
+    /// QoS 1/2 publishes one vehicle may have on their way to Redis, unacknowledged (CONNACK
+    /// Receive Maximum for 5.0); past it the gateway stops reading from the vehicle.
+    pub receive_max: u16,
     /// Longest granted session expiry, s.
     pub max_session_expiry_s: u32,
     /// Subscription filters one connection may hold.
@@ -142,7 +147,9 @@ pub struct UpstreamConfig {
     pub buffer_max: usize,
     /// Heartbeat window, ms.
     pub heartbeat_window_ms: u64,
-    /// Stream length cap.
+    /// Length of an upstream stream past which this node writes nothing more to it until the
+    /// device service has consumed and trimmed it (entries wait in the buffer: backpressure,
+    /// never loss).
     pub stream_maxlen: u64,
 }
 
@@ -240,6 +247,7 @@ impl Default for CabinetConfig {
             min_login_version: 1,
             command_queue_len: 16,
             write_timeout_ms: 10_000,
+            max_unconfirmed: 32,
         }
     }
 }
@@ -260,6 +268,7 @@ impl Default for MqttConfig {
             max_packet_bytes: 16_384,
             max_inflight: 16,
             max_stored_downlinks: 100,
+            receive_max: 100,
             max_session_expiry_s: 86_400,
             max_subscriptions: 50,
             command_queue_len: 16,
@@ -406,13 +415,14 @@ impl Config {
         if !(128..=268_435_455).contains(&m.max_packet_bytes) {
             return Err(invalid("mqtt.max_packet_bytes must be within 128..=268435455"));
         }
-        if m.max_inflight == 0 || m.default_keep_alive_s == 0 {
-            return Err(invalid("mqtt.max_inflight and mqtt.default_keep_alive_s must be positive"));
+        if m.max_inflight == 0 || m.default_keep_alive_s == 0 || m.receive_max == 0 {
+            return Err(invalid("mqtt.max_inflight, mqtt.receive_max and mqtt.default_keep_alive_s must be positive"));
         }
         for (name, v) in [
             ("cabinet.max_connections", c.max_connections),
             ("mqtt.max_connections", m.max_connections),
             ("cabinet.command_queue_len", c.command_queue_len),
+            ("cabinet.max_unconfirmed", c.max_unconfirmed),
             ("mqtt.command_queue_len", m.command_queue_len),
             ("mqtt.max_subscriptions", m.max_subscriptions),
             ("upstream.batch_max", self.upstream.batch_max),

@@ -89,7 +89,8 @@ impl Ctx {
             node: self.node().to_owned(),
             outcome,
         };
-        let entry = Entry { key: reply_to.to_owned(), fields: reply.to_fields(), label: reply.outcome.label() };
+        let entry =
+            Entry { key: reply_to.to_owned(), fields: reply.to_fields(), label: reply.outcome.label(), receipt: None };
         if self.replies.offer(entry).is_err() {
             tracing::warn!(%device, request_id, "reply buffer full; reply dropped");
         }

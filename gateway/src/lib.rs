@@ -51,7 +51,7 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::server::{Admission, Listener, Protocol};
 use crate::session::EndReason;
-use crate::stream_writer::{StreamWriter, WriterConfig, WriterMetrics};
+use crate::stream_writer::{StreamCap, StreamWriter, WriterConfig, WriterMetrics};
 use crate::upstream::Upstream;
 use redis_conn::{RedisConn, RedisTarget};
 
@@ -168,6 +168,7 @@ impl Gateway {
             written,
             errors: metrics.redis_errors.clone(),
             op,
+            held: metrics.stream_cap_holds.with_label_values(&[op]),
         };
         let up_metrics = writer_metrics(metrics.upstream_buffer.clone(), metrics.upstream_events.clone(), "upstream");
         let (up_writer, up_rx) = StreamWriter::new(config.upstream.buffer_max, up_metrics.clone());
@@ -205,18 +206,22 @@ impl Gateway {
         let flush = CancellationToken::new();
         let writers = TaskTracker::new();
         let services = TaskTracker::new();
-        let writer_cfg = |maxlen| WriterConfig { batch_max: ctx.config.upstream.batch_max, maxlen };
+        let writer_cfg = |cap, name: &str| WriterConfig {
+            batch_max: ctx.config.upstream.batch_max,
+            cap,
+            writer_id: format!("{}/{name}/", registry.incarnation_id()),
+        };
         writers.spawn(stream_writer::run(
             up_rx,
             redis.clone(),
-            writer_cfg(ctx.config.upstream.stream_maxlen),
+            writer_cfg(StreamCap::Hold(ctx.config.upstream.stream_maxlen), "up"),
             up_metrics,
             flush.clone(),
         ));
         writers.spawn(stream_writer::run(
             reply_rx,
             redis.clone(),
-            writer_cfg(ctx.config.commands.reply_maxlen),
+            writer_cfg(StreamCap::Trim(ctx.config.commands.reply_maxlen), "reply"),
             reply_metrics,
             flush.clone(),
         ));

@@ -75,6 +75,9 @@ pub struct Metrics {
     pub replies_written: IntCounterVec,
     /// `gateway_redis_errors_total{op}`
     pub redis_errors: IntCounterVec,
+    /// `gateway_stream_cap_holds_total{op}`: write rounds held back because a stream was at its
+    /// length cap (its consumers behind).
+    pub stream_cap_holds: IntCounterVec,
     /// `gateway_backpressure_pauses_total{protocol}`: a device's reading paused because the
     /// upstream buffer was full.
     pub backpressure: IntCounterVec,
@@ -238,6 +241,12 @@ impl Metrics {
                 &["outcome"],
             ),
             redis_errors: counter_vec(r, "gateway_redis_errors_total", "Failed Redis operations.", &["op"]),
+            stream_cap_holds: counter_vec(
+                r,
+                "gateway_stream_cap_holds_total",
+                "Write rounds held back because a stream was at its length cap (its consumers behind).",
+                &["op"],
+            ),
             backpressure: counter_vec(
                 r,
                 "gateway_backpressure_pauses_total",

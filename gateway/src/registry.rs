@@ -232,7 +232,12 @@ impl Registry {
     }
 
     fn session_prefix(&self) -> String {
-        format!("{}/{}/", self.node, self.incarnation)
+        format!("{}/", self.incarnation_id())
+    }
+
+    /// This run of this node: `node/incarnation`, unique across nodes and restarts.
+    pub fn incarnation_id(&self) -> String {
+        format!("{}/{}", self.node, self.incarnation)
     }
 
     /// A new session number; [`Registry::session_id`] makes it unique across nodes and runs.

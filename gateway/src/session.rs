@@ -3,7 +3,11 @@
 //! to its socket; everyone else goes through this handle.
 //!
 //! The handle is deliberately small (no channel, no per-session timer): an idle session costs
-//! an `Arc`, a `Notify` and an empty queue, which allocates nothing until a command arrives.
+//! an `Arc`, a `Notify` and two empty queues, which allocate nothing until a command arrives or
+//! an uplink waits for Redis.
+//!
+//! The handle is also how the upstream writer tells a session that its uplinks are stored
+//! ([`Confirm`]): the session acknowledges them to the device only then.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -16,6 +20,7 @@ use futures_util::task::AtomicWaker;
 use protocol::bus::{CommandBody, DeviceKey};
 use tokio::time::{Instant, Sleep};
 
+use crate::stream_writer::Confirm;
 use crate::transport::{Conn, Event};
 
 /// A command on its way to one device.
@@ -85,6 +90,11 @@ impl<T> ReleaseIfEmpty for VecDeque<T> {
     }
 }
 
+/// How long a closing session waits for its uplinks still on their way to Redis, to
+/// acknowledge them before the device is gone: a Redis round trip is milliseconds; past this
+/// the device sends them again after its reconnect (SPEC.md 1.10, 2.2), harmlessly.
+pub const CONFIRM_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The queue was full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull;
@@ -103,6 +113,9 @@ pub struct SessionHandle {
     /// across an `.await`.
     queue: Mutex<VecDeque<Downlink>>,
     queue_max: usize,
+    /// Tokens of uplinks Redis has confirmed, for the session to acknowledge. Bounded by the
+    /// session itself: it has at most its own limit of uplinks on the way.
+    confirmed: Mutex<Vec<u32>>,
     /// Wakes the session task for a downlink or an end request: a flag plus the task's waker,
     /// polled by the session loop without any per-wait state.
     woken: AtomicBool,
@@ -119,6 +132,7 @@ impl SessionHandle {
             session,
             queue: Mutex::new(VecDeque::new()),
             queue_max,
+            confirmed: Mutex::new(Vec::new()),
             woken: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             end: AtomicU8::new(EndReason::None as u8),
@@ -145,6 +159,13 @@ impl SessionHandle {
     pub fn take_all(&self) -> VecDeque<Downlink> {
         let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         std::mem::take(&mut *queue)
+    }
+
+    /// Takes the tokens of every uplink confirmed since the last call, in the order Redis
+    /// confirmed them.
+    pub fn take_confirmed(&self) -> Vec<u32> {
+        let mut confirmed = self.confirmed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::take(&mut *confirmed)
     }
 
     /// Asks something of the session (see [`EndReason`]); the strongest request stands.
@@ -177,6 +198,18 @@ impl SessionHandle {
     /// [`SessionHandle::poll_wakeup`] as a future.
     pub async fn wakeup(&self) {
         std::future::poll_fn(|cx| self.poll_wakeup(cx)).await;
+    }
+
+    /// [`SessionHandle::wakeup`], giving up at `deadline`: `false` if it passed first.
+    pub async fn wakeup_before(&self, deadline: Instant) -> bool {
+        tokio::time::timeout_at(deadline, self.wakeup()).await.is_ok()
+    }
+}
+
+impl Confirm for SessionHandle {
+    fn confirmed(&self, token: u32) {
+        self.confirmed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(token);
+        self.wake();
     }
 }
 
@@ -235,7 +268,7 @@ mod tests {
 /// What woke a session's task.
 #[derive(Debug)]
 pub enum Wake {
-    /// A downlink or an end request.
+    /// A downlink, a confirmation or an end request.
     Handle,
     /// The earliest deadline passed.
     Timer,

@@ -1,8 +1,18 @@
-//! A bounded buffer in front of Redis streams, drained by one task in pipelined batches.
-//! Used for the upstream streams and for command replies.
+//! A bounded buffer in front of Redis streams, drained by one task in batches: the group
+//! commit behind every acknowledgement a device receives. Used for the upstream streams and for
+//! command replies.
 //!
+//! - An entry may carry a [`Receipt`]: whoever waits on it (a session, to send the device its
+//!   `ACK` or `PUBACK`) hears only once Redis has confirmed the write. An acknowledgement
+//!   therefore never stands for an entry that exists only in this process's memory.
 //! - Order per stream key is kept: one task writes, each key's entries in the order accepted.
-//! - One pipeline per key (one Redis Cluster slot), pipelines run concurrently.
+//! - One script call per key (one Redis Cluster slot) per round, calls run concurrently; a
+//!   round's writes to a key are one atomic, idempotent step: the script records the round's id
+//!   beside the stream, so a round retried after a lost reply (a timeout while Redis was slow)
+//!   is not written twice.
+//! - A stream past its length cap is either trimmed (`MAXLEN ~`, for reply streams nobody may
+//!   be reading) or, for the upstream streams, not written at all until its consumers catch up:
+//!   entries wait here, sessions stop acknowledging and devices are slowed ([`StreamCap`]).
 //! - While Redis is unreachable the batch in hand is retried with backoff and new entries wait
 //!   in the buffer, up to its capacity; then [`StreamWriter::offer`] refuses (nothing accepted
 //!   is ever dropped by the writer itself).
@@ -11,9 +21,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, IntGauge};
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use protocol::bus::Fields;
-use redis::Pipeline;
+use redis::Script;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +38,24 @@ pub struct Entry {
     pub fields: Fields,
     /// Metric label of the entry's type.
     pub label: &'static str,
+    /// Who hears when Redis has the entry; `None`: nobody waits.
+    pub receipt: Option<Receipt>,
+}
+
+/// Something waiting to hear that its entries are in Redis: a session, which then acknowledges
+/// them to its device.
+pub trait Confirm: Send + Sync + std::fmt::Debug {
+    /// Redis confirmed the write of the entry that carried `token`.
+    fn confirmed(&self, token: u32);
+}
+
+/// Where the confirmation of one entry goes.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    /// The waiter.
+    pub to: Arc<dyn Confirm>,
+    /// What the waiter gave to recognise the entry (a frame's seq, a packet id).
+    pub token: u32,
 }
 
 /// The buffer is full; the entry was not accepted.
@@ -45,6 +73,8 @@ pub struct WriterMetrics {
     pub errors: IntCounterVec,
     /// The operation label for errors.
     pub op: &'static str,
+    /// Rounds held back because a stream was at its cap ([`StreamCap::Hold`]).
+    pub held: IntCounter,
 }
 
 /// The accepting side; cheap to clone.
@@ -105,21 +135,67 @@ impl StreamWriter {
     }
 }
 
+/// What a stream at its length cap does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamCap {
+    /// Trims its oldest entries (`XADD MAXLEN ~`): for streams whose reader may be gone for good
+    /// (a command sender's replies).
+    Trim(u64),
+    /// Takes nothing more until its consumers have read enough for the device service to trim
+    /// it: entries wait in the buffer, counted in `held`. For the upstream streams, where a
+    /// lagging consumer must never lose an entry.
+    Hold(u64),
+}
+
 /// Settings of the writer task.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WriterConfig {
     /// Most entries per round.
     pub batch_max: usize,
-    /// `XADD MAXLEN ~` cap per stream.
-    pub maxlen: u64,
+    /// The length cap per stream.
+    pub cap: StreamCap,
+    /// Unique to this writer in this process run (node and incarnation): names its rounds.
+    pub writer_id: String,
 }
+
+/// How long Redis remembers a round beside its stream. A round is retried within seconds of
+/// a failure (the backoff is at most 5 s), so a retry always finds the mark of a write that
+/// did happen; rounds of a restarted node carry a new writer id.
+const ROUND_MARK_TTL_MS: u64 = 600_000;
+
+/// Writes one round's entries for one stream, once: `KEYS[1]` the stream, `KEYS[2]` the mark
+/// of the last round this writer wrote there (same slot: its hash tag is the stream's name).
+/// `ARGV`: round id, cap, 1 to hold at the cap (0 to trim), mark TTL ms, entry count, then per
+/// entry its field count and fields. Returns the count written, -1 if this round was written
+/// already, -2 if the stream is at its cap and nothing was written.
+const WRITE_ROUND: &str = r"
+if redis.call('GET', KEYS[2]) == ARGV[1] then return -1 end
+local cap = tonumber(ARGV[2])
+local hold = ARGV[3] == '1'
+if hold and redis.call('XLEN', KEYS[1]) >= cap then return -2 end
+local n = tonumber(ARGV[5])
+local i = 6
+for _ = 1, n do
+  local k = tonumber(ARGV[i])
+  if hold then
+    redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + 2 * k))
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', cap, '*', unpack(ARGV, i + 1, i + 2 * k))
+  end
+  i = i + 1 + 2 * k
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+return n
+";
 
 /// Writes entries until `stop` is cancelled; then writes what is still buffered and returns.
 /// The caller bounds that final flush with its grace period.
 pub async fn run(intake: Intake, redis: RedisConn, cfg: WriterConfig, metrics: WriterMetrics, stop: CancellationToken) {
     let Intake { mut rx, room } = intake;
+    let script = Script::new(WRITE_ROUND);
     let mut batch: Vec<Entry> = Vec::with_capacity(cfg.batch_max);
     let mut stopping = false;
+    let mut round: u64 = 0;
     loop {
         if !stopping {
             tokio::select! {
@@ -142,65 +218,116 @@ pub async fn run(intake: Intake, redis: RedisConn, cfg: WriterConfig, metrics: W
             }
             continue;
         }
-        write_with_retry(&redis, cfg, &metrics, &room, &mut batch).await;
+        round += 1;
+        let round_id = format!("{}{round}", cfg.writer_id);
+        write_with_retry(&redis, &script, &cfg, &round_id, &metrics, &room, &mut batch).await;
     }
+}
+
+/// Why a stream's part of a round was not written.
+enum NotWritten {
+    /// Redis failed (or did not answer in time: the round may have been written, and its
+    /// retry will find out).
+    Error(redis::RedisError),
+    /// The stream is at its cap ([`StreamCap::Hold`]).
+    AtCap,
 }
 
 async fn write_with_retry(
     redis: &RedisConn,
-    cfg: WriterConfig,
+    script: &Script,
+    cfg: &WriterConfig,
+    round_id: &str,
     metrics: &WriterMetrics,
     room: &Semaphore,
     batch: &mut Vec<Entry>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let failed = write_batch(redis, cfg, batch).await;
+        let failed = write_round(redis, script, cfg, round_id, batch).await;
         let before = batch.len();
-        // Entries of streams that took their pipeline are done; only the others are retried,
-        // so a partial failure does not write the successful streams twice.
-        batch.retain(|e| {
+        // Entries of streams that took their part are done, and their waiters told; only the
+        // others are retried, with the same round id.
+        batch.retain_mut(|e| {
             let done = !failed.contains_key(e.key.as_str());
             if done {
                 metrics.written.with_label_values(&[e.label]).inc();
                 metrics.depth.dec();
+                if let Some(r) = e.receipt.take() {
+                    r.to.confirmed(r.token);
+                }
             }
             !done
         });
         // Room for new entries as soon as Redis has these.
         room.add_permits(before - batch.len());
-        let Some(error) = failed.into_values().next() else { return };
-        metrics.errors.with_label_values(&[metrics.op]).inc();
-        tracing::warn!(%error, entries = batch.len(), retry_in_ms = backoff.as_millis(), op = metrics.op, "failed to write streams");
+        let Some(reason) = failed.into_values().next() else { return };
+        match reason {
+            NotWritten::Error(error) => {
+                metrics.errors.with_label_values(&[metrics.op]).inc();
+                tracing::warn!(%error, entries = batch.len(), retry_in_ms = backoff.as_millis(), op = metrics.op, "failed to write streams");
+            }
+            NotWritten::AtCap => {
+                metrics.held.inc();
+                tracing::warn!(
+                    entries = batch.len(),
+                    retry_in_ms = backoff.as_millis(),
+                    op = metrics.op,
+                    "a stream is at its cap; holding entries until its consumers catch up"
+                );
+            }
+        }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
-/// Writes one pipeline per stream key (one Redis Cluster slot each), concurrently. Returns the
-/// keys whose pipeline failed, with the error.
-async fn write_batch(redis: &RedisConn, cfg: WriterConfig, batch: &[Entry]) -> HashMap<String, redis::RedisError> {
-    let mut pipes: HashMap<&str, Pipeline> = HashMap::new();
+/// The mark of `writer`'s last round beside `stream`, in the stream's Redis Cluster slot.
+fn round_mark(stream: &str, writer_id: &str) -> String {
+    format!("{{{stream}}}:round:{writer_id}")
+}
+
+/// Writes one script call per stream key (one Redis Cluster slot each), concurrently. Returns
+/// the keys not written, with the reason.
+async fn write_round(
+    redis: &RedisConn,
+    script: &Script,
+    cfg: &WriterConfig,
+    round_id: &str,
+    batch: &[Entry],
+) -> HashMap<String, NotWritten> {
+    let mut per_key: HashMap<&str, Vec<&Entry>> = HashMap::new();
     for e in batch {
-        pipes
-            .entry(e.key.as_str())
-            .or_insert_with(redis::pipe)
-            .cmd("XADD")
-            .arg(&e.key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(cfg.maxlen)
-            .arg("*")
-            .arg(&e.fields)
-            .ignore();
+        per_key.entry(e.key.as_str()).or_default().push(e);
     }
-    let writes = pipes.into_iter().map(|(key, pipe)| {
+    let (cap, hold) = match cfg.cap {
+        StreamCap::Trim(n) => (n, 0),
+        StreamCap::Hold(n) => (n, 1),
+    };
+    let writes = per_key.into_iter().map(|(key, entries)| {
+        let mut call = script.key(key);
+        call.key(round_mark(key, &cfg.writer_id))
+            .arg(round_id)
+            .arg(cap)
+            .arg(hold)
+            .arg(ROUND_MARK_TTL_MS)
+            .arg(entries.len());
+        for e in entries {
+            call.arg(e.fields.len());
+            for (name, value) in &e.fields {
+                call.arg(*name).arg(value.as_slice());
+            }
+        }
         let mut con = redis.clone();
-        async move { (key, pipe.query_async::<()>(&mut con).await) }
+        async move { (key, call.invoke_async::<i64>(&mut con).await) }
     });
     futures_util::future::join_all(writes)
         .await
         .into_iter()
-        .filter_map(|(key, result)| result.err().map(|e| (key.to_owned(), e)))
+        .filter_map(|(key, result)| match result {
+            Ok(-2) => Some((key.to_owned(), NotWritten::AtCap)),
+            Ok(_) => None,
+            Err(e) => Some((key.to_owned(), NotWritten::Error(e))),
+        })
         .collect()
 }

@@ -2,7 +2,9 @@
 //!
 //! Sessions hand events to [`Upstream`], which puts each on its device's shard stream through
 //! a [`StreamWriter`]: order per device is kept (one device, one shard, one writer), and
-//! while Redis is away accepted events wait in the bounded buffer. Heartbeats are aggregated:
+//! while Redis is away accepted events wait in the bounded buffer. An event the device expects
+//! acknowledged is offered with the session's handle and a token; the session hears back once
+//! Redis has the entry, and only then acknowledges it. Heartbeats are aggregated:
 //! each window becomes one `hb` entry with the node's count and each device's last heartbeat,
 //! instead of one entry per heartbeat.
 
@@ -15,7 +17,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::metrics::Metrics;
-use crate::stream_writer::{Entry, StreamWriter};
+use crate::session::SessionHandle;
+use crate::stream_writer::{Entry, Receipt, StreamWriter};
+
+fn receipt(confirm: Option<(&Arc<SessionHandle>, u32)>) -> Option<Receipt> {
+    confirm.map(|(handle, token)| Receipt { to: Arc::clone(handle) as Arc<dyn crate::stream_writer::Confirm>, token })
+}
 
 /// The buffer is full; the event was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,11 +69,11 @@ impl Upstream {
         &self.node
     }
 
-    fn entry(&self, event: &UpEvent) -> Option<Entry> {
+    fn entry(&self, event: &UpEvent, receipt: Option<Receipt>) -> Option<Entry> {
         // Heartbeat windows are node-wide; they travel on shard 0.
         let shard = event.device().map_or(0, |d| d.shard(self.shards));
         match event.to_fields() {
-            Ok(fields) => Some(Entry { key: self.keys.upstream(shard), fields, label: event.label() }),
+            Ok(fields) => Some(Entry { key: self.keys.upstream(shard), fields, label: event.label(), receipt }),
             Err(e) => {
                 tracing::error!(error = %e, event = event.label(), "failed to encode upstream event");
                 None
@@ -79,7 +86,20 @@ impl Upstream {
     /// # Errors
     /// [`BufferFull`] if the buffer is full; nothing was accepted and the drop is counted.
     pub fn offer(&self, event: &UpEvent) -> Result<(), BufferFull> {
-        let Some(entry) = self.entry(event) else { return Err(BufferFull) };
+        self.offer_confirmed(event, None)
+    }
+
+    /// Like [`Upstream::offer`]; once Redis has the entry, `session` is told `token`
+    /// ([`crate::stream_writer::Confirm`]). A refused event is never confirmed.
+    ///
+    /// # Errors
+    /// [`BufferFull`] if the buffer is full; nothing was accepted and the drop is counted.
+    pub fn offer_confirmed(
+        &self,
+        event: &UpEvent,
+        confirm: Option<(&Arc<SessionHandle>, u32)>,
+    ) -> Result<(), BufferFull> {
+        let Some(entry) = self.entry(event, receipt(confirm)) else { return Err(BufferFull) };
         self.writer.offer(entry).map_err(|_| {
             self.metrics.upstream_dropped.with_label_values(&[event.label()]).inc();
             BufferFull
@@ -91,15 +111,19 @@ impl Upstream {
     ///
     /// # Errors
     /// [`BufferFull`] if the buffer is still full.
-    pub fn offer_quietly(&self, event: &UpEvent) -> Result<(), BufferFull> {
-        let Some(entry) = self.entry(event) else { return Err(BufferFull) };
+    pub fn offer_quietly(
+        &self,
+        event: &UpEvent,
+        confirm: Option<(&Arc<SessionHandle>, u32)>,
+    ) -> Result<(), BufferFull> {
+        let Some(entry) = self.entry(event, receipt(confirm)) else { return Err(BufferFull) };
         self.writer.offer(entry).map_err(|_| BufferFull)
     }
 
     /// Accepts an event, waiting for room in the buffer: for session open and close events,
     /// which must not be dropped, from tasks that can afford to wait.
     pub async fn send(&self, event: &UpEvent) {
-        if let Some(entry) = self.entry(event) {
+        if let Some(entry) = self.entry(event, None) {
             self.writer.send(entry).await;
         }
     }
@@ -151,7 +175,7 @@ impl Upstream {
                 () = stop.cancelled() => true,
             };
             let event = self.take_window();
-            if let Some(entry) = self.entry(&event) {
+            if let Some(entry) = self.entry(&event, None) {
                 self.writer.send(entry).await;
             }
             if stopping {

@@ -268,19 +268,23 @@ async fn a_full_upstream_buffer_pauses_the_vehicle_and_loses_nothing() {
         let body = format!(r#"{{"task_id":"t","status":"downloading","ts_ms":{i}}}"#);
         car.client.publish(uplink_topic(&vin, UplinkKind::OtaStatus), QoS::AtLeastOnce, false, body).await.unwrap();
     }
-    // The first three are acknowledged (held in the buffer), then the fourth stalls.
-    for _ in 0..3 {
-        car.wait_for("puback", |p| matches!(p, Packet::PubAck(_))).await;
+    // The first three wait in the buffer, unacknowledged (a PUBACK means stored), then the
+    // fourth stalls and the gateway stops reading.
+    let deadline = tokio::time::Instant::now() + testkit::WAIT;
+    while metric(&gw, "gateway_backpressure_pauses_total", &[("protocol", "mqtt")]) < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the vehicle was not paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let stalled =
+    assert_eq!(gw.metrics.upstream_buffer.get(), 3);
+    let early =
         tokio::time::timeout(Duration::from_millis(500), car.wait_for("puback", |p| matches!(p, Packet::PubAck(_))))
             .await;
-    assert!(stalled.is_err(), "no acknowledgement while the buffer is full");
-    assert!(metric(&gw, "gateway_backpressure_pauses_total", &[("protocol", "mqtt")]) >= 1.0);
+    assert!(early.is_err(), "no acknowledgement before Redis has the publish");
 
-    // Redis is back: the buffer drains, the vehicle is read again, everything arrives once.
+    // Redis is back: the buffer drains, the vehicle is read again, all ten are acknowledged
+    // and everything arrives once.
     tokio::task::block_in_place(|| env.server_mut().restart());
-    for _ in 3..10 {
+    for _ in 0..10 {
         car.wait_for("puback", |p| matches!(p, Packet::PubAck(_))).await;
     }
     let events = env.wait_upstream_count("all ten", 10, |e| matches!(e, UpEvent::Vehicle { .. })).await;

@@ -78,20 +78,33 @@ redis_answers() {
   [ "$reply" = "+PONG" ]
 }
 
+# Says so when the Redis at URL $1 keeps no append-only file: the bus must be durable for an
+# acknowledgement to survive a Redis crash (README, "Redis: what must persist").
+warn_if_not_durable() {
+  command -v redis-cli >/dev/null 2>&1 || return 0
+  local aof; aof=$(redis-cli -u "$1" config get appendonly 2>/dev/null | sed -n 2p)
+  [ "$aof" = "no" ] && say "note: this Redis runs without appendonly; fine for tests, not for production"
+  return 0
+}
+
 ensure_redis() {
   if [ -n "${REDIS_URL:-}" ]; then
     say "Redis: using REDIS_URL"
+    warn_if_not_durable "$REDIS_URL"
     return
   fi
   if [ "${PRIVATE_SERVICES:-0}" != 1 ] && redis_answers 6379; then
     REDIS_URL="redis://127.0.0.1:6379/"
     say "Redis: using the server on 127.0.0.1:6379"
+    warn_if_not_durable "$REDIS_URL"
     return
   fi
   command -v redis-server >/dev/null 2>&1 || install_packages redis-server
   services_tmpdir
   local port; port=$(free_port)
-  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+  # The append-only file, fsynced every second, as production needs it (README): a Redis
+  # process that crashes loses nothing it confirmed.
+  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly yes --appendfsync everysec --daemonize yes \
     --dir "$SERVICES_DIR" --pidfile "$SERVICES_DIR/redis.pid" --logfile "$SERVICES_DIR/redis.log" >/dev/null \
     || die "failed to start redis-server (log: $SERVICES_DIR/redis.log)"
   for _ in $(seq 1 50); do redis_answers "$port" && break; sleep 0.1; done

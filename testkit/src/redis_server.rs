@@ -8,13 +8,15 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A `redis-server` child process without persistence, killed on drop.
+/// A `redis-server` child process, killed on drop: without persistence, or with the
+/// append-only file as production runs it ([`RedisServer::start_durable`]).
 #[derive(Debug)]
 pub struct RedisServer {
     /// Its port on 127.0.0.1.
     pub port: u16,
     dir: PathBuf,
     cluster: bool,
+    durable: bool,
     child: Option<Child>,
 }
 
@@ -34,24 +36,36 @@ impl RedisServer {
     /// # Panics
     /// If `redis-server` cannot be started or does not answer within 10 s.
     pub fn start() -> Self {
-        Self::spawn(free_port(), false)
+        Self::spawn(free_port(), false, false)
     }
 
-    fn spawn(port: u16, cluster: bool) -> Self {
+    /// Starts a server with the append-only file fsynced every second (`appendfsync
+    /// everysec`), as the README's deployment section requires: [`RedisServer::restart`] then
+    /// finds what it had confirmed.
+    ///
+    /// # Panics
+    /// As [`RedisServer::start`].
+    pub fn start_durable() -> Self {
+        Self::spawn(free_port(), false, true)
+    }
+
+    fn spawn(port: u16, cluster: bool, durable: bool) -> Self {
         let dir = std::env::temp_dir().join(crate::unique_name("redis"));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let mut s = Self { port, dir, cluster, child: None };
+        let mut s = Self { port, dir, cluster, durable, child: None };
         s.launch();
         s
     }
 
     fn launch(&mut self) {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
+        if self.durable {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "everysec"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        cmd.arg("--dir").arg(&self.dir).stdout(Stdio::null()).stderr(Stdio::null());
         if self.cluster {
             cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
                 .arg("--cluster-config-file")
@@ -82,7 +96,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port (data is gone: no persistence).
+    /// Starts it again on the same port: empty, or, for a durable server, with what its
+    /// append-only file holds.
     pub fn restart(&mut self) {
         self.stop();
         self.launch();
@@ -109,7 +124,7 @@ impl RedisCluster {
     /// # Panics
     /// If the servers or `redis-cli` cannot be run, or the cluster does not form in 20 s.
     pub fn start(n: usize) -> Self {
-        let nodes: Vec<RedisServer> = (0..n).map(|_| RedisServer::spawn(free_port(), true)).collect();
+        let nodes: Vec<RedisServer> = (0..n).map(|_| RedisServer::spawn(free_port(), true, false)).collect();
         let mut create = Command::new("redis-cli");
         create.args(["--cluster", "create"]);
         for node in &nodes {

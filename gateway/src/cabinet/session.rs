@@ -1,9 +1,10 @@
 //! A logged-in cabinet: one task, one select loop, the only writer to the socket.
 //!
-//! The loop waits for bytes from the cabinet, downlinks or an end request from the handle,
-//! the earliest command deadline, the idle timeout, and the drain signal. Uplink frames are
-//! answered and forwarded; commands get a sequence number and are matched with their
-//! `COMMAND_RESULT`.
+//! The loop waits for bytes from the cabinet, downlinks, confirmations or an end request from
+//! the handle, the earliest command deadline, the idle timeout, and the drain signal. Uplink
+//! frames are forwarded; a frame the cabinet expects acknowledged gets its `ACK` only once Redis
+//! has confirmed its entry (SPEC.md 1.4), so an `ACK` survives a crash of this process. Commands
+//! get a sequence number and are matched with their `COMMAND_RESULT`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use super::login::LoggedIn;
 use super::{PROTOCOL, error, error_frame, queue};
 use crate::clock::now_ms;
 use crate::context::Ctx;
-use crate::session::{Downlink, EndReason, ReleaseIfEmpty, SessionHandle, Wake, next_wake};
+use crate::session::{CONFIRM_GRACE, Downlink, EndReason, ReleaseIfEmpty, SessionHandle, Wake, next_wake};
 use crate::transport::{Conn, Event};
 
 /// Bytes a cabinet may leave unread before it counts as a slow reader: far above anything a
@@ -73,13 +74,16 @@ pub(super) struct Live {
     /// Sequence numbers of frames we originate (SPEC.md 1.6).
     next_seq: u32,
     pending: Vec<Pending>,
+    /// Seqs of uplinks on their way to Redis, acknowledged when confirmed. A retransmission of
+    /// one of them is not forwarded again: its `ACK` is already coming.
+    awaiting: Vec<u32>,
     /// Set while written bytes wait for the socket: past it the reader is too slow.
     write_deadline: Option<Instant>,
 }
 
 impl Live {
     pub(super) fn new(login: LoggedIn) -> Self {
-        Self { handle: login.handle, next_seq: 1, pending: Vec::new(), write_deadline: None }
+        Self { handle: login.handle, next_seq: 1, pending: Vec::new(), awaiting: Vec::new(), write_deadline: None }
     }
 }
 
@@ -137,21 +141,25 @@ impl Session<'_> {
             }
             let waiting_to_write = self.conn.pending_write() > 0;
             let step = match next_wake(&self.live.handle, timer.as_mut(), self.conn, true, waiting_to_write).await {
-                Wake::Handle => match self.live.handle.end_reason() {
-                    EndReason::TakenOver => Err(End::TakenOver),
-                    EndReason::Revoked => Err(End::Revoked),
-                    EndReason::Close => Err(End::Drain),
-                    reason => {
-                        if reason == EndReason::Drain && drain_deadline.is_none() {
-                            let delay_ms = fastrand::u64(0..self.ctx.config.drain.spread_ms.max(1));
-                            self.send_notice(NoticeKind::Reconnect, delay_ms, "gateway draining");
-                            // Keep serving until the cabinet leaves, a moment after its delay.
-                            drain_deadline = Some(Instant::now() + Duration::from_millis(delay_ms + 1000));
+                Wake::Handle => {
+                    // Stored uplinks are acknowledged first, whatever else is asked.
+                    self.send_confirmed();
+                    match self.live.handle.end_reason() {
+                        EndReason::TakenOver => Err(End::TakenOver),
+                        EndReason::Revoked => Err(End::Revoked),
+                        EndReason::Close => Err(End::Drain),
+                        reason => {
+                            if reason == EndReason::Drain && drain_deadline.is_none() {
+                                let delay_ms = fastrand::u64(0..self.ctx.config.drain.spread_ms.max(1));
+                                self.send_notice(NoticeKind::Reconnect, delay_ms, "gateway draining");
+                                // Keep serving until the cabinet leaves, a moment after its delay.
+                                drain_deadline = Some(Instant::now() + Duration::from_millis(delay_ms + 1000));
+                            }
+                            self.send_downlinks();
+                            Ok(())
                         }
-                        self.send_downlinks();
-                        Ok(())
                     }
-                },
+                }
                 Wake::Timer => {
                     let now = Instant::now();
                     if now >= idle_deadline {
@@ -178,6 +186,7 @@ impl Session<'_> {
             // Whatever the step queued (answers, an ERROR before a close) goes out now.
             let pushed = self.push_out();
             self.live.pending.release_if_empty();
+            self.live.awaiting.release_if_empty();
             if let Err(end) = step.and(pushed) {
                 return end;
             }
@@ -277,6 +286,16 @@ impl Session<'_> {
                     self.send(&error(seq, ErrorCode::Malformed, &detail));
                     return;
                 }
+                if must_ack && self.live.awaiting.contains(&seq) {
+                    // A retransmission of a frame still on its way to Redis: its ACK follows.
+                    self.ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, "awaiting_store"]).inc();
+                    return;
+                }
+                if must_ack && self.live.awaiting.len() >= self.ctx.config.cabinet.max_unconfirmed {
+                    self.ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, "unconfirmed_limit"]).inc();
+                    self.send(&error(seq, ErrorCode::Busy, "too many frames waiting to be stored; retry"));
+                    return;
+                }
                 let event = UpEvent::Cabinet {
                     device,
                     epoch: self.live.handle.epoch,
@@ -285,14 +304,12 @@ impl Session<'_> {
                     seq,
                     message,
                 };
-                let accepted = self.ctx.upstream.offer(&event).is_ok();
-                if must_ack {
-                    let answer = if accepted {
-                        Frame::new(seq, Message::Ack)
-                    } else {
-                        error(seq, ErrorCode::Busy, "gateway buffer full; retry")
-                    };
-                    self.send(&answer);
+                let confirm = must_ack.then_some((&self.live.handle, seq));
+                match self.ctx.upstream.offer_confirmed(&event, confirm) {
+                    Ok(()) if must_ack => self.live.awaiting.push(seq),
+                    Ok(()) => {}
+                    Err(_) if must_ack => self.send(&error(seq, ErrorCode::Busy, "gateway buffer full; retry")),
+                    Err(_) => {}
                 }
             }
             Message::CommandResult(result) => match self.live.pending.iter().position(|p| p.seq == seq) {
@@ -324,6 +341,25 @@ impl Session<'_> {
                 self.ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, "unexpected"]).inc();
                 self.send(&error(seq, ErrorCode::Unexpected, "downlink type sent by a cabinet"));
             }
+        }
+    }
+
+    /// Before a close the cabinet can still hear: waits (at most [`CONFIRM_GRACE`]) for the
+    /// uplinks still on their way to Redis, acknowledging each, so a drained cabinet does not
+    /// send them again elsewhere.
+    async fn await_confirmations(&mut self) {
+        let deadline = Instant::now() + CONFIRM_GRACE;
+        self.send_confirmed();
+        while !self.live.awaiting.is_empty() && self.live.handle.wakeup_before(deadline).await {
+            self.send_confirmed();
+        }
+    }
+
+    /// Acknowledges every uplink Redis has confirmed since the last call.
+    fn send_confirmed(&mut self) {
+        for seq in self.live.handle.take_confirmed() {
+            self.live.awaiting.retain(|s| *s != seq);
+            self.send(&Frame::new(seq, Message::Ack));
         }
     }
 
@@ -369,6 +405,7 @@ impl Session<'_> {
             self.send_notice(NoticeKind::SessionReplaced, 0, "another connection logged in with this device id");
         }
         if !matches!(end, End::SlowReader | End::Io | End::PeerClosed) {
+            self.await_confirmations().await;
             if let Ok(n) = self.conn.flush(Duration::from_millis(self.ctx.config.cabinet.write_timeout_ms)).await {
                 self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64);
             }

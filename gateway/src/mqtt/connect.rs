@@ -36,6 +36,8 @@ pub(super) struct Connected {
     pub(super) resend: Vec<StoredDownlink>,
     /// QoS 1 downlinks in flight at most (ours, and the vehicle's 5.0 Receive Maximum).
     pub(super) max_inflight: u16,
+    /// Inbound QoS 1/2 publishes it may have on their way to Redis (`mqtt.receive_max`).
+    pub(super) receive_max: usize,
 }
 
 fn count(ctx: &Ctx, result: &str) {
@@ -189,6 +191,8 @@ pub(super) async fn connect(
     let mut ack = ConnAck::new(ConnectCode::Accepted, session_present);
     if version == Version::V5 {
         ack.max_packet_size = Some(cfg.max_packet_bytes);
+        // Publishes it may have unacknowledged: each waits for Redis before its PUBACK.
+        ack.receive_max = NonZeroU16::new(cfg.receive_max);
         if connect.keep_alive_s == 0 {
             ack.server_keepalive_s = Some(keep_alive_s);
         }
@@ -221,5 +225,6 @@ pub(super) async fn connect(
         subscriptions: stored.subscriptions,
         resend: stored.inflight,
         max_inflight,
+        receive_max: usize::from(cfg.receive_max),
     })
 }

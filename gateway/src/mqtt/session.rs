@@ -1,6 +1,9 @@
 //! A connected vehicle: one task, one select loop, the only writer to the socket.
 //!
-//! Uplinks are checked against the vehicle's own topics (SPEC.md 2.2) and forwarded.
+//! Uplinks are checked against the vehicle's own topics (SPEC.md 2.2) and forwarded; a QoS 1
+//! publish gets its PUBACK (QoS 2 its PUBREC) only once Redis has confirmed its entry, so an
+//! acknowledgement survives a crash of this process. At most `mqtt.receive_max` publishes wait
+//! for Redis at once; past that the session stops reading (backpressure).
 //! Downlinks go out at QoS 1 (or the subscription's QoS 0), at most `max_inflight` at once;
 //! a PUBACK completes the command. With a persistent session each QoS 1 downlink is stored
 //! until acknowledged, so a reconnect (to any node) sends it again.
@@ -27,7 +30,7 @@ use super::persist::{self, StoredDownlink};
 use super::{PROTOCOL, queue};
 use crate::clock::now_ms;
 use crate::context::Ctx;
-use crate::session::{Downlink, EndReason, ReleaseIfEmpty, SessionHandle, Wake, next_wake};
+use crate::session::{CONFIRM_GRACE, Downlink, EndReason, ReleaseIfEmpty, SessionHandle, Wake, next_wake};
 use crate::transport::{Conn, Event};
 
 /// Bytes a vehicle may leave unread before it counts as a slow reader: several of the largest
@@ -112,6 +115,10 @@ pub(super) struct Live {
     next_packet_id: u16,
     /// Inbound QoS 2 packet ids between PUBREC and PUBREL (the publish is forwarded once).
     qos2_received: Vec<NonZeroU16>,
+    /// Inbound QoS 1/2 publishes on their way to Redis, as [`ack_token`]s: acknowledged once
+    /// confirmed; a retransmission of one of them is not forwarded again.
+    awaiting: Vec<u32>,
+    receive_max: usize,
     /// Set while written bytes wait for the socket: past it the reader is too slow.
     write_deadline: Option<Instant>,
     idle_timeout: Duration,
@@ -121,10 +128,17 @@ pub(super) struct Live {
     stalled: Option<Box<Stalled>>,
 }
 
+/// The token a publish waits for Redis under: its packet id, with bit 16 set for QoS 2 (a
+/// PUBREC is owed rather than a PUBACK).
+fn ack_token(qos: QoS, packet_id: NonZeroU16) -> u32 {
+    u32::from(packet_id.get()) | if qos == QoS::ExactlyOnce { 1 << 16 } else { 0 }
+}
+
 /// A publish waiting for room upstream.
 #[derive(Debug)]
 struct Stalled {
-    publish: Publish,
+    /// What it will be acknowledged under ([`ack_token`]).
+    token: u32,
     event: UpEvent,
 }
 
@@ -143,6 +157,8 @@ impl Live {
             waiting: VecDeque::new(),
             next_packet_id: 1,
             qos2_received: Vec::new(),
+            awaiting: Vec::new(),
+            receive_max: c.receive_max,
             write_deadline: None,
             idle_timeout: c.idle_timeout,
             stalled: None,
@@ -204,60 +220,60 @@ impl Session<'_> {
                 timer.as_mut().reset(wake);
             }
             let waiting_to_write = self.conn.pending_write() > 0;
-            let step = match next_wake(
-                &self.live.handle,
-                timer.as_mut(),
-                self.conn,
-                self.live.stalled.is_none(),
-                waiting_to_write,
-            )
-            .await
-            {
-                Wake::Handle => match self.live.handle.end_reason() {
-                    EndReason::TakenOver => Err(End::TakenOver),
-                    EndReason::Revoked => Err(End::Revoked),
-                    EndReason::Close => Err(End::Drain),
-                    reason => {
-                        if reason == EndReason::Drain && drain_deadline.is_none() {
-                            // Spread the vehicles' reconnects over the drain's spread.
-                            let delay_ms = fastrand::u64(0..self.ctx.config.drain.spread_ms.max(1));
-                            drain_deadline = Some(Instant::now() + Duration::from_millis(delay_ms));
+            let step =
+                match next_wake(&self.live.handle, timer.as_mut(), self.conn, self.reading(), waiting_to_write).await {
+                    Wake::Handle => {
+                        // Stored uplinks are acknowledged first, whatever else is asked.
+                        let was_full = !self.reading();
+                        self.send_confirmed();
+                        match self.live.handle.end_reason() {
+                            EndReason::TakenOver => Err(End::TakenOver),
+                            EndReason::Revoked => Err(End::Revoked),
+                            EndReason::Close => Err(End::Drain),
+                            reason => {
+                                if reason == EndReason::Drain && drain_deadline.is_none() {
+                                    // Spread the vehicles' reconnects over the drain's spread.
+                                    let delay_ms = fastrand::u64(0..self.ctx.config.drain.spread_ms.max(1));
+                                    drain_deadline = Some(Instant::now() + Duration::from_millis(delay_ms));
+                                }
+                                self.live.waiting.extend(self.live.handle.take_all());
+                                Box::pin(self.pump()).await;
+                                // Room again: what the vehicle sent meanwhile is in the read buffer.
+                                if was_full && self.reading() { Box::pin(self.on_bytes()).await } else { Ok(()) }
+                            }
                         }
-                        self.live.waiting.extend(self.live.handle.take_all());
-                        Box::pin(self.pump()).await;
-                        Ok(())
                     }
-                },
-                Wake::Timer => {
-                    let now = Instant::now();
-                    if self.live.stalled.is_some() {
-                        // Not idle: we are the ones not reading.
-                        idle_deadline = now + idle_timeout;
+                    Wake::Timer => {
+                        let now = Instant::now();
+                        if !self.reading() {
+                            // Not idle: we are the ones not reading.
+                            idle_deadline = now + idle_timeout;
+                        }
+                        if now >= idle_deadline {
+                            Err(End::IdleTimeout)
+                        } else if drain_deadline.is_some_and(|d| now >= d) {
+                            Err(End::Drain)
+                        } else if self.live.write_deadline.is_some_and(|d| now >= d) {
+                            Err(End::SlowReader)
+                        } else {
+                            self.expire_inflight();
+                            if self.retry_stalled() { Box::pin(self.on_bytes()).await } else { Ok(()) }
+                        }
                     }
-                    if now >= idle_deadline {
-                        Err(End::IdleTimeout)
-                    } else if drain_deadline.is_some_and(|d| now >= d) {
-                        Err(End::Drain)
-                    } else if self.live.write_deadline.is_some_and(|d| now >= d) {
-                        Err(End::SlowReader)
-                    } else {
-                        self.expire_inflight();
-                        if self.retry_stalled() { Box::pin(self.on_bytes()).await } else { Ok(()) }
+                    Wake::Io(Ok(Event::Read(0))) => Err(End::PeerClosed),
+                    Wake::Io(Ok(Event::Read(n))) => {
+                        self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+                        idle_deadline = Instant::now() + idle_timeout;
+                        Box::pin(self.on_bytes()).await
                     }
-                }
-                Wake::Io(Ok(Event::Read(0))) => Err(End::PeerClosed),
-                Wake::Io(Ok(Event::Read(n))) => {
-                    self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
-                    idle_deadline = Instant::now() + idle_timeout;
-                    Box::pin(self.on_bytes()).await
-                }
-                Wake::Io(Ok(Event::Writable)) => Ok(()),
-                Wake::Io(Err(_)) => Err(End::Io),
-            };
+                    Wake::Io(Ok(Event::Writable)) => Ok(()),
+                    Wake::Io(Err(_)) => Err(End::Io),
+                };
             let pushed = self.push_out();
             self.live.inflight.release_if_empty();
             self.live.waiting.release_if_empty();
             self.live.qos2_received.release_if_empty();
+            self.live.awaiting.release_if_empty();
             if let Err(end) = step.and(pushed) {
                 return end;
             }
@@ -288,8 +304,9 @@ impl Session<'_> {
     }
 
     async fn on_bytes(&mut self) -> Result<(), End> {
-        // A stalled publish stops decoding: what follows it waits in the read buffer.
-        while self.live.stalled.is_none() {
+        // A stalled publish, or a full window of publishes waiting for Redis, stops decoding:
+        // what follows waits in the read buffer.
+        while self.reading() {
             match self.codec.decode(self.conn.read_buf()) {
                 Ok(Some(packet)) => self.on_packet(packet).await?,
                 Ok(None) => break,
@@ -392,6 +409,15 @@ impl Session<'_> {
             self.ack(&p, code);
             return Ok(());
         }
+        let token = match (p.qos, p.packet_id) {
+            (QoS::AtMostOnce, _) | (_, None) => None,
+            (qos, Some(id)) => Some(ack_token(qos, id)),
+        };
+        if token.is_some_and(|t| self.live.awaiting.contains(&t)) {
+            // A retransmission of a publish still on its way to Redis: its acknowledgement follows.
+            self.ctx.metrics.frames_rejected.with_label_values(&[PROTOCOL, "awaiting_store"]).inc();
+            return Ok(());
+        }
         if let (QoS::ExactlyOnce, Some(id)) = (p.qos, p.packet_id)
             && self.live.qos2_received.contains(&id)
         {
@@ -407,28 +433,50 @@ impl Session<'_> {
             kind,
             payload: p.payload.clone(),
         };
-        if self.ctx.upstream.offer(&event).is_err() {
+        if self.ctx.upstream.offer_confirmed(&event, token.map(|t| (&self.live.handle, t))).is_err() {
             // QoS 0 may be dropped (and is counted); QoS 1 and 2 wait for room.
-            if p.qos != QoS::AtMostOnce {
+            if let Some(token) = token {
                 self.ctx.metrics.backpressure.with_label_values(&[PROTOCOL]).inc();
-                self.live.stalled = Some(Box::new(Stalled { publish: p, event }));
+                self.live.stalled = Some(Box::new(Stalled { token, event }));
             }
             return Ok(());
         }
-        self.ack(&p, REASON_SUCCESS);
+        // Acknowledged once Redis has it (send_confirmed).
+        self.live.awaiting.extend(token);
         Ok(())
+    }
+
+    /// Whether the session takes more packets from the vehicle: not while a publish waits for
+    /// room upstream, nor while `receive_max` publishes wait for Redis.
+    fn reading(&self) -> bool {
+        self.live.stalled.is_none() && self.live.awaiting.len() < self.live.receive_max
+    }
+
+    /// Acknowledges every publish Redis has confirmed since the last call: PUBACK for QoS 1,
+    /// PUBREC for QoS 2 (its PUBREL then completes it).
+    fn send_confirmed(&mut self) {
+        for token in self.live.handle.take_confirmed() {
+            self.live.awaiting.retain(|t| *t != token);
+            let Some(packet_id) = u16::try_from(token & 0xFFFF).ok().and_then(NonZeroU16::new) else { continue };
+            if token & (1 << 16) == 0 {
+                self.send(Packet::PubAck { packet_id, reason: REASON_SUCCESS });
+            } else {
+                self.live.qos2_received.push(packet_id);
+                self.send(Packet::PubRec { packet_id, reason: REASON_SUCCESS });
+            }
+        }
     }
 
     /// Offers the stalled publish again; on success acknowledges it. Returns `true` if the
     /// session may read again.
     fn retry_stalled(&mut self) -> bool {
         let Some(stalled) = self.live.stalled.take() else { return true };
-        if self.ctx.upstream.offer_quietly(&stalled.event).is_err() {
+        if self.ctx.upstream.offer_quietly(&stalled.event, Some((&self.live.handle, stalled.token))).is_err() {
             self.live.stalled = Some(stalled);
             return false;
         }
-        self.ack(&stalled.publish, REASON_SUCCESS);
-        true
+        self.live.awaiting.push(stalled.token);
+        self.reading()
     }
 
     fn ack(&mut self, p: &Publish, reason: u8) {
@@ -645,6 +693,14 @@ impl Session<'_> {
     }
 
     async fn finish(mut self, end: End) {
+        if !matches!(end, End::SlowReader | End::Io | End::PeerClosed | End::PeerDisconnect) {
+            // Publishes still on their way to Redis are acknowledged before the goodbye.
+            let deadline = Instant::now() + CONFIRM_GRACE;
+            self.send_confirmed();
+            while !self.live.awaiting.is_empty() && self.live.handle.wakeup_before(deadline).await {
+                self.send_confirmed();
+            }
+        }
         if let (Version::V5, Some(reason)) = (self.live.version, end.disconnect_reason()) {
             self.send(Packet::Disconnect(Disconnect::new(reason)));
         }

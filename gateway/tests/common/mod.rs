@@ -55,7 +55,17 @@ impl Env {
 
     /// A private single Redis, for tests that stop and restart it.
     pub async fn private() -> Self {
-        let server = tokio::task::spawn_blocking(testkit::redis_server::RedisServer::start).await.unwrap();
+        Self::private_from(testkit::redis_server::RedisServer::start).await
+    }
+
+    /// A private single Redis with the append-only file, for tests that crash it.
+    #[allow(dead_code)] // not every test binary crashes Redis
+    pub async fn private_durable() -> Self {
+        Self::private_from(testkit::redis_server::RedisServer::start_durable).await
+    }
+
+    async fn private_from(start: fn() -> testkit::redis_server::RedisServer) -> Self {
+        let server = tokio::task::spawn_blocking(start).await.unwrap();
         let target = RedisTarget::Single(server.url());
         Self::with(target, Keys::new("t:"), None, None, Some(server)).await
     }
@@ -157,13 +167,17 @@ impl Env {
     }
 
     /// Reads new upstream entries from every shard (blocking briefly on each).
-    async fn read_new(&mut self) {
+    /// Reads what arrived since the last read, at most `READ_COUNT` entries per shard; returns
+    /// whether a shard may hold more (it gave that many).
+    async fn read_new(&mut self) -> bool {
+        const READ_COUNT: usize = 1000;
+        let mut more = false;
         for shard in 0..self.shards {
             let cursor = self.cursors.entry(shard).or_insert_with(|| "0".into()).clone();
             let mut con = self.redis.clone();
             let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
                 .arg("COUNT")
-                .arg(1000)
+                .arg(READ_COUNT)
                 .arg("BLOCK")
                 .arg(50)
                 .arg("STREAMS")
@@ -174,6 +188,7 @@ impl Env {
             // A Redis that was just restarted fails the first request; the next one reconnects.
             let Ok(reply) = read else { continue };
             for key in reply.map(|r| r.keys).unwrap_or_default() {
+                more |= key.ids.len() >= READ_COUNT;
                 for entry in key.ids {
                     self.cursors.insert(shard, entry.id.clone());
                     let event = UpEvent::from_fields(&bulk(entry.map)).expect("valid upstream entry");
@@ -181,6 +196,7 @@ impl Env {
                 }
             }
         }
+        more
     }
 
     /// Waits until an upstream entry matching `pred` has arrived, and returns it.
@@ -208,9 +224,9 @@ impl Env {
         }
     }
 
-    /// Every upstream entry read so far plus what is there now.
+    /// Every upstream entry read so far plus everything there now.
     pub async fn upstream(&mut self) -> Vec<UpEvent> {
-        self.read_new().await;
+        while self.read_new().await {}
         self.seen.clone()
     }
 
