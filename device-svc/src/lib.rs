@@ -33,6 +33,7 @@ pub mod http;
 pub mod metrics;
 pub mod offline;
 pub mod purchases;
+pub mod redis_loss;
 pub mod registry;
 pub mod retention;
 pub mod status;
@@ -154,6 +155,7 @@ impl DeviceService {
         let reply_con = RedisConn::open(&target, blocking).await?;
         tasks.spawn(Arc::clone(&app.commander).run_replies(reply_con, stop.clone()));
         tasks.spawn(Arc::clone(&detector).run(stop.clone()));
+        tasks.spawn(redis_loss::run(Arc::clone(&app), Arc::clone(&detector), stop.clone()));
         tasks.spawn(purchases::driver::run(Arc::clone(&app), stop.clone()));
         tasks.spawn(purchases::outbox::run_relay(Arc::clone(&app), stop.clone()));
         tasks.spawn(vehicles::ota::push::run(Arc::clone(&app), stop.clone()));

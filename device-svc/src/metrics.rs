@@ -54,6 +54,9 @@ pub struct Metrics {
     /// `devsvc_stream_trimmed_entries_total`: upstream entries removed once every consumer
     /// group had acknowledged them.
     pub trimmed: IntCounter,
+    /// `devsvc_redis_data_losses_total`: times this instance found Redis had lost its data and
+    /// wrote the credentials and heartbeat deadlines back.
+    pub redis_data_losses: IntCounter,
     /// `devsvc_weight_readings_persisted_total`
     pub readings_persisted: IntCounter,
     /// `devsvc_retention_deleted_rows_total{table}`
@@ -209,6 +212,14 @@ impl Metrics {
                 IntCounter::new(
                     "devsvc_stream_claimed_entries_total",
                     "Upstream entries taken over from an instance that stopped acknowledging.",
+                )
+                .expect("valid"),
+            ),
+            redis_data_losses: register(
+                &r,
+                IntCounter::new(
+                    "devsvc_redis_data_losses_total",
+                    "Times Redis was found to have lost its data (run marker gone) and credentials and deadlines were written back.",
                 )
                 .expect("valid"),
             ),

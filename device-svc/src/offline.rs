@@ -239,6 +239,37 @@ impl Detector {
         self.record_seen(node, &[seen]).await
     }
 
+    /// Gives every cabinet PostgreSQL holds connected a deadline again, as if it had just been
+    /// seen: after Redis lost the deadline sets, a cabinet that died in the gap would otherwise
+    /// never be judged. A heartbeat since then keeps its later deadline. Returns how many.
+    ///
+    /// # Errors
+    /// Any storage error.
+    pub async fn reseed(&self) -> Result<usize, StoreError> {
+        let client = self.app.pg.get().await?;
+        let rows = client
+            .query(
+                "SELECT key, status_epoch, coalesce(node, '') FROM devices
+                  WHERE kind = 'cab' AND status IN ('online', 'pending_init')",
+                &[],
+            )
+            .await?;
+        drop(client);
+        let now = now_ms();
+        let mut by_node: HashMap<String, Vec<HeartbeatSeen>> = HashMap::new();
+        for r in &rows {
+            let Ok(device) = DeviceKey::parse(r.get::<_, &str>(0)) else { continue };
+            let epoch = u64::try_from(r.get::<_, i64>(1)).unwrap_or(0);
+            by_node.entry(r.get::<_, String>(2)).or_default().push(HeartbeatSeen { device, at_ms: now, epoch });
+        }
+        for (node, seen) in &by_node {
+            for chunk in seen.chunks(500) {
+                self.record_seen(node, chunk).await?;
+            }
+        }
+        Ok(rows.len())
+    }
+
     async fn record_seen(&self, node: &str, devices: &[HeartbeatSeen]) -> Result<(), StoreError> {
         let mut con = self.app.redis.clone();
         let mut by_shard: HashMap<u16, Vec<&HeartbeatSeen>> = HashMap::new();

@@ -172,3 +172,65 @@ async fn a_node_stream_at_its_byte_cap_takes_no_more_commands() {
     assert!(matches!(next.message, Message::HeartbeatAck(_)) && next.seq == seq, "{next:?}");
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn after_redis_lost_everything_commands_route_and_logins_work_within_seconds() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    let mut fleet = Vec::new();
+    for n in 0..10 {
+        let (id, secret) = register_cabinet(api, &format!("cab-lost-{n}"), &[(1, 1)]).await;
+        let cabinet = login(stack.cabinet_addr(), &id, &secret).await;
+        wait_status(api, &format!("cab:{id}"), "pending_init").await;
+        fleet.push((id, secret, cabinet));
+    }
+    let (late_id, late_secret) = register_cabinet(api, "cab-lost-late", &[(1, 1)]).await;
+
+    // Redis forgets everything the system wrote (as a restart without persistence does).
+    let removed = tokio::task::spawn_blocking({
+        let (url, prefix) = (stack.ns.url.clone(), stack.ns.prefix.clone());
+        move || testkit::delete_prefix(&url, &prefix)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(removed > 0);
+    let lost_at = std::time::Instant::now();
+
+    // The connection map is written back by the gateway, epochs and all.
+    for (id, _, _) in &fleet {
+        let key = stack.keys.conn(&DeviceKey::Cabinet(id.clone()));
+        wait_until("the map entry back", Duration::from_secs(5), || {
+            let (key, mut redis) = (key.clone(), stack.redis.clone());
+            async move {
+                let node: Option<String> =
+                    redis::cmd("HGET").arg(&key).arg("node").query_async(&mut redis).await.ok()?;
+                node.filter(|n| n == "gw-a")
+            }
+        })
+        .await;
+    }
+    // A command routes to a cabinet connected before the loss.
+    let (_, _, cabinet) = &mut fleet[0];
+    let pending = send(api, "cab:cab-lost-0", json!({"action": "query_door", "door_id": 1}));
+    let (seq, _) = next_command(cabinet).await;
+    let result = CommandResult { status: CommandStatus::Ok, door_id: 1, door_state: DoorStatus::Closed };
+    cabinet.send_frame(Frame::new(seq, Message::CommandResult(result))).await;
+    assert_eq!(pending.await.unwrap()["outcome"], "answered");
+    // A login works again: its credentials were written back and the gateway's cache dropped.
+    wait_until("a login accepted", Duration::from_secs(5), || async {
+        let (_, answer) = Cabinet::login(stack.cabinet_addr(), &late_id, &late_secret).await;
+        (answer.status == protocol::cabinet::LoginStatus::Accepted).then_some(())
+    })
+    .await;
+    println!("healed {} ms after the loss", lost_at.elapsed().as_millis());
+    // Nobody was marked offline meanwhile.
+    for (id, _, _) in &fleet {
+        let device = expect(api, "GET", &format!("/v1/devices/cab:{id}"), None, 200).await;
+        assert_eq!(device["status"], "pending_init", "{device}");
+    }
+    let metrics = http(api, "GET", "/metrics", None).await.1;
+    assert!(metric(metrics.as_str().unwrap(), "devsvc_redis_data_losses_total") >= 1.0);
+    svc.stop().await;
+}

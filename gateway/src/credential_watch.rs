@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::bus::CredentialChange;
+use protocol::bus::{CredentialChange, CredentialEntry};
 use redis::streams::StreamReadReply;
 use redis::{RedisResult, Value};
 use tokio_util::sync::CancellationToken;
@@ -107,8 +107,14 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
         let mut newest = cursor;
         for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
             let fields = redis_conn::bulk_fields(entry.map);
-            match CredentialChange::from_fields(&fields) {
-                Ok(change) => apply(&ctx, &change),
+            match CredentialEntry::from_fields(&fields) {
+                Ok(CredentialEntry::Change(change)) => apply(&ctx, &change),
+                Ok(CredentialEntry::Rewritten) => {
+                    // The device service wrote every credential again (Redis had lost them):
+                    // whatever this node cached, refusals included, may be stale.
+                    ctx.credentials.clear();
+                    ctx.metrics.credential_changes.with_label_values(&["rewritten"]).inc();
+                }
                 Err(e) => tracing::warn!(id = %entry.id, error = %e, "invalid credential change entry"),
             }
             newest = entry.id;

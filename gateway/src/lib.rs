@@ -25,6 +25,7 @@ pub mod credential_watch;
 pub mod credentials;
 pub mod metrics;
 pub mod mqtt;
+pub mod redis_loss;
 pub mod registry;
 pub mod routing;
 pub mod server;
@@ -236,6 +237,7 @@ impl Gateway {
         services.spawn(Arc::clone(&registry).run_liveness(liveness_stop.clone()));
         services.spawn(Arc::clone(&registry).run_janitor(liveness_stop.clone()));
         services.spawn(credential_watch::run(Arc::clone(&ctx), watch_redis, liveness_stop.clone()));
+        services.spawn(redis_loss::run(Arc::clone(&ctx), liveness_stop.clone()));
         let sweeper = Arc::clone(&ctx);
         let sweep_stop = liveness_stop.clone();
         services.spawn(async move {

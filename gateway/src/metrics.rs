@@ -75,6 +75,9 @@ pub struct Metrics {
     pub replies_written: IntCounterVec,
     /// `gateway_redis_errors_total{op}`
     pub redis_errors: IntCounterVec,
+    /// `gateway_redis_data_losses_total`: times this node found Redis had lost its data (the run
+    /// marker vanished or changed) and wrote its sessions back.
+    pub redis_data_losses: IntCounter,
     /// `gateway_stream_cap_holds_total{op}`: write rounds held back because a stream was at its
     /// length cap (its consumers behind).
     pub stream_cap_holds: IntCounterVec,
@@ -241,6 +244,15 @@ impl Metrics {
                 &["outcome"],
             ),
             redis_errors: counter_vec(r, "gateway_redis_errors_total", "Failed Redis operations.", &["op"]),
+            redis_data_losses: {
+                let c = IntCounter::new(
+                    "gateway_redis_data_losses_total",
+                    "Times Redis was found to have lost its data (run marker gone) and this node wrote its sessions back.",
+                )
+                .expect("valid");
+                r.register(Box::new(c.clone())).expect("registered once");
+                c
+            },
             stream_cap_holds: counter_vec(
                 r,
                 "gateway_stream_cap_holds_total",

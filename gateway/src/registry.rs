@@ -96,6 +96,16 @@ end
 return -1
 ";
 
+/// Writes a live session back into a device's map entry after Redis lost it: only if the entry
+/// names no newer epoch (the device may have logged in elsewhere meanwhile). ARGV: node,
+/// session, epoch, since (ms). Returns 1 if written.
+const RESTORE: &str = r"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'epoch')) or 0
+if cur > tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'session', ARGV[2], 'epoch', ARGV[3], 'since_ms', ARGV[4])
+return 1
+";
+
 /// What a successful claim learned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
@@ -198,6 +208,7 @@ pub struct Registry {
     claim: Script,
     release: Script,
     clear_leftover: Script,
+    restore: Script,
     /// Releases that failed (Redis down) and are retried by [`Registry::run_janitor`].
     retry_tx: mpsc::UnboundedSender<(DeviceKey, String)>,
     retry_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(DeviceKey, String)>>>,
@@ -220,6 +231,7 @@ impl Registry {
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
             clear_leftover: Script::new(CLEAR_LEFTOVER),
+            restore: Script::new(RESTORE),
             retry_tx,
             retry_rx: std::sync::Mutex::new(Some(retry_rx)),
             metrics,
@@ -449,6 +461,51 @@ impl Registry {
             }
         }
         let _: RedisResult<()> = redis::cmd("DEL").arg(self.keys.node_alive(&self.node)).query_async(&mut con).await;
+    }
+
+    /// Writes this node back into Redis after Redis lost its data: the node list, its liveness
+    /// key, and every live session's map entry (with its epoch, unless the device logged in
+    /// elsewhere since) and membership of the node's set. Returns how many entries were
+    /// written; sessions are written 256 at a time.
+    ///
+    /// # Errors
+    /// The first Redis error; the caller tries again at its next check.
+    pub async fn restore_all(&self) -> RedisResult<usize> {
+        let mut con = self.redis.clone();
+        let () = redis::cmd("ZADD")
+            .arg(self.keys.nodes())
+            .arg(self.incarnation)
+            .arg(&self.node)
+            .query_async(&mut con)
+            .await?;
+        self.refresh_alive().await?;
+        let since = now_ms();
+        let mut restored = 0;
+        for chunk in self.all().chunks(256) {
+            let writes = chunk.iter().map(|h| {
+                let mut con = self.redis.clone();
+                let device = h.device.to_string();
+                let (entry, set) = (self.keys.conn(&h.device), self.keys.node_conns(&self.node));
+                let session = self.session_id(h.session);
+                async move {
+                    let written: i64 = self
+                        .restore
+                        .key(entry)
+                        .arg(&self.node)
+                        .arg(session)
+                        .arg(h.epoch)
+                        .arg(since)
+                        .invoke_async(&mut con)
+                        .await?;
+                    let () = redis::cmd("SADD").arg(set).arg(device).query_async(&mut con).await?;
+                    RedisResult::Ok(written)
+                }
+            });
+            for written in futures_util::future::join_all(writes).await {
+                restored += usize::try_from(written?).unwrap_or(0);
+            }
+        }
+        Ok(restored)
     }
 
     /// Clears the map entries an earlier run of this node left behind (a crash skips the

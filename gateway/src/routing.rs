@@ -70,10 +70,13 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
     // "0": first what an earlier run of this node read and did not acknowledge; then new.
     let mut cursor = "0";
     let mut group_ready = false;
+    // At start the group begins at the stream's end; recreated after the stream vanished (Redis
+    // lost it), at its beginning: a command added since was meant for this node's devices.
+    let mut group_start = "$";
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
         if !group_ready {
-            match ensure_group(&mut redis, &stream).await {
+            match ensure_group(&mut redis, &stream, group_start).await {
                 Ok(()) => group_ready = true,
                 Err(e) => {
                     ctx.metrics.redis_errors.with_label_values(&["commands"]).inc();
@@ -101,8 +104,10 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
             Err(e) => {
                 ctx.metrics.redis_errors.with_label_values(&["commands"]).inc();
                 if e.code() == Some("NOGROUP") {
-                    // The stream was deleted (e.g. by an operator): recreate the group.
+                    // The stream was deleted (by an operator, or Redis lost it): recreate the group.
                     group_ready = false;
+                    group_start = "0";
+                    cursor = ">";
                 }
                 tracing::warn!(error = %e, "failed to read the command stream");
                 wait(&stop, &mut backoff).await;
@@ -149,9 +154,9 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
     }
 }
 
-async fn ensure_group(redis: &mut RedisConn, stream: &str) -> RedisResult<()> {
+async fn ensure_group(redis: &mut RedisConn, stream: &str, start: &str) -> RedisResult<()> {
     let created: RedisResult<()> =
-        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("$").arg("MKSTREAM").query_async(redis).await;
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg(start).arg("MKSTREAM").query_async(redis).await;
     match created {
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         other => other,

@@ -173,6 +173,12 @@ impl Keys {
         format!("{}cred:changes", self.prefix)
     }
 
+    /// String: a value set by whichever process finds it missing; if it vanishes or changes,
+    /// Redis lost its data and every process writes back what it owns (3.1).
+    pub fn bus_run(&self) -> String {
+        format!("{}bus:run", self.prefix)
+    }
+
     /// Stream: upstream shard `n`.
     pub fn upstream(&self, shard: u16) -> String {
         format!("{}up:{shard}", self.prefix)
@@ -734,6 +740,34 @@ impl CredentialChange {
     }
 }
 
+/// What an entry of `P cred:changes` says: one device's change, or that the whole mirror was
+/// written again (after Redis lost its data), so every cached credential must go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialEntry {
+    /// `dev`, `why`.
+    Change(CredentialChange),
+    /// `why` = `rewritten` (no `dev`).
+    Rewritten,
+}
+
+impl CredentialEntry {
+    /// The fields of a [`CredentialEntry::Rewritten`] entry.
+    pub fn rewritten_fields() -> Fields {
+        vec![("why", b"rewritten".to_vec())]
+    }
+
+    /// Reads an entry.
+    ///
+    /// # Errors
+    /// As [`CredentialChange::from_fields`].
+    pub fn from_fields(fields: &HashMap<String, Vec<u8>>) -> Result<Self, BusError> {
+        if fields.get("why").is_some_and(|w| w == b"rewritten") {
+            return Ok(Self::Rewritten);
+        }
+        CredentialChange::from_fields(fields).map(Self::Change)
+    }
+}
+
 /// Converts stream fields as a Redis client returns them into the map the readers take.
 pub fn field_map<'a>(fields: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> HashMap<String, Vec<u8>> {
     fields.into_iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect()
@@ -750,6 +784,16 @@ mod tests {
 
     fn cab(id: &str) -> DeviceKey {
         DeviceKey::Cabinet(DeviceId::new(id).expect("valid"))
+    }
+
+    #[test]
+    fn a_rewritten_mirror_is_its_own_entry() {
+        assert_eq!(
+            CredentialEntry::from_fields(&map(CredentialEntry::rewritten_fields())),
+            Ok(CredentialEntry::Rewritten)
+        );
+        let change = CredentialChange { device: cab("C1"), kind: CredentialChangeKind::Rotated };
+        assert_eq!(CredentialEntry::from_fields(&map(change.to_fields())), Ok(CredentialEntry::Change(change)));
     }
 
     #[test]

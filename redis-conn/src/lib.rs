@@ -5,6 +5,8 @@
 //! callers retry or buffer), never a process restart. Connections are made lazily, so a service
 //! starts and holds connections while Redis is still down.
 
+pub mod run_marker;
+
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};

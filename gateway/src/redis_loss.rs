@@ -1,0 +1,62 @@
+//! A Redis that lost its data heals at once (SPEC.md 3.1, `P bus:run`). Connections survive a
+//! Redis restart, but without persistence (or after a failover to a replica that had not caught
+//! up) the connection map, the node list and the credentials mirror are gone: commands would
+//! find no device, and logins no credentials. Every second this node checks the run marker;
+//! when it vanished or changed, the node writes back everything it owns (its node entries and
+//! every live session's map entry, epochs kept) and drops its credential cache. The device
+//! service, watching the same marker, writes the credentials back and announces it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis_conn::run_marker::RunMarker;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::Ctx;
+
+/// How often the marker is checked.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Watches the run marker until `stop`.
+pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
+    let mut marker = RunMarker::new(ctx.keys.bus_run(), ctx.registry.incarnation_id());
+    let mut redis = ctx.redis.clone();
+    // Set when a loss was seen and the rebuild has not gone through yet.
+    let mut rebuilding = false;
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        match marker.lost_since_last_check(&mut redis).await {
+            Ok(true) => {
+                ctx.metrics.redis_data_losses.inc();
+                tracing::warn!(
+                    "Redis lost its data: writing back this node's sessions and dropping cached credentials"
+                );
+                rebuilding = true;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                ctx.metrics.redis_errors.with_label_values(&["run_marker"]).inc();
+                tracing::debug!(error = %e, "failed to check the run marker");
+                continue;
+            }
+        }
+        if rebuilding {
+            ctx.credentials.clear();
+            match ctx.registry.restore_all().await {
+                Ok(n) => {
+                    tracing::info!(sessions = n, "connection map rebuilt");
+                    rebuilding = false;
+                }
+                Err(e) => {
+                    ctx.metrics.redis_errors.with_label_values(&["restore"]).inc();
+                    tracing::warn!(error = %e, "failed to rebuild the connection map; retrying");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Noticing that Redis lost its data. A restart without persistence, a failover to a replica
+//! that had not caught up, or a `FLUSHALL` all look the same from outside: keys that should be
+//! there are not. Every process sets one marker key if it is missing and remembers the value it
+//! saw; a marker that vanished or changed since means Redis forgot what the processes had
+//! written, and each process must write back what it owns (SPEC.md 3.1, `P bus:run`).
+
+use redis::RedisResult;
+
+use crate::RedisConn;
+
+/// One process's view of the marker key.
+#[derive(Debug)]
+pub struct RunMarker {
+    key: String,
+    /// What this process writes when the marker is missing, with the check's number: a value
+    /// nobody wrote before, so a marker this process set and Redis then lost is not mistaken
+    /// for the same one set again.
+    candidate: String,
+    checks: u64,
+    seen: Option<String>,
+}
+
+impl RunMarker {
+    /// A watcher of marker `key`; `candidate` must be unique to this process run.
+    pub fn new(key: String, candidate: String) -> Self {
+        Self { key, candidate, checks: 0, seen: None }
+    }
+
+    /// Sets the marker if it is missing, in one command (`SET NX GET`). Returns `true` when the
+    /// marker is not the one seen at the previous check: Redis lost its data in between. The
+    /// first check only learns the marker.
+    ///
+    /// # Errors
+    /// Any Redis error; nothing is learned then.
+    pub async fn lost_since_last_check(&mut self, redis: &mut RedisConn) -> RedisResult<bool> {
+        self.checks += 1;
+        let candidate = format!("{}/{}", self.candidate, self.checks);
+        let previous: Option<String> =
+            redis::cmd("SET").arg(&self.key).arg(&candidate).arg("NX").arg("GET").query_async(redis).await?;
+        let now = previous.unwrap_or(candidate);
+        Ok(self.seen.replace(now.clone()).is_some_and(|before| before != now))
+    }
+}
