@@ -140,8 +140,14 @@ impl Consumer {
                 }
                 result
             }
-            UpEvent::SessionClosed { device, epoch, reason, .. } => {
-                self.status(&device, Event::Closed { epoch, reason }).await?
+            UpEvent::SessionClosed { device, epoch, reason, node, at_ms } => {
+                let deferred = reason == "idle_timeout"
+                    && matches!(device, DeviceKey::Cabinet(_))
+                    && !self
+                        .detector
+                        .idle_close_applies(&node, HeartbeatSeen { device: device.clone(), at_ms, epoch })
+                        .await?;
+                if deferred { "deferred" } else { self.status(&device, Event::Closed { epoch, reason }).await? }
             }
             UpEvent::Heartbeats { node, window_start_ms, window_ms, count, sessions, devices } => {
                 let window =

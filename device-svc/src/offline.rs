@@ -270,6 +270,25 @@ impl Detector {
         Ok(rows.len())
     }
 
+    /// Whether a gateway's close of a silent cabinet (`idle_timeout`) may mark it offline now:
+    /// only if its node is healthy. Otherwise the silence may be the node's or the network's
+    /// (a paused node, loss on the way), so the close is not applied: the cabinet keeps a
+    /// deadline from the close (`seen`), and is judged there under the same fleet-health rule
+    /// as a heartbeat timeout; a login since (a newer epoch) makes that judgement change
+    /// nothing. Counted as suppressed.
+    ///
+    /// # Errors
+    /// Any Redis error; the caller retries the entry.
+    pub async fn idle_close_applies(&self, node: &str, seen: HeartbeatSeen) -> Result<bool, StoreError> {
+        if self.health(node).await?.healthy {
+            return Ok(true);
+        }
+        self.app.metrics.offline_suppressed.with_label_values(&[node]).inc();
+        tracing::debug!(device = %seen.device, node, "idle close of a cabinet deferred: its node's intake is below its share");
+        self.record_seen(node, &[seen]).await?;
+        Ok(false)
+    }
+
     async fn record_seen(&self, node: &str, devices: &[HeartbeatSeen]) -> Result<(), StoreError> {
         let mut con = self.app.redis.clone();
         let mut by_shard: HashMap<u16, Vec<&HeartbeatSeen>> = HashMap::new();

@@ -91,6 +91,17 @@ impl Conn {
     /// # Returns
     /// [`Event::Read`] with the number of bytes read (0: the peer closed), or
     /// [`Event::Writable`].
+    /// What the connection has for reading right now, without waiting: `None` if nothing.
+    /// For the idle check: bytes that arrived while this process was paused or starved are
+    /// not silence.
+    pub async fn read_now(&mut self) -> Option<io::Result<Event>> {
+        let polled = std::future::poll_fn(|cx| Poll::Ready(self.poll_wait(cx, true, false))).await;
+        match polled {
+            Poll::Ready(event) => Some(event),
+            Poll::Pending => None,
+        }
+    }
+
     pub fn poll_wait(&mut self, cx: &mut Context<'_>, want_read: bool, want_write: bool) -> Poll<io::Result<Event>> {
         match &mut self.stream {
             Stream::Tcp(s) => {

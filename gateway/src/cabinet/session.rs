@@ -163,7 +163,16 @@ impl Session<'_> {
                 Wake::Timer => {
                     let now = Instant::now();
                     if now >= idle_deadline {
-                        Err(End::IdleTimeout)
+                        // Silent, unless bytes wait unread: a node that was paused or starved
+                        // (its timers fire late) must not blame its cabinets for its own stall.
+                        match self.conn.read_now().await {
+                            Some(Ok(Event::Read(n))) if n > 0 => {
+                                self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+                                idle_deadline = now + idle_timeout;
+                                self.on_bytes()
+                            }
+                            _ => Err(End::IdleTimeout),
+                        }
                     } else if drain_deadline.is_some_and(|d| now >= d) {
                         Err(End::Drain)
                     } else if self.live.write_deadline.is_some_and(|d| now >= d) {

@@ -250,7 +250,15 @@ impl Session<'_> {
                             idle_deadline = now + idle_timeout;
                         }
                         if now >= idle_deadline {
-                            Err(End::IdleTimeout)
+                            // Silent, unless bytes wait unread (this node was paused or starved).
+                            match self.conn.read_now().await {
+                                Some(Ok(Event::Read(n))) if n > 0 => {
+                                    self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+                                    idle_deadline = now + idle_timeout;
+                                    Box::pin(self.on_bytes()).await
+                                }
+                                _ => Err(End::IdleTimeout),
+                            }
                         } else if drain_deadline.is_some_and(|d| now >= d) {
                             Err(End::Drain)
                         } else if self.live.write_deadline.is_some_and(|d| now >= d) {
