@@ -245,6 +245,9 @@ pub struct PurchasesConfig {
     pub door_never_closed_s: u64,
     /// Due-order poll, ms.
     pub poll_ms: u64,
+    /// A settlement the account service has not confirmed this long after it was published is
+    /// published again, s.
+    pub settlement_resend_s: u64,
     /// Amount the provider must authorise per order (the most an order may charge), cents.
     pub hold_cents: i64,
     /// Currency of holds and charges (ISO 4217).
@@ -328,6 +331,7 @@ impl Default for Config {
                 door_open_max_s: 600,
                 door_never_closed_s: 3600,
                 poll_ms: 200,
+                settlement_resend_s: 30,
                 hold_cents: 20_000,
                 currency: "CNY".into(),
             },

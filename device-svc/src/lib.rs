@@ -152,6 +152,8 @@ impl DeviceService {
             let con = RedisConn::open(&target, blocking).await?;
             tasks.spawn(consumer::run_shard(Arc::clone(&consumer), con, shard, stop.clone()));
         }
+        let confirmations_con = RedisConn::open(&target, blocking).await?;
+        tasks.spawn(purchases::outbox::run_confirmations(Arc::clone(&app), confirmations_con, stop.clone()));
         let reply_con = RedisConn::open(&target, blocking).await?;
         tasks.spawn(Arc::clone(&app.commander).run_replies(reply_con, stop.clone()));
         tasks.spawn(Arc::clone(&detector).run(stop.clone()));
@@ -172,6 +174,7 @@ impl DeviceService {
         tasks.spawn(every(GAUGES_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
             refresh_device_gauges(&app).await?;
             purchases::driver::refresh_gauges(&app).await?;
+            purchases::outbox::refresh_gauges(&app).await?;
             vehicles::ota::push::refresh_gauges(&app).await
         }));
         let tls = (!app.config.http.tls_cert.is_empty())

@@ -83,6 +83,13 @@ pub struct Metrics {
     pub restock_orders: IntCounter,
     /// `devsvc_outbox_published_total{stream}`
     pub outbox_published: IntCounterVec,
+    /// `devsvc_outbox_resent_total{stream}`: messages published again (settlements not yet
+    /// confirmed, or a relay that stopped before recording them).
+    pub outbox_resent: IntCounterVec,
+    /// `devsvc_outbox_confirmed_total`: settlements the account service confirmed.
+    pub outbox_confirmed: IntCounter,
+    /// `devsvc_outbox_unconfirmed`: settlements published and not yet confirmed.
+    pub outbox_unconfirmed: prometheus::IntGauge,
     /// `devsvc_activation_steps_total{step,result}`: QR requests, scans, confirmations,
     /// cancellations and reports, by result (`ok` or the refusal's reason).
     pub activation_steps: IntCounterVec,
@@ -302,6 +309,21 @@ impl Metrics {
                 "devsvc_outbox_published_total",
                 "Outbox messages published to Redis streams, by stream.",
                 &["stream"],
+            ),
+            outbox_resent: c(
+                "devsvc_outbox_resent_total",
+                "Outbox messages published again: settlements not yet confirmed, or rows a stopped relay had not recorded.",
+                &["stream"],
+            ),
+            outbox_confirmed: register(
+                &r,
+                IntCounter::new("devsvc_outbox_confirmed_total", "Settlements the account service confirmed.")
+                    .expect("valid"),
+            ),
+            outbox_unconfirmed: register(
+                &r,
+                prometheus::IntGauge::new("devsvc_outbox_unconfirmed", "Settlements published and not yet confirmed by the account service.")
+                    .expect("valid"),
             ),
             activation_steps: c(
                 "devsvc_activation_steps_total",

@@ -21,9 +21,10 @@ struct Log {
 
 const STATUS_HISTORY: Log = Log { table: "device_status_history", age_column: "at" };
 const OTA_REPORTS: Log = Log { table: "ota_reports", age_column: "received_at" };
-// By relay time: a message not yet relayed (`published_at` NULL) never compares as old, so it
-// is kept however long it waits to go out.
-const OUTBOX: Log = Log { table: "outbox", age_column: "published_at" };
+// From when a row is done with: published (a message nobody confirms) or confirmed (a
+// settlement). A row not yet done (`done_at` NULL) never compares as old, so it is kept however
+// long it waits to go out or to be confirmed.
+const OUTBOX: Log = Log { table: "outbox", age_column: "done_at" };
 const AUDIT: Log = Log { table: "audit_log", age_column: "at" };
 const DEAD_LETTERS: Log = Log { table: "dead_letters", age_column: "created_at" };
 // A signature older than the tolerance window is refused as stale anyway: its row is no longer

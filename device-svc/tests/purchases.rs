@@ -395,6 +395,20 @@ async fn apply_charges(stack: &Stack) -> i64 {
 async fn a_settlement_relayed_twice_or_a_close_redelivered_charges_once() {
     let (stack, mut config, svc, shop) = setup("cab-p-7", |_| {}).await;
     let api = stack.api(svc.addr);
+    // A second consumer group that reads nothing keeps every upstream entry in its stream (the
+    // device service trims only what every group has acknowledged): the close is found below.
+    let mut con = stack.redis.clone();
+    for shard in 0..svc.app.config.streams.shards {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stack.keys.upstream(shard))
+            .arg("keeper")
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+    }
     let id = open(api, "ken", "cab-p-7", 1).await;
     shop.take(1, 2, 3, CHIPS.1);
     shop.close(1);
@@ -423,7 +437,6 @@ async fn a_settlement_relayed_twice_or_a_close_redelivered_charges_once() {
     assert_eq!(apply_charges(&stack).await, 0, "a second pass charges nothing");
 
     // The gateway delivers the close event again (its ack was lost): nothing changes.
-    let mut con = stack.redis.clone();
     let mut closes = Vec::new();
     for shard in 0..svc.app.config.streams.shards {
         let upstream = stack.keys.upstream(shard);
@@ -640,6 +653,55 @@ async fn a_door_never_reported_closed_releases_its_user_and_leaves_sale_until_re
     expect(api, "POST", &format!("/v1/restocks/{}/finish", restock["id"].as_str().unwrap()), None, 200).await;
     let (code, o) = order(api, "olive", "cab-p-11", 1).await;
     assert_eq!(code, 201, "{o}");
+    shop.stop().await;
+    svc.stop().await;
+}
+
+#[tokio::test]
+async fn a_settlement_is_sent_until_the_account_service_confirms_it_and_charged_once() {
+    let (stack, _config, svc, shop) = setup("cab-p-acct", |c| c.purchases.settlement_resend_s = 1).await;
+    let api = stack.api(svc.addr);
+    let id = open(api, "amy", "cab-p-acct", 1).await;
+    shop.take(1, 2, 2, CHIPS.1);
+    shop.close(1);
+    wait_order(api, &id, "settled").await;
+    let key = format!("settlement:{id}");
+
+    // Nobody confirms yet: the settlement is published again, with the same key.
+    wait_until("published again while unconfirmed", WAIT, || async {
+        (settlements(&stack).await.len() >= 2).then_some(())
+    })
+    .await;
+    // Redis loses the stream (a restart without persistence): the charge is not lost with it.
+    let mut con = stack.redis.clone();
+    let stream = format!("{}account:settlements", stack.ns.prefix);
+    let _: i64 = redis::cmd("DEL").arg(&stream).query_async(&mut con).await.unwrap();
+
+    // The reference account service comes up: it charges once and confirms.
+    let consumer = account_ref::Consumer::new(stack.pg().await, &stack.ns.prefix, "account-1").await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn({
+        let (redis, stop) = (stack.redis.clone(), stop.clone());
+        async move { consumer.run(redis, 200, stop).await }
+    });
+    let pg = stack.pg().await;
+    wait_until("confirmed", WAIT, || async {
+        let row =
+            pg.query_one("SELECT confirmed_at IS NOT NULL FROM outbox WHERE idem_key = $1", &[&key]).await.unwrap();
+        row.get::<_, bool>(0).then_some(())
+    })
+    .await;
+    let ledger = pg.query("SELECT amount_cents FROM account_ledger WHERE idem_key = $1", &[&key]).await.unwrap();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].get::<_, i64>(0), 2 * CHIPS.2);
+    // Published at least twice, charged once; confirmed, it is not sent again.
+    let sends: i32 = pg.query_one("SELECT sends FROM outbox WHERE idem_key = $1", &[&key]).await.unwrap().get(0);
+    assert!(sends >= 2, "{sends}");
+    let m = svc.app.metrics.render();
+    assert!(metric(&m, "devsvc_outbox_confirmed_total") >= 1.0);
+    assert!(metric(&m, "devsvc_outbox_resent_total{stream=\"account:settlements\"}") >= 1.0);
+    stop.cancel();
+    running.await.unwrap();
     shop.stop().await;
     svc.stop().await;
 }

@@ -26,8 +26,9 @@ async fn insert_logs(pg: &tokio_postgres::Client, tag: &str, n: i32, days: i32) 
         .await
         .unwrap();
         pg.execute(
-            "INSERT INTO outbox (stream, idem_key, payload, created_at, published_at)
-             VALUES ('notices', $1, '{}', now() - make_interval(days => $2), now() - make_interval(days => $2))",
+            "INSERT INTO outbox (stream, idem_key, payload, created_at, published_at, done_at)
+             VALUES ('notices', $1, '{}', now() - make_interval(days => $2), now() - make_interval(days => $2),
+                     now() - make_interval(days => $2))",
             &[&format!("{tag}-{i}"), &days],
         )
         .await
@@ -74,13 +75,22 @@ async fn logs_past_their_age_are_deleted_in_batches_and_the_rest_kept() {
     )
     .await
     .unwrap();
+    // A settlement published 100 days ago and never confirmed: kept, as age counts from the
+    // account service's confirmation (the running relay may publish it again meanwhile).
+    pg.execute(
+        "INSERT INTO outbox (stream, idem_key, payload, created_at, published_at)
+         VALUES ('account:settlements', 'unconfirmed', '{}', now() - interval '100 days', now() - interval '100 days')",
+        &[],
+    )
+    .await
+    .unwrap();
 
     retention::sweep(&svc.app).await.unwrap();
 
     assert_eq!(count(&pg, "device_status_history").await, before[0] + 2);
     assert_eq!(count(&pg, "ota_reports").await, before[1] + 3 + 2);
     let outbox_left = count(&pg, "outbox").await;
-    assert_eq!(outbox_left, before[2] + 2 + 1);
+    assert_eq!(outbox_left, before[2] + 2 + 2);
     let waiting: i64 =
         pg.query_one("SELECT count(*) FROM outbox WHERE idem_key = 'waiting'", &[]).await.unwrap().get(0);
     assert_eq!(waiting, 1);

@@ -3,10 +3,17 @@
 //! them to Redis streams. Publishing is at least once: the relay marks rows published only
 //! after `XADD` succeeded, so a relay that dies in between publishes those rows again, each
 //! time with the same `idem_key`, which consumers use to drop the repeat (SPEC.md 3.5).
+//!
+//! A settlement is delivered only once the account service confirms it on
+//! `P account:confirmations`: Redis holding the message is not enough, since a Redis that loses
+//! data (or trims a stream its reader fell behind on) would lose the charge. Until confirmed, a
+//! settlement is published again every `purchases.settlement_resend_s`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::streams::StreamReadReply;
+use redis_conn::RedisConn;
 use serde_json::Value;
 use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
@@ -14,8 +21,14 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::error::StoreError;
 
-/// Settlements for the account service (stream `P account:settlements`).
+/// Settlements for the account service (stream `P account:settlements`); confirmed on
+/// [`CONFIRMATIONS`].
 pub const SETTLEMENTS: &str = "account:settlements";
+/// The account service's confirmations, one entry per settlement applied: `idem_key`,
+/// `result` (stream `P account:confirmations`).
+pub const CONFIRMATIONS: &str = "account:confirmations";
+/// The consumer group the device service reads confirmations in.
+const GROUP: &str = "device-svc";
 /// Notices for operators: anomalies, restock orders (stream `P notices`).
 pub const NOTICES: &str = "notices";
 
@@ -40,7 +53,9 @@ pub async fn enqueue(tx: &Transaction<'_>, stream: &str, idem_key: &str, payload
     Ok(n == 1)
 }
 
-/// Publishes up to one batch of unpublished rows. Returns how many were published.
+/// Publishes up to one batch of rows: those never published, and settlements published more
+/// than `purchases.settlement_resend_s` ago and still unconfirmed. Returns how many were
+/// published.
 ///
 /// The batch is claimed for [`LEASE`] in one short statement, published with no transaction
 /// open (Redis is never waited on while PostgreSQL rows are locked), then marked published. A
@@ -51,14 +66,18 @@ pub async fn enqueue(tx: &Transaction<'_>, stream: &str, idem_key: &str, payload
 /// PostgreSQL or Redis errors; the rows stay unpublished and are tried again.
 pub async fn relay_once(app: &App) -> Result<usize, StoreError> {
     let client = app.pg.get().await?;
+    #[allow(clippy::cast_precision_loss)] // seconds of a setting
+    let resend_s = app.config.purchases.settlement_resend_s as f64;
     let mut rows = client
         .query(
             "UPDATE outbox SET relay_until = now() + make_interval(secs => $2)
               WHERE id IN (SELECT id FROM outbox
-                            WHERE published_at IS NULL AND (relay_until IS NULL OR relay_until < now())
+                            WHERE (published_at IS NULL
+                                   OR (done_at IS NULL AND published_at < now() - make_interval(secs => $3)))
+                              AND (relay_until IS NULL OR relay_until < now())
                             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
-              RETURNING id, stream, idem_key, payload",
-            &[&BATCH, &LEASE.as_secs_f64()],
+              RETURNING id, stream, idem_key, payload, sends",
+            &[&BATCH, &LEASE.as_secs_f64(), &resend_s],
         )
         .await?;
     if rows.is_empty() {
@@ -89,11 +108,135 @@ pub async fn relay_once(app: &App) -> Result<usize, StoreError> {
     }
     let mut con = app.redis.clone();
     pipe.query_async::<()>(&mut con).await?;
-    client.execute("UPDATE outbox SET published_at = now() WHERE id = ANY($1)", &[&ids]).await?;
-    for stream in &streams {
+    // A settlement stays not done until confirmed (unless it was confirmed meanwhile); any other
+    // message is done once published.
+    client
+        .execute(
+            "UPDATE outbox SET published_at = now(), sends = sends + 1, relay_until = NULL,
+                    done_at = CASE WHEN confirmed_at IS NOT NULL THEN done_at
+                                   WHEN stream = $2 THEN NULL ELSE now() END
+              WHERE id = ANY($1)",
+            &[&ids, &SETTLEMENTS],
+        )
+        .await?;
+    for (stream, row) in streams.iter().zip(&rows) {
         app.metrics.outbox_published.with_label_values(&[stream]).inc();
+        if row.get::<_, i32>(4) > 0 {
+            app.metrics.outbox_resent.with_label_values(&[stream]).inc();
+        }
     }
     Ok(ids.len())
+}
+
+/// Reads the account service's confirmations until `stop` and marks each confirmed settlement
+/// done. `redis` must be a connection of its own (the read blocks).
+pub async fn run_confirmations(app: Arc<App>, mut redis: RedisConn, stop: CancellationToken) {
+    let stream = format!("{}{CONFIRMATIONS}", app.keys.prefix());
+    let me = app.config.instance_id.clone();
+    let mut group_ready = false;
+    let mut cursor = "0";
+    while !stop.is_cancelled() {
+        if !group_ready {
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&stream)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut redis)
+                .await;
+            match created {
+                Ok(()) => group_ready = true,
+                Err(e) if e.code() == Some("BUSYGROUP") => group_ready = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed to create the confirmations group");
+                    pause(&stop).await;
+                    continue;
+                }
+            }
+        }
+        let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(&me)
+            .arg("COUNT")
+            .arg(500)
+            .arg("BLOCK")
+            .arg(app.config.streams.block_ms)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(cursor)
+            .query_async(&mut redis)
+            .await;
+        let entries = match read {
+            Ok(r) => r.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
+            Err(e) => {
+                if e.code() == Some("NOGROUP") {
+                    // Redis lost the stream: confirmations from now on are read from its start.
+                    group_ready = false;
+                }
+                tracing::warn!(error = %e, "failed to read confirmations");
+                pause(&stop).await;
+                continue;
+            }
+        };
+        if entries.is_empty() {
+            cursor = ">";
+            continue;
+        }
+        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+        let keys: Vec<String> = entries
+            .into_iter()
+            .filter_map(|e| redis_conn::bulk_fields(e.map).remove("idem_key"))
+            .filter_map(|k| String::from_utf8(k).ok())
+            .collect();
+        match confirm(&app, &keys).await {
+            Ok(n) => app.metrics.outbox_confirmed.inc_by(n),
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to record confirmations; they are read again");
+                pause(&stop).await;
+                continue;
+            }
+        }
+        let _: redis::RedisResult<i64> =
+            redis::cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).query_async(&mut redis).await;
+    }
+}
+
+/// Sets `devsvc_outbox_unconfirmed`.
+///
+/// # Errors
+/// PostgreSQL errors.
+pub async fn refresh_gauges(app: &App) -> Result<(), StoreError> {
+    let client = app.pg.get().await?;
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM outbox WHERE done_at IS NULL AND published_at IS NOT NULL", &[])
+        .await?
+        .get(0);
+    app.metrics.outbox_unconfirmed.set(n);
+    Ok(())
+}
+
+/// Marks the settlements with `keys` confirmed. Returns how many were not confirmed before.
+async fn confirm(app: &App, keys: &[String]) -> Result<u64, StoreError> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let client = app.pg.get().await?;
+    Ok(client
+        .execute(
+            "UPDATE outbox SET confirmed_at = now(), done_at = now()
+              WHERE idem_key = ANY($1) AND confirmed_at IS NULL",
+            &[&keys],
+        )
+        .await?)
+}
+
+async fn pause(stop: &CancellationToken) {
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        () = stop.cancelled() => {}
+    }
 }
 
 /// Relays until `stop`: at once when woken, otherwise every poll interval.
