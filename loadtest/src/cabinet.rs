@@ -96,8 +96,11 @@ impl Door {
 /// Where and as whom a cabinet connects.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Gateway cabinet listener.
+    /// Gateway cabinet listener tried first.
     pub addr: SocketAddr,
+    /// Every gateway cabinet listener: after a connection fails or ends badly the cabinet tries
+    /// the next one, as a device behind an L4 balancer reaches whichever node is up.
+    pub all: Arc<[SocketAddr]>,
     /// Source address to bind (127.0.0.x), to spread connections over more port space.
     pub source: Option<IpAddr>,
     /// TLS to the gateway's TLS listener; `None`: plain TCP.
@@ -137,7 +140,7 @@ async fn connect(target: &Target) -> Result<Box<dyn Link>, &'static str> {
 pub async fn run(
     id: DeviceId,
     secret: Vec<u8>,
-    target: Target,
+    mut target: Target,
     behaviour: Arc<CabinetBehaviour>,
     stats: Arc<Stats>,
     stop: CancellationToken,
@@ -183,6 +186,10 @@ pub async fn run(
         };
         if matches!(ended, Ended::Backoff) {
             backoff = (backoff * 2).min(Duration::from_secs(60));
+            // Its node may be gone: the next attempt goes to the next one.
+            if let Some(i) = target.all.iter().position(|a| *a == target.addr) {
+                target.addr = target.all[(i + 1) % target.all.len()];
+            }
         } else {
             backoff = Duration::from_secs(1);
         }

@@ -80,26 +80,32 @@ pub struct Links {
     pub qr_ids: mpsc::UnboundedSender<(String, String)>,
 }
 
-/// Runs one vehicle against `addr` until `stop`.
+/// Runs one vehicle against `addr` until `stop`; after a connection fails or ends it tries the
+/// next address of `all`, as a vehicle behind an L4 balancer reaches whichever node is up.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     vin: Vin,
     token: String,
     addr: SocketAddr,
+    all: Arc<[SocketAddr]>,
     behaviour: Arc<VehicleBehaviour>,
     stats: Arc<Stats>,
     mut links: Links,
     stop: CancellationToken,
 ) {
-    let mut options = MqttOptions::new(vin.as_str(), addr.ip().to_string(), addr.port());
-    if behaviour.credentials {
-        options.set_credentials(vin.as_str(), token);
-    }
-    options.set_keep_alive(behaviour.keep_alive);
-    options.set_inflight(32);
-    if let Some(config) = &behaviour.tls {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::clone(config))));
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let options_for = |addr: SocketAddr| {
+        let mut options = MqttOptions::new(vin.as_str(), addr.ip().to_string(), addr.port());
+        if behaviour.credentials {
+            options.set_credentials(vin.as_str(), token.as_str());
+        }
+        options.set_keep_alive(behaviour.keep_alive);
+        options.set_inflight(32);
+        if let Some(config) = &behaviour.tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::clone(config))));
+        }
+        options
+    };
+    let (client, mut eventloop) = AsyncClient::new(options_for(addr), 64);
     let mut backoff = Duration::from_secs(1);
     let mut connected = false;
     let mut started = Instant::now();
@@ -195,6 +201,11 @@ pub async fn run(
                         stats.add("vehicle_tls_failures", 1);
                     } else {
                         stats.add("vehicle_connect_failures", 1);
+                    }
+                    // Its node may be gone: the next attempt goes to the next one.
+                    let here = eventloop.mqtt_options.broker_address();
+                    if let Some(i) = all.iter().position(|a| (a.ip().to_string(), a.port()) == here) {
+                        eventloop.mqtt_options = options_for(all[(i + 1) % all.len()]);
                     }
                     // rumqttc sends unacknowledged publishes again after reconnecting: they stay
                     // in flight (their send time is renewed when they go out again).

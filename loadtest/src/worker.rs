@@ -165,6 +165,8 @@ pub async fn run(plan: WorkerPlan) -> anyhow::Result<()> {
     let spawn_list =
         (plan.cabinets.0..plan.cabinets.1).map(Some).chain((plan.vehicles.0..plan.vehicles.1).map(|_| None));
     let mut vehicle_n = plan.vehicles.0;
+    let cabinet_addrs: Arc<[SocketAddr]> = plan.cabinet_addrs.clone().into();
+    let mqtt_addrs: Arc<[SocketAddr]> = plan.mqtt_addrs.clone().into();
     for cabinet_n in spawn_list {
         tokio::select! {
             _ = pace.tick() => {}
@@ -176,6 +178,7 @@ pub async fn run(plan: WorkerPlan) -> anyhow::Result<()> {
                 let secret = cabinet_secret(&id);
                 let target = Target {
                     addr: plan.cabinet_addrs[n % plan.cabinet_addrs.len()],
+                    all: Arc::clone(&cabinet_addrs),
                     source: plan.source_ip,
                     tls: tls.clone(),
                 };
@@ -199,6 +202,7 @@ pub async fn run(plan: WorkerPlan) -> anyhow::Result<()> {
                     v,
                     token,
                     addr,
+                    Arc::clone(&mqtt_addrs),
                     Arc::clone(&veh_behaviour),
                     Arc::clone(&stats),
                     links,

@@ -65,7 +65,7 @@ async fn unanswered_heartbeats_and_unacknowledged_door_events_are_counted() {
     let device = tokio::spawn(cabinet::run(
         id,
         secret,
-        Target { addr, source: None, tls: None },
+        Target { addr, all: Arc::new([addr]), source: None, tls: None },
         Arc::new(behaviour),
         Arc::clone(&stats),
         stop.clone(),
@@ -124,8 +124,16 @@ async fn uplinks_never_acknowledged_are_counted_lost() {
     let links = Links { number: 0, control: control.subscribe(), qr_ids };
     let v = loadtest::fleet_ids::vin(0);
     let token = loadtest::fleet_ids::vehicle_token(&v);
-    let device =
-        tokio::spawn(vehicle::run(v, token, addr, Arc::new(behaviour), Arc::clone(&stats), links, stop.clone()));
+    let device = tokio::spawn(vehicle::run(
+        v,
+        token,
+        addr,
+        Arc::new([addr]),
+        Arc::new(behaviour),
+        Arc::clone(&stats),
+        links,
+        stop.clone(),
+    ));
 
     let waited = tokio::time::timeout(testkit::WAIT, async {
         while stats.count("uplinks_sent") < 3 {

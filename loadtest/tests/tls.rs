@@ -110,7 +110,8 @@ async fn devices_until(gw: &Gateway, tls: &TlsClient, what: &str, done: impl Fn(
     let stop = CancellationToken::new();
     let id = cabinet_id(0);
     let secret = cabinet_secret(&id);
-    let target = Target { addr: gw.addresses.cabinet_tls.unwrap(), source: None, tls: Some(tls.clone()) };
+    let addr = gw.addresses.cabinet_tls.unwrap();
+    let target = Target { addr, all: Arc::new([addr]), source: None, tls: Some(tls.clone()) };
     let cab = tokio::spawn(cabinet::run(
         id,
         secret,
@@ -129,6 +130,7 @@ async fn devices_until(gw: &Gateway, tls: &TlsClient, what: &str, done: impl Fn(
         v,
         token,
         gw.addresses.mqtt_tls.unwrap(),
+        Arc::new([gw.addresses.mqtt_tls.unwrap()]),
         Arc::new(behaviour),
         Arc::clone(&stats),
         links,
