@@ -222,3 +222,65 @@ async fn a_node_gone_for_good_has_its_devices_marked_offline_and_named_in_an_ale
     .await;
     svc.stop().await;
 }
+
+/// Writes a gateway's `close` of `device`'s current session, for `reason`, as `node` says it.
+async fn close_as(stack: &Stack, device: &protocol::bus::DeviceKey, node: &str, reason: &str) {
+    let mut con = stack.redis.clone();
+    let epoch: u64 = redis::cmd("HGET").arg(stack.keys.conn(device)).arg("epoch").query_async(&mut con).await.unwrap();
+    let event = protocol::bus::UpEvent::SessionClosed {
+        device: device.clone(),
+        epoch,
+        node: node.into(),
+        at_ms: now_ms(),
+        reason: reason.into(),
+    };
+    let _: String = redis::cmd("XADD")
+        .arg(stack.keys.upstream(device.shard(4)))
+        .arg("*")
+        .arg(event.to_fields().unwrap())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_close_marks_a_cabinet_offline_only_when_its_node_is_healthy() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    let mut fleet = Vec::new();
+    for n in 0..4 {
+        let (id, secret) = register_cabinet(api, &format!("cab-idle-{n}"), &[(1, 1)]).await;
+        fleet.push(Beating::start(login(stack.cabinet_addr(), &id, &secret).await));
+    }
+    for b in &fleet {
+        wait_status(api, &format!("cab:{}", b.id), "pending_init").await;
+    }
+    let metrics = || async { http(api, "GET", "/metrics", None).await.1.as_str().unwrap_or("").to_owned() };
+    wait_until("a healthy node", WAIT, || async {
+        (metric(&metrics().await, "devsvc_node_healthy{node=\"gw-a\"}") == 1.0).then_some(())
+    })
+    .await;
+
+    // A node that delivered no heartbeats at all (a paused or partitioned one) says a cabinet
+    // went silent: the silence may be the node's, so the close waits for the cabinet's deadline.
+    let first = protocol::bus::DeviceKey::Cabinet(fleet[0].id.clone());
+    close_as(&stack, &first, "gw-stalled", "idle_timeout").await;
+    wait_until("the close deferred", WAIT, || async {
+        (metric(&metrics().await, "devsvc_stream_entries_total{result=\"deferred\",type=\"close\"}") == 1.0)
+            .then_some(())
+    })
+    .await;
+    let view = expect(api, "GET", &format!("/v1/devices/{first}"), None, 200).await;
+    assert_eq!(view["status"], "pending_init", "{view}");
+
+    // The healthy node says another cabinet went silent: offline at once, as the gateway says.
+    let second = protocol::bus::DeviceKey::Cabinet(fleet[1].id.clone());
+    close_as(&stack, &second, "gw-a", "idle_timeout").await;
+    let view = wait_status(api, &second.to_string(), "offline").await;
+    assert_eq!(view["status_reason"], "session_closed:idle_timeout");
+    for b in fleet {
+        b.close().await;
+    }
+    svc.stop().await;
+}

@@ -80,6 +80,20 @@ impl Conn {
         }
     }
 
+    /// Whether bytes from the peer wait in the kernel, unread: asked of the socket itself
+    /// (a non-blocking peek), not of the runtime's readiness, which after this process was
+    /// paused may not have caught up yet (a `SIGSTOP`/`SIGCONT` interrupts the poll that would
+    /// report it). For the idle check: bytes that arrived while this node was paused or starved
+    /// are not silence.
+    pub fn bytes_waiting(&self) -> bool {
+        let tcp = match &self.stream {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        };
+        let mut one = [std::mem::MaybeUninit::<u8>::uninit()];
+        matches!(socket2::SockRef::from(tcp).peek(&mut one), Ok(n) if n > 0)
+    }
+
     /// Polls for bytes to arrive (and reads them into the read buffer) when `want_read`, or,
     /// when `want_write`, for the socket to take queued bytes again. Not reading is how a
     /// session applies backpressure: the peer's bytes wait in TCP.
@@ -91,17 +105,6 @@ impl Conn {
     /// # Returns
     /// [`Event::Read`] with the number of bytes read (0: the peer closed), or
     /// [`Event::Writable`].
-    /// What the connection has for reading right now, without waiting: `None` if nothing.
-    /// For the idle check: bytes that arrived while this process was paused or starved are
-    /// not silence.
-    pub async fn read_now(&mut self) -> Option<io::Result<Event>> {
-        let polled = std::future::poll_fn(|cx| Poll::Ready(self.poll_wait(cx, true, false))).await;
-        match polled {
-            Poll::Ready(event) => Some(event),
-            Poll::Pending => None,
-        }
-    }
-
     pub fn poll_wait(&mut self, cx: &mut Context<'_>, want_read: bool, want_write: bool) -> Poll<io::Result<Event>> {
         match &mut self.stream {
             Stream::Tcp(s) => {

@@ -165,13 +165,12 @@ impl Session<'_> {
                     if now >= idle_deadline {
                         // Silent, unless bytes wait unread: a node that was paused or starved
                         // (its timers fire late) must not blame its cabinets for its own stall.
-                        match self.conn.read_now().await {
-                            Some(Ok(Event::Read(n))) if n > 0 => {
-                                self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
-                                idle_deadline = now + idle_timeout;
-                                self.on_bytes()
-                            }
-                            _ => Err(End::IdleTimeout),
+                        // They are read once the runtime sees them.
+                        if self.conn.bytes_waiting() {
+                            idle_deadline = now + idle_timeout;
+                            Ok(())
+                        } else {
+                            Err(End::IdleTimeout)
                         }
                     } else if drain_deadline.is_some_and(|d| now >= d) {
                         Err(End::Drain)

@@ -250,14 +250,13 @@ impl Session<'_> {
                             idle_deadline = now + idle_timeout;
                         }
                         if now >= idle_deadline {
-                            // Silent, unless bytes wait unread (this node was paused or starved).
-                            match self.conn.read_now().await {
-                                Some(Ok(Event::Read(n))) if n > 0 => {
-                                    self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
-                                    idle_deadline = now + idle_timeout;
-                                    Box::pin(self.on_bytes()).await
-                                }
-                                _ => Err(End::IdleTimeout),
+                            // Silent, unless bytes wait unread (this node was paused or starved):
+                            // they are read once the runtime sees them.
+                            if self.conn.bytes_waiting() {
+                                idle_deadline = now + idle_timeout;
+                                Ok(())
+                            } else {
+                                Err(End::IdleTimeout)
                             }
                         } else if drain_deadline.is_some_and(|d| now >= d) {
                             Err(End::Drain)
