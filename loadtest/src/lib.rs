@@ -22,6 +22,7 @@ pub mod compare;
 pub mod fleet;
 pub mod fleet_ids;
 pub mod hb_feed;
+pub mod netfault;
 pub mod rss;
 pub mod scenarios;
 pub mod seed;

@@ -50,6 +50,9 @@ enum Cmd {
         #[arg(long, default_value = "loadtest/results/hb-feed.json")]
         out: PathBuf,
     },
+    /// A bad network in user space: relay TCP to a gateway with delay and stalls (the fault
+    /// suite's stand-in for `tc netem`).
+    NetFault(loadtest::netfault::NetFaultPlan),
     /// Draw the PNG charts of an existing report again.
     Charts {
         /// The JSON report.
@@ -199,6 +202,15 @@ fn main() -> anyhow::Result<()> {
             Cmd::Worker { plan } => {
                 let plan: worker::WorkerPlan = serde_json::from_str(&plan).context("invalid worker plan")?;
                 worker::run(plan).await?;
+            }
+            Cmd::NetFault(plan) => {
+                let stop = tokio_util::sync::CancellationToken::new();
+                let signal = stop.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::signal::ctrl_c().await;
+                    signal.cancel();
+                });
+                loadtest::netfault::run(plan, stop).await?;
             }
             Cmd::Provision { redis_url, key_prefix, cabinets, vehicles } => {
                 let client = redis::Client::open(redis_url)?;

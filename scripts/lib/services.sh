@@ -54,11 +54,12 @@ url_with_db() {
   echo "$scheme://${rest%%/*}/$db$query"
 }
 
-# Prints a free local TCP port.
+# Prints a free local TCP port, below the kernel's ephemeral range (32768 and up by default), so
+# that no outgoing connection holds it by the time a server binds it.
 free_port() {
   local p
   for _ in $(seq 1 200); do
-    p=$(( 20000 + RANDOM % 30000 ))
+    p=$(( 20000 + RANDOM % 12000 ))
     port_open "$p" || { echo "$p"; return 0; }
   done
   die "no free local port found"
