@@ -138,6 +138,14 @@ as_pg_user() {
   fi
 }
 
+# pg_start_private PORT: starts (or starts again) the private cluster in $SERVICES_DIR/pgdata on
+# PORT: throwaway settings, no durability (tests and demos only).
+pg_start_private() {
+  as_pg_user "$PG_BIN/pg_ctl" -D "$SERVICES_DIR/pgdata" -l "$SERVICES_DIR/postgres.log" -w -t 30 \
+    -o "-p $1 -k $SERVICES_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
+    start >/dev/null
+}
+
 ensure_postgres() {
   if [ -n "${DATABASE_URL:-}" ]; then
     say "PostgreSQL: using DATABASE_URL"
@@ -163,9 +171,7 @@ ensure_postgres() {
   [ "$(id -u)" = 0 ] && chown postgres "$data" "$SERVICES_DIR"
   as_pg_user "$PG_BIN/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --no-sync >"$SERVICES_DIR/initdb.log" 2>&1 \
     || die "initdb failed (log: $SERVICES_DIR/initdb.log)"
-  as_pg_user "$PG_BIN/pg_ctl" -D "$data" -l "$SERVICES_DIR/postgres.log" -w -t 30 \
-    -o "-p $port -k $SERVICES_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
-    start >/dev/null || die "PostgreSQL did not start (log: $SERVICES_DIR/postgres.log)"
+  pg_start_private "$port" || die "PostgreSQL did not start (log: $SERVICES_DIR/postgres.log)"
   STARTED_PG_DATA="$data"
   DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
   pg_answers "$DATABASE_URL" || die "private PostgreSQL on port $port does not answer"
