@@ -119,7 +119,7 @@ impl Consumer {
         let mut cursor = "0";
         while !stop.is_cancelled() {
             if !group_ready {
-                match ensure_group(&mut redis, &stream).await {
+                match redis_conn::ensure_group(&mut redis, &stream, GROUP, "0").await {
                     Ok(()) => group_ready = true,
                     Err(e) => {
                         tracing::warn!(error = %e, "failed to create the settlements group");
@@ -190,15 +190,6 @@ impl Consumer {
         pipe.cmd("XACK").arg(stream).arg(GROUP).arg(&ids).ignore();
         pipe.query_async::<()>(redis).await?;
         Ok(())
-    }
-}
-
-async fn ensure_group(redis: &mut RedisConn, stream: &str) -> redis::RedisResult<()> {
-    let created: redis::RedisResult<()> =
-        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query_async(redis).await;
-    match created {
-        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        other => other,
     }
 }
 

@@ -178,15 +178,6 @@ impl Consumer {
     }
 }
 
-async fn ensure_group(redis: &mut RedisConn, stream: &str) -> redis::RedisResult<()> {
-    let created: redis::RedisResult<()> =
-        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query_async(redis).await;
-    match created {
-        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        other => other,
-    }
-}
-
 /// The cabinet's own time in a weight report or door event.
 fn device_time(event: &UpEvent) -> Option<u64> {
     match event {
@@ -303,7 +294,7 @@ pub async fn run_shard(consumer: Arc<Consumer>, mut redis: RedisConn, shard: u16
     let mut last_claim = tokio::time::Instant::now();
     while !stop.is_cancelled() {
         if !group_ready {
-            if let Err(e) = ensure_group(&mut redis, &stream).await {
+            if let Err(e) = redis_conn::ensure_group(&mut redis, &stream, GROUP, "0").await {
                 tracing::warn!(shard, error = %e, "failed to create the consumer group");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;

@@ -76,7 +76,7 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
         if !group_ready {
-            match ensure_group(&mut redis, &stream, group_start).await {
+            match redis_conn::ensure_group(&mut redis, &stream, GROUP, group_start).await {
                 Ok(()) => group_ready = true,
                 Err(e) => {
                     ctx.metrics.redis_errors.with_label_values(&["commands"]).inc();
@@ -151,15 +151,6 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
             ctx.metrics.redis_errors.with_label_values(&["commands"]).inc();
             tracing::warn!(error = %e, "failed to acknowledge commands");
         }
-    }
-}
-
-async fn ensure_group(redis: &mut RedisConn, stream: &str, start: &str) -> RedisResult<()> {
-    let created: RedisResult<()> =
-        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg(start).arg("MKSTREAM").query_async(redis).await;
-    match created {
-        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-        other => other,
     }
 }
 

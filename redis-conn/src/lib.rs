@@ -14,6 +14,21 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
+/// Creates consumer group `group` on `stream` (and the stream, if missing), its cursor at
+/// `start` (`0`: the stream's beginning, `$`: its end); a group that exists already is left as
+/// it is.
+///
+/// # Errors
+/// Any Redis error but "the group exists".
+pub async fn ensure_group(redis: &mut RedisConn, stream: &str, group: &str, start: &str) -> RedisResult<()> {
+    let created: RedisResult<()> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg(start).arg("MKSTREAM").query_async(redis).await;
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
 /// A stream entry's fields as byte strings, as the bus readers take them (`protocol::bus`);
 /// values of other types are left out.
 pub fn bulk_fields(map: std::collections::HashMap<String, Value>) -> std::collections::HashMap<String, Vec<u8>> {

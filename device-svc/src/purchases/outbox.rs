@@ -137,17 +137,8 @@ pub async fn run_confirmations(app: Arc<App>, mut redis: RedisConn, stop: Cancel
     let mut cursor = "0";
     while !stop.is_cancelled() {
         if !group_ready {
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&stream)
-                .arg(GROUP)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut redis)
-                .await;
-            match created {
+            match redis_conn::ensure_group(&mut redis, &stream, GROUP, "0").await {
                 Ok(()) => group_ready = true,
-                Err(e) if e.code() == Some("BUSYGROUP") => group_ready = true,
                 Err(e) => {
                     tracing::warn!(error = %e, "failed to create the confirmations group");
                     pause(&stop).await;
