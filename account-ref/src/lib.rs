@@ -15,6 +15,8 @@ pub const SETTLEMENTS: &str = "account:settlements";
 pub const CONFIRMATIONS: &str = "account:confirmations";
 /// The consumer group this service reads settlements in.
 pub const GROUP: &str = "account";
+/// Longest idempotency key taken into the ledger.
+const MAX_TEXT: usize = 256;
 /// Entries a confirmation stream keeps, approximately; the device service reads it promptly.
 const CONFIRMATIONS_MAXLEN: u64 = 1_000_000;
 
@@ -90,6 +92,14 @@ impl Consumer {
         let (Some(key), Some(payload)) = (text("idem_key"), text("payload")) else {
             return Ok((None, Applied::Refused));
         };
+        // Bounded before the ledger: PostgreSQL refuses a NUL in text and in jsonb (`\u0000`), and
+        // an entry it refused would be read again for ever.
+        if key.len() > MAX_TEXT || key.contains('\0') {
+            return Ok((None, Applied::Refused));
+        }
+        if payload.contains("\\u0000") {
+            return Ok((Some(key), Applied::Refused));
+        }
         let Ok(payload) = serde_json::from_str::<serde_json::Value>(&payload) else {
             return Ok((Some(key), Applied::Refused));
         };

@@ -677,6 +677,20 @@ async fn a_settlement_is_sent_until_the_account_service_confirms_it_and_charged_
     let stream = format!("{}account:settlements", stack.ns.prefix);
     let _: i64 = redis::cmd("DEL").arg(&stream).query_async(&mut con).await.unwrap();
 
+    // An entry the ledger's database would refuse (a NUL) must not stop the account service.
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("idem_key")
+        .arg("poison:1")
+        .arg("type")
+        .arg("settlement")
+        .arg("payload")
+        .arg(r#"{"order_id":"a\u0000b","amount_cents":1}"#)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+
     // The reference account service comes up: it charges once and confirms.
     let consumer = account_ref::Consumer::new(stack.pg().await, &stack.ns.prefix, "account-1").await.unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -691,6 +705,24 @@ async fn a_settlement_is_sent_until_the_account_service_confirms_it_and_charged_
         row.get::<_, bool>(0).then_some(())
     })
     .await;
+    let refused: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{}account:confirmations", stack.ns.prefix))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let results: Vec<(String, String)> = refused
+        .ids
+        .into_iter()
+        .map(|e| {
+            let f = redis_conn::bulk_fields(e.map);
+            let text = |k: &str| String::from_utf8(f[k].clone()).unwrap();
+            (text("idem_key"), text("result"))
+        })
+        .collect();
+    assert!(results.contains(&("poison:1".into(), "refused".into())), "{results:?}");
+    assert!(results.contains(&(key.clone(), "charged".into())), "{results:?}");
     let ledger = pg.query("SELECT amount_cents FROM account_ledger WHERE idem_key = $1", &[&key]).await.unwrap();
     assert_eq!(ledger.len(), 1);
     assert_eq!(ledger[0].get::<_, i64>(0), 2 * CHIPS.2);

@@ -29,6 +29,8 @@ pub const SETTLEMENTS: &str = "account:settlements";
 pub const CONFIRMATIONS: &str = "account:confirmations";
 /// The consumer group the device service reads confirmations in.
 const GROUP: &str = "device-svc";
+/// Longest idempotency key the outbox writes (`settlement:<order id>` and the like).
+const MAX_IDEM_KEY: usize = 256;
 /// Notices for operators: anomalies, restock orders (stream `P notices`).
 pub const NOTICES: &str = "notices";
 
@@ -180,6 +182,9 @@ pub async fn run_confirmations(app: Arc<App>, mut redis: RedisConn, stop: Cancel
             .into_iter()
             .filter_map(|e| redis_conn::bulk_fields(e.map).remove("idem_key"))
             .filter_map(|k| String::from_utf8(k).ok())
+            // An outbox key is ours: short and free of NUL. Anything else names no row, and must
+            // not reach PostgreSQL (which refuses a NUL, and the batch would be read forever).
+            .filter(|k| k.len() <= MAX_IDEM_KEY && !k.contains('\0'))
             .collect();
         match confirm(&app, &keys).await {
             Ok(n) => app.metrics.outbox_confirmed.inc_by(n),
