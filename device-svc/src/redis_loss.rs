@@ -25,35 +25,18 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Watches the run marker until `stop`.
 pub async fn run(app: Arc<App>, detector: Arc<Detector>, stop: CancellationToken) {
-    let mut marker = RunMarker::new(app.keys.bus_run(), format!("{}/{}", app.config.instance_id, now_ms()));
-    let mut redis = app.redis.clone();
-    let mut rebuilding = false;
-    let mut tick = tokio::time::interval(CHECK_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        match marker.lost_since_last_check(&mut redis).await {
-            Ok(true) => {
-                app.metrics.redis_data_losses.inc();
-                tracing::warn!("Redis lost its data: writing the credentials and heartbeat deadlines back");
-                rebuilding = true;
-            }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::debug!(error = %e, "failed to check the run marker");
-                continue;
-            }
-        }
-        if rebuilding {
-            match rebuild(&app, &detector).await {
-                Ok(()) => rebuilding = false,
-                Err(e) => tracing::warn!(error = %e, "failed to rebuild what Redis lost; retrying"),
-            }
-        }
-    }
+    let marker = RunMarker::new(app.keys.bus_run(), format!("{}/{}", app.config.instance_id, now_ms()));
+    let on_loss = || {
+        app.metrics.redis_data_losses.inc();
+        tracing::warn!("Redis lost its data: writing the credentials and heartbeat deadlines back");
+    };
+    let write_back = || async {
+        rebuild(&app, &detector)
+            .await
+            .map_err(|e| tracing::warn!(error = %e, "failed to rebuild what Redis lost; retrying"))
+            .is_ok()
+    };
+    marker.watch(app.redis.clone(), CHECK_EVERY, stop.cancelled(), on_loss, write_back).await;
 }
 
 async fn rebuild(app: &App, detector: &Detector) -> Result<(), StoreError> {

@@ -19,44 +19,24 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Watches the run marker until `stop`.
 pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
-    let mut marker = RunMarker::new(ctx.keys.bus_run(), ctx.registry.incarnation_id());
-    let mut redis = ctx.redis.clone();
-    // Set when a loss was seen and the rebuild has not gone through yet.
-    let mut rebuilding = false;
-    let mut tick = tokio::time::interval(CHECK_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        match marker.lost_since_last_check(&mut redis).await {
-            Ok(true) => {
-                ctx.metrics.redis_data_losses.inc();
-                tracing::warn!(
-                    "Redis lost its data: writing back this node's sessions and dropping cached credentials"
-                );
-                rebuilding = true;
+    let marker = RunMarker::new(ctx.keys.bus_run(), ctx.registry.incarnation_id());
+    let on_loss = || {
+        ctx.metrics.redis_data_losses.inc();
+        tracing::warn!("Redis lost its data: writing back this node's sessions and dropping cached credentials");
+    };
+    let rebuild = || async {
+        ctx.credentials.clear();
+        match ctx.registry.restore_all().await {
+            Ok(n) => {
+                tracing::info!(sessions = n, "connection map rebuilt");
+                true
             }
-            Ok(false) => {}
             Err(e) => {
-                ctx.metrics.redis_errors.with_label_values(&["run_marker"]).inc();
-                tracing::debug!(error = %e, "failed to check the run marker");
-                continue;
+                ctx.metrics.redis_errors.with_label_values(&["restore"]).inc();
+                tracing::warn!(error = %e, "failed to rebuild the connection map; retrying");
+                false
             }
         }
-        if rebuilding {
-            ctx.credentials.clear();
-            match ctx.registry.restore_all().await {
-                Ok(n) => {
-                    tracing::info!(sessions = n, "connection map rebuilt");
-                    rebuilding = false;
-                }
-                Err(e) => {
-                    ctx.metrics.redis_errors.with_label_values(&["restore"]).inc();
-                    tracing::warn!(error = %e, "failed to rebuild the connection map; retrying");
-                }
-            }
-        }
-    }
+    };
+    marker.watch(ctx.redis.clone(), CHECK_EVERY, stop.cancelled(), on_loss, rebuild).await;
 }

@@ -4,6 +4,9 @@
 //! saw; a marker that vanished or changed since means Redis forgot what the processes had
 //! written, and each process must write back what it owns (SPEC.md 3.1, `P bus:run`).
 
+use std::future::Future;
+use std::time::Duration;
+
 use redis::RedisResult;
 
 use crate::RedisConn;
@@ -39,5 +42,43 @@ impl RunMarker {
             redis::cmd("SET").arg(&self.key).arg(&candidate).arg("NX").arg("GET").query_async(redis).await?;
         let now = previous.unwrap_or(candidate);
         Ok(self.seen.replace(now.clone()).is_some_and(|before| before != now))
+    }
+
+    /// Checks every `every` until `stop` completes. Each loss found is reported to `on_loss`;
+    /// from then on `rebuild` runs at every check until it returns `true` (a rebuild that
+    /// failed, with Redis still away, is tried again). A failed check learns nothing and waits
+    /// for the next.
+    pub async fn watch<F, Fut>(
+        mut self,
+        mut redis: RedisConn,
+        every: Duration,
+        stop: impl Future<Output = ()>,
+        mut on_loss: impl FnMut(),
+        mut rebuild: F,
+    ) where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stop = std::pin::pin!(stop);
+        let mut rebuilding = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = &mut stop => return,
+            }
+            match self.lost_since_last_check(&mut redis).await {
+                Ok(true) => {
+                    on_loss();
+                    rebuilding = true;
+                }
+                Ok(false) => {}
+                Err(_) => continue,
+            }
+            if rebuilding {
+                rebuilding = !rebuild().await;
+            }
+        }
     }
 }
