@@ -77,6 +77,26 @@ async fn stream_door_events(mut cab: Cabinet, first_ms: u64, acked: Arc<Mutex<Ve
     }
 }
 
+/// Twenty cabinets `NAME-00`.. logged in at `addr`, each streaming door events from its own
+/// range of times after `t0` ([`stream_door_events`]).
+async fn start_streaming(
+    env: &Env,
+    addr: SocketAddr,
+    name: &str,
+    t0: u64,
+    acked: &Arc<Mutex<Vec<u64>>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut fleet = Vec::new();
+    for k in 0..20u64 {
+        let (id, secret) = env.provision_cabinet(&format!("{name}-{k:02}")).await;
+        let (cab, result) = Cabinet::login(addr, &id, &secret).await;
+        assert_eq!(result.status, LoginStatus::Accepted);
+        fleet.push(tokio::spawn(stream_door_events(cab, t0 + k * 10_000, Arc::clone(acked), Arc::clone(stop))));
+    }
+    fleet
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -115,14 +135,7 @@ async fn no_acknowledged_event_is_lost_when_the_gateway_is_killed() {
     // Twenty cabinets stream door events, each with a window of them unacknowledged.
     let t0 = gateway::clock::now_ms();
     let acked = Arc::new(Mutex::new(Vec::new()));
-    let mut fleet = Vec::new();
-    for k in 0..20u64 {
-        let (id, secret) = env.provision_cabinet(&format!("CAB-KILL-{k:02}")).await;
-        let (cab, result) = Cabinet::login(addr, &id, &secret).await;
-        assert_eq!(result.status, LoginStatus::Accepted);
-        let never = Arc::new(AtomicBool::new(false));
-        fleet.push(tokio::spawn(stream_door_events(cab, t0 + k * 10_000, Arc::clone(&acked), never)));
-    }
+    let fleet = start_streaming(&env, addr, "CAB-KILL", t0, &acked, &Arc::new(AtomicBool::new(false))).await;
     // Mid-stream: once a few thousand were acknowledged, the process dies without a goodbye.
     until_acked(&acked, 2000).await;
     child.kill().unwrap();
@@ -227,13 +240,7 @@ async fn no_acknowledged_event_is_lost_when_redis_is_killed_with_its_append_only
     let t0 = gateway::clock::now_ms();
     let acked = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let mut fleet = Vec::new();
-    for k in 0..20u64 {
-        let (id, secret) = env.provision_cabinet(&format!("CAB-AOF-{k:02}")).await;
-        let (cab, result) = Cabinet::login(addr, &id, &secret).await;
-        assert_eq!(result.status, LoginStatus::Accepted);
-        fleet.push(tokio::spawn(stream_door_events(cab, t0 + k * 10_000, Arc::clone(&acked), Arc::clone(&stop))));
-    }
+    let fleet = start_streaming(&env, addr, "CAB-AOF", t0, &acked, &stop).await;
     // Mid-stream, Redis dies without a goodbye and comes back from its append-only file.
     until_acked(&acked, 1000).await;
     tokio::task::block_in_place(|| env.server_mut().stop());
