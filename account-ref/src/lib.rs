@@ -5,7 +5,7 @@
 //! twice), and only then confirms it on `P account:confirmations`. The tests and the demo run
 //! it; a real account service does the same three steps against its own books.
 
-use redis::streams::{StreamId, StreamReadReply};
+use redis::streams::StreamId;
 use redis_conn::RedisConn;
 use tokio_util::sync::CancellationToken;
 
@@ -138,21 +138,9 @@ impl Consumer {
                     }
                 }
             }
-            let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(&self.name)
-                .arg("COUNT")
-                .arg(200)
-                .arg("BLOCK")
-                .arg(block_ms)
-                .arg("STREAMS")
-                .arg(&stream)
-                .arg(cursor)
-                .query_async(&mut redis)
-                .await;
+            let read = redis_conn::read_group(&mut redis, &stream, GROUP, &self.name, cursor, 200, block_ms).await;
             let entries = match read {
-                Ok(r) => r.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
+                Ok(entries) => entries,
                 Err(e) => {
                     if e.code() == Some("NOGROUP") {
                         // Redis lost the stream: the device service publishes what is unconfirmed again.

@@ -187,10 +187,6 @@ fn device_time(event: &UpEvent) -> Option<u64> {
     }
 }
 
-fn entries_of(reply: Option<redis::streams::StreamReadReply>) -> Vec<StreamId> {
-    reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default()
-}
-
 /// Applies `entries`, then acknowledges them. An outage is retried until it passes; a batch
 /// that PostgreSQL refuses for what it carries is applied again entry by entry (every effect is
 /// idempotent), and the entry it refuses is set aside as a dead letter ([`crate::dead_letters`]),
@@ -301,22 +297,8 @@ pub async fn run_shard(consumer: Arc<Consumer>, mut redis: RedisConn, shard: u16
             }
             group_ready = true;
         }
-        let read: redis::RedisResult<Option<redis::streams::StreamReadReply>> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(&me)
-            .arg("COUNT")
-            .arg(cfg.batch)
-            .arg("BLOCK")
-            .arg(cfg.block_ms)
-            .arg("STREAMS")
-            .arg(&stream)
-            .arg(cursor)
-            .query_async(&mut redis)
-            .await;
-        match read {
-            Ok(reply) => {
-                let entries = entries_of(reply);
+        match redis_conn::read_group(&mut redis, &stream, GROUP, &me, cursor, cfg.batch, cfg.block_ms).await {
+            Ok(entries) => {
                 if entries.is_empty() {
                     cursor = ">";
                 } else {

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use protocol::bus::{CommandBody, CommandRequest, DeviceKey, Outcome};
 use redis::RedisResult;
-use redis::streams::StreamReadReply;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -86,20 +85,8 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
                 }
             }
         }
-        let read: RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(&consumer)
-            .arg("COUNT")
-            .arg(256)
-            .arg("BLOCK")
-            .arg(block_ms)
-            .arg("STREAMS")
-            .arg(&stream)
-            .arg(cursor)
-            .query_async(&mut redis)
-            .await;
-        let reply = match read {
+        let read = redis_conn::read_group(&mut redis, &stream, GROUP, &consumer, cursor, 256, block_ms).await;
+        let entries = match read {
             Ok(r) => r,
             Err(e) => {
                 ctx.metrics.redis_errors.with_label_values(&["commands"]).inc();
@@ -115,7 +102,6 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
             }
         };
         backoff = Duration::from_millis(100);
-        let entries = reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default();
         if entries.is_empty() {
             cursor = ">";
             continue;

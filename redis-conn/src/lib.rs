@@ -29,6 +29,37 @@ pub async fn ensure_group(redis: &mut RedisConn, stream: &str, group: &str, star
     }
 }
 
+/// Reads up to `count` entries of `stream` as `consumer` of `group` (`XREADGROUP`), blocking
+/// up to `block_ms`: from `cursor` (`>`: new ones; `0`: this consumer's unacknowledged ones).
+/// Nothing within the block is an empty list.
+///
+/// # Errors
+/// Any Redis error (`NOGROUP` when the stream or its group is gone).
+pub async fn read_group(
+    redis: &mut RedisConn,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    cursor: &str,
+    count: usize,
+    block_ms: u64,
+) -> RedisResult<Vec<redis::streams::StreamId>> {
+    let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("BLOCK")
+        .arg(block_ms)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(cursor)
+        .query_async(redis)
+        .await?;
+    Ok(reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default())
+}
+
 /// A stream entry's fields as byte strings, as the bus readers take them (`protocol::bus`);
 /// values of other types are left out.
 pub fn bulk_fields(map: std::collections::HashMap<String, Value>) -> std::collections::HashMap<String, Vec<u8>> {

@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::streams::StreamReadReply;
 use redis_conn::RedisConn;
 use serde_json::Value;
 use tokio_postgres::Transaction;
@@ -148,21 +147,10 @@ pub async fn run_confirmations(app: Arc<App>, mut redis: RedisConn, stop: Cancel
                 }
             }
         }
-        let read: redis::RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(&me)
-            .arg("COUNT")
-            .arg(500)
-            .arg("BLOCK")
-            .arg(app.config.streams.block_ms)
-            .arg("STREAMS")
-            .arg(&stream)
-            .arg(cursor)
-            .query_async(&mut redis)
-            .await;
+        let read =
+            redis_conn::read_group(&mut redis, &stream, GROUP, &me, cursor, 500, app.config.streams.block_ms).await;
         let entries = match read {
-            Ok(r) => r.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect::<Vec<_>>()).unwrap_or_default(),
+            Ok(entries) => entries,
             Err(e) => {
                 if e.code() == Some("NOGROUP") {
                     // Redis lost the stream: confirmations from now on are read from its start.
