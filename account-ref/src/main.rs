@@ -6,7 +6,8 @@ use clap::Parser;
 use redis_conn::{RedisConn, RedisTarget};
 use tokio_util::sync::CancellationToken;
 
-/// Applies settlements once each, in its own PostgreSQL ledger, and confirms them.
+/// Applies settlements, refunds and charges once each, in its own PostgreSQL ledger, and
+/// answers each (`paid`, or `failed` with a reason).
 #[derive(Debug, Parser)]
 struct Args {
     /// Redis the device service publishes to.
@@ -21,6 +22,9 @@ struct Args {
     /// This consumer's name in the group.
     #[arg(long, default_value = "account-1")]
     name: String,
+    /// How often charges that failed (`insufficient_funds`) are tried again, ms.
+    #[arg(long, env = "ACCOUNT_RETRY_MS", default_value_t = 5000)]
+    retry_ms: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,7 +47,9 @@ fn main() -> anyhow::Result<()> {
             RedisConn::open(&RedisTarget::Single(args.redis_url.clone()), Some(std::time::Duration::from_secs(5)))
                 .await
                 .context("connecting to Redis")?;
-        let consumer = account_ref::Consumer::new(pg, &args.key_prefix, &args.name).await?;
+        let consumer = account_ref::Consumer::new(pg, &args.key_prefix, &args.name)
+            .await?
+            .with_retry(std::time::Duration::from_millis(args.retry_ms));
         let stop = CancellationToken::new();
         let signal = stop.clone();
         tokio::spawn(async move {

@@ -243,7 +243,9 @@ impl Commander {
 
 fn door_of(action: &CommandAction) -> Option<u8> {
     match action {
-        CommandAction::OpenDoor { door_id, .. } | CommandAction::QueryDoor { door_id } => Some(*door_id),
+        CommandAction::OpenDoor { door_id, .. }
+        | CommandAction::QueryDoor { door_id }
+        | CommandAction::Tare { door_id, .. } => Some(*door_id),
         CommandAction::Other { .. } => None,
     }
 }

@@ -252,6 +252,17 @@ pub struct PurchasesConfig {
     pub hold_cents: i64,
     /// Currency of holds and charges (ISO 4217).
     pub currency: String,
+    /// Refuse an order (409 `no_active_contract`) for a user without a signed password-free
+    /// deduction contract.
+    pub require_contract: bool,
+    /// A lane whose stable weight differs from what the restocker counted by more than this
+    /// many grams gets a `TARE` command and a calibration notice.
+    pub calibration_drift_grams: i32,
+    /// A cabinet with this many anomalies within `inspection_window_s` gets an inspection
+    /// notice (0: never).
+    pub inspection_anomalies: u32,
+    /// The window of `inspection_anomalies`, s.
+    pub inspection_window_s: u64,
 }
 
 /// `[vehicles]`
@@ -334,6 +345,10 @@ impl Default for Config {
                 settlement_resend_s: 30,
                 hold_cents: 20_000,
                 currency: "CNY".into(),
+                require_contract: true,
+                calibration_drift_grams: 30,
+                inspection_anomalies: 5,
+                inspection_window_s: 86_400,
             },
             vehicles: VehiclesConfig {
                 qr_ttl_s: 300,
@@ -568,6 +583,9 @@ impl Config {
         let p = &self.purchases;
         if p.authorise_timeout_s == 0 || p.lock_ttl_s < 3 || p.open_timeout_ms == 0 || p.poll_ms == 0 {
             return bad("purchases: authorise_timeout_s, open_timeout_ms and poll_ms positive, lock_ttl_s at least 3");
+        }
+        if p.calibration_drift_grams <= 0 || p.inspection_window_s == 0 {
+            return bad("purchases: calibration_drift_grams and inspection_window_s positive");
         }
         if p.hold_cents <= 0 || p.currency.len() != 3 || !p.currency.bytes().all(|b| b.is_ascii_uppercase()) {
             return bad("purchases: hold_cents positive, currency an ISO 4217 code (three capitals)");

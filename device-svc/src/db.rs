@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (10, "door_out_of_sale", include_str!("../migrations/0010_door_out_of_sale.sql")),
     (11, "devices_by_node", include_str!("../migrations/0011_devices_by_node.sql")),
     (12, "outbox_confirmed", include_str!("../migrations/0012_outbox_confirmed.sql")),
+    (13, "money", include_str!("../migrations/0013_money.sql")),
 ];
 
 /// Longest wait for a pooled connection.

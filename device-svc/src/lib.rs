@@ -175,6 +175,7 @@ impl DeviceService {
             refresh_device_gauges(&app).await?;
             purchases::driver::refresh_gauges(&app).await?;
             purchases::outbox::refresh_gauges(&app).await?;
+            purchases::money::refresh_gauges(&app).await?;
             vehicles::ota::push::refresh_gauges(&app).await
         }));
         let tls = (!app.config.http.tls_cert.is_empty())

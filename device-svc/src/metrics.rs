@@ -90,6 +90,18 @@ pub struct Metrics {
     pub outbox_confirmed: IntCounter,
     /// `devsvc_outbox_unconfirmed`: settlements published and not yet confirmed.
     pub outbox_unconfirmed: prometheus::IntGauge,
+    /// `devsvc_payment_results_total{kind,result}`: the account service's answers that changed a
+    /// payment (`settlement`, `refund`, `charge`; `paid`, `failed`).
+    pub payment_results: IntCounterVec,
+    /// `devsvc_payment_adjustments_total{kind}`: operators' refunds, charges and waivers.
+    pub payment_adjustments: IntCounterVec,
+    /// `devsvc_contract_events_total{state}`: deduction contract events applied (`signed`,
+    /// `suspended`, `terminated`) or `stale` (older than the one applied).
+    pub contract_events: IntCounterVec,
+    /// `devsvc_orders_unpaid`: orders whose charge failed and was neither paid nor waived.
+    pub orders_unpaid: prometheus::IntGauge,
+    /// `devsvc_operator_notices_total{kind}`: calibration and inspection notices raised.
+    pub operator_notices: IntCounterVec,
     /// `devsvc_activation_steps_total{step,result}`: QR requests, scans, confirmations,
     /// cancellations and reports, by result (`ok` or the refusal's reason).
     pub activation_steps: IntCounterVec,
@@ -324,6 +336,34 @@ impl Metrics {
                 &r,
                 prometheus::IntGauge::new("devsvc_outbox_unconfirmed", "Settlements published and not yet confirmed by the account service.")
                     .expect("valid"),
+            ),
+            payment_results: c(
+                "devsvc_payment_results_total",
+                "The account service's answers that changed a payment, by kind (settlement, refund, charge) and result (paid, failed).",
+                &["kind", "result"],
+            ),
+            payment_adjustments: c(
+                "devsvc_payment_adjustments_total",
+                "Operators' refunds, extra charges and waivers of unpaid orders, by kind.",
+                &["kind"],
+            ),
+            contract_events: c(
+                "devsvc_contract_events_total",
+                "Deduction contract events from the payment provider: the state applied, or stale.",
+                &["state"],
+            ),
+            orders_unpaid: register(
+                &r,
+                prometheus::IntGauge::new(
+                    "devsvc_orders_unpaid",
+                    "Orders whose charge the account service failed, neither paid later nor waived.",
+                )
+                .expect("valid"),
+            ),
+            operator_notices: c(
+                "devsvc_operator_notices_total",
+                "Operator notices raised besides anomalies and restock orders: calibration, inspection.",
+                &["kind"],
             ),
             activation_steps: c(
                 "devsvc_activation_steps_total",

@@ -461,6 +461,12 @@ fn on_command(c: Command, doors: &mut [Door], now: u64) -> (CommandResult, Vec<D
                 (CommandResult { status: CommandStatus::InvalidDoor, door_id, door_state: DoorStatus::Unknown }, vec![])
             }
         },
+        CommandAction::Tare { door_id, .. } => match door_of(doors, door_id) {
+            Some(i) => (CommandResult { status: CommandStatus::Ok, door_id, door_state: doors[i].state() }, vec![]),
+            None => {
+                (CommandResult { status: CommandStatus::InvalidDoor, door_id, door_state: DoorStatus::Unknown }, vec![])
+            }
+        },
         CommandAction::Other { .. } => {
             (CommandResult { status: CommandStatus::Unsupported, door_id: 0, door_state: DoorStatus::Unknown }, vec![])
         }

@@ -1,5 +1,6 @@
-//! Purchases over HTTP: orders for the shopping app, the payment provider's callback,
-//! anomalies, restocks and restock orders for operators.
+//! Purchases over HTTP: orders for the shopping app, the payment provider's signed callbacks
+//! (authorisations, deduction contracts), refunds, charges and waivers, anomalies, restocks
+//! and restock orders for operators.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,21 +20,25 @@ use crate::auth::audit;
 use crate::auth::{Principal, Role};
 use crate::error::StoreError;
 use crate::purchases::anomalies::{self, Anomaly};
+use crate::purchases::contracts::{self, Contract, ContractEvent};
+use crate::purchases::money::{self, Adjustment, Payment, Waiver};
 use crate::purchases::orders::{self, Authorisation, NewOrder, Order, Signed, Transition};
 use crate::purchases::restock::{self, Restock};
-use crate::purchases::settlement;
+use crate::purchases::{settlement, stocktake};
 
-/// An order with its history.
+/// An order with its history and its money messages.
 #[derive(Debug, Serialize)]
 pub(super) struct OrderView {
     #[serde(flatten)]
     order: Order,
     transitions: Vec<Transition>,
+    payments: Vec<Payment>,
 }
 
 async fn view(app: &App, order: Order) -> Result<Json<OrderView>, ApiError> {
     let transitions = orders::transitions(app, &order.id).await?;
-    Ok(Json(OrderView { order, transitions }))
+    let payments = money::of_order(app, &order.id).await?;
+    Ok(Json(OrderView { order, transitions, payments }))
 }
 
 /// `POST /v1/orders` (a `shop` key; the order belongs to the key's tenant): 201, or 409
@@ -73,32 +78,10 @@ pub(super) async fn payment_callback(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<OrderView>, ApiError> {
+    let route = "/v1/payments/callback";
     let count = |result: &str| app.metrics.payment_callbacks.with_label_values(&[result]).inc();
-    let signed = match verify_signature(&app, &headers, &body) {
-        Ok(s) => s,
-        Err(refusal) => {
-            count(refusal.reason());
-            tracing::warn!(reason = refusal.reason(), "payment callback refused");
-            return Err(ApiError::unauthorized(refusal.to_string()));
-        }
-    };
-    let (provider, signature) = signed;
-    let parsed = require_json(&headers).and_then(|()| decode::<Authorisation>(&body));
-    let a = match parsed {
-        Ok(a) => a,
-        Err(e) => {
-            count("invalid");
-            return Err(e);
-        }
-    };
-    let ctx = Arc::new(audit::Context::new(
-        request_id,
-        format!("provider:{provider}"),
-        "payment_provider",
-        "POST".into(),
-        "/v1/payments/callback".into(),
-        format!("/v1/payments/callback#{}", a.order_id),
-    ));
+    let (provider, signature, a) = signed_body::<Authorisation>(&app, &headers, &body, &count)?;
+    let ctx = callback_context(request_id, &provider, route, &a.order_id);
     let outcome = audit::scope(
         Arc::clone(&ctx),
         orders::authorise(&app, &a, Signed { provider: &provider, signature: &signature }),
@@ -109,20 +92,77 @@ pub(super) async fn payment_callback(
             count(a.status.as_str());
             view(&app, order).await
         }
-        Err(e) => {
-            let code = match &e {
-                StoreError::Rejected { code, .. } => code,
-                StoreError::NotFound(_) => "not_found",
-                StoreError::Invalid { .. } => "invalid",
-                _ => "unavailable",
-            };
-            count(code);
-            if let Err(write) = audit::record_outcome(&app, &ctx, code).await {
-                tracing::warn!(error = %write, "failed to write an audit row");
-            }
-            Err(e.into())
-        }
+        Err(e) => Err(refused(&app, &ctx, e, &count).await),
     }
+}
+
+/// `POST /v1/contracts/callback`: the provider's deduction contract events, signed as the
+/// payment callback is (the same 401 refusals; 409 `replayed`); an event older than the one
+/// applied answers the contract as it is (`applied: false`). Counted in
+/// `devsvc_payment_callbacks_total` (refusals) and `devsvc_contract_events_total`.
+pub(super) async fn contract_callback(
+    State(app): State<Arc<App>>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Contract>, ApiError> {
+    let route = "/v1/contracts/callback";
+    let count = |result: &str| app.metrics.payment_callbacks.with_label_values(&[result]).inc();
+    let (provider, signature, e) = signed_body::<ContractEvent>(&app, &headers, &body, &count)?;
+    let ctx = callback_context(request_id, &provider, route, &format!("{}/{}", e.tenant, e.user_id));
+    let outcome =
+        audit::scope(Arc::clone(&ctx), contracts::apply(&app, &e, Signed { provider: &provider, signature: &signature }))
+            .await;
+    match outcome {
+        Ok(contract) => {
+            count("contract");
+            Ok(Json(contract))
+        }
+        Err(err) => Err(refused(&app, &ctx, err, &count).await),
+    }
+}
+
+/// The provider, its matching signature and the parsed body of a signed callback; a refusal is
+/// counted and answered 401 (signature) or 400 (body).
+fn signed_body<T: serde::de::DeserializeOwned>(
+    app: &App,
+    headers: &HeaderMap,
+    body: &[u8],
+    count: &(dyn Fn(&str) + Sync),
+) -> Result<(String, [u8; 32], T), ApiError> {
+    let (provider, signature) = verify_signature(app, headers, body).map_err(|refusal| {
+        count(refusal.reason());
+        tracing::warn!(reason = refusal.reason(), "signed callback refused");
+        ApiError::unauthorized(refusal.to_string())
+    })?;
+    let parsed = require_json(headers).and_then(|()| decode::<T>(body)).inspect_err(|_| count("invalid"))?;
+    Ok((provider, signature, parsed))
+}
+
+fn callback_context(request_id: String, provider: &str, route: &str, target: &str) -> Arc<audit::Context> {
+    Arc::new(audit::Context::new(
+        request_id,
+        format!("provider:{provider}"),
+        "payment_provider",
+        "POST".into(),
+        route.into(),
+        format!("{route}#{target}"),
+    ))
+}
+
+/// Counts a callback the store refused and writes its audit row; the error to answer.
+async fn refused(app: &App, ctx: &audit::Context, e: StoreError, count: &(dyn Fn(&str) + Sync)) -> ApiError {
+    let code = match &e {
+        StoreError::Rejected { code, .. } => code,
+        StoreError::NotFound(_) => "not_found",
+        StoreError::Invalid { .. } => "invalid",
+        _ => "unavailable",
+    };
+    count(code);
+    if let Err(write) = audit::record_outcome(app, ctx, code).await {
+        tracing::warn!(error = %write, "failed to write an audit row");
+    }
+    e.into()
 }
 
 /// The provider and the matching signature of a callback, or why it is refused.
@@ -205,12 +245,57 @@ pub(super) async fn start_restock(
     Ok((StatusCode::CREATED, Json(restock::start(&app, &id, door, &body.operator).await?)))
 }
 
-/// `POST /v1/restocks/{id}/finish`
+/// The body of `POST /v1/restocks/{id}/finish` (optional): the restocker's count.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FinishBody {
+    #[serde(default)]
+    lanes: Vec<stocktake::LaneCount>,
+}
+
+/// `POST /v1/restocks/{id}/finish`, with or without the restocker's count of each lane.
 pub(super) async fn finish_restock(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Json<Restock>, ApiError> {
-    Ok(Json(restock::finish(&app, &id).await?))
+    let counted = if body.is_empty() {
+        FinishBody::default()
+    } else {
+        require_json(&headers)?;
+        decode::<FinishBody>(&body)?
+    };
+    Ok(Json(restock::finish(&app, &id, &counted.lanes).await?))
+}
+
+/// `POST /v1/orders/{id}/refunds`: 201 with the refund (by `lines` or `amount_cents`); 409
+/// `not_settled`, `not_paid`, `over_refund`, `key_reused`.
+pub(super) async fn refund(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<Adjustment>,
+) -> Result<(StatusCode, Json<Payment>), ApiError> {
+    Ok((StatusCode::CREATED, Json(money::adjust(&app, &id, money::Kind::Refund, &body).await?)))
+}
+
+/// `POST /v1/orders/{id}/charges`: 201 with the extra charge; 409 `not_settled`, `key_reused`.
+pub(super) async fn charge(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<Adjustment>,
+) -> Result<(StatusCode, Json<Payment>), ApiError> {
+    Ok((StatusCode::CREATED, Json(money::adjust(&app, &id, money::Kind::Charge, &body).await?)))
+}
+
+/// `POST /v1/orders/{id}/waive`: an operator's decision on an unpaid order; 409 `not_unpaid`.
+pub(super) async fn waive(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<Waiver>,
+) -> Result<Json<OrderView>, ApiError> {
+    money::waive(&app, &id, &body).await?;
+    view(&app, orders::get(&app, &id).await?).await
 }
 
 /// `GET /v1/restock-orders?cabinet_id=`: the open ones.

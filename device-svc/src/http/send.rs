@@ -30,6 +30,8 @@ pub(super) enum CommandInput {
     OpenDoor { door_id: u8, order_id: String, timeout_ms: Option<u64> },
     /// Cabinets: report a door's state.
     QueryDoor { door_id: u8, timeout_ms: Option<u64> },
+    /// Cabinets: re-zero a lane's scale so that it reads `grams` (SPEC.md `TARE`).
+    Tare { door_id: u8, lane_id: u8, grams: i32, timeout_ms: Option<u64> },
     /// Vehicles: publish a downlink at QoS 1 (answered on PUBACK).
     Downlink { kind: String, payload: serde_json::Value, timeout_ms: Option<u64> },
 }
@@ -89,6 +91,12 @@ fn body_of(app: &App, device: &DeviceKey, input: CommandInput) -> Result<(Comman
         (DeviceKey::Cabinet(_), CommandInput::QueryDoor { door_id, timeout_ms }) => {
             (CommandBody::Cabinet(CommandAction::QueryDoor { door_id: door(door_id)? }), timeout_ms)
         }
+        (DeviceKey::Cabinet(_), CommandInput::Tare { door_id, lane_id, grams, timeout_ms }) => {
+            if lane_id == 0 || !(0..=1_000_000).contains(&grams) {
+                return Err(ApiError::invalid("lane_id", "lane_id 1..=255 and grams 0..=1000000"));
+            }
+            (CommandBody::Cabinet(CommandAction::Tare { door_id: door(door_id)?, lane_id, grams }), timeout_ms)
+        }
         (DeviceKey::Vehicle(_), CommandInput::Downlink { kind, payload, timeout_ms }) => {
             let kind: DownlinkKind =
                 kind.parse().map_err(|_| ApiError::invalid("kind", format!("unknown downlink {kind:?}")))?;
@@ -99,7 +107,7 @@ fn body_of(app: &App, device: &DeviceKey, input: CommandInput) -> Result<(Comman
             }
             (CommandBody::Vehicle { kind, payload: Bytes::from(payload) }, timeout_ms)
         }
-        (DeviceKey::Cabinet(_), _) => return Err(ApiError::invalid("action", "cabinets take open_door or query_door")),
+        (DeviceKey::Cabinet(_), _) => return Err(ApiError::invalid("action", "cabinets take open_door, query_door or tare")),
         (DeviceKey::Vehicle(_), _) => return Err(ApiError::invalid("action", "vehicles take downlink")),
     };
     let timeout_ms = timeout_ms.unwrap_or(app.config.commands.default_timeout_ms);
@@ -120,9 +128,11 @@ async fn check_target(app: &App, device: &DeviceKey, body: &CommandBody) -> Resu
         return Err(StoreError::NotFound(format!("device {key}")).into());
     }
     let door_id = match body {
-        CommandBody::Cabinet(CommandAction::OpenDoor { door_id, .. } | CommandAction::QueryDoor { door_id }) => {
-            *door_id
-        }
+        CommandBody::Cabinet(
+            CommandAction::OpenDoor { door_id, .. }
+            | CommandAction::QueryDoor { door_id }
+            | CommandAction::Tare { door_id, .. },
+        ) => *door_id,
         _ => return Ok(()),
     };
     let exists = client

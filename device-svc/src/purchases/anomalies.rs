@@ -39,6 +39,13 @@ pub mod kind {
     pub const DOOR_NEVER_CLOSED: &str = "door_never_closed";
     /// The goods taken cost more than the payment provider authorised (the order's hold).
     pub const OVER_HOLD: &str = "over_hold";
+    /// A restocker found fewer items in a lane than the previous count and the charges since
+    /// say it should hold: an item swapped for one of the same weight (problem 3), or taken
+    /// unseen. Names the candidate orders.
+    pub const RESTOCK_LOSS: &str = "restock_loss";
+    /// A restocker found more items than expected: an order may have been charged for goods
+    /// that stayed. Names the candidate orders.
+    pub const RESTOCK_SURPLUS: &str = "restock_surplus";
 }
 
 /// An anomaly to record.
@@ -90,8 +97,49 @@ pub async fn record(app: &App, tx: &Transaction<'_>, a: &NewAnomaly<'_>) -> Resu
     });
     outbox::enqueue(tx, outbox::NOTICES, &format!("anomaly:{id}"), &notice).await?;
     app.metrics.anomalies.with_label_values(&[a.kind]).inc();
+    inspect(app, tx, a.cabinet_id).await?;
     tracing::info!(kind = a.kind, order = a.order_id, cabinet = a.cabinet_id, door = a.door_id, "anomaly recorded");
     Ok(true)
+}
+
+/// Raises an inspection notice (seed 003: a cabinet that keeps raising anomalies needs a
+/// visit) once a cabinet has `purchases.inspection_anomalies` within the window: at most one
+/// per cabinet per window (its key names the window).
+async fn inspect(app: &App, tx: &Transaction<'_>, cabinet: &str) -> Result<(), StoreError> {
+    let p = &app.config.purchases;
+    if p.inspection_anomalies == 0 {
+        return Ok(());
+    }
+    #[allow(clippy::cast_precision_loss)] // seconds of a setting
+    let window_s = p.inspection_window_s as f64;
+    let n: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM anomalies WHERE cabinet_id = $1 AND created_at > now() - make_interval(secs => $2)",
+            &[&cabinet, &window_s],
+        )
+        .await?
+        .get(0);
+    if n < i64::from(p.inspection_anomalies) {
+        return Ok(());
+    }
+    let window = crate::clock::now_ms() / 1000 / p.inspection_window_s.max(1);
+    let kinds: Vec<String> = tx
+        .query(
+            "SELECT kind FROM anomalies WHERE cabinet_id = $1 AND created_at > now() - make_interval(secs => $2)
+              GROUP BY kind ORDER BY count(*) DESC, kind",
+            &[&cabinet, &window_s],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let notice = json!({"type": "inspection", "cabinet_id": cabinet, "anomalies": n, "kinds": kinds,
+                        "window_s": p.inspection_window_s});
+    if outbox::enqueue(tx, outbox::NOTICES, &format!("inspection:{cabinet}:{window}"), &notice).await? {
+        app.metrics.operator_notices.with_label_values(&["inspection"]).inc();
+        tracing::info!(cabinet, anomalies = n, "inspection notice");
+    }
+    Ok(())
 }
 
 /// [`record`] in a transaction of its own.

@@ -19,19 +19,30 @@
 //!   survive a restart; [`opening`]: opening the door with its queries;
 //! - [`doors`]: door events from the cabinets; [`settlement`]: weights to money, written with
 //!   its outbox message in one transaction; [`reckon`]: the money rules, pure;
-//! - [`outbox`]: the relay to Redis streams (at least once, with idempotency keys);
-//! - [`anomalies`]: what operators must look at; [`restock`]: refills and restock orders.
+//! - [`outbox`]: the relay to Redis streams (at least once, with idempotency keys, settlements
+//!   until the account service confirms them);
+//! - [`money`]: the settlement, refunds and extra charges as messages to the account service,
+//!   and its answers (`paid`, `failed`): an order's `payment` (`pending`, `paid`, `unpaid`,
+//!   `refunded`) after it settled; [`contracts`]: the password-free deduction contracts a
+//!   purchase needs;
+//! - [`anomalies`]: what operators must look at (and inspection notices for a cabinet that
+//!   raises many); [`restock`]: refills and restock orders; [`stocktake`]: the restocker's
+//!   count, which finds an item swapped for one of the same weight (problem 3) and re-zeroes
+//!   drifted scales.
 
 pub mod anomalies;
+pub mod contracts;
 pub mod doors;
 pub mod driver;
 pub mod lock;
+pub mod money;
 pub mod opening;
 pub mod orders;
 pub mod outbox;
 pub mod reckon;
 pub mod restock;
 pub mod settlement;
+pub mod stocktake;
 
 use serde::Serialize;
 use tokio::sync::Notify;

@@ -15,7 +15,7 @@ use crate::error::StoreError;
 /// The columns [`Order::from_row`] reads, in order.
 pub const COLUMNS: &str = "id, user_id, cabinet_id, door_id, state, door_state, reason, review, lock_token, goods, \
                            open_attempts, opened_ms, closed_ms, amount_cents, created_at, door_closed_at, \
-                           authorised_at, tenant, hold_cents, currency";
+                           authorised_at, tenant, hold_cents, currency, payment, charged_cents, refunded_cents";
 
 /// An order as stored.
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +52,14 @@ pub struct Order {
     pub hold_cents: i64,
     /// Currency of the hold and the charge.
     pub currency: String,
+    /// `null` until settled, then `pending` (the account service has not answered), `paid`,
+    /// `unpaid` (a charge failed: the user cannot buy until it is paid or waived), `waived` (an
+    /// operator decided about the failed charge) or `refunded`.
+    pub payment: Option<String>,
+    /// Charges the account service reported paid (settlement and extra charges), cents.
+    pub charged_cents: i64,
+    /// Refunds the account service reported paid, cents.
+    pub refunded_cents: i64,
     /// The shop (tenant) that created the order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
@@ -87,6 +95,9 @@ impl Order {
             tenant: r.get(17),
             hold_cents: r.get(18),
             currency: r.get(19),
+            payment: r.get(20),
+            charged_cents: r.get(21),
+            refunded_cents: r.get(22),
         }
     }
 
@@ -276,12 +287,14 @@ pub struct NewOrder {
     pub door_id: u8,
 }
 
-/// Creates an order: the cabinet and door exist, the cabinet is online, the user has no order
-/// still running, and the door's lock is free (taken here, with the order id as token).
+/// Creates an order: the user has a signed deduction contract (unless
+/// `purchases.require_contract` is off), the cabinet and door exist, the cabinet is online, the
+/// user has no order still running or unpaid, and the door's lock is free (taken here, with
+/// the order id as token).
 ///
 /// # Errors
-/// `Invalid`, `NotFound` (cabinet or door), `Rejected` (`cabinet_offline`, `door_out_of_sale`,
-/// `unpaid_order`, `door_busy`), or storage errors.
+/// `Invalid`, `NotFound` (cabinet or door), `Rejected` (`no_active_contract`, `cabinet_offline`,
+/// `door_out_of_sale`, `unpaid_order`, `door_busy`), or storage errors.
 pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, StoreError> {
     if new.user_id.is_empty() || new.user_id.len() > 128 {
         return Err(StoreError::invalid("user_id", "1 to 128 characters"));
@@ -290,6 +303,12 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
         return Err(StoreError::invalid("door_id", "1..=255"));
     }
     let mut client = app.pg.get().await?;
+    if app.config.purchases.require_contract && !super::contracts::is_active(&**client, tenant, &new.user_id).await? {
+        return Err(StoreError::rejected(
+            "no_active_contract",
+            format!("user {} has no signed deduction contract with the payment provider", new.user_id),
+        ));
+    }
     let door = i16::from(new.door_id);
     let row = client
         .query_opt(
@@ -313,16 +332,20 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
             format!("the door is out of sale ({why}) until restocked"),
         ));
     }
+    // Seed 003's "no unpaid order": one still running, or one whose charge failed.
     let unpaid = client
         .query_opt(
-            "SELECT id FROM orders WHERE user_id = $1 AND coalesce(tenant, '') = $2
-                AND state IN ('created', 'authorised', 'door_opening', 'door_open', 'door_closed')",
+            "SELECT id, payment = 'unpaid' FROM orders WHERE user_id = $1 AND coalesce(tenant, '') = $2
+                AND (state IN ('created', 'authorised', 'door_opening', 'door_open', 'door_closed')
+                     OR payment = 'unpaid')
+              LIMIT 1",
             &[&new.user_id, &tenant],
         )
         .await?;
     if let Some(r) = unpaid {
-        let id: String = r.get(0);
-        return Err(StoreError::rejected("unpaid_order", format!("the user's order {id} is not finished")));
+        let (id, failed): (String, bool) = (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false));
+        let why = if failed { "was not paid (the deduction failed)" } else { "is not finished" };
+        return Err(StoreError::rejected("unpaid_order", format!("the user's order {id} {why}")));
     }
     let id = lock::token("o")?;
     let lock_door = Door { cabinet: &new.cabinet_id, door: new.door_id };

@@ -17,14 +17,15 @@ use serde_json::Value;
 use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 
+use super::money;
 use crate::app::App;
 use crate::error::StoreError;
 
 /// Settlements for the account service (stream `P account:settlements`); confirmed on
 /// [`CONFIRMATIONS`].
 pub const SETTLEMENTS: &str = "account:settlements";
-/// The account service's confirmations, one entry per settlement applied: `idem_key`,
-/// `result` (stream `P account:confirmations`).
+/// The account service's answers, one entry per money message it applied: `idem_key`,
+/// `result` (`paid`, `failed`, `refused`) and `reason` (stream `P account:confirmations`).
 pub const CONFIRMATIONS: &str = "account:confirmations";
 /// The consumer group the device service reads confirmations in.
 const GROUP: &str = "device-svc";
@@ -166,15 +167,8 @@ pub async fn run_confirmations(app: Arc<App>, mut redis: RedisConn, stop: Cancel
             continue;
         }
         let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-        let keys: Vec<String> = entries
-            .into_iter()
-            .filter_map(|e| redis_conn::bulk_fields(e.map).remove("idem_key"))
-            .filter_map(|k| String::from_utf8(k).ok())
-            // An outbox key is ours: short and free of NUL. Anything else names no row, and must
-            // not reach PostgreSQL (which refuses a NUL, and the batch would be read forever).
-            .filter(|k| k.len() <= MAX_IDEM_KEY && !k.contains('\0'))
-            .collect();
-        match confirm(&app, &keys).await {
+        let answers: Vec<money::Answer> = entries.into_iter().filter_map(|e| answer(&app, e)).collect();
+        match money::record_answers(&app, &answers).await {
             Ok(n) => app.metrics.outbox_confirmed.inc_by(n),
             Err(e) => {
                 tracing::warn!(error = %e, "failed to record confirmations; they are read again");
@@ -201,19 +195,23 @@ pub async fn refresh_gauges(app: &App) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Marks the settlements with `keys` confirmed. Returns how many were not confirmed before.
-async fn confirm(app: &App, keys: &[String]) -> Result<u64, StoreError> {
-    if keys.is_empty() {
-        return Ok(0);
+/// The answer a confirmation entry carries, or `None` (counted) for one that names no outbox
+/// row of ours or says something this service does not know.
+fn answer(app: &App, entry: redis::streams::StreamId) -> Option<money::Answer> {
+    let fields = redis_conn::bulk_fields(entry.map);
+    let text = |k: &str| fields.get(k).and_then(|v| std::str::from_utf8(v).ok());
+    // An outbox key is ours: short and free of NUL. Anything else names no row, and must not
+    // reach PostgreSQL (which refuses a NUL, and the batch would be read forever).
+    let key = text("idem_key").filter(|k| k.len() <= MAX_IDEM_KEY && !k.contains('\0'));
+    let outcome = text("result").and_then(|r| money::Outcome::parse(r, text("reason")));
+    match (key, outcome) {
+        (Some(key), Some(result)) => Some(money::Answer { idem_key: key.to_owned(), result }),
+        _ => {
+            app.metrics.payment_results.with_label_values(&["unknown", "unreadable"]).inc();
+            tracing::warn!(id = %entry.id, "a confirmation without a key or result this service knows; dropped");
+            None
+        }
     }
-    let client = app.pg.get().await?;
-    Ok(client
-        .execute(
-            "UPDATE outbox SET confirmed_at = now(), done_at = now()
-              WHERE idem_key = ANY($1) AND confirmed_at IS NULL",
-            &[&keys],
-        )
-        .await?)
 }
 
 async fn pause(stop: &CancellationToken) {

@@ -3,7 +3,7 @@
 //! and raise nothing); a change of a lane's product or price takes it for the moment of the
 //! change. After each settlement a lane left below its threshold gets one open restock order
 //! (not one per purchase), with an operator notice; the next finished restock of the door
-//! closes it.
+//! closes it, with the restocker's count of every lane ([`stocktake`]).
 
 use std::collections::BTreeMap;
 
@@ -15,6 +15,7 @@ use super::lock::{self, Door};
 use super::orders::Order;
 use super::outbox;
 use super::reckon::GoodsLane;
+use super::stocktake;
 use crate::app::{App, ms_of};
 use crate::error::StoreError;
 use crate::registry::{self, LaneConfig};
@@ -91,12 +92,13 @@ pub async fn start(app: &App, cabinet: &str, door: u8, operator: &str) -> Result
     }
 }
 
-/// Finishes restock `id`: closes the door's open restock orders and releases the lock.
-/// Finishing twice answers the same.
+/// Finishes restock `id`: records the restocker's `counts` (the stocktake: losses found,
+/// scales re-zeroed), closes the door's open restock orders and releases the lock. Finishing
+/// twice answers the same.
 ///
 /// # Errors
-/// `NotFound`, or storage errors.
-pub async fn finish(app: &App, id: &str) -> Result<Restock, StoreError> {
+/// `NotFound`, `Invalid` (counts), or storage errors.
+pub async fn finish(app: &App, id: &str, counts: &[stocktake::LaneCount]) -> Result<Restock, StoreError> {
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
     let row = tx
@@ -113,6 +115,9 @@ pub async fn finish(app: &App, id: &str) -> Result<Restock, StoreError> {
     let finished = match already {
         Some(t) => t,
         None => {
+            let restocked =
+                stocktake::Restocked { id, cabinet_id: &cabinet, door_id: u8::try_from(door).unwrap_or(0), operator: &operator };
+            stocktake::record(app, &tx, &restocked, counts).await?;
             closed = i64::try_from(
                 tx.execute(
                     "UPDATE restock_orders SET closed_at = now() WHERE cabinet_id = $1 AND door_id = $2 AND closed_at IS NULL",
@@ -133,6 +138,7 @@ pub async fn finish(app: &App, id: &str) -> Result<Restock, StoreError> {
         }
     };
     crate::auth::audit::commit(tx).await?;
+    app.purchase_wakers.relay.notify_one();
     lock::release_quietly(app, Door { cabinet: &cabinet, door: u8::try_from(door).unwrap_or(0) }, &token).await;
     Ok(Restock {
         id: id.to_owned(),

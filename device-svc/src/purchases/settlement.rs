@@ -16,7 +16,7 @@ use serde_json::json;
 use super::anomalies::{self, NewAnomaly, kind};
 use super::orders::{self, COLUMNS, Changes, Order};
 use super::reckon::{self, GoodsLane, Line, Reckoning};
-use super::{State, lock, outbox, restock};
+use super::{State, lock, money, restock};
 use crate::app::{App, now_ms};
 use crate::error::StoreError;
 use crate::weights;
@@ -134,38 +134,42 @@ async fn finish(app: &App, order: &Order, verdict: Verdict<'_>) -> Result<State,
     Ok(to)
 }
 
-/// Writes the settlement of `order` (already moved to `settled` in `tx`) and its message for
-/// the account service.
+/// Writes the settlement of `order` (already moved to `settled` in `tx`) and its money message
+/// for the account service (`money::write`, key `settlement:<order id>`).
 async fn record_settlement(
     tx: &tokio_postgres::Transaction<'_>,
     order: &Order,
     lines: &[Line],
     amount_cents: i64,
 ) -> Result<(), StoreError> {
-    let lines = serde_json::to_value(lines).map_err(|e| StoreError::invalid("lines", e.to_string()))?;
+    let stored = serde_json::to_value(lines).map_err(|e| StoreError::invalid("lines", e.to_string()))?;
     tx.execute(
         "INSERT INTO settlements (order_id, amount_cents, lines) VALUES ($1, $2, $3)",
-        &[&order.id, &amount_cents, &lines],
+        &[&order.id, &amount_cents, &stored],
     )
     .await?;
     let payment_id: Option<String> =
         tx.query_one("SELECT payment_id FROM orders WHERE id = $1", &[&order.id]).await?.get(0);
     let key = format!("settlement:{}", order.id);
-    let message = json!({
-        "type": "settlement",
-        "idem_key": key,
-        "order_id": order.id,
-        "user_id": order.user_id,
-        "tenant": order.tenant,
-        "payment_id": payment_id,
-        "currency": order.currency,
-        "cabinet_id": order.cabinet_id,
-        "door_id": order.door_id,
-        "amount_cents": amount_cents,
-        "lines": lines,
-        "review": order.review,
-    });
-    outbox::enqueue(tx, outbox::SETTLEMENTS, &key, &message).await?;
+    let target = money::OrderRef {
+        id: &order.id,
+        user_id: &order.user_id,
+        tenant: order.tenant.as_deref(),
+        payment_id: payment_id.as_deref(),
+        currency: &order.currency,
+        cabinet_id: &order.cabinet_id,
+        door_id: order.door_id,
+    };
+    let message = money::NewPayment {
+        idem_key: &key,
+        kind: money::Kind::Settlement,
+        amount_cents,
+        lines,
+        reason: None,
+        operator: None,
+        review: &order.review,
+    };
+    money::write(tx, &target, &message).await?;
     Ok(())
 }
 
@@ -231,7 +235,8 @@ pub async fn settle_by_operator(app: &App, id: &str, operator: &str, counted: &[
     Ok(done)
 }
 
-/// Tries to settle every order waiting on `cabinets` (called after their weights were stored).
+/// Tries to settle every order waiting on `cabinets`, and checks the scales counted at their
+/// last restocks (called after their weights were stored).
 ///
 /// # Errors
 /// Storage errors.
@@ -239,6 +244,7 @@ pub async fn weights_arrived(app: &App, cabinets: &[&str]) -> Result<(), StoreEr
     if cabinets.is_empty() {
         return Ok(());
     }
+    super::stocktake::check_scales(app, cabinets).await?;
     let client = app.pg.get().await?;
     let rows = client
         .query(

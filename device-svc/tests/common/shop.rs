@@ -214,6 +214,10 @@ async fn run(
                             out.push(Frame::new(seq, Message::DoorEvent(event)));
                         }
                     }
+                    (CommandAction::Tare { door_id, .. }, Mode::Normal) => {
+                        let result = CommandResult { status: CommandStatus::Ok, door_id: *door_id, door_state: DoorStatus::Closed };
+                        out.push(Frame::new(frame.seq, Message::CommandResult(result)));
+                    }
                     (CommandAction::QueryDoor { door_id }, Mode::Normal) => {
                         let open = doors.get(door_id).is_some_and(|d| d.open);
                         let state = if open { DoorStatus::Open } else { DoorStatus::Closed };

@@ -467,6 +467,16 @@ pub enum CommandAction {
         /// Door id, 1..=255.
         door_id: u8,
     },
+    /// Kind 0x03: re-zero one lane's scale so that it reads `grams` for what it holds now
+    /// (the weight the restocker's count says it holds).
+    Tare {
+        /// Door id, 1..=255.
+        door_id: u8,
+        /// Lane id, 1..=255.
+        lane_id: u8,
+        /// What the lane holds, grams (0 for an empty lane).
+        grams: i32,
+    },
     /// Any other kind: carried as raw parameters so a cabinet can answer `Unsupported`.
     Other {
         /// The kind byte.
@@ -482,6 +492,7 @@ impl CommandAction {
         match self {
             CommandAction::OpenDoor { .. } => 0x01,
             CommandAction::QueryDoor { .. } => 0x02,
+            CommandAction::Tare { .. } => 0x03,
             CommandAction::Other { kind, .. } => *kind,
         }
     }
@@ -710,6 +721,7 @@ impl Message {
                 9 + match &c.action {
                     CommandAction::OpenDoor { order_id, .. } => 1 + str8_len(order_id.as_str()),
                     CommandAction::QueryDoor { .. } => 1,
+                    CommandAction::Tare { .. } => 6,
                     CommandAction::Other { params, .. } => params.len(),
                 }
             }
@@ -789,6 +801,11 @@ fn parse_command(r: &mut Reader<'_>, payload: &Bytes) -> Result<Command, Message
             CommandAction::OpenDoor { door_id, order_id }
         }
         0x02 => CommandAction::QueryDoor { door_id: nonzero(r.u8("door_id")?, "door_id")? },
+        0x03 => CommandAction::Tare {
+            door_id: nonzero(r.u8("door_id")?, "door_id")?,
+            lane_id: nonzero(r.u8("lane_id")?, "lane_id")?,
+            grams: r.i32("grams")?,
+        },
         other => {
             let start = payload.len() - r.remaining();
             CommandAction::Other { kind: other, params: payload.slice(start..) }
@@ -806,8 +823,13 @@ fn write_command(c: &Command, dst: &mut BytesMut) -> Result<(), EncodeError> {
             put_str8(dst, "order_id", order_id.as_str(), ORDER_ID_MAX_LEN)?;
         }
         CommandAction::QueryDoor { door_id } => dst.put_u8(encode_nonzero(*door_id, "door_id")?),
+        CommandAction::Tare { door_id, lane_id, grams } => {
+            dst.put_u8(encode_nonzero(*door_id, "door_id")?);
+            dst.put_u8(encode_nonzero(*lane_id, "lane_id")?);
+            dst.put_i32(*grams);
+        }
         CommandAction::Other { kind, params } => {
-            if matches!(kind, 0x01 | 0x02) {
+            if matches!(kind, 0x01..=0x03) {
                 return Err(EncodeError::OutOfRange { field: "kind", value: i64::from(*kind) });
             }
             dst.put_slice(params);
