@@ -57,7 +57,7 @@ promtool check rules grafana/rules/alerts.yml >/dev/null
 promtool test rules grafana/rules/alerts_test.yml >/dev/null
 
 say "observability check: a small stack under a simulated fleet, scraped by Prometheus"
-cargo build --locked -q -p gateway -p device-svc -p loadtest --bins
+cargo build --locked -q -p gateway -p device-svc -p loadtest -p account-ref --bins
 PGOPTIONS="-c client_min_messages=warning" psql "$DATABASE_URL" -Xq -c "DROP DATABASE IF EXISTS \"$DB\"" -c "CREATE DATABASE \"$DB\"" >/dev/null
 DB_URL=$(url_with_db "$DATABASE_URL" "$DB")
 api_parties target/debug/device-svc "$DB_URL" obs
@@ -67,6 +67,10 @@ DEVICE_SVC_KEY_PREFIX=$PREFIX target/debug/device-svc --instance-id obs-svc \
   --http-listen "127.0.0.1:$SVC_PORT" --database-url "$DB_URL" --redis-url "$REDIS_URL" >"$WORK/device-svc.log" 2>&1 &
 PIDS+=($!)
 wait_port "$SVC_PORT" "the device service"
+# The reference account service answers the settlements (payment results have data).
+target/debug/account-consumer --database-url "$DB_URL" --key-prefix "$PREFIX" --redis-url "$REDIS_URL" \
+  >"$WORK/account.log" 2>&1 &
+PIDS+=($!)
 
 CAB=() MQTT=() TARGETS=""
 for n in 1 2; do

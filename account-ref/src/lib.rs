@@ -13,7 +13,9 @@
 //! order" block). The tests and the demo run it; a real account service does the same steps
 //! against its own books.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use redis::streams::StreamId;
 use redis_conn::RedisConn;
@@ -315,9 +317,10 @@ async fn move_money(
     amount: i64,
 ) -> Result<Applied, AccountError> {
     let balance = tx
-        .query_opt("SELECT balance_cents FROM account_funds WHERE tenant = $1 AND user_id = $2 FOR UPDATE", &[
-            &tenant, &user,
-        ])
+        .query_opt(
+            "SELECT balance_cents FROM account_funds WHERE tenant = $1 AND user_id = $2 FOR UPDATE",
+            &[&tenant, &user],
+        )
         .await?
         .map(|r| r.get::<_, i64>(0));
     let Some(balance) = balance else { return Ok(Applied::Paid) };
@@ -325,9 +328,10 @@ async fn move_money(
     if balance + delta < 0 {
         return Ok(Applied::Failed("insufficient_funds".into()));
     }
-    tx.execute("UPDATE account_funds SET balance_cents = balance_cents + $3 WHERE tenant = $1 AND user_id = $2", &[
-        &tenant, &user, &delta,
-    ])
+    tx.execute(
+        "UPDATE account_funds SET balance_cents = balance_cents + $3 WHERE tenant = $1 AND user_id = $2",
+        &[&tenant, &user, &delta],
+    )
     .await?;
     Ok(Applied::Paid)
 }
@@ -337,11 +341,10 @@ async fn set_state(tx: &tokio_postgres::Transaction<'_>, key: &str, applied: &Ap
         Applied::Failed(why) => Some(why.as_str()),
         _ => None,
     };
-    tx.execute("UPDATE account_ledger SET state = $2, failure = $3 WHERE idem_key = $1", &[
-        &key,
-        &if failure.is_some() { "failed" } else { "paid" },
-        &failure,
-    ])
+    tx.execute(
+        "UPDATE account_ledger SET state = $2, failure = $3 WHERE idem_key = $1",
+        &[&key, &if failure.is_some() { "failed" } else { "paid" }, &failure],
+    )
     .await?;
     Ok(())
 }

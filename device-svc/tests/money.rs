@@ -56,7 +56,7 @@ async fn wait_payment(api: Api, id: &str, payment: &str) -> Value {
 
 /// Buys `items` chips from door 1 as `user`; returns the settled order id.
 async fn buy_chips(api: Api, shop: &common::shop::Shop, user: &str, items: i32) -> String {
-    let id = open(api, user, &shop.id.to_string(), 1).await;
+    let id = open(api, user, shop.id.as_str(), 1).await;
     shop.take(1, 2, items, CHIPS.1);
     shop.close(1);
     wait_order(api, &id, "settled").await;
@@ -100,7 +100,8 @@ async fn a_failed_deduction_blocks_the_user_until_paid_and_refunds_and_charges_r
     assert_eq!(code, 201, "{again}");
 
     // A refund of one chip by item (priced from the settlement), once, whatever the retries.
-    let by_item = json!({"operator": "op", "reason": "crushed bag", "lines": [{"lane_id": 2, "items": 1}], "key": "r1"});
+    let by_item =
+        json!({"operator": "op", "reason": "crushed bag", "lines": [{"lane_id": 2, "items": 1}], "key": "r1"});
     let r1 = expect(api, "POST", &format!("/v1/orders/{first}/refunds"), Some(by_item.clone()), 201).await;
     assert_eq!(r1["amount_cents"], CHIPS.2);
     let again = expect(api, "POST", &format!("/v1/orders/{first}/refunds"), Some(by_item), 201).await;
@@ -190,7 +191,8 @@ async fn a_restock_count_finds_an_item_swapped_for_one_of_the_same_weight_and_re
     let (stack, _, svc, shop) = setup("cab-m-3", |_| {}).await;
     let api = stack.api(svc.addr);
     let restock = |lanes: Value| async move {
-        let r = expect(api, "POST", "/v1/cabinets/cab-m-3/doors/2/restocks", Some(json!({"operator": "rita"})), 201).await;
+        let r =
+            expect(api, "POST", "/v1/cabinets/cab-m-3/doors/2/restocks", Some(json!({"operator": "rita"})), 201).await;
         let id = r["id"].as_str().unwrap().to_owned();
         expect(api, "POST", &format!("/v1/restocks/{id}/finish"), Some(json!({"lanes": lanes})), 200).await;
         id

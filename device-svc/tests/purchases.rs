@@ -5,10 +5,8 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use common::buying::*;
-use common::shop::{Mode, Settling, Shop};
+use common::shop::{Mode, Settling};
 use common::*;
 use protocol::cabinet::CommandAction;
 use serde_json::{Value, json};

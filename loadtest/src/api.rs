@@ -4,7 +4,8 @@
 //! The harness plays every party of the flows, each with its own credentials, taken from the
 //! environment (never from flags, which `ps` shows, nor the report): `IOTGW_OPERATOR_KEY`
 //! (seeding, commands, OTA), `IOTGW_SHOP_KEY` (orders), `IOTGW_OWNER_APP_KEY` (activation steps),
-//! and `IOTGW_PAYMENT_PROVIDER` / `IOTGW_PAYMENT_SECRET` (the signed payment callbacks).
+//! `IOTGW_PAYMENT_PROVIDER` / `IOTGW_PAYMENT_SECRET` (the signed payment and contract
+//! callbacks), and `IOTGW_SHOP_TENANT` (the shop key's tenant, which contract events name).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,6 +23,7 @@ pub struct Parties {
     owner_app: String,
     provider: String,
     provider_secret: String,
+    shop_tenant: String,
 }
 
 impl std::fmt::Debug for Parties {
@@ -41,13 +43,14 @@ impl Parties {
             owner_app: var("IOTGW_OWNER_APP_KEY"),
             provider: var("IOTGW_PAYMENT_PROVIDER"),
             provider_secret: var("IOTGW_PAYMENT_SECRET"),
+            shop_tenant: var("IOTGW_SHOP_TENANT"),
         }
     }
 
     /// The headers that authenticate `method path` with `body`: the key of the party that
     /// calls the route, or the provider's signature for its callback.
     fn headers(&self, method: &str, path: &str, body: &str) -> String {
-        let key = if path == "/v1/payments/callback" {
+        let key = if path == "/v1/payments/callback" || path == "/v1/contracts/callback" {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let signature = protocol::payment::header(self.provider_secret.as_bytes(), now, body.as_bytes());
             return format!("X-Payment-Provider: {}\r\nX-Payment-Signature: {signature}\r\n", self.provider);
@@ -75,6 +78,11 @@ impl Api {
     pub fn new(addr: SocketAddr) -> Self {
         static PARTIES: std::sync::OnceLock<Parties> = std::sync::OnceLock::new();
         Self { addr, parties: PARTIES.get_or_init(Parties::from_env) }
+    }
+
+    /// The shop key's tenant (`IOTGW_SHOP_TENANT`).
+    pub fn shop_tenant(&self) -> &str {
+        &self.parties.shop_tenant
     }
 
     /// Calls `method path` with an optional JSON body; returns the status and the JSON answer

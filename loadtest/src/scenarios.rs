@@ -38,7 +38,8 @@ pub struct PurchaseStorm {
 }
 
 /// Opens `orders` doors at once (cabinet `i % cabinets`, door `1 + i / cabinets`), each for a
-/// different shopper: create, authorise, then follow the order to its end.
+/// different shopper: sign the shopper's deduction contract, create, authorise, then follow
+/// the order to its end.
 pub async fn purchase_storm(api: Api, cabinets: usize, doors: u8, orders: usize) -> PurchaseStorm {
     let doors = usize::from(doors.max(1));
     let n = orders.min(cabinets * doors);
@@ -69,8 +70,16 @@ fn micros(d: Duration) -> u64 {
 async fn one_order(api: Api, i: usize, cabinets: usize) -> (String, Option<Duration>, Option<Duration>) {
     let cabinet = cabinet_id(i % cabinets);
     let door = 1 + i / cabinets;
-    let body =
-        json!({"user_id": format!("lt-shopper-{i}-{}", now_ms()), "cabinet_id": cabinet.as_str(), "door_id": door});
+    let user = format!("lt-shopper-{i}-{}", now_ms());
+    // A purchase needs the shopper's password-free deduction contract, signed by the provider.
+    let signed = json!({"tenant": api.shop_tenant(), "user_id": user, "contract_id": format!("lt-ct-{user}"),
+                        "state": "signed", "event_ms": now_ms()});
+    match api.call("POST", "/v1/contracts/callback", Some(&signed)).await {
+        Ok((200, _)) => {}
+        Ok((_, e)) => return (format!("contract_refused:{}", e["error"].as_str().unwrap_or("unknown")), None, None),
+        Err(_) => return ("api_error".into(), None, None),
+    }
+    let body = json!({"user_id": user, "cabinet_id": cabinet.as_str(), "door_id": door});
     let started = Instant::now();
     let order = match api.call("POST", "/v1/orders", Some(&body)).await {
         Ok((201, order)) => order,

@@ -85,8 +85,11 @@ fn command_action() -> impl Strategy<Value = CommandAction> {
     prop_oneof![
         (1u8..=255, order_id()).prop_map(|(door_id, order_id)| CommandAction::OpenDoor { door_id, order_id }),
         (1u8..=255).prop_map(|door_id| CommandAction::QueryDoor { door_id }),
-        (1u8..=255, 1u8..=255, any::<i32>())
-            .prop_map(|(door_id, lane_id, grams)| CommandAction::Tare { door_id, lane_id, grams }),
+        (1u8..=255, 1u8..=255, any::<i32>()).prop_map(|(door_id, lane_id, grams)| CommandAction::Tare {
+            door_id,
+            lane_id,
+            grams
+        }),
         (4u8..=255, proptest::collection::vec(any::<u8>(), 0..64))
             .prop_map(|(kind, params)| CommandAction::Other { kind, params: Bytes::from(params) }),
     ]

@@ -5,7 +5,7 @@
 mod support;
 
 use bytes::BytesMut;
-use protocol::cabinet::{self, Frame, FrameError, MAX_PAYLOAD_LEN, Message, MessageError};
+use protocol::cabinet::{self, Command, CommandAction, Frame, FrameError, MAX_PAYLOAD_LEN, Message, MessageError};
 use support::spec_examples;
 
 const SPEC: &str = include_str!("../SPEC.md");
@@ -174,4 +174,23 @@ fn crc32c(data: &[u8]) -> u32 {
 fn crc_check_value_from_the_spec() {
     assert_eq!(crc32c(b"123456789"), 0xE306_9283);
     assert_eq!(crc32c(&HEARTBEAT[..19]), 0x8A15_C647);
+}
+
+#[test]
+fn spec_tare_payload_example() {
+    let frame = Frame::new(
+        7,
+        Message::Command(Command {
+            expires_at_ms: 1_795_400_005_000,
+            action: CommandAction::Tare { door_id: 2, lane_id: 1, grams: 4500 },
+        }),
+    );
+    let wire = encode(&frame);
+    // Header 11 bytes, then the payload SPEC.md 1.7 shows for TARE, then the CRC.
+    let at = SPEC.find("`TARE` (0x03)").expect("TARE in SPEC.md");
+    let shown = SPEC[at..].split("payload\n  `").nth(1).and_then(|t| t.split('`').next()).expect("the example payload");
+    let payload: Vec<u8> = shown.split(' ').map(|h| u8::from_str_radix(h, 16).expect("hex byte")).collect();
+    assert_eq!(&wire[11..wire.len() - 4], payload.as_slice());
+    let mut again = BytesMut::from(&wire[..]);
+    assert_eq!(cabinet::decode(&mut again, MAX_PAYLOAD_LEN).expect("ok"), Some(frame));
 }

@@ -235,6 +235,8 @@ api_parties() {
     [ -n "${!var}" ] || die "failed to create the $role API key"
     export "${var?}"
   done
+  # The shop key's tenant: the payment provider's contract callbacks name it.
+  export IOTGW_SHOP_TENANT="$label-shop"
   export IOTGW_PAYMENT_PROVIDER="$label-pay"
   IOTGW_PAYMENT_SECRET=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
   export IOTGW_PAYMENT_SECRET

@@ -110,9 +110,11 @@ pub(super) async fn contract_callback(
     let count = |result: &str| app.metrics.payment_callbacks.with_label_values(&[result]).inc();
     let (provider, signature, e) = signed_body::<ContractEvent>(&app, &headers, &body, &count)?;
     let ctx = callback_context(request_id, &provider, route, &format!("{}/{}", e.tenant, e.user_id));
-    let outcome =
-        audit::scope(Arc::clone(&ctx), contracts::apply(&app, &e, Signed { provider: &provider, signature: &signature }))
-            .await;
+    let outcome = audit::scope(
+        Arc::clone(&ctx),
+        contracts::apply(&app, &e, Signed { provider: &provider, signature: &signature }),
+    )
+    .await;
     match outcome {
         Ok(contract) => {
             count("contract");

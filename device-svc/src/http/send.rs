@@ -107,7 +107,9 @@ fn body_of(app: &App, device: &DeviceKey, input: CommandInput) -> Result<(Comman
             }
             (CommandBody::Vehicle { kind, payload: Bytes::from(payload) }, timeout_ms)
         }
-        (DeviceKey::Cabinet(_), _) => return Err(ApiError::invalid("action", "cabinets take open_door, query_door or tare")),
+        (DeviceKey::Cabinet(_), _) => {
+            return Err(ApiError::invalid("action", "cabinets take open_door, query_door or tare"));
+        }
         (DeviceKey::Vehicle(_), _) => return Err(ApiError::invalid("action", "vehicles take downlink")),
     };
     let timeout_ms = timeout_ms.unwrap_or(app.config.commands.default_timeout_ms);

@@ -112,10 +112,7 @@ pub async fn apply(app: &App, e: &ContractEvent, signed: Signed<'_>) -> Result<C
         event_ms: row.get(2),
         applied,
     };
-    app.metrics
-        .contract_events
-        .with_label_values(&[if applied { e.state.as_str() } else { "stale" }])
-        .inc();
+    app.metrics.contract_events.with_label_values(&[if applied { e.state.as_str() } else { "stale" }]).inc();
     Ok(contract)
 }
 
@@ -123,7 +120,11 @@ pub async fn apply(app: &App, e: &ContractEvent, signed: Signed<'_>) -> Result<C
 ///
 /// # Errors
 /// PostgreSQL errors.
-pub async fn is_active(client: &impl tokio_postgres::GenericClient, tenant: &str, user: &str) -> Result<bool, StoreError> {
+pub async fn is_active(
+    client: &impl tokio_postgres::GenericClient,
+    tenant: &str,
+    user: &str,
+) -> Result<bool, StoreError> {
     Ok(client
         .query_opt(
             "SELECT 1 FROM deduction_contracts WHERE tenant = $1 AND user_id = $2 AND state = 'signed'",

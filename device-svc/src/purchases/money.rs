@@ -105,9 +105,10 @@ fn payment_of(r: &tokio_postgres::Row) -> Payment {
 pub async fn of_order(app: &App, id: &str) -> Result<Vec<Payment>, StoreError> {
     let client = app.pg.get().await?;
     let rows = client
-        .query(&format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE order_id = $1 ORDER BY created_at, idem_key"), &[
-            &id,
-        ])
+        .query(
+            &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE order_id = $1 ORDER BY created_at, idem_key"),
+            &[&id],
+        )
         .await?;
     Ok(rows.iter().map(payment_of).collect())
 }
@@ -211,7 +212,8 @@ impl Outcome {
     /// From a confirmation's `result` and `reason` fields. `None`: not an answer this service
     /// knows (counted and dropped by the reader).
     pub fn parse(result: &str, reason: Option<&str>) -> Option<Self> {
-        let reason = || reason.filter(|r| !r.is_empty() && r.len() <= 128 && !r.contains('\0')).unwrap_or("unspecified");
+        let reason =
+            || reason.filter(|r| !r.is_empty() && r.len() <= 128 && !r.contains('\0')).unwrap_or("unspecified");
         match result {
             "paid" => Some(Outcome::Paid),
             "failed" => Some(Outcome::Failed(reason().to_owned())),
@@ -366,20 +368,20 @@ pub async fn adjust(app: &App, order_id: &str, kind: Kind, a: &Adjustment) -> Re
     if a.reason.is_empty() || a.reason.len() > 256 {
         return Err(StoreError::invalid("reason", "1 to 256 characters"));
     }
-    if let Some(k) = &a.key {
-        if k.is_empty() || k.len() > 64 || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-            return Err(StoreError::invalid("key", "1 to 64 of A-Z a-z 0-9 _ -"));
-        }
+    if let Some(k) = &a.key
+        && (k.is_empty() || k.len() > 64 || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+    {
+        return Err(StoreError::invalid("key", "1 to 64 of A-Z a-z 0-9 _ -"));
     }
     match (kind, &a.amount_cents, &a.lines) {
         (Kind::Charge, Some(_), None) | (Kind::Refund, Some(_), None) | (Kind::Refund, None, Some(_)) => {}
         (Kind::Charge, ..) => return Err(StoreError::invalid("amount_cents", "a charge names amount_cents only")),
         _ => return Err(StoreError::invalid("amount_cents", "a refund names amount_cents or lines, not both")),
     }
-    if let Some(c) = a.amount_cents {
-        if !(1..=MAX_ADJUSTMENT_CENTS).contains(&c) {
-            return Err(StoreError::invalid("amount_cents", format!("1..={MAX_ADJUSTMENT_CENTS}")));
-        }
+    if let Some(c) = a.amount_cents
+        && !(1..=MAX_ADJUSTMENT_CENTS).contains(&c)
+    {
+        return Err(StoreError::invalid("amount_cents", format!("1..={MAX_ADJUSTMENT_CENTS}")));
     }
     let key = match &a.key {
         Some(k) => format!("{}:{order_id}:{k}", kind.as_str()),
@@ -395,9 +397,8 @@ pub async fn adjust(app: &App, order_id: &str, kind: Kind, a: &Adjustment) -> Re
         )
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("order {order_id}")))?;
-    if let Some(existing) = tx
-        .query_opt(&format!("SELECT {PAYMENT_COLUMNS}, order_id FROM payments WHERE idem_key = $1"), &[&key])
-        .await?
+    if let Some(existing) =
+        tx.query_opt(&format!("SELECT {PAYMENT_COLUMNS}, order_id FROM payments WHERE idem_key = $1"), &[&key]).await?
     {
         let p = payment_of(&existing);
         let same = existing.get::<_, String>(10) == order_id
@@ -416,7 +417,10 @@ pub async fn adjust(app: &App, order_id: &str, kind: Kind, a: &Adjustment) -> Re
         if !matches!(payment.as_deref(), Some("paid" | "refunded")) {
             return Err(StoreError::rejected(
                 "not_paid",
-                format!("order {order_id}'s payment is {}; only paid money is refunded", payment.as_deref().unwrap_or("none")),
+                format!(
+                    "order {order_id}'s payment is {}; only paid money is refunded",
+                    payment.as_deref().unwrap_or("none")
+                ),
             ));
         }
         let charged: i64 = row.get(8);

@@ -288,13 +288,14 @@ pub struct NewOrder {
 }
 
 /// Creates an order: the user has a signed deduction contract (unless
-/// `purchases.require_contract` is off), the cabinet and door exist, the cabinet is online, the
-/// user has no order still running or unpaid, and the door's lock is free (taken here, with
-/// the order id as token).
+/// `purchases.require_contract` is off) and no order still running or unpaid, the cabinet and
+/// door exist, the cabinet is online, and the door's lock is free (taken here, with the order
+/// id as token). The user's rules come first: a user who may not buy is told so whatever the
+/// cabinet.
 ///
 /// # Errors
-/// `Invalid`, `NotFound` (cabinet or door), `Rejected` (`no_active_contract`, `cabinet_offline`,
-/// `door_out_of_sale`, `unpaid_order`, `door_busy`), or storage errors.
+/// `Invalid`, `Rejected` (`no_active_contract`, `unpaid_order`), `NotFound` (cabinet or door),
+/// `Rejected` (`cabinet_offline`, `door_out_of_sale`, `door_busy`), or storage errors.
 pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, StoreError> {
     if new.user_id.is_empty() || new.user_id.len() > 128 {
         return Err(StoreError::invalid("user_id", "1 to 128 characters"));
@@ -308,6 +309,21 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
             "no_active_contract",
             format!("user {} has no signed deduction contract with the payment provider", new.user_id),
         ));
+    }
+    // Seed 003's "no unpaid order": one still running, or one whose charge failed.
+    let unpaid = client
+        .query_opt(
+            "SELECT id, payment = 'unpaid' FROM orders WHERE user_id = $1 AND coalesce(tenant, '') = $2
+                AND (state IN ('created', 'authorised', 'door_opening', 'door_open', 'door_closed')
+                     OR payment = 'unpaid')
+              LIMIT 1",
+            &[&new.user_id, &tenant],
+        )
+        .await?;
+    if let Some(r) = unpaid {
+        let (id, failed): (String, bool) = (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false));
+        let why = if failed { "was not paid (the deduction failed)" } else { "is not finished" };
+        return Err(StoreError::rejected("unpaid_order", format!("the user's order {id} {why}")));
     }
     let door = i16::from(new.door_id);
     let row = client
@@ -331,21 +347,6 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
             "door_out_of_sale",
             format!("the door is out of sale ({why}) until restocked"),
         ));
-    }
-    // Seed 003's "no unpaid order": one still running, or one whose charge failed.
-    let unpaid = client
-        .query_opt(
-            "SELECT id, payment = 'unpaid' FROM orders WHERE user_id = $1 AND coalesce(tenant, '') = $2
-                AND (state IN ('created', 'authorised', 'door_opening', 'door_open', 'door_closed')
-                     OR payment = 'unpaid')
-              LIMIT 1",
-            &[&new.user_id, &tenant],
-        )
-        .await?;
-    if let Some(r) = unpaid {
-        let (id, failed): (String, bool) = (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false));
-        let why = if failed { "was not paid (the deduction failed)" } else { "is not finished" };
-        return Err(StoreError::rejected("unpaid_order", format!("the user's order {id} {why}")));
     }
     let id = lock::token("o")?;
     let lock_door = Door { cabinet: &new.cabinet_id, door: new.door_id };

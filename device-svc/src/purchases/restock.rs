@@ -115,8 +115,12 @@ pub async fn finish(app: &App, id: &str, counts: &[stocktake::LaneCount]) -> Res
     let finished = match already {
         Some(t) => t,
         None => {
-            let restocked =
-                stocktake::Restocked { id, cabinet_id: &cabinet, door_id: u8::try_from(door).unwrap_or(0), operator: &operator };
+            let restocked = stocktake::Restocked {
+                id,
+                cabinet_id: &cabinet,
+                door_id: u8::try_from(door).unwrap_or(0),
+                operator: &operator,
+            };
             stocktake::record(app, &tx, &restocked, counts).await?;
             closed = i64::try_from(
                 tx.execute(

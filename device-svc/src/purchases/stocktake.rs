@@ -70,7 +70,12 @@ pub struct Restocked<'a> {
 ///
 /// # Errors
 /// `Invalid` (a lane not behind the door, a negative or repeated count), or PostgreSQL errors.
-pub async fn record(app: &App, tx: &Transaction<'_>, r: &Restocked<'_>, counts: &[LaneCount]) -> Result<(), StoreError> {
+pub async fn record(
+    app: &App,
+    tx: &Transaction<'_>,
+    r: &Restocked<'_>,
+    counts: &[LaneCount],
+) -> Result<(), StoreError> {
     if counts.len() > 255 {
         return Err(StoreError::invalid("lanes", "at most 255 lanes"));
     }
@@ -116,8 +121,11 @@ pub async fn record(app: &App, tx: &Transaction<'_>, r: &Restocked<'_>, counts: 
             let should = i64::from(stocked) - sold;
             expected = Some(i32::try_from(should).unwrap_or(i32::MIN));
             if should != i64::from(c.found) {
-                let kind =
-                    if i64::from(c.found) < should { anomalies::kind::RESTOCK_LOSS } else { anomalies::kind::RESTOCK_SURPLUS };
+                let kind = if i64::from(c.found) < should {
+                    anomalies::kind::RESTOCK_LOSS
+                } else {
+                    anomalies::kind::RESTOCK_SURPLUS
+                };
                 let detail = json!({
                     "restock_id": r.id,
                     "lane_id": c.lane_id,
@@ -175,7 +183,8 @@ pub async fn check_scales(app: &App, cabinets: &[&str]) -> Result<(), StoreError
     let mut tares: Vec<(String, Tare)> = Vec::new();
     let tx = client.transaction().await?;
     for row in &rows {
-        let (restock, cabinet, door, lane): (String, String, i16, i16) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (restock, cabinet, door, lane): (String, String, i16, i16) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
         let (stocked, unit, product): (i32, i32, Option<String>) = (row.get(4), row.get(5), row.get(6));
         let counted_ms = ms_of(row.get(7));
         let door_id = u8::try_from(door).unwrap_or(0);
@@ -186,9 +195,10 @@ pub async fn check_scales(app: &App, cabinets: &[&str]) -> Result<(), StoreError
             .find(|w| w.door_id == door_id && w.lane_id == lane_id && w.sample_ms > counted_ms);
         let Some(reading) = reading else {
             if crate::clock::now_ms().saturating_sub(counted_ms) > 3_600_000 {
-                tx.execute("UPDATE lane_counts SET scale_checked_at = now() WHERE restock_id = $1 AND lane_id = $2", &[
-                    &restock, &lane,
-                ])
+                tx.execute(
+                    "UPDATE lane_counts SET scale_checked_at = now() WHERE restock_id = $1 AND lane_id = $2",
+                    &[&restock, &lane],
+                )
                 .await?;
             }
             continue;
@@ -275,8 +285,14 @@ async fn send_tare(app: &App, cabinet: &str, t: Tare) {
     let action = protocol::cabinet::CommandAction::Tare { door_id: t.door_id, lane_id: t.lane_id, grams: t.grams };
     let timeout = std::time::Duration::from_millis(app.config.commands.default_timeout_ms);
     match app.commander.send(&device, protocol::bus::CommandBody::Cabinet(action), timeout).await {
-        Ok(outcome) => tracing::info!(cabinet, door = t.door_id, lane = t.lane_id, grams = t.grams,
-                                      outcome = outcome.label(), "tare sent"),
+        Ok(outcome) => tracing::info!(
+            cabinet,
+            door = t.door_id,
+            lane = t.lane_id,
+            grams = t.grams,
+            outcome = outcome.label(),
+            "tare sent"
+        ),
         Err(e) => tracing::warn!(cabinet, door = t.door_id, lane = t.lane_id, error = %e, "failed to send a tare"),
     }
 }
