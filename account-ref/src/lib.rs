@@ -10,8 +10,9 @@
 //! charge larger than the balance fails with `insufficient_funds`; a user without a row has no
 //! limit. A failed charge is the account side's to retry: every `retry` it is tried again, and
 //! once the balance covers it, it is paid and answered `paid` (which lifts the shop's "unpaid
-//! order" block). The tests and the demo run it; a real account service does the same steps
-//! against its own books.
+//! order" block), unless the device service voided it (an operator waived the order: type
+//! `void`, naming the charge in `voids`). The tests and the demo run it; a real account
+//! service does the same steps against its own books.
 
 use std::time::Duration;
 
@@ -154,7 +155,11 @@ impl Consumer {
         else {
             return Ok((Some(key), Applied::Refused));
         };
-        if !matches!(kind, "settlement" | "charge" | "refund") || amount < 0 {
+        if !matches!(kind, "settlement" | "charge" | "refund" | "void") || amount < 0 {
+            return Ok((Some(key), Applied::Refused));
+        }
+        let voids = str_of("voids").filter(|v| v.len() <= MAX_TEXT && !v.contains('\0')).map(str::to_owned);
+        if kind == "void" && voids.is_none() {
             return Ok((Some(key), Applied::Refused));
         }
         let (tenant, user) = (str_of("tenant").unwrap_or(""), str_of("user_id").unwrap_or(""));
@@ -169,7 +174,11 @@ impl Consumer {
             )
             .await?
             == 1;
-        let applied = if new {
+        let applied = if new && kind == "void" {
+            let applied = void(&tx, voids.as_deref().unwrap_or_default(), order).await?;
+            set_state(&tx, &key, &applied).await?;
+            applied
+        } else if new {
             let applied = move_money(&tx, kind, tenant, user, amount).await?;
             set_state(&tx, &key, &applied).await?;
             applied
@@ -177,6 +186,7 @@ impl Consumer {
             let row = tx.query_one("SELECT state, failure FROM account_ledger WHERE idem_key = $1", &[&key]).await?;
             match row.get::<_, String>(0).as_str() {
                 "failed" => Applied::Failed(row.get::<_, Option<String>>(1).unwrap_or_default()),
+                "voided" => Applied::Failed("voided".into()),
                 _ => Applied::Paid,
             }
         };
@@ -308,6 +318,26 @@ impl Consumer {
     }
 }
 
+/// Voids the charge `key` (the device service's operator waived it): a failed charge is not
+/// retried any more (`paid`: voided); one collected meanwhile cannot be (`failed`,
+/// `already_paid`); one never seen is recorded voided, so it is never charged if it arrives.
+async fn void(tx: &tokio_postgres::Transaction<'_>, key: &str, order: &str) -> Result<Applied, AccountError> {
+    let placeholder = serde_json::json!({});
+    tx.execute(
+        "INSERT INTO account_ledger (idem_key, order_id, amount_cents, payload, kind, state, failure)
+         VALUES ($1, $2, 0, $3, 'settlement', 'voided', 'voided') ON CONFLICT (idem_key) DO NOTHING",
+        &[&key, &order, &placeholder],
+    )
+    .await?;
+    let state: String =
+        tx.query_one("SELECT state FROM account_ledger WHERE idem_key = $1 FOR UPDATE", &[&key]).await?.get(0);
+    if state == "paid" {
+        return Ok(Applied::Failed("already_paid".into()));
+    }
+    tx.execute("UPDATE account_ledger SET state = 'voided', failure = 'voided' WHERE idem_key = $1", &[&key]).await?;
+    Ok(Applied::Paid)
+}
+
 /// Takes a charge from (or gives a refund to) the user's balance, if the user has one.
 async fn move_money(
     tx: &tokio_postgres::Transaction<'_>,
@@ -323,6 +353,9 @@ async fn move_money(
         )
         .await?
         .map(|r| r.get::<_, i64>(0));
+    if kind == "void" {
+        return Ok(Applied::Paid);
+    }
     let Some(balance) = balance else { return Ok(Applied::Paid) };
     let delta = if kind == "refund" { amount } else { -amount };
     if balance + delta < 0 {

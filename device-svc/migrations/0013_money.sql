@@ -7,7 +7,8 @@
 CREATE TABLE payments (
     idem_key     text PRIMARY KEY,
     order_id     text NOT NULL REFERENCES orders (id),
-    kind         text NOT NULL CHECK (kind IN ('settlement', 'refund', 'charge')),
+    -- `void`: tells the account side to stop retrying a failed charge an operator waived.
+    kind         text NOT NULL CHECK (kind IN ('settlement', 'refund', 'charge', 'void')),
     amount_cents bigint NOT NULL CHECK (amount_cents >= 0),
     lines        jsonb NOT NULL DEFAULT '[]',
     reason       text,

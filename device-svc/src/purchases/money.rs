@@ -34,6 +34,8 @@ pub enum Kind {
     Refund,
     /// An extra charge an operator added.
     Charge,
+    /// Stop retrying a failed charge (an operator waived it): names it in `voids`.
+    Void,
 }
 
 impl Kind {
@@ -43,6 +45,7 @@ impl Kind {
             Kind::Settlement => "settlement",
             Kind::Refund => "refund",
             Kind::Charge => "charge",
+            Kind::Void => "void",
         }
     }
 
@@ -50,6 +53,7 @@ impl Kind {
         match s {
             "refund" => Kind::Refund,
             "charge" => Kind::Charge,
+            "void" => Kind::Void,
             _ => Kind::Settlement,
         }
     }
@@ -149,6 +153,8 @@ pub struct NewPayment<'a> {
     pub operator: Option<&'a str>,
     /// Anomalies to name in the message (a settlement's `review`).
     pub review: &'a [String],
+    /// For a void: the key of the charge it voids.
+    pub voids: Option<&'a str>,
 }
 
 /// Writes a money message for `order` inside `tx`: its `payments` row and its outbox message
@@ -183,6 +189,7 @@ pub async fn write(tx: &Transaction<'_>, order: &OrderRef<'_>, p: &NewPayment<'_
         "lines": lines,
         "reason": p.reason,
         "review": p.review,
+        "voids": p.voids,
     });
     outbox::enqueue(tx, outbox::SETTLEMENTS, p.idem_key, &message).await?;
     recompute(tx, &[order.id.to_owned()]).await?;
@@ -295,11 +302,11 @@ async fn recompute(tx: &Transaction<'_>, orders: &[String]) -> Result<Vec<(Strin
         .query(
             "WITH s AS (
                SELECT order_id,
-                      coalesce(sum(amount_cents) FILTER (WHERE kind <> 'refund' AND result = 'paid'), 0) AS charged,
+                      coalesce(sum(amount_cents) FILTER (WHERE kind IN ('settlement', 'charge') AND result = 'paid'), 0) AS charged,
                       coalesce(sum(amount_cents) FILTER (WHERE kind = 'refund' AND result = 'paid'), 0) AS refunded,
-                      count(*) FILTER (WHERE kind <> 'refund' AND result = 'failed') AS failed,
-                      count(*) FILTER (WHERE kind <> 'refund' AND result = 'pending') AS pending,
-                      count(*) FILTER (WHERE kind <> 'refund' AND result = 'waived') AS waived
+                      count(*) FILTER (WHERE kind IN ('settlement', 'charge') AND result = 'failed') AS failed,
+                      count(*) FILTER (WHERE kind IN ('settlement', 'charge') AND result = 'pending') AS pending,
+                      count(*) FILTER (WHERE kind IN ('settlement', 'charge') AND result = 'waived') AS waived
                  FROM payments WHERE order_id = ANY($1) GROUP BY order_id),
              old AS (SELECT id, payment FROM orders WHERE id = ANY($1) FOR UPDATE)
              UPDATE orders o SET charged_cents = s.charged, refunded_cents = s.refunded,
@@ -468,6 +475,7 @@ pub async fn adjust(app: &App, order_id: &str, kind: Kind, a: &Adjustment) -> Re
         reason: Some(&a.reason),
         operator: Some(&a.operator),
         review: &[],
+        voids: None,
     };
     write(&tx, &order, &new).await?;
     let written = tx.query_one(&format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE idem_key = $1"), &[&key]).await?;
@@ -560,16 +568,55 @@ pub async fn waive(app: &App, order_id: &str, w: &Waiver) -> Result<(), StoreErr
             format!("order {order_id}'s payment is {}", payment.as_deref().unwrap_or("none")),
         ));
     }
-    tx.execute(
-        "UPDATE payments SET result = 'waived', result_at = now(),
-                reason = coalesce(reason || '; ', '') || 'waived by ' || $2 || ': ' || $3
-          WHERE order_id = $1 AND kind <> 'refund' AND result = 'failed'",
-        &[&order_id, &w.operator, &w.reason],
-    )
-    .await?;
+    let waived: Vec<String> = tx
+        .query(
+            "UPDATE payments SET result = 'waived', result_at = now(),
+                    reason = coalesce(reason || '; ', '') || 'waived by ' || $2 || ': ' || $3
+              WHERE order_id = $1 AND kind IN ('settlement', 'charge') AND result = 'failed'
+              RETURNING idem_key",
+            &[&order_id, &w.operator, &w.reason],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // The account side retries a failed charge on its own: tell it to stop, or a shopper who
+    // paid another way would be charged again.
+    let o = tx
+        .query_one(
+            "SELECT user_id, tenant, payment_id, currency, cabinet_id, door_id FROM orders WHERE id = $1",
+            &[&order_id],
+        )
+        .await?;
+    let (user, tenant, payment_id, currency, cabinet): (String, Option<String>, Option<String>, String, String) =
+        (o.get(0), o.get(1), o.get(2), o.get(3), o.get(4));
+    let target = OrderRef {
+        id: order_id,
+        user_id: &user,
+        tenant: tenant.as_deref(),
+        payment_id: payment_id.as_deref(),
+        currency: &currency,
+        cabinet_id: &cabinet,
+        door_id: u8::try_from(o.get::<_, i16>(5)).unwrap_or(0),
+    };
+    for key in &waived {
+        let void_key = format!("void:{key}");
+        let void = NewPayment {
+            idem_key: &void_key,
+            kind: Kind::Void,
+            amount_cents: 0,
+            lines: &[],
+            reason: Some(&w.reason),
+            operator: Some(&w.operator),
+            review: &[],
+            voids: Some(key),
+        };
+        write(&tx, &target, &void).await?;
+    }
     recompute(&tx, &[order_id.to_owned()]).await?;
     crate::auth::audit::commit(tx).await?;
     app.metrics.payment_adjustments.with_label_values(&["waiver"]).inc();
+    app.purchase_wakers.relay.notify_one();
     tracing::info!(order = %order_id, operator = %w.operator, "unpaid order waived");
     Ok(())
 }

@@ -168,6 +168,7 @@ async fn record_settlement(
         reason: None,
         operator: None,
         review: &order.review,
+        voids: None,
     };
     money::write(tx, &target, &message).await?;
     Ok(())

@@ -41,7 +41,17 @@ pub enum Settling {
     NeverStable,
 }
 
+/// Door-event faults, for the money model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Every door event is sent twice (a resend: same door, time and state, a new seq).
+    pub duplicate_events: bool,
+    /// The open event is held back and sent after the close event.
+    pub late_open: bool,
+}
+
 enum Ctl {
+    Faults(Faults),
     Mode(Mode),
     Settling(Settling),
     Take { door: u8, lane: u8, grams: i32 },
@@ -92,6 +102,10 @@ impl Shop {
         let _ = self.ctl.send(Ctl::Mode(mode));
     }
 
+    pub fn set_faults(&self, f: Faults) {
+        let _ = self.ctl.send(Ctl::Faults(f));
+    }
+
     pub fn set_settling(&self, s: Settling) {
         let _ = self.ctl.send(Ctl::Settling(s));
     }
@@ -137,6 +151,8 @@ async fn run(
     seen: Arc<Mutex<Seen>>,
 ) {
     let mut mode = Mode::Normal;
+    let mut faults = Faults::default();
+    let mut held_open: Option<DoorEvent> = None;
     let mut settling_mode = Settling::Normal;
     let mut doors: BTreeMap<u8, DoorNow> = BTreeMap::new();
     for (door, _) in lanes.keys() {
@@ -180,6 +196,7 @@ async fn run(
             }
             ctl = rx.recv() => match ctl {
                 None => return,
+                Some(Ctl::Faults(f)) => faults = f,
                 Some(Ctl::Mode(m)) => mode = m,
                 Some(Ctl::Settling(s)) => settling_mode = s,
                 Some(Ctl::Take { door, lane, grams }) => {
@@ -194,6 +211,10 @@ async fn run(
                     let event = DoorEvent { door_id: door, state: DoorState::Closed, event_time_ms: now_ms(), order_id: d.order.take() };
                     let seq = cabinet.next_seq();
                     out.push(Frame::new(seq, Message::DoorEvent(event)));
+                    if let Some(open) = held_open.take() {
+                        let seq = cabinet.next_seq();
+                        out.push(Frame::new(seq, Message::DoorEvent(open)));
+                    }
                 }
             },
             frame = cabinet.framed.next() => {
@@ -210,8 +231,12 @@ async fn run(
                             let result = CommandResult { status: CommandStatus::Ok, door_id: *door_id, door_state: DoorStatus::Open };
                             out.push(Frame::new(frame.seq, Message::CommandResult(result)));
                             let event = DoorEvent { door_id: *door_id, state: DoorState::Open, event_time_ms: now_ms(), order_id: Some(order_id.clone()) };
-                            let seq = cabinet.next_seq();
-                            out.push(Frame::new(seq, Message::DoorEvent(event)));
+                            if faults.late_open {
+                                held_open = Some(event);
+                            } else {
+                                let seq = cabinet.next_seq();
+                                out.push(Frame::new(seq, Message::DoorEvent(event)));
+                            }
                         }
                     }
                     (CommandAction::Tare { door_id, .. }, Mode::Normal) => {
@@ -226,6 +251,14 @@ async fn run(
                     }
                     _ => {}
                 }
+            }
+        }
+        if faults.duplicate_events {
+            let again: Vec<Message> =
+                out.iter().filter(|f| matches!(f.message, Message::DoorEvent(_))).map(|f| f.message.clone()).collect();
+            for m in again {
+                let seq = cabinet.next_seq();
+                out.push(Frame::new(seq, m));
             }
         }
         for f in out {
