@@ -63,8 +63,8 @@ async fn no_secret_is_logged_even_at_trace() {
     let rotated = stack.rotate(&format!("veh:{vin}")).await;
     VendorCar::connect(stack.mqtt_addr(1), vin, &rotated).await.unwrap().leave().await;
 
-    // A purchase: the cabinet reports its lanes and goes online, the shop orders, the provider
-    // authorises with its signature.
+    // A purchase: the cabinet reports its lanes and goes online, the provider signs the
+    // shopper's contract, the shop orders, the provider authorises with its signature.
     let shelf_secret = stack.register_cabinet("CAB-SHELF").await;
     let id = protocol::DeviceId::new("CAB-SHELF").unwrap();
     let (mut shelf, _) = testkit::cabinet::Cabinet::login(stack.cabinet_addr(0), &id, &shelf_secret).await;
@@ -74,6 +74,9 @@ async fn no_secret_is_logged_even_at_trace() {
         stack.get("/v1/devices/cab:CAB-SHELF").await["status"] == "online"
     })
     .await;
+    let contract = json!({"tenant": "shop-1", "user_id": "u-secret", "contract_id": "ct-s", "state": "signed",
+                          "event_ms": now_ms()});
+    expect(stack.api(), "POST", "/v1/contracts/callback", Some(contract), 200).await;
     let order = json!({"user_id": "u-secret", "cabinet_id": "CAB-SHELF", "door_id": 1});
     let order = expect(stack.api(), "POST", "/v1/orders", Some(order), 201).await;
     let hold = order["hold_cents"].as_i64().unwrap();

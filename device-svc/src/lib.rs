@@ -171,6 +171,9 @@ impl DeviceService {
         tasks.spawn(every(sweep_every, stop.clone(), Arc::clone(&app), |app| async move {
             retention::sweep(&app).await.map(|_| ())
         }));
+        tasks.spawn(every(purchases::stocktake::SCALE_CHECK_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
+            purchases::stocktake::check_scales(&app).await
+        }));
         tasks.spawn(every(GAUGES_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
             refresh_device_gauges(&app).await?;
             purchases::driver::refresh_gauges(&app).await?;

@@ -14,37 +14,6 @@ use common::buying::*;
 use common::*;
 use protocol::cabinet::CommandAction;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-
-const TENANT: &str = "shop-1";
-
-/// The reference account service, running until the returned token is cancelled; failed
-/// charges retried every 300 ms.
-async fn account_service(stack: &Stack) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let consumer = account_ref::Consumer::new(stack.pg().await, &stack.ns.prefix, "account-1")
-        .await
-        .unwrap()
-        .with_retry(Duration::from_millis(300));
-    let stop = CancellationToken::new();
-    let running = tokio::spawn({
-        let (redis, stop) = (stack.redis.clone(), stop.clone());
-        async move { consumer.run(redis, 200, stop).await }
-    });
-    (stop, running)
-}
-
-async fn set_funds(stack: &Stack, user: &str, cents: i64) {
-    stack
-        .pg()
-        .await
-        .execute(
-            "INSERT INTO account_funds (tenant, user_id, balance_cents) VALUES ($1, $2, $3)
-             ON CONFLICT (tenant, user_id) DO UPDATE SET balance_cents = EXCLUDED.balance_cents",
-            &[&TENANT, &user, &cents],
-        )
-        .await
-        .unwrap();
-}
 
 async fn wait_payment(api: Api, id: &str, payment: &str) -> Value {
     wait_until(&format!("order {id} payment {payment}"), WAIT, || async {
@@ -71,7 +40,7 @@ async fn a_failed_deduction_blocks_the_user_until_paid_and_refunds_and_charges_r
     })
     .await;
     let api = stack.api(svc.addr);
-    let (stop, running) = account_service(&stack).await;
+    let (stop, running) = account_service(&stack, Duration::from_millis(300)).await;
 
     // No contract, no purchase; a stale event cannot undo a newer one.
     let (code, refused) = order(api, "ann", "cab-m-1", 1).await;
@@ -158,7 +127,7 @@ async fn a_failed_deduction_blocks_the_user_until_paid_and_refunds_and_charges_r
 async fn a_contract_ended_mid_order_still_settles_and_an_operator_waiver_lifts_the_block() {
     let (stack, _, svc, shop) = setup("cab-m-2", |c| c.purchases.require_contract = true).await;
     let api = stack.api(svc.addr);
-    let (stop, running) = account_service(&stack).await;
+    let (stop, running) = account_service(&stack, Duration::from_millis(300)).await;
     contract(api, TENANT, "bob", "signed", 1_000).await;
     set_funds(&stack, "bob", 0).await;
     let id = open(api, "bob", "cab-m-2", 1).await;

@@ -53,7 +53,7 @@ impl Parties {
     /// which is signed instead).
     pub fn key_for(&self, method: &str, path: &str) -> Option<&str> {
         let path = path.split('?').next().unwrap_or(path);
-        if path == "/v1/payments/callback" {
+        if path == "/v1/payments/callback" || path == "/v1/contracts/callback" {
             None
         } else if path == "/v1/orders" && method == "POST" {
             Some(&self.shop)

@@ -75,16 +75,7 @@ pub async fn apply(app: &App, e: &ContractEvent, signed: Signed<'_>) -> Result<C
     }
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
-    let first = tx
-        .execute(
-            "INSERT INTO payment_callbacks (provider, signature, order_id) VALUES ($1, $2, $3)
-             ON CONFLICT (provider, signature) DO NOTHING",
-            &[&signed.provider, &signed.signature.as_slice(), &format!("contract:{}:{}", e.tenant, e.user_id)],
-        )
-        .await?;
-    if first == 0 {
-        return Err(StoreError::rejected("replayed", "this signed callback was already received"));
-    }
+    signed.record(&tx, &format!("contract:{}:{}", e.tenant, e.user_id)).await?;
     let applied = tx
         .execute(
             "INSERT INTO deduction_contracts (tenant, user_id, contract_id, state, provider, event_ms)

@@ -136,6 +136,50 @@ pub struct OrderRef<'a> {
     pub door_id: u8,
 }
 
+/// [`OrderRef`]'s fields, read from the order's row.
+#[derive(Debug)]
+struct OrderFields {
+    id: String,
+    user_id: String,
+    tenant: Option<String>,
+    payment_id: Option<String>,
+    currency: String,
+    cabinet_id: String,
+    door_id: u8,
+}
+
+impl OrderFields {
+    async fn load(tx: &Transaction<'_>, id: &str) -> Result<Self, StoreError> {
+        let r = tx
+            .query_one(
+                "SELECT user_id, tenant, payment_id, currency, cabinet_id, door_id FROM orders WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(Self {
+            id: id.to_owned(),
+            user_id: r.get(0),
+            tenant: r.get(1),
+            payment_id: r.get(2),
+            currency: r.get(3),
+            cabinet_id: r.get(4),
+            door_id: u8::try_from(r.get::<_, i16>(5)).unwrap_or(0),
+        })
+    }
+
+    fn as_ref(&self) -> OrderRef<'_> {
+        OrderRef {
+            id: &self.id,
+            user_id: &self.user_id,
+            tenant: self.tenant.as_deref(),
+            payment_id: self.payment_id.as_deref(),
+            currency: &self.currency,
+            cabinet_id: &self.cabinet_id,
+            door_id: self.door_id,
+        }
+    }
+}
+
 /// A money message to write.
 #[derive(Debug)]
 pub struct NewPayment<'a> {
@@ -397,11 +441,7 @@ pub async fn adjust(app: &App, order_id: &str, kind: Kind, a: &Adjustment) -> Re
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
     let row = tx
-        .query_opt(
-            "SELECT state, payment, user_id, tenant, payment_id, currency, cabinet_id, door_id, charged_cents
-               FROM orders WHERE id = $1 FOR UPDATE",
-            &[&order_id],
-        )
+        .query_opt("SELECT state, payment, charged_cents FROM orders WHERE id = $1 FOR UPDATE", &[&order_id])
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("order {order_id}")))?;
     if let Some(existing) =
@@ -418,7 +458,6 @@ pub async fn adjust(app: &App, order_id: &str, kind: Kind, a: &Adjustment) -> Re
     if state != "settled" {
         return Err(StoreError::rejected("not_settled", format!("order {order_id} is {state}, not settled")));
     }
-    let door_id = u8::try_from(row.get::<_, i16>(7)).unwrap_or(0);
     let mut lines = Vec::new();
     let amount = if kind == Kind::Refund {
         if !matches!(payment.as_deref(), Some("paid" | "refunded")) {
@@ -430,7 +469,7 @@ pub async fn adjust(app: &App, order_id: &str, kind: Kind, a: &Adjustment) -> Re
                 ),
             ));
         }
-        let charged: i64 = row.get(8);
+        let charged: i64 = row.get(2);
         let open = tx
             .query_one(
                 "SELECT coalesce(sum(amount_cents), 0)::bigint FROM payments
@@ -456,17 +495,7 @@ pub async fn adjust(app: &App, order_id: &str, kind: Kind, a: &Adjustment) -> Re
     } else {
         a.amount_cents.unwrap_or(0)
     };
-    let (user, tenant, payment_id, currency, cabinet): (String, Option<String>, Option<String>, String, String) =
-        (row.get(2), row.get(3), row.get(4), row.get(5), row.get(6));
-    let order = OrderRef {
-        id: order_id,
-        user_id: &user,
-        tenant: tenant.as_deref(),
-        payment_id: payment_id.as_deref(),
-        currency: &currency,
-        cabinet_id: &cabinet,
-        door_id,
-    };
+    let order = OrderFields::load(&tx, order_id).await?;
     let new = NewPayment {
         idem_key: &key,
         kind,
@@ -477,7 +506,7 @@ pub async fn adjust(app: &App, order_id: &str, kind: Kind, a: &Adjustment) -> Re
         review: &[],
         voids: None,
     };
-    write(&tx, &order, &new).await?;
+    write(&tx, &order.as_ref(), &new).await?;
     let written = tx.query_one(&format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE idem_key = $1"), &[&key]).await?;
     crate::auth::audit::commit(tx).await?;
     app.metrics.payment_adjustments.with_label_values(&[kind.as_str()]).inc();
@@ -582,23 +611,7 @@ pub async fn waive(app: &App, order_id: &str, w: &Waiver) -> Result<(), StoreErr
         .collect();
     // The account side retries a failed charge on its own: tell it to stop, or a shopper who
     // paid another way would be charged again.
-    let o = tx
-        .query_one(
-            "SELECT user_id, tenant, payment_id, currency, cabinet_id, door_id FROM orders WHERE id = $1",
-            &[&order_id],
-        )
-        .await?;
-    let (user, tenant, payment_id, currency, cabinet): (String, Option<String>, Option<String>, String, String) =
-        (o.get(0), o.get(1), o.get(2), o.get(3), o.get(4));
-    let target = OrderRef {
-        id: order_id,
-        user_id: &user,
-        tenant: tenant.as_deref(),
-        payment_id: payment_id.as_deref(),
-        currency: &currency,
-        cabinet_id: &cabinet,
-        door_id: u8::try_from(o.get::<_, i16>(5)).unwrap_or(0),
-    };
+    let target = OrderFields::load(&tx, order_id).await?;
     for key in &waived {
         let void_key = format!("void:{key}");
         let void = NewPayment {
@@ -611,7 +624,7 @@ pub async fn waive(app: &App, order_id: &str, w: &Waiver) -> Result<(), StoreErr
             review: &[],
             voids: Some(key),
         };
-        write(&tx, &target, &void).await?;
+        write(&tx, &target.as_ref(), &void).await?;
     }
     recompute(&tx, &[order_id.to_owned()]).await?;
     crate::auth::audit::commit(tx).await?;

@@ -431,6 +431,27 @@ pub struct Signed<'a> {
     pub signature: &'a [u8; 32],
 }
 
+impl Signed<'_> {
+    /// Records the signature inside `tx` (the transaction of what the callback changes), naming
+    /// its `subject`; the same signed request again is `Rejected("replayed")`.
+    ///
+    /// # Errors
+    /// `Rejected("replayed")`, or PostgreSQL errors.
+    pub async fn record(&self, tx: &Transaction<'_>, subject: &str) -> Result<(), StoreError> {
+        let first = tx
+            .execute(
+                "INSERT INTO payment_callbacks (provider, signature, order_id) VALUES ($1, $2, $3)
+                 ON CONFLICT (provider, signature) DO NOTHING",
+                &[&self.provider, &self.signature.as_slice(), &subject],
+            )
+            .await?;
+        if first == 0 {
+            return Err(StoreError::rejected("replayed", "this signed callback was already received"));
+        }
+        Ok(())
+    }
+}
+
 /// Applies the provider's signed callback, in one transaction with the record of its signature:
 /// a replay of the same signed request is refused (`Rejected("replayed")`) and changes nothing;
 /// an authorisation for another amount or currency than the order's hold is refused
@@ -452,16 +473,7 @@ pub async fn authorise(app: &App, a: &Authorisation, signed: Signed<'_>) -> Resu
     }
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
-    let first = tx
-        .execute(
-            "INSERT INTO payment_callbacks (provider, signature, order_id) VALUES ($1, $2, $3)
-             ON CONFLICT (provider, signature) DO NOTHING",
-            &[&signed.provider, &signed.signature.as_slice(), &a.order_id],
-        )
-        .await?;
-    if first == 0 {
-        return Err(StoreError::rejected("replayed", "this signed callback was already received"));
-    }
+    signed.record(&tx, &a.order_id).await?;
     let held = tx
         .query_opt("SELECT hold_cents, currency FROM orders WHERE id = $1 FOR UPDATE", &[&a.order_id])
         .await?

@@ -236,8 +236,7 @@ pub async fn settle_by_operator(app: &App, id: &str, operator: &str, counted: &[
     Ok(done)
 }
 
-/// Tries to settle every order waiting on `cabinets`, and checks the scales counted at their
-/// last restocks (called after their weights were stored).
+/// Tries to settle every order waiting on `cabinets` (called after their weights were stored).
 ///
 /// # Errors
 /// Storage errors.
@@ -245,7 +244,6 @@ pub async fn weights_arrived(app: &App, cabinets: &[&str]) -> Result<(), StoreEr
     if cabinets.is_empty() {
         return Ok(());
     }
-    super::stocktake::check_scales(app, cabinets).await?;
     let client = app.pg.get().await?;
     let rows = client
         .query(

@@ -28,6 +28,9 @@ use super::reckon::Line;
 use crate::app::{App, ms_of};
 use crate::error::StoreError;
 
+/// How often counted lanes wait for their scale check.
+pub const SCALE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One lane as the restocker counted it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,27 +164,28 @@ pub async fn record(
 }
 
 /// Checks the scales of lanes counted at a restock against their first stable weight since
-/// (called after `cabinets`' weights were stored): a drift beyond
-/// `purchases.calibration_drift_grams` raises a calibration notice and sends the lane a
-/// `TARE`. Each count is checked once; counts older than an hour without a reading are
-/// dropped from the check.
+/// (every [`SCALE_CHECK_EVERY`], off the weight path; an instance's check is cheap while no
+/// count waits): a drift beyond `purchases.calibration_drift_grams` raises a calibration notice
+/// and sends the lane a `TARE`. Each count is checked once; counts older than an hour without
+/// a reading are dropped from the check.
 ///
 /// # Errors
-/// Storage errors (the check runs again on the next weights).
-pub async fn check_scales(app: &App, cabinets: &[&str]) -> Result<(), StoreError> {
+/// Storage errors (the next check tries again).
+pub async fn check_scales(app: &App) -> Result<(), StoreError> {
     let mut client = app.pg.get().await?;
-    let rows = client
+    let tx = client.transaction().await?;
+    // Locked until this check commits: two instances never check (and tare) one count twice.
+    let rows = tx
         .query(
             "SELECT restock_id, cabinet_id, door_id, lane_id, stocked, unit_grams, product_id, counted_at
-               FROM lane_counts WHERE scale_checked_at IS NULL AND cabinet_id = ANY($1)",
-            &[&cabinets],
+               FROM lane_counts WHERE scale_checked_at IS NULL ORDER BY counted_at LIMIT 100 FOR UPDATE SKIP LOCKED",
+            &[],
         )
         .await?;
     if rows.is_empty() {
         return Ok(());
     }
     let mut tares: Vec<(String, Tare)> = Vec::new();
-    let tx = client.transaction().await?;
     for row in &rows {
         let (restock, cabinet, door, lane): (String, String, i16, i16) =
             (row.get(0), row.get(1), row.get(2), row.get(3));

@@ -153,15 +153,10 @@ pub async fn open(api: Api, user: &str, cabinet: &str, door: u8) -> String {
 
 /// Sends a payment callback for `body` signed with `secret` at `t` as provider `provider`.
 pub async fn signed_callback(api: Api, provider: &str, secret: &str, t: u64, body: &Value) -> (u16, Value) {
-    signed_post(api, "/v1/payments/callback", provider, secret, t, body).await
-}
-
-/// POSTs `body` to `path` signed with `secret` at `t` as provider `provider`.
-pub async fn signed_post(api: Api, path: &str, provider: &str, secret: &str, t: u64, body: &Value) -> (u16, Value) {
     let text = body.to_string();
     let signature = protocol::payment::header(secret.as_bytes(), t, text.as_bytes());
     let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: api\r\nX-Payment-Provider: {provider}\r\nX-Payment-Signature: {signature}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        "POST /v1/payments/callback HTTP/1.1\r\nHost: api\r\nX-Payment-Provider: {provider}\r\nX-Payment-Signature: {signature}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
         text.len()
     );
     testkit::http::call_raw(api.addr, &request).await
@@ -171,5 +166,38 @@ pub async fn signed_post(api: Api, path: &str, provider: &str, secret: &str, t: 
 pub async fn contract(api: Api, tenant: &str, user: &str, state: &str, event_ms: i64) -> (u16, Value) {
     let body = json!({"tenant": tenant, "user_id": user, "contract_id": format!("ct-{user}"), "state": state,
                       "event_ms": event_ms});
-    signed_post(api, "/v1/contracts/callback", PROVIDER, PROVIDER_SECRET, now_ms() / 1000, &body).await
+    http(api, "POST", "/v1/contracts/callback", Some(body)).await
+}
+
+/// The tenant of the tests' shop key.
+pub const TENANT: &str = "shop-1";
+
+/// Sets `user`'s balance at the reference account service.
+pub async fn set_funds(stack: &Stack, user: &str, cents: i64) {
+    stack
+        .pg()
+        .await
+        .execute(
+            "INSERT INTO account_funds (tenant, user_id, balance_cents) VALUES ($1, $2, $3)
+             ON CONFLICT (tenant, user_id) DO UPDATE SET balance_cents = EXCLUDED.balance_cents",
+            &[&TENANT, &user, &cents],
+        )
+        .await
+        .unwrap();
+}
+
+/// The reference account service on this stack, retrying failed charges every `retry`,
+/// running until the returned token is cancelled.
+pub async fn account_service(
+    stack: &Stack,
+    retry: std::time::Duration,
+) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>) {
+    let consumer =
+        account_ref::Consumer::new(stack.pg().await, &stack.ns.prefix, "account-1").await.unwrap().with_retry(retry);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn({
+        let (redis, stop) = (stack.redis.clone(), stop.clone());
+        async move { consumer.run(redis, 100, stop).await }
+    });
+    (stop, running)
 }
