@@ -48,6 +48,8 @@ ALTER TABLE account_ledger ADD COLUMN IF NOT EXISTS user_id text NOT NULL DEFAUL
 ALTER TABLE account_ledger ADD COLUMN IF NOT EXISTS state text NOT NULL DEFAULT 'paid';
 ALTER TABLE account_ledger ADD COLUMN IF NOT EXISTS failure text;
 CREATE INDEX IF NOT EXISTS account_ledger_failed ON account_ledger (applied_at) WHERE state = 'failed';
+ALTER TABLE account_ledger ADD COLUMN IF NOT EXISTS answered boolean NOT NULL DEFAULT true;
+CREATE INDEX IF NOT EXISTS account_ledger_unanswered ON account_ledger (applied_at) WHERE NOT answered;
 CREATE TABLE IF NOT EXISTS account_funds (
     tenant        text NOT NULL,
     user_id       text NOT NULL,
@@ -215,6 +217,9 @@ impl Consumer {
             let applied = move_money(&tx, &kind, &tenant, &user, amount).await?;
             if applied == Applied::Paid {
                 set_state(&tx, &key, &applied).await?;
+                // Answered only once the answer is in Redis (`answer_retries`): a Redis that
+                // fails in between must not leave the device service waiting forever.
+                tx.execute("UPDATE account_ledger SET answered = false WHERE idem_key = $1", &[&key]).await?;
                 paid.push(key);
             }
         }
@@ -247,8 +252,10 @@ impl Consumer {
                     if e.code() == Some("NOGROUP") {
                         // Redis lost the stream: the device service publishes what is unconfirmed again.
                         group_ready = false;
-                        cursor = "0";
                     }
+                    // A read whose reply was lost may have handed entries to this consumer: they
+                    // wait in its pending list.
+                    cursor = "0";
                     tracing::warn!(error = %e, "failed to read settlements");
                     pause(&stop).await;
                     continue;
@@ -287,17 +294,30 @@ impl Consumer {
         Ok(())
     }
 
+    /// Retries the failed charges, then answers every charge paid on a retry and not answered
+    /// yet (this round's, and any whose answer Redis refused before).
     async fn answer_retries(&self, redis: &mut RedisConn) -> Result<(), AccountError> {
         let paid = self.retry_failed().await?;
-        if paid.is_empty() {
+        if !paid.is_empty() {
+            tracing::info!(paid = paid.len(), "failed charges paid on retry");
+        }
+        let unanswered: Vec<String> = {
+            let pg = self.pg.lock().await;
+            let rows = pg
+                .query("SELECT idem_key FROM account_ledger WHERE NOT answered ORDER BY applied_at LIMIT 500", &[])
+                .await?;
+            rows.iter().map(|r| r.get(0)).collect()
+        };
+        if unanswered.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for key in &paid {
+        for key in &unanswered {
             self.answer(&mut pipe, key, &Applied::Paid);
         }
         pipe.query_async::<()>(redis).await?;
-        tracing::info!(paid = paid.len(), "failed charges paid on retry");
+        let pg = self.pg.lock().await;
+        pg.execute("UPDATE account_ledger SET answered = true WHERE idem_key = ANY($1)", &[&unanswered]).await?;
         Ok(())
     }
 

@@ -155,6 +155,8 @@ pub struct StreamsConfig {
     pub claim_idle_ms: u64,
     /// Take-over scan interval, ms.
     pub claim_interval_ms: u64,
+    /// A reader of a group holding nothing and silent this long is a departed instance, ms.
+    pub departed_after_ms: u64,
     /// A cabinet time further than this from the gateway's receive time is not trusted, s.
     pub max_clock_skew_s: u64,
 }
@@ -408,6 +410,7 @@ impl Default for StreamsConfig {
             block_ms: 1000,
             claim_idle_ms: 15_000,
             claim_interval_ms: 5000,
+            departed_after_ms: 3_600_000,
             max_clock_skew_s: 300,
         }
     }
@@ -559,6 +562,9 @@ impl Config {
         }
         if !(1..=1024).contains(&self.streams.shards) || self.streams.batch == 0 {
             return bad("streams.shards must be within 1..=1024 and streams.batch positive");
+        }
+        if self.streams.departed_after_ms <= self.streams.claim_idle_ms.max(self.streams.block_ms) {
+            return bad("streams.departed_after_ms must be longer than claim_idle_ms and block_ms");
         }
         let h = &self.heartbeat;
         if h.interval_s == 0 || h.offline_after_s < h.interval_s {

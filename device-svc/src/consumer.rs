@@ -309,6 +309,9 @@ pub async fn run_shard(consumer: Arc<Consumer>, mut redis: RedisConn, shard: u16
                 if e.code() == Some("NOGROUP") {
                     group_ready = false;
                 }
+                // A read whose reply was lost may have handed entries to this consumer: they
+                // wait in its pending list.
+                cursor = "0";
                 tracing::warn!(shard, error = %e, "failed to read the upstream stream");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -316,6 +319,11 @@ pub async fn run_shard(consumer: Arc<Consumer>, mut redis: RedisConn, shard: u16
         if last_claim.elapsed() >= Duration::from_millis(cfg.claim_interval_ms) {
             last_claim = tokio::time::Instant::now();
             claim(&consumer, &mut redis, &stream, &me, cfg.claim_idle_ms, cfg.batch, &stop).await;
+            match redis_conn::forget_departed(&mut redis, &stream, GROUP, &me, cfg.departed_after_ms).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(shard, readers = n, "removed departed readers from the group"),
+                Err(e) => tracing::warn!(shard, error = %e, "failed to list the group's readers"),
+            }
             report_lag(&app, &mut redis, &stream, shard).await;
             match crate::trim::trim_consumed(&mut redis, &stream).await {
                 Ok(n) => app.metrics.trimmed.inc_by(n),
@@ -337,17 +345,7 @@ async fn claim(
 ) {
     let mut start = "0-0".to_owned();
     loop {
-        let reply: redis::RedisResult<(String, Vec<StreamId>)> = redis::cmd("XAUTOCLAIM")
-            .arg(stream)
-            .arg(GROUP)
-            .arg(me)
-            .arg(idle_ms)
-            .arg(&start)
-            .arg("COUNT")
-            .arg(count)
-            .query_async(redis)
-            .await
-            .map(|r: redis::streams::StreamAutoClaimReply| (r.next_stream_id, r.claimed));
+        let reply = redis_conn::claim_idle(redis, stream, GROUP, me, idle_ms, &start, count).await;
         let (next, entries) = match reply {
             Ok(r) => r,
             Err(e) => {

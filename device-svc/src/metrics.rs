@@ -230,7 +230,7 @@ impl Metrics {
                 &r,
                 IntCounter::new(
                     "devsvc_stream_claimed_entries_total",
-                    "Upstream entries taken over from an instance that stopped acknowledging.",
+                    "Stream entries (upstream, account confirmations) taken over from an instance that stopped acknowledging.",
                 )
                 .expect("valid"),
             ),

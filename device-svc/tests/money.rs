@@ -195,3 +195,59 @@ async fn a_restock_count_finds_an_item_swapped_for_one_of_the_same_weight_and_re
     shop.stop().await;
     svc.stop().await;
 }
+
+/// Confirmations an instance read and never acknowledged (it was killed) are taken over by
+/// another after `claim_idle_ms`, not left until the settlement is resent; readers that are
+/// gone are then removed from the group.
+#[tokio::test]
+async fn confirmations_a_killed_instance_held_are_taken_over_and_its_name_forgotten() {
+    let (stack, config, svc, shop) = setup("cab-m-4", |c| {
+        // The resend would also end in a paid order; far off, only the take-over can.
+        c.purchases.settlement_resend_s = 3600;
+        c.streams.departed_after_ms = 1500;
+    })
+    .await;
+    let api = stack.api(svc.addr);
+    let id = buy_chips(api, &shop, "carol", 1).await;
+    svc.stop().await;
+    // A reader that takes the account side's answer and dies before acknowledging it.
+    let stream = format!("{}account:confirmations", stack.ns.prefix);
+    let mut con = stack.redis.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("idem_key")
+        .arg(format!("settlement:{id}"))
+        .arg("result")
+        .arg("paid")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("device-svc")
+        .arg("gone")
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut next = config.clone();
+    next.instance_id = "svc-2".into();
+    let svc = stack.service_with(next).await;
+    let api = stack.api(svc.addr);
+    wait_payment(api, &id, "paid").await;
+    let claimed = metric(&svc.app.metrics.render(), "devsvc_stream_claimed_entries_total");
+    assert!(claimed >= 1.0, "taken over: {claimed}");
+    wait_until("the departed readers forgotten", WAIT, || async {
+        let mut con = stack.redis.clone();
+        let readers: redis::streams::StreamInfoConsumersReply =
+            redis::cmd("XINFO").arg("CONSUMERS").arg(&stream).arg("device-svc").query_async(&mut con).await.unwrap();
+        let names: Vec<String> = readers.consumers.into_iter().map(|c| c.name).collect();
+        (names == ["svc-2"]).then_some(())
+    })
+    .await;
+    shop.stop().await;
+    svc.stop().await;
+}

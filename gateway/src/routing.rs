@@ -94,8 +94,10 @@ pub async fn run(ctx: Arc<Ctx>, mut redis: RedisConn, stop: CancellationToken) {
                     // The stream was deleted (by an operator, or Redis lost it): recreate the group.
                     group_ready = false;
                     group_start = "0";
-                    cursor = ">";
                 }
+                // A read whose reply was lost (Redis died, the connection broke) may have handed
+                // entries to this consumer: they wait in its pending list, read from "0".
+                cursor = "0";
                 tracing::warn!(error = %e, "failed to read the command stream");
                 wait(&stop, &mut backoff).await;
                 continue;

@@ -60,6 +60,62 @@ pub async fn read_group(
     Ok(reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default())
 }
 
+/// Takes over, for `consumer`, up to `count` entries of `group` that another consumer read and
+/// has not acknowledged for `idle_ms` (`XAUTOCLAIM` from `start`): what a stopped or killed
+/// instance of a reader had in hand. Returns the cursor to go on from (`0-0`: the scan is
+/// complete) and the entries taken.
+///
+/// # Errors
+/// Any Redis error.
+pub async fn claim_idle(
+    redis: &mut RedisConn,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    idle_ms: u64,
+    start: &str,
+    count: usize,
+) -> RedisResult<(String, Vec<redis::streams::StreamId>)> {
+    let reply: redis::streams::StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+        .arg(stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(idle_ms)
+        .arg(start)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(redis)
+        .await?;
+    Ok((reply.next_stream_id, reply.claimed))
+}
+
+/// Removes from `group` the consumers other than `me` that hold no unacknowledged entry and
+/// have not read for `idle_ms`: the names of instances that are gone (an instance's name is
+/// new on every start), which Redis would otherwise keep forever. A live consumer removed by
+/// mistake is recreated by its next read, having lost nothing. Returns how many were removed.
+///
+/// # Errors
+/// Any Redis error.
+pub async fn forget_departed(
+    redis: &mut RedisConn,
+    stream: &str,
+    group: &str,
+    me: &str,
+    idle_ms: u64,
+) -> RedisResult<usize> {
+    let consumers: redis::streams::StreamInfoConsumersReply =
+        redis::cmd("XINFO").arg("CONSUMERS").arg(stream).arg(group).query_async(redis).await?;
+    let mut removed = 0;
+    for c in consumers.consumers {
+        if c.name != me && c.pending == 0 && u64::try_from(c.idle).unwrap_or(u64::MAX) >= idle_ms {
+            let _: i64 =
+                redis::cmd("XGROUP").arg("DELCONSUMER").arg(stream).arg(group).arg(&c.name).query_async(redis).await?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// A stream entry's fields as byte strings, as the bus readers take them (`protocol::bus`);
 /// values of other types are left out.
 pub fn bulk_fields(map: std::collections::HashMap<String, Value>) -> std::collections::HashMap<String, Vec<u8>> {

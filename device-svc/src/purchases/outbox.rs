@@ -131,12 +131,16 @@ pub async fn relay_once(app: &App) -> Result<usize, StoreError> {
 }
 
 /// Reads the account service's confirmations until `stop` and marks each confirmed settlement
-/// done. `redis` must be a connection of its own (the read blocks).
+/// done; every `streams.claim_interval_ms` it also takes over what another instance read and
+/// left unacknowledged for `claim_idle_ms` (an instance killed mid-batch), as the upstream
+/// readers do. `redis` must be a connection of its own (the read blocks).
 pub async fn run_confirmations(app: Arc<App>, mut redis: RedisConn, stop: CancellationToken) {
     let stream = format!("{}{CONFIRMATIONS}", app.keys.prefix());
     let me = app.config.instance_id.clone();
+    let streams = app.config.streams.clone();
     let mut group_ready = false;
     let mut cursor = "0";
+    let mut last_claim = tokio::time::Instant::now();
     while !stop.is_cancelled() {
         if !group_ready {
             match redis_conn::ensure_group(&mut redis, &stream, GROUP, "0").await {
@@ -148,36 +152,79 @@ pub async fn run_confirmations(app: Arc<App>, mut redis: RedisConn, stop: Cancel
                 }
             }
         }
-        let read =
-            redis_conn::read_group(&mut redis, &stream, GROUP, &me, cursor, 500, app.config.streams.block_ms).await;
-        let entries = match read {
-            Ok(entries) => entries,
+        let read = redis_conn::read_group(&mut redis, &stream, GROUP, &me, cursor, 500, streams.block_ms).await;
+        match read {
+            Ok(entries) if entries.is_empty() => cursor = ">",
+            Ok(entries) => {
+                if !record(&app, &mut redis, &stream, entries).await {
+                    pause(&stop).await;
+                    continue;
+                }
+            }
             Err(e) => {
                 if e.code() == Some("NOGROUP") {
                     // Redis lost the stream: confirmations from now on are read from its start.
                     group_ready = false;
                 }
+                // A read whose reply was lost may have handed entries to this consumer: they
+                // wait in its pending list.
+                cursor = "0";
                 tracing::warn!(error = %e, "failed to read confirmations");
                 pause(&stop).await;
                 continue;
             }
-        };
-        if entries.is_empty() {
-            cursor = ">";
-            continue;
         }
-        let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-        let answers: Vec<money::Answer> = entries.into_iter().filter_map(|e| answer(&app, e)).collect();
-        match money::record_answers(&app, &answers).await {
-            Ok(n) => app.metrics.outbox_confirmed.inc_by(n),
+        if last_claim.elapsed() >= Duration::from_millis(streams.claim_interval_ms) {
+            last_claim = tokio::time::Instant::now();
+            take_over(&app, &mut redis, &stream, &me).await;
+        }
+    }
+}
+
+/// Records the answers `entries` carry, then acknowledges them; `false` (logged) when they
+/// could not be recorded and must be read again.
+async fn record(app: &App, redis: &mut RedisConn, stream: &str, entries: Vec<redis::streams::StreamId>) -> bool {
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let answers: Vec<money::Answer> = entries.into_iter().filter_map(|e| answer(app, e)).collect();
+    match money::record_answers(app, &answers).await {
+        Ok(n) => app.metrics.outbox_confirmed.inc_by(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "failed to record confirmations; they are read again");
+            return false;
+        }
+    }
+    let _: redis::RedisResult<i64> = redis::cmd("XACK").arg(stream).arg(GROUP).arg(&ids).query_async(redis).await;
+    true
+}
+
+/// Takes over and records the confirmations other instances left unacknowledged, then removes
+/// the readers that are gone from the group.
+async fn take_over(app: &App, redis: &mut RedisConn, stream: &str, me: &str) {
+    let streams = &app.config.streams;
+    let mut start = "0-0".to_owned();
+    loop {
+        match redis_conn::claim_idle(redis, stream, GROUP, me, streams.claim_idle_ms, &start, 500).await {
+            Ok((next, entries)) => {
+                if !entries.is_empty() {
+                    app.metrics.claimed.inc_by(entries.len() as u64);
+                    tracing::info!(entries = entries.len(), "took over confirmations of a stopped instance");
+                    if !record(app, redis, stream, entries).await {
+                        return;
+                    }
+                }
+                if next == "0-0" {
+                    break;
+                }
+                start = next;
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "failed to record confirmations; they are read again");
-                pause(&stop).await;
-                continue;
+                tracing::warn!(error = %e, "failed to claim idle confirmations");
+                return;
             }
         }
-        let _: redis::RedisResult<i64> =
-            redis::cmd("XACK").arg(&stream).arg(GROUP).arg(&ids).query_async(&mut redis).await;
+    }
+    if let Err(e) = redis_conn::forget_departed(redis, stream, GROUP, me, streams.departed_after_ms).await {
+        tracing::warn!(error = %e, "failed to list the confirmation readers");
     }
 }
 
