@@ -167,23 +167,37 @@ pub async fn open_door(app: &App, order: Order) -> Result<(), StoreError> {
     let device = DeviceKey::Cabinet(cabinet);
     let order_id = OrderId::new(&order.id).map_err(|e| StoreError::invalid("order_id", e.to_string()))?;
     let max_attempts = i32::try_from(p.door_queries).unwrap_or(i32::MAX).saturating_add(1);
+    // An earlier run of this order (an instance that stopped mid-opening) may have sent the
+    // open: then only ask, since a query cannot open a door late. Within this run the open is
+    // sent again while Redis refused to take it (it never reached the cabinet; a repeated open
+    // is harmless anyway, the cabinet answers OK for the same order).
+    let mut open_sent = order.open_attempts > 0;
     loop {
         let Some(attempt) = next_attempt(app, &order.id).await? else { return Ok(()) };
         order.open_attempts = attempt;
         if attempt > max_attempts {
             return cancel(app, &order, "cabinet_silent", "abnormal", true).await;
         }
-        // The first attempt opens; the rest only ask (a repeated open would be harmless, the
-        // cabinet answers OK for the same order, but a query cannot open a door late).
-        let action = if attempt == 1 {
+        if attempt > 1 {
+            tokio::time::sleep(Duration::from_millis(p.query_interval_ms)).await;
+        }
+        let opening = !open_sent;
+        let action = if opening {
             CommandAction::OpenDoor { door_id: order.door_id, order_id: order_id.clone() }
         } else {
-            tokio::time::sleep(Duration::from_millis(p.query_interval_ms)).await;
             CommandAction::QueryDoor { door_id: order.door_id }
         };
-        let opening = attempt == 1;
-        let outcome =
-            app.commander.send(&device, CommandBody::Cabinet(action), Duration::from_millis(p.open_timeout_ms)).await?;
+        let sent =
+            app.commander.send(&device, CommandBody::Cabinet(action), Duration::from_millis(p.open_timeout_ms)).await;
+        let outcome = match sent {
+            Ok(outcome) => outcome,
+            Err(StoreError::Redis(e)) => {
+                tracing::warn!(order = %order.id, attempt, error = %e, "door command not sent; Redis refused it");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        open_sent = true;
         match outcome {
             Outcome::Cabinet(r) if r.status == CommandStatus::Ok && (opening || r.door_state == DoorStatus::Open) => {
                 let cause = if opening { "open_result" } else { "query_open" };
