@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 
 use common::*;
 use device_svc::DeviceService;
@@ -71,48 +70,6 @@ async fn two_instances_judge_each_silent_cabinet_once() {
     two.stop().await;
 }
 
-/// A device service in a child process of its own, killed (SIGKILL) on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_process(stack: &Stack, instance: &str, dir: &std::path::Path) -> Process {
-    let c = stack.svc_config(instance);
-    let toml = format!(
-        "instance_id = \"{instance}\"\nkey_prefix = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
-         [postgres]\nurl = \"{}\"\npool_size = 4\n[redis]\nurl = \"{}\"\n\
-         [streams]\nblock_ms = {}\nclaim_idle_ms = {}\nclaim_interval_ms = {}\n\
-         [heartbeat]\ninterval_s = {}\noffline_after_s = {}\nwindow_s = {}\ncheck_interval_ms = {}\nstartup_grace_s = 0\nrecheck_s = 1\n",
-        c.key_prefix,
-        c.postgres.url,
-        c.redis.url,
-        c.streams.block_ms,
-        c.streams.claim_idle_ms,
-        c.streams.claim_interval_ms,
-        c.heartbeat.interval_s,
-        c.heartbeat.offline_after_s,
-        c.heartbeat.window_s,
-        c.heartbeat.check_interval_ms,
-    );
-    let path = dir.join(format!("{instance}.toml"));
-    std::fs::write(&path, toml).unwrap();
-    let log = std::fs::File::create(dir.join(format!("{instance}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_device-svc"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Process(child)
-}
-
 /// Entries read by `consumer` and not acknowledged, over every shard.
 async fn pending_of(stack: &Stack, consumer: Option<&str>) -> i64 {
     let mut con = stack.redis.clone();
@@ -143,7 +100,7 @@ async fn an_instance_killed_mid_batch_has_its_entries_taken_over_once() {
         let (id, secret) = register_cabinet(stack.api(b.addr), &format!("cab-kill-{n}"), &[(1, 4)]).await;
         cabinets.push((id, secret));
     }
-    let a = spawn_process(&stack, "svc-a", &dir);
+    let a = spawn_process(&stack.svc_config("svc-a"), &dir);
     wait_until("A consuming every shard", WAIT, || async {
         let mut con = stack.redis.clone();
         let mut shards = 0;

@@ -51,6 +51,8 @@ pub struct Stack {
     pub node: String,
     /// The API keys and payment secret of the flows' parties (in this test's database).
     pub parties: &'static Parties,
+    /// The private Redis of a test that crashes it ([`Stack::new_private_redis`]).
+    pub server: Option<std::sync::Mutex<testkit::redis_server::RedisServer>>,
 }
 
 /// The payment provider the tests' device services trust.
@@ -61,14 +63,35 @@ pub const PROVIDER_SECRET: &str = "test-provider-secret-0123456789";
 impl Stack {
     /// A fresh database and prefix, and one gateway node.
     pub async fn new() -> Self {
+        Self::with(testkit::RedisNamespace::create(), None).await
+    }
+
+    /// As [`Stack::new`] on a private Redis with the append-only file (`appendfsync
+    /// everysec`, as production runs it), for a test that kills and restarts it
+    /// ([`Stack::crash_redis`]).
+    pub async fn new_private_redis() -> Self {
+        let server = tokio::task::spawn_blocking(testkit::redis_server::RedisServer::start_durable).await.unwrap();
+        let ns = testkit::RedisNamespace { url: server.url(), prefix: "t:".into() };
+        Self::with(ns, Some(std::sync::Mutex::new(server))).await
+    }
+
+    /// Kills the private Redis with SIGKILL and starts it again from its append-only file.
+    pub async fn crash_redis(&self) {
+        let server = self.server.as_ref().expect("a stack on a private Redis");
+        tokio::task::block_in_place(|| server.lock().unwrap().restart());
+    }
+
+    async fn with(
+        ns: testkit::RedisNamespace,
+        server: Option<std::sync::Mutex<testkit::redis_server::RedisServer>>,
+    ) -> Self {
         let db = testkit::TestDatabase::create().await;
-        let ns = testkit::RedisNamespace::create();
         let keys = Keys::new(ns.prefix.clone());
         let redis = RedisConn::open(&RedisTarget::Single(ns.url.clone()), None).await.unwrap();
         let node = "gw-a".to_owned();
         let gateway = Gateway::start(gateway_config(&ns, &node).validate().unwrap()).await.unwrap();
         let parties = Box::leak(Box::new(parties(&db).await));
-        Self { db, ns, keys, redis, gateway, node, parties }
+        Self { db, ns, keys, redis, gateway, node, parties, server }
     }
 
     /// The API at `addr`, called by the flows' parties.
@@ -197,8 +220,18 @@ pub async fn login(addr: SocketAddr, id: &DeviceId, secret: &[u8]) -> Cabinet {
     cabinet
 }
 
-/// Polls `probe` until it returns `Some`, failing the test after `within`.
-pub async fn wait_until<T, F, Fut>(what: &str, within: Duration, mut probe: F) -> T
+/// Polls `probe` every 20 ms until it returns `Some`, failing the test after `within`.
+pub async fn wait_until<T, F, Fut>(what: &str, within: Duration, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_until(what, within, Duration::from_millis(20), probe).await
+}
+
+/// Polls `probe` every `every` until it returns `Some`, failing the test after `within` (a
+/// test running many cabinets at once polls less often).
+pub async fn poll_until<T, F, Fut>(what: &str, within: Duration, every: Duration, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -209,7 +242,7 @@ where
             return v;
         }
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -285,4 +318,81 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
         .filter(|l| l.starts_with(name_and_labels))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
+}
+
+/// A device service in a child process of its own, killed (SIGKILL) on drop.
+pub struct Process(std::process::Child);
+
+impl Process {
+    /// Kills it with SIGKILL (nothing handed back, as in a crash) and waits for it to exit.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts the `device-svc` binary with `c` (the settings the tests change, written as TOML
+/// in `dir`, its log beside it).
+pub fn spawn_process(c: &device_svc::config::Config, dir: &std::path::Path) -> Process {
+    let providers: Vec<String> = c
+        .payments
+        .providers
+        .iter()
+        .map(|p| format!("{{ name = \"{}\", secret = \"{}\" }}", p.name, p.secret))
+        .collect();
+    let p = &c.purchases;
+    let toml = format!(
+        "instance_id = \"{}\"\nkey_prefix = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [postgres]\nurl = \"{}\"\npool_size = {}\n[redis]\nurl = \"{}\"\n\
+         [streams]\nblock_ms = {}\nclaim_idle_ms = {}\nclaim_interval_ms = {}\n\
+         [heartbeat]\ninterval_s = {}\noffline_after_s = {}\nwindow_s = {}\ncheck_interval_ms = {}\n\
+         startup_grace_s = {}\nrecheck_s = {}\n\
+         [commands]\ndefault_timeout_ms = {}\n\
+         [purchases]\nopen_timeout_ms = {}\nquery_interval_ms = {}\nsettle_wait_s = {}\nlock_ttl_s = {}\n\
+         poll_ms = {}\nrequire_contract = {}\nsettlement_resend_s = {}\ninspection_anomalies = {}\n\
+         [auth]\nrate_per_s = {}\n[payments]\nproviders = [{}]\n",
+        c.instance_id,
+        c.key_prefix,
+        c.postgres.url,
+        c.postgres.pool_size,
+        c.redis.url,
+        c.streams.block_ms,
+        c.streams.claim_idle_ms,
+        c.streams.claim_interval_ms,
+        c.heartbeat.interval_s,
+        c.heartbeat.offline_after_s,
+        c.heartbeat.window_s,
+        c.heartbeat.check_interval_ms,
+        c.heartbeat.startup_grace_s,
+        c.heartbeat.recheck_s,
+        c.commands.default_timeout_ms,
+        p.open_timeout_ms,
+        p.query_interval_ms,
+        p.settle_wait_s,
+        p.lock_ttl_s,
+        p.poll_ms,
+        p.require_contract,
+        p.settlement_resend_s,
+        p.inspection_anomalies,
+        c.auth.rate_per_s,
+        providers.join(", "),
+    );
+    let path = dir.join(format!("{}.toml", c.instance_id));
+    std::fs::write(&path, toml).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{}.log", c.instance_id))).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_device-svc"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Process(child)
 }
