@@ -210,6 +210,40 @@ async fn a_close_before_the_open_result_is_settled_from_the_weights_and_flagged(
 }
 
 #[tokio::test]
+async fn an_instance_stopped_mid_opening_hands_the_order_back_at_once() {
+    // The open's answer is lost and the next question is 30 s away: the lease is minutes,
+    // which only a hand-back avoids.
+    let (stack, config, svc, shop) = setup("cab-p-hb", |c| c.purchases.query_interval_ms = 30_000).await;
+    let api = stack.api(svc.addr);
+    shop.set_mode(Mode::OpensSilently);
+    let (_, o) = order(api, "judy", "cab-p-hb", 1).await;
+    let id = o["id"].as_str().unwrap().to_owned();
+    assert_eq!(authorise(api, &id).await.0, 200);
+    wait_until("the open unanswered, the query waiting", WAIT, || async {
+        let v = expect(api, "GET", &format!("/v1/orders/{id}"), None, 200).await;
+        (v["open_attempts"] == 2).then_some(())
+    })
+    .await;
+    svc.stop().await;
+    let row =
+        stack.pg().await.query_one("SELECT state, due_at <= now() FROM orders WHERE id = $1", &[&id]).await.unwrap();
+    let (state, due): (String, bool) = (row.get(0), row.get(1));
+    assert_eq!(state, "door_opening");
+    assert!(due, "handed back: due at once, not when the lease ends");
+    shop.set_mode(Mode::Normal);
+    let mut next = config.clone();
+    next.instance_id = "svc-2".into();
+    next.purchases.query_interval_ms = 100;
+    let svc = stack.service_with(next).await;
+    let api = stack.api(svc.addr);
+    // The next instance asks (the open was sent before) and finds the door open.
+    let opened = wait_order(api, &id, "door_open").await;
+    assert_eq!(opened["transitions"].as_array().unwrap().last().unwrap()["cause"], "query_open", "{opened}");
+    shop.stop().await;
+    svc.stop().await;
+}
+
+#[tokio::test]
 async fn an_item_moved_between_lanes_is_not_charged_and_operators_are_told() {
     let (stack, _, svc, shop) = setup("cab-p-6", |_| {}).await;
     let api = stack.api(svc.addr);

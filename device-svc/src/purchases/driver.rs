@@ -13,6 +13,7 @@
 //!
 //! The driver also renews the door locks of running orders and restocks.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,21 +125,26 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
     let renew_every = Duration::from_secs(app.config.purchases.lock_ttl_s) / 3;
     let mut last_renew = tokio::time::Instant::now();
     let tasks = TaskTracker::new();
+    // The orders being acted on, handed back at a graceful stop.
+    let in_hand: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
     while !stop.is_cancelled() {
         match claim(&app).await {
             Ok(due) => {
                 for order in due {
-                    let (app, stop) = (Arc::clone(&app), stop.clone());
+                    let (app, stop, in_hand) = (Arc::clone(&app), stop.clone(), Arc::clone(&in_hand));
                     tasks.spawn(async move {
                         let id = order.id.clone();
+                        in_hand.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.clone());
                         tokio::select! {
                             result = act(&app, order) => if let Err(e) = result {
                                 tracing::warn!(order = %id, error = %e, "failed to act on a due order; retried after its lease");
                             },
-                            // Every step is stored as it is made: stopping between two is safe,
-                            // and the order is taken over when its lease ends.
-                            () = stop.cancelled() => {}
+                            // Every step is stored as it is made: stopping between two is safe;
+                            // the order is handed back below (or, after a crash, taken over
+                            // when its lease ends).
+                            () = stop.cancelled() => return,
                         }
+                        in_hand.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
                     });
                 }
             }
@@ -158,6 +164,42 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
     }
     tasks.close();
     tasks.wait().await;
+    let ids: Vec<String> = in_hand.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain().collect();
+    if let Err(e) = hand_back(&app, &ids).await {
+        tracing::warn!(error = %e, orders = ids.len(), "failed to hand orders back; taken over when their leases end");
+    }
+}
+
+/// At a graceful stop, gives back the orders this instance was acting on: those still running
+/// are due at once (another instance takes them now rather than when the lease ends), and the
+/// door locks of those it had just ended are released (an end is stored before its lock is
+/// released; a stop in between would leave the door refused `door_busy` until the lock's TTL).
+async fn hand_back(app: &App, ids: &[String]) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let client = app.pg.get().await?;
+    let running = client
+        .execute(
+            "UPDATE orders SET due_at = now()
+              WHERE id = ANY($1) AND state IN ('created', 'authorised', 'door_opening', 'door_open', 'door_closed')",
+            &[&ids],
+        )
+        .await?;
+    let ended = client
+        .query(
+            "SELECT cabinet_id, door_id, lock_token FROM orders
+              WHERE id = ANY($1) AND state IN ('settled', 'cancelled', 'abnormal')",
+            &[&ids],
+        )
+        .await?;
+    for row in &ended {
+        let (cabinet, door, token): (String, i16, String) = (row.get(0), row.get(1), row.get(2));
+        lock::release_quietly(app, lock::Door { cabinet: &cabinet, door: u8::try_from(door).unwrap_or(0) }, &token)
+            .await;
+    }
+    tracing::info!(running, ended = ended.len(), "orders handed back at stop");
+    Ok(())
 }
 
 /// Sets `devsvc_orders{state}` from PostgreSQL.
