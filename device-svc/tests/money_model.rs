@@ -239,8 +239,9 @@ struct Worker {
 /// spend the machine on polls.
 const POLL: Duration = Duration::from_millis(150);
 
-/// How long an order may take to move: an instance stopped while it drove the order holds it
-/// until its lease ends (`opening::lease`, about 20 s with the model's timers), then another
+/// How long an order (or a message) may take to move: Redis restarted loads its append-only
+/// file first (seconds once it has grown), and an instance killed while it drove the order
+/// holds it until its lease ends (`opening::lease`, about 20 s with the model's timers), then another
 /// instance takes it over.
 const ORDER_WAIT: Duration = Duration::from_secs(45);
 
@@ -306,7 +307,7 @@ async fn xadd(stack: &Stack, stream: &str, fields: &[(&str, String)]) {
     for (k, v) in fields {
         cmd.arg(*k).arg(v);
     }
-    poll_until(&format!("an entry added to {stream}"), WAIT, POLL, || async {
+    poll_until(&format!("an entry added to {stream}"), ORDER_WAIT, POLL, || async {
         let mut con = stack.redis.clone();
         cmd.query_async::<String>(&mut con).await.ok()
     })
@@ -562,7 +563,7 @@ async fn check(svc: &Services, cabinet: &str, since: std::time::SystemTime, orde
     let pg = svc.stack.pg().await;
     let ids: Vec<&str> = orders.iter().map(|o| o.id.as_str()).collect();
     // Repeated answers and redelivered settlements are read before judging.
-    poll_until("money messages answered", WAIT, POLL, || async {
+    poll_until("money messages answered", ORDER_WAIT, POLL, || async {
         let n: i64 = pg
             .query_one("SELECT count(*) FROM payments WHERE order_id = ANY($1) AND result = 'pending'", &[&ids])
             .await
@@ -574,7 +575,7 @@ async fn check(svc: &Services, cabinet: &str, since: std::time::SystemTime, orde
     // Every redelivered settlement and repeated answer has been read and acknowledged by its
     // reader (the account side, the device service) before the books are judged.
     for (stream, group) in [("account:settlements", "account"), ("account:confirmations", "device-svc")] {
-        poll_until(&format!("{stream} read by {group}"), WAIT, POLL, || async {
+        poll_until(&format!("{stream} read by {group}"), ORDER_WAIT, POLL, || async {
             drained(&svc.stack, stream, group).await.then_some(())
         })
         .await;
