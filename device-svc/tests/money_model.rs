@@ -243,7 +243,7 @@ const POLL: Duration = Duration::from_millis(150);
 /// file first (seconds once it has grown), and an instance killed while it drove the order
 /// holds it until its lease ends (`opening::lease`, about 20 s with the model's timers), then another
 /// instance takes it over.
-const ORDER_WAIT: Duration = Duration::from_secs(45);
+const ORDER_WAIT: Duration = Duration::from_secs(90);
 
 /// Calls `call` again while it is refused `door_busy`, for up to the lock's TTL and a margin,
 /// or `unavailable` (503) while Redis restarts: a door lock left by an instance stopped while

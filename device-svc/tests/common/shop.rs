@@ -61,7 +61,7 @@ enum Ctl {
 /// What the cabinet saw.
 #[derive(Debug, Default)]
 pub struct Seen {
-    /// Commands received, in order.
+    /// Commands received before their expiry (acted on or answered), in order.
     pub commands: Vec<CommandAction>,
 }
 
@@ -220,9 +220,27 @@ async fn run(
             frame = cabinet.framed.next() => {
                 let Some(Ok(Ok(frame))) = frame else { return };
                 let Message::Command(command) = frame.message else { continue };
-                seen.lock().unwrap().commands.push(command.action.clone());
+                // A command past its expiry is answered `Expired` and not acted on (SPEC.md
+                // 1.7): a late open-door must never open a door.
+                let expired = command.expires_at_ms <= now_ms();
+                if !expired {
+                    seen.lock().unwrap().commands.push(command.action.clone());
+                }
                 match (&command.action, mode) {
                     (_, Mode::Mute) => {}
+                    (_, _) if expired => {
+                        let result = CommandResult { status: CommandStatus::Expired, door_id: 0, door_state: DoorStatus::Unknown };
+                        out.push(Frame::new(frame.seq, Message::CommandResult(result)));
+                    }
+                    // The same order again is answered Ok without acting (SPEC.md 1.7).
+                    (CommandAction::OpenDoor { door_id, order_id }, _)
+                        if doors.get(door_id).is_some_and(|d| d.open && d.order.as_ref() == Some(order_id)) =>
+                    {
+                        if mode == Mode::Normal {
+                            let result = CommandResult { status: CommandStatus::Ok, door_id: *door_id, door_state: DoorStatus::Open };
+                            out.push(Frame::new(frame.seq, Message::CommandResult(result)));
+                        }
+                    }
                     (CommandAction::OpenDoor { door_id, order_id }, _) => {
                         let d = doors.entry(*door_id).or_insert(DoorNow { open: false, order: None, settling: None });
                         d.open = true;
