@@ -638,14 +638,28 @@ async fn check(svc: &Services, cabinet: &str, since: std::time::SystemTime, orde
         }
     }
     let anomalies = pg
-        .query("SELECT kind, order_id FROM anomalies WHERE cabinet_id = $1 AND created_at >= $2", &[&cabinet, &since])
+        .query(
+            "SELECT a.kind, a.order_id, a.detail::text, (SELECT row_to_json(o)::text FROM
+                    (SELECT state, reason, created_at, closed_ms,
+                            (SELECT string_agg(to_state || ':' || cause || '@' || at::text, ', ' ORDER BY id)
+                               FROM order_transitions WHERE order_id = a.order_id) AS transitions
+                       FROM orders WHERE id = a.order_id) o)
+               FROM anomalies a WHERE a.cabinet_id = $1 AND a.created_at >= $2",
+            &[&cabinet, &since],
+        )
         .await
         .unwrap();
     for a in &anomalies {
         let (kind, order): (String, Option<String>) = (a.get(0), a.get(1));
         let explained = orders.iter().any(|o| Some(&o.id) == order.as_ref() && o.may_raise.contains(&kind.as_str()));
         if !explained {
-            return Err(format!("invariant 5: anomaly {kind} of order {order:?} has no injected fault behind it"));
+            let (detail, seen): (String, Option<String>) = (a.get(2), a.get(3));
+            let ours = orders.iter().any(|o| Some(&o.id) == order.as_ref());
+            return Err(format!(
+                "invariant 5: anomaly {kind} of order {order:?} (this schedule's: {ours}) has no injected fault \
+                 behind it; detail {detail}; order {}",
+                seen.unwrap_or_default()
+            ));
         }
     }
     Ok(())
