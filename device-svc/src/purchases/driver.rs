@@ -13,16 +13,16 @@
 //!
 //! The driver also renews the door locks of running orders and restocks.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::anomalies::{self, NewAnomaly, kind};
-use super::orders::{self, COLUMNS, Order};
+use super::orders::{self, COLUMN_COUNT, COLUMNS, Order};
 use super::{State, lock, opening, settlement};
 use crate::app::App;
 use crate::error::StoreError;
@@ -30,8 +30,8 @@ use crate::error::StoreError;
 /// Orders claimed per poll.
 const CLAIM: i64 = 100;
 
-/// Claims the due orders for one lease.
-async fn claim(app: &App) -> Result<Vec<Order>, StoreError> {
+/// Claims the due orders for one lease; each with the lease's end as stored (its `due_at`).
+async fn claim(app: &App) -> Result<Vec<(Order, SystemTime)>, StoreError> {
     let lease_ms = opening::lease(app).as_millis() as f64;
     let client = app.pg.get().await?;
     let rows = client
@@ -40,12 +40,12 @@ async fn claim(app: &App) -> Result<Vec<Order>, StoreError> {
                 "UPDATE orders SET due_at = now() + make_interval(secs => $2::float8 / 1000)
                   WHERE id IN (SELECT id FROM orders WHERE due_at <= now() ORDER BY due_at LIMIT $1
                                FOR UPDATE SKIP LOCKED)
-                  RETURNING {COLUMNS}"
+                  RETURNING {COLUMNS}, due_at"
             ),
             &[&CLAIM, &lease_ms],
         )
         .await?;
-    Ok(rows.iter().map(Order::from_row).collect())
+    Ok(rows.iter().map(|r| (Order::from_row(r), r.get::<_, SystemTime>(COLUMN_COUNT))).collect())
 }
 
 /// Does what a due order needs.
@@ -125,16 +125,16 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
     let renew_every = Duration::from_secs(app.config.purchases.lock_ttl_s) / 3;
     let mut last_renew = tokio::time::Instant::now();
     let tasks = TaskTracker::new();
-    // The orders being acted on, handed back at a graceful stop.
-    let in_hand: Arc<std::sync::Mutex<HashSet<String>>> = Arc::default();
+    // The orders being acted on and the ends of their leases, handed back at a graceful stop.
+    let in_hand: Arc<std::sync::Mutex<HashMap<String, SystemTime>>> = Arc::default();
     while !stop.is_cancelled() {
         match claim(&app).await {
             Ok(due) => {
-                for order in due {
+                for (order, lease) in due {
                     let (app, stop, in_hand) = (Arc::clone(&app), stop.clone(), Arc::clone(&in_hand));
                     tasks.spawn(async move {
                         let id = order.id.clone();
-                        in_hand.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.clone());
+                        in_hand.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.clone(), lease);
                         tokio::select! {
                             result = act(&app, order) => if let Err(e) = result {
                                 tracing::warn!(order = %id, error = %e, "failed to act on a due order; retried after its lease");
@@ -164,28 +164,31 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
     }
     tasks.close();
     tasks.wait().await;
-    let ids: Vec<String> = in_hand.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain().collect();
-    if let Err(e) = hand_back(&app, &ids).await {
-        tracing::warn!(error = %e, orders = ids.len(), "failed to hand orders back; taken over when their leases end");
+    let held: Vec<(String, SystemTime)> =
+        in_hand.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain().collect();
+    if let Err(e) = hand_back(&app, &held).await {
+        tracing::warn!(error = %e, orders = held.len(), "failed to hand orders back; taken over when their leases end");
     }
 }
 
-/// At a graceful stop, gives back the orders this instance was acting on: those still running
-/// are due at once (another instance takes them now rather than when the lease ends), and the
-/// door locks of those it had just ended are released (an end is stored before its lock is
-/// released; a stop in between would leave the door refused `door_busy` until the lock's TTL).
-async fn hand_back(app: &App, ids: &[String]) -> Result<(), StoreError> {
-    if ids.is_empty() {
+/// At a graceful stop, gives back the orders this instance was acting on (`held`: id and the
+/// end of the lease its claim set): one whose action stopped midway (its `due_at` still that
+/// lease) is due at once, for another instance to take now rather than when the lease ends;
+/// one whose action had moved on keeps the time it set (an order just opened is not due
+/// before `door_open_max_s`). The door locks of those it had just ended are released (an end
+/// is stored before its lock is released; a stop in between would leave the door refused
+/// `door_busy` until the lock's TTL).
+async fn hand_back(app: &App, held: &[(String, SystemTime)]) -> Result<(), StoreError> {
+    if held.is_empty() {
         return Ok(());
     }
     let client = app.pg.get().await?;
-    let running = client
-        .execute(
-            "UPDATE orders SET due_at = now()
-              WHERE id = ANY($1) AND state IN ('created', 'authorised', 'door_opening', 'door_open', 'door_closed')",
-            &[&ids],
-        )
-        .await?;
+    let mut running = 0;
+    for (id, lease) in held {
+        running +=
+            client.execute("UPDATE orders SET due_at = now() WHERE id = $1 AND due_at = $2", &[id, lease]).await?;
+    }
+    let ids: Vec<&str> = held.iter().map(|(id, _)| id.as_str()).collect();
     let ended = client
         .query(
             "SELECT cabinet_id, door_id, lock_token FROM orders

@@ -16,6 +16,8 @@ use crate::error::StoreError;
 pub const COLUMNS: &str = "id, user_id, cabinet_id, door_id, state, door_state, reason, review, lock_token, goods, \
                            open_attempts, opened_ms, closed_ms, amount_cents, created_at, door_closed_at, \
                            authorised_at, tenant, hold_cents, currency, payment, charged_cents, refunded_cents";
+/// How many columns [`COLUMNS`] names (a query may return more after them).
+pub const COLUMN_COUNT: usize = 23;
 
 /// An order as stored.
 #[derive(Debug, Clone, Serialize)]
@@ -528,4 +530,14 @@ pub async fn expire_unauthorised(app: &App, id: &str) -> Result<bool, StoreError
         lock::release_quietly(app, order.door(), &order.lock_token).await;
     }
     Ok(moved.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_count_is_the_number_of_columns_named() {
+        assert_eq!(COLUMNS.split(',').count(), COLUMN_COUNT);
+    }
 }
