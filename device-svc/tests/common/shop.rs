@@ -233,14 +233,14 @@ async fn run(
                         out.push(Frame::new(frame.seq, Message::CommandResult(result)));
                     }
                     // The same order again is answered Ok without acting (SPEC.md 1.7).
-                    (CommandAction::OpenDoor { door_id, order_id }, _)
+                    (CommandAction::OpenDoor { door_id, order_id }, Mode::Normal)
                         if doors.get(door_id).is_some_and(|d| d.open && d.order.as_ref() == Some(order_id)) =>
                     {
-                        if mode == Mode::Normal {
-                            let result = CommandResult { status: CommandStatus::Ok, door_id: *door_id, door_state: DoorStatus::Open };
-                            out.push(Frame::new(frame.seq, Message::CommandResult(result)));
-                        }
+                        let result = CommandResult { status: CommandStatus::Ok, door_id: *door_id, door_state: DoorStatus::Open };
+                        out.push(Frame::new(frame.seq, Message::CommandResult(result)));
                     }
+                    (CommandAction::OpenDoor { door_id, order_id }, _)
+                        if doors.get(door_id).is_some_and(|d| d.open && d.order.as_ref() == Some(order_id)) => {}
                     (CommandAction::OpenDoor { door_id, order_id }, _) => {
                         let d = doors.entry(*door_id).or_insert(DoorNow { open: false, order: None, settling: None });
                         d.open = true;
