@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use common::car::{Car, register_vehicle};
 use common::*;
@@ -364,8 +365,13 @@ async fn pushes_are_paced_fleet_wide_and_sent_once_by_two_instances() {
         car.next(DownlinkKind::OtaNotify).await;
     }
     // Six notices at two per second need at least three budget seconds: the first and the
-    // last acknowledgement are more than a second apart.
-    let rows = vehicles(api, &id).await;
+    // last acknowledgement are more than a second apart. A vehicle holds its notice before the
+    // service records the PUBACK, so wait for every row's record.
+    let rows = poll_until("every push recorded", Duration::from_secs(10), Duration::from_millis(50), || async {
+        let rows = vehicles(api, &id).await;
+        rows.values().all(|r| r["pushed_ms"].is_u64()).then_some(rows)
+    })
+    .await;
     let times: Vec<u64> = rows.values().map(|r| r["pushed_ms"].as_u64().unwrap()).collect();
     let spread = times.iter().max().unwrap() - times.iter().min().unwrap();
     assert!(spread >= 1000, "six pushes within {spread} ms at 2 per second");
