@@ -86,6 +86,11 @@ pub struct Metrics {
     /// `devsvc_outbox_resent_total{stream}`: messages published again (settlements not yet
     /// confirmed, or a relay that stopped before recording them).
     pub outbox_resent: IntCounterVec,
+    /// `devsvc_order_action_failures_total`: due-order actions that failed on storage.
+    pub order_action_failures: IntCounter,
+    /// `devsvc_outbox_relay_failures_total`: relay rounds that failed (PostgreSQL or Redis);
+    /// their rows are tried again at once.
+    pub outbox_relay_failures: IntCounter,
     /// `devsvc_outbox_confirmed_total`: settlements the account service confirmed.
     pub outbox_confirmed: IntCounter,
     /// `devsvc_outbox_unconfirmed`: settlements published and not yet confirmed.
@@ -326,6 +331,22 @@ impl Metrics {
                 "devsvc_outbox_resent_total",
                 "Outbox messages published again: settlements not yet confirmed, or rows a stopped relay had not recorded.",
                 &["stream"],
+            ),
+            order_action_failures: register(
+                &r,
+                IntCounter::new(
+                    "devsvc_order_action_failures_total",
+                    "Actions on due orders (open, cancel, settle) that failed on PostgreSQL or Redis; the order is tried again.",
+                )
+                .expect("valid"),
+            ),
+            outbox_relay_failures: register(
+                &r,
+                IntCounter::new(
+                    "devsvc_outbox_relay_failures_total",
+                    "Outbox relay rounds that failed on PostgreSQL or Redis; their rows are tried again.",
+                )
+                .expect("valid"),
             ),
             outbox_confirmed: register(
                 &r,

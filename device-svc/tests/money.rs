@@ -251,3 +251,34 @@ async fn confirmations_a_killed_instance_held_are_taken_over_and_its_name_forgot
     shop.stop().await;
     svc.stop().await;
 }
+
+/// A settlement Redis refused is published again on the relay's next round, not once the
+/// relay's 30 s lease on it has run out: with Redis failing again within every lease (it
+/// restarts), a held claim kept money messages back for minutes.
+#[tokio::test]
+async fn a_settlement_redis_refused_is_published_on_the_next_round_not_after_the_lease() {
+    let (stack, _, svc, shop) = setup("cab-m-5", |c| {
+        // Only the hand-back can publish it in time, not the resend of unconfirmed settlements.
+        c.purchases.settlement_resend_s = 3600;
+    })
+    .await;
+    let api = stack.api(svc.addr);
+    // A key of the wrong type: every XADD to the settlements stream is refused.
+    let stream = format!("{}account:settlements", stack.ns.prefix);
+    let mut con = stack.redis.clone();
+    let _: () = redis::cmd("SET").arg(&stream).arg("in the way").query_async(&mut con).await.unwrap();
+    buy_chips(api, &shop, "dora", 1).await;
+    wait_until("a relay round refused", WAIT, || async {
+        (metric(&svc.app.metrics.render(), "devsvc_outbox_relay_failures_total") >= 1.0).then_some(())
+    })
+    .await;
+    let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut con).await.unwrap();
+    wait_until("the settlement published", WAIT, || async {
+        let mut con = stack.redis.clone();
+        let n: u64 = redis::cmd("XLEN").arg(&stream).query_async(&mut con).await.unwrap();
+        (n == 1).then_some(())
+    })
+    .await;
+    shop.stop().await;
+    svc.stop().await;
+}

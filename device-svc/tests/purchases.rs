@@ -619,3 +619,40 @@ async fn a_settlement_is_sent_until_the_account_service_confirms_it_and_charged_
     shop.stop().await;
     svc.stop().await;
 }
+
+/// An order whose action Redis refused is tried again a second later, not when the driver's
+/// lease on it ends (longer than the wait here); Redis restarting within every lease held
+/// orders for minutes.
+#[tokio::test]
+async fn an_order_whose_action_redis_refused_is_tried_again_within_seconds() {
+    let (stack, _, svc, shop) = setup("cab-p-rf", |_| {}).await;
+    let api = stack.api(svc.addr);
+    // The weight cache in the way (a string): the snapshot before the open is refused.
+    let key = format!("{}w:{{cab-p-rf}}", stack.ns.prefix);
+    let mut con = stack.redis.clone();
+    let saved: Vec<(String, String)> = redis::cmd("HGETALL").arg(&key).query_async(&mut con).await.unwrap();
+    assert!(!saved.is_empty(), "the cabinet's weights are cached");
+    let _: () = redis::cmd("SET").arg(&key).arg("in the way").query_async(&mut con).await.unwrap();
+    let (_, o) = order(api, "kim", "cab-p-rf", 1).await;
+    let id = o["id"].as_str().unwrap().to_owned();
+    assert_eq!(authorise(api, &id).await.0, 200);
+    wait_until("an action refused", WAIT, || async {
+        (metric(&svc.app.metrics.render(), "devsvc_order_action_failures_total") >= 1.0).then_some(())
+    })
+    .await;
+    let _: () = redis::pipe()
+        .atomic()
+        .cmd("DEL")
+        .arg(&key)
+        .ignore()
+        .cmd("HSET")
+        .arg(&key)
+        .arg(&saved)
+        .ignore()
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    wait_order(api, &id, "door_open").await;
+    shop.stop().await;
+    svc.stop().await;
+}

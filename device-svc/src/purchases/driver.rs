@@ -2,7 +2,8 @@
 //! timer survives any restart and is fired by exactly one instance. Each poll claims the due
 //! orders with `FOR UPDATE SKIP LOCKED` and pushes their `due_at` one lease ahead in the same
 //! statement; the claiming instance then acts, and the action moves `due_at` on. An instance
-//! that dies mid-action leaves the lease to run out, and another instance takes the order.
+//! that dies mid-action leaves the lease to run out, and another instance takes the order; an
+//! action that failed on PostgreSQL or Redis makes its order due again a second later.
 //!
 //! What "due" means depends on the state:
 //! - `created`: the authorisation deadline passed: cancel (the delayed cancellation);
@@ -136,8 +137,20 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
                         let id = order.id.clone();
                         in_hand.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.clone(), lease);
                         tokio::select! {
-                            result = act(&app, order) => if let Err(e) = result {
-                                tracing::warn!(order = %id, error = %e, "failed to act on a due order; retried after its lease");
+                            result = act(&app, order) => match result {
+                                // A store that failed stops the action between two stored
+                                // steps, as a stop does: the order is handed back to be tried
+                                // again soon, not held for the rest of its lease (Redis
+                                // restarting within every lease held it for minutes).
+                                Err(e @ (StoreError::Redis(_) | StoreError::Postgres(_) | StoreError::Pool(_))) => {
+                                    app.metrics.order_action_failures.inc();
+                                    match retry_soon(&app, &id, lease).await {
+                                        Ok(n) => tracing::warn!(order = %id, error = %e, soon = n == 1, "failed to act on a due order; retried"),
+                                        Err(again) => tracing::warn!(order = %id, error = %e, %again, "failed to act on a due order; retried after its lease"),
+                                    }
+                                }
+                                Err(e) => tracing::warn!(order = %id, error = %e, "failed to act on a due order; retried after its lease"),
+                                Ok(()) => {}
                             },
                             // Every step is stored as it is made: stopping between two is safe;
                             // the order is handed back below (or, after a crash, taken over
@@ -169,6 +182,22 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
     if let Err(e) = hand_back(&app, &held).await {
         tracing::warn!(error = %e, orders = held.len(), "failed to hand orders back; taken over when their leases end");
     }
+}
+
+/// How soon an order whose action failed is due again.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// Makes the order `id`, whose action failed, due again in [`RETRY_AFTER_FAILURE`] if it is
+/// still on this claim's `lease` (the action had not stored a next step with its own time).
+async fn retry_soon(app: &App, id: &str, lease: SystemTime) -> Result<u64, StoreError> {
+    let client = app.pg.get().await?;
+    let after_ms = RETRY_AFTER_FAILURE.as_secs_f64() * 1000.0;
+    Ok(client
+        .execute(
+            "UPDATE orders SET due_at = now() + make_interval(secs => $3::float8 / 1000) WHERE id = $1 AND due_at = $2",
+            &[&id, &lease, &after_ms],
+        )
+        .await?)
 }
 
 /// At a graceful stop, gives back the orders this instance was acting on (`held`: id and the

@@ -62,7 +62,8 @@ pub async fn enqueue(tx: &Transaction<'_>, stream: &str, idem_key: &str, payload
 /// The batch is claimed for [`LEASE`] in one short statement, published with no transaction
 /// open (Redis is never waited on while PostgreSQL rows are locked), then marked published. A
 /// relay that stops or freezes in between holds nothing; its rows are claimed again once their
-/// lease has run out and published again, with the same `idem_key`.
+/// lease has run out and published again, with the same `idem_key`. A relay that Redis refused
+/// hands its claim back at once.
 ///
 /// # Errors
 /// PostgreSQL or Redis errors; the rows stay unpublished and are tried again.
@@ -109,7 +110,14 @@ pub async fn relay_once(app: &App) -> Result<usize, StoreError> {
         streams.push(stream);
     }
     let mut con = app.redis.clone();
-    pipe.query_async::<()>(&mut con).await?;
+    if let Err(e) = pipe.query_async::<()>(&mut con).await {
+        // Redis refused the batch (it restarts, say): hand the claim back so that the next
+        // round tries again at once, instead of the whole lease later; with Redis failing
+        // again within every lease, a held claim would hold the money messages for minutes.
+        // (Some entries may have been added: they are sent again with the same `idem_key`.)
+        client.execute("UPDATE outbox SET relay_until = NULL WHERE id = ANY($1)", &[&ids]).await?;
+        return Err(e.into());
+    }
     // A settlement stays not done until confirmed (unless it was confirmed meanwhile); any other
     // message is done once published.
     client
@@ -276,6 +284,7 @@ pub async fn run_relay(app: Arc<App>, stop: CancellationToken) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "failed to relay the outbox; retrying");
+                app.metrics.outbox_relay_failures.inc();
                 0
             }
         };
