@@ -261,6 +261,7 @@ impl Consumer {
                     continue;
                 }
             };
+            tracing::trace!(cursor, entries = entries.len(), "settlements read");
             if last_retry.elapsed() >= self.retry {
                 last_retry = Instant::now();
                 if let Err(e) = self.answer_retries(&mut redis).await {
