@@ -782,12 +782,15 @@ async fn no_schedule_of_faults_breaks_the_money_invariants() {
     let cabinets = env_num("MONEY_MODEL_CABINETS", 12).clamp(1, 128).min(schedules.max(1));
     let base = env_num("MONEY_MODEL_BASE_SEED", 1);
     let next = Arc::new(AtomicU64::new(0));
-    // Cabinets are set up a few at a time: 64 at once queue on the instances' small pools for
-    // longer than a wait allows.
+    // Cabinets are set up a few at a time (64 at once queue on the instances' small pools for
+    // longer than a wait allows), and no schedule starts before all are: a fault of one would
+    // hit the set-up of another, which expects a healthy stack.
     let setting_up = Arc::new(tokio::sync::Semaphore::new(8));
+    let all_set_up = Arc::new(tokio::sync::Barrier::new(usize::try_from(cabinets).unwrap()));
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..cabinets {
-        let (svc, next, setting_up) = (Arc::clone(&svc), Arc::clone(&next), Arc::clone(&setting_up));
+        let (svc, next) = (Arc::clone(&svc), Arc::clone(&next));
+        let (setting_up, all_set_up) = (Arc::clone(&setting_up), Arc::clone(&all_set_up));
         workers.spawn(async move {
             let api = svc.api();
             let id = format!("cab-model-{w}");
@@ -795,6 +798,7 @@ async fn no_schedule_of_faults_breaks_the_money_invariants() {
                 let _turn = setting_up.acquire().await.unwrap();
                 shop(&svc.stack, api, &id).await
             };
+            all_set_up.wait().await;
             let mut worker = Worker { id, shop, stock: [10, 10], explained: std::collections::HashMap::new() };
             let mut failures = Vec::new();
             loop {
