@@ -13,7 +13,6 @@ use protocol::OrderId;
 use protocol::bus::{CommandBody, CommandReply, CommandRequest, DeviceKey, Keys, Outcome};
 use protocol::cabinet::CommandAction;
 use protocol::mqtt::topic::DownlinkKind;
-use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -48,9 +47,10 @@ pub async fn run(
     open_doors: bool,
     stop: CancellationToken,
 ) -> redis::RedisResult<CommandStats> {
-    let client = redis::Client::open(redis_url)?;
-    let mut con = client.get_multiplexed_async_connection().await?;
-    let reader = client.get_multiplexed_async_connection().await?;
+    // Handles that reconnect: the chaos scenarios restart Redis under the commander.
+    let target = redis_conn::RedisTarget::Single(redis_url.to_owned());
+    let mut con = redis_conn::RedisConn::open(&target, None).await?;
+    let reader = redis_conn::RedisConn::open(&target, None).await?;
     let sender = format!("loadtest-{}-{:x}", std::process::id(), fastrand::u32(..));
     let reply_stream = keys.replies(&sender);
     let pending: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
@@ -139,7 +139,7 @@ pub async fn run(
 type Results = Arc<Mutex<(Histogram<u64>, HashMap<&'static str, u64>)>>;
 
 async fn read_replies(
-    mut con: MultiplexedConnection,
+    mut con: redis_conn::RedisConn,
     stream: String,
     pending: Arc<Mutex<HashMap<String, Instant>>>,
     results: Results,
@@ -157,7 +157,16 @@ async fn read_replies(
             .arg(&cursor)
             .query_async(&mut con)
             .await;
-        let Ok(Some(reply)) = reply else { continue };
+        let reply = match reply {
+            Ok(Some(reply)) => reply,
+            Ok(None) => continue,
+            // Redis away (a chaos scenario restarts it): a pause, not a spin that would starve
+            // the runtime's other tasks.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
             cursor.clone_from(&entry.id);
             let fields = redis_conn::bulk_fields(entry.map);
