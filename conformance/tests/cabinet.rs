@@ -214,17 +214,24 @@ async fn clones_are_cooled_down_and_the_cool_down_grows() {
     })
     .await;
     let secret = stack.register_cabinet("CAB-CLONE").await;
+    // Device times strictly increasing: two version-1 logins in one millisecond would be a
+    // replay, refused without counting towards the flapping.
+    let last = std::cell::Cell::new(0u64);
+    let device_time = || {
+        last.set(now_ms().max(last.get() + 1));
+        last.get()
+    };
     // Two cabinets with one identity, on both nodes, taking each other over.
     let mut live = None;
     for n in 0..4 {
         let mut cab = VendorCabinet::connect(stack.cabinet_addr(n % 2), "CAB-CLONE").await;
-        assert_eq!(cab.login_v1(&secret).await.0, status::ACCEPTED, "login {n}");
+        assert_eq!(cab.login_v1_at(&secret, device_time()).await.0, status::ACCEPTED, "login {n}");
         live = Some(cab);
     }
     let mut live = live.unwrap();
     let mut clone = VendorCabinet::connect(stack.cabinet_addr(0), "CAB-CLONE").await;
     let seq = clone.next_seq();
-    clone.send_raw(&frame(kind::LOGIN, 0, seq, &login_payload("CAB-CLONE", now_ms(), None, &secret))).await;
+    clone.send_raw(&frame(kind::LOGIN, 0, seq, &login_payload("CAB-CLONE", device_time(), None, &secret))).await;
     let refused = clone.recv().await.unwrap();
     assert_eq!((refused.kind, refused.payload[0]), (kind::LOGIN_RESULT, status::BUSY), "the fifth login");
     let first = VendorCabinet::retry_after_s(&refused);
@@ -238,14 +245,14 @@ async fn clones_are_cooled_down_and_the_cool_down_grows() {
     // Once it is over the id logs in again; flapping again earns a cool-down twice as long.
     Stack::until("the end of the cool-down", Duration::from_secs(5), || async {
         let mut cab = VendorCabinet::connect(stack.cabinet_addr(1), "CAB-CLONE").await;
-        cab.login_v1(&secret).await.0 == status::ACCEPTED
+        cab.login_v1_at(&secret, device_time()).await.0 == status::ACCEPTED
     })
     .await;
     let mut second = 0;
     for _ in 0..5 {
         let mut cab = VendorCabinet::connect(stack.cabinet_addr(1), "CAB-CLONE").await;
         let seq = cab.next_seq();
-        cab.send_raw(&frame(kind::LOGIN, 0, seq, &login_payload("CAB-CLONE", now_ms(), None, &secret))).await;
+        cab.send_raw(&frame(kind::LOGIN, 0, seq, &login_payload("CAB-CLONE", device_time(), None, &secret))).await;
         let r = cab.recv().await.unwrap();
         if r.payload[0] == status::BUSY {
             second = VendorCabinet::retry_after_s(&r);
