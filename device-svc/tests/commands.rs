@@ -238,37 +238,3 @@ async fn after_redis_lost_everything_commands_route_and_logins_work_within_secon
     assert!(metric(metrics.as_str().unwrap(), "devsvc_redis_data_losses_total") >= 1.0);
     svc.stop().await;
 }
-
-/// A restart of Redis counts as a loss: with `appendfsync everysec` a credential written just
-/// before a crash is gone while the run marker, written long before, is not, and the cabinet
-/// would be refused `unknown_device` for ever. Here the credential is removed durably by hand,
-/// as such a crash would have lost it, then Redis is killed and restarted from its file.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_credential_lost_with_the_last_writes_before_a_redis_crash_is_written_back() {
-    let stack = Stack::new_private_redis().await;
-    let svc = stack.service("svc-1").await;
-    let api = stack.api(svc.addr);
-    let (id, secret) = register_cabinet(api, "cab-rs-1", &[(1, 2)]).await;
-    let mut con = stack.redis.clone();
-    let marker = format!("{}bus:run", stack.ns.prefix);
-    wait_until("the run marker set", WAIT, || {
-        let (mut con, marker) = (con.clone(), marker.clone());
-        async move {
-            let set: bool = redis::cmd("EXISTS").arg(&marker).query_async(&mut con).await.ok()?;
-            set.then_some(())
-        }
-    })
-    .await;
-    let _: () = redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg("always").query_async(&mut con).await.unwrap();
-    let credential = stack.keys.credentials(&DeviceKey::Cabinet(id.clone()));
-    let _: i64 = redis::cmd("DEL").arg(&credential).query_async(&mut con).await.unwrap();
-    stack.crash_redis().await;
-    wait_until("a login accepted", Duration::from_secs(5), || async {
-        let (_, answer) = Cabinet::login(stack.cabinet_addr(), &id, &secret).await;
-        (answer.status == protocol::cabinet::LoginStatus::Accepted).then_some(())
-    })
-    .await;
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    assert!(metric(metrics.as_str().unwrap(), "devsvc_redis_data_losses_total") >= 1.0);
-    svc.stop().await;
-}
