@@ -187,11 +187,21 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
 /// How soon an order whose action failed is due again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
-/// Makes the order `id`, whose action failed, due again in [`RETRY_AFTER_FAILURE`] if it is
-/// still on this claim's `lease` (the action had not stored a next step with its own time).
+/// Makes the order `id`, whose action failed, due again in [`RETRY_AFTER_FAILURE`].
 async fn retry_soon(app: &App, id: &str, lease: SystemTime) -> Result<u64, StoreError> {
     let client = app.pg.get().await?;
-    let after_ms = RETRY_AFTER_FAILURE.as_secs_f64() * 1000.0;
+    requeue(&client, id, lease, RETRY_AFTER_FAILURE).await
+}
+
+/// Makes the order `id` due `after` from now if it is still on this claim's `lease` (its
+/// action had not stored a next step with a time of its own). Returns the rows changed.
+async fn requeue(
+    client: &tokio_postgres::Client,
+    id: &str,
+    lease: SystemTime,
+    after: Duration,
+) -> Result<u64, StoreError> {
+    let after_ms = after.as_secs_f64() * 1000.0;
     Ok(client
         .execute(
             "UPDATE orders SET due_at = now() + make_interval(secs => $3::float8 / 1000) WHERE id = $1 AND due_at = $2",
@@ -214,8 +224,7 @@ async fn hand_back(app: &App, held: &[(String, SystemTime)]) -> Result<(), Store
     let client = app.pg.get().await?;
     let mut running = 0;
     for (id, lease) in held {
-        running +=
-            client.execute("UPDATE orders SET due_at = now() WHERE id = $1 AND due_at = $2", &[id, lease]).await?;
+        running += requeue(&client, id, *lease, Duration::ZERO).await?;
     }
     let ids: Vec<&str> = held.iter().map(|(id, _)| id.as_str()).collect();
     let ended = client
