@@ -54,8 +54,8 @@ pub struct Metrics {
     /// `devsvc_stream_trimmed_entries_total`: upstream entries removed once every consumer
     /// group had acknowledged them.
     pub trimmed: IntCounter,
-    /// `devsvc_redis_data_losses_total`: times this instance found Redis had lost its data and
-    /// wrote the credentials and heartbeat deadlines back.
+    /// `devsvc_redis_data_losses_total`: times this instance found Redis had lost its data (or
+    /// restarted) and wrote the credentials and heartbeat deadlines back.
     pub redis_data_losses: IntCounter,
     /// `devsvc_weight_readings_persisted_total`
     pub readings_persisted: IntCounter,
@@ -243,7 +243,7 @@ impl Metrics {
                 &r,
                 IntCounter::new(
                     "devsvc_redis_data_losses_total",
-                    "Times Redis was found to have lost its data (run marker gone) and credentials and deadlines were written back.",
+                    "Times Redis was found to have lost its data (run marker gone) or restarted, and credentials and deadlines were written back.",
                 )
                 .expect("valid"),
             ),

@@ -77,6 +77,28 @@ end
 return 1
 ";
 
+/// Gives a deadline to each device that has none and is not being judged, as if it had just
+/// been seen; a device that still has one keeps it. After Redis lost everything that is every
+/// connected cabinet; after a restart that lost only its last writes, only those.
+/// ARGV: offline_after_ms, then (device, at, epoch, node) per device. Returns how many.
+const RESEED: &str = r"
+local after = tonumber(ARGV[1])
+local added = 0
+for i = 2, #ARGV, 4 do
+  local dev, at = ARGV[i], tonumber(ARGV[i + 1])
+  if not redis.call('ZSCORE', KEYS[1], dev) and not redis.call('ZSCORE', KEYS[3], dev) then
+    local prev = redis.call('HGET', KEYS[2], dev)
+    local prev_at = prev and tonumber(string.match(prev, '^(%d+)')) or 0
+    if at >= prev_at then
+      redis.call('HSET', KEYS[2], dev, ARGV[i + 1] .. ' ' .. ARGV[i + 2] .. ' ' .. ARGV[i + 3])
+    end
+    redis.call('ZADD', KEYS[1], at + after, dev)
+    added = added + 1
+  end
+end
+return added
+";
+
 /// Returns expired leases to the deadline set, then moves up to ARGV[3] due entries to the
 /// judging set with a lease until ARGV[2]. The returned entries are this caller's alone.
 const CLAIM: &str = r"
@@ -157,6 +179,7 @@ pub struct Detector {
     apply_window: Script,
     apply_login: Script,
     seen: Script,
+    reseed: Script,
     claim: Script,
     finish: Script,
     /// Health per node, recomputed at most once a second. A std mutex: never held across
@@ -181,6 +204,7 @@ impl Detector {
             apply_window: Script::new(APPLY_WINDOW),
             apply_login: Script::new(APPLY_LOGIN),
             seen: Script::new(SEEN),
+            reseed: Script::new(RESEED),
             claim: Script::new(CLAIM),
             finish: Script::new(FINISH),
             health_cache: Mutex::new(HashMap::new()),
@@ -239,9 +263,12 @@ impl Detector {
         self.record_seen(node, &[seen]).await
     }
 
-    /// Gives every cabinet PostgreSQL holds connected a deadline again, as if it had just been
-    /// seen: after Redis lost the deadline sets, a cabinet that died in the gap would otherwise
-    /// never be judged. A heartbeat since then keeps its later deadline. Returns how many.
+    /// Gives every cabinet PostgreSQL holds connected a deadline again if it has none, as if it
+    /// had just been seen: after Redis lost the deadline sets (or, in a crash, the last writes
+    /// to them), a cabinet that died in the gap would otherwise never be judged. A deadline that
+    /// survived is kept: moving it would put off the judgement of a cabinet that went silent
+    /// before the loss, and with it every order waiting on that cabinet. Returns how many
+    /// cabinets were given one.
     ///
     /// # Errors
     /// Any storage error.
@@ -256,18 +283,29 @@ impl Detector {
             .await?;
         drop(client);
         let now = now_ms();
-        let mut by_node: HashMap<String, Vec<HeartbeatSeen>> = HashMap::new();
+        let mut by_shard: HashMap<u16, Vec<(DeviceKey, u64, String)>> = HashMap::new();
         for r in &rows {
             let Ok(device) = DeviceKey::parse(r.get::<_, &str>(0)) else { continue };
             let epoch = u64::try_from(r.get::<_, i64>(1)).unwrap_or(0);
-            by_node.entry(r.get::<_, String>(2)).or_default().push(HeartbeatSeen { device, at_ms: now, epoch });
+            by_shard.entry(device.shard(self.shards())).or_default().push((device, epoch, r.get::<_, String>(2)));
         }
-        for (node, seen) in &by_node {
-            for chunk in seen.chunks(500) {
-                self.record_seen(node, chunk).await?;
+        let mut con = self.app.redis.clone();
+        let mut added = 0;
+        for (shard, devices) in &by_shard {
+            for chunk in devices.chunks(500) {
+                let mut inv = self.reseed.prepare_invoke();
+                inv.key(shard_key(&self.app.keys, *shard, "deadline"))
+                    .key(shard_key(&self.app.keys, *shard, "seen"))
+                    .key(shard_key(&self.app.keys, *shard, "judging"))
+                    .arg(self.offline_after_ms());
+                for (device, epoch, node) in chunk {
+                    inv.arg(device.to_string()).arg(now).arg(*epoch).arg(node);
+                }
+                let n: usize = inv.invoke_async(&mut con).await?;
+                added += n;
             }
         }
-        Ok(rows.len())
+        Ok(added)
     }
 
     /// Whether a gateway's close of a silent cabinet (`idle_timeout`) may mark it offline now:

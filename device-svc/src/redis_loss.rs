@@ -1,9 +1,12 @@
 //! A Redis that lost its data heals at once (SPEC.md 3.1, `P bus:run`). The device service owns
 //! two things in Redis that nothing else would write back: the credentials mirror the gateways
 //! verify logins against, and the heartbeat deadlines of connected cabinets. Every second each
-//! instance checks the run marker; when it vanished or changed, the instance writes every
+//! instance checks the run marker and the server's `run_id`; when the marker vanished or
+//! changed, or Redis restarted (its last writes may be lost), the instance writes every
 //! credential again and announces it on `P cred:changes` (gateways then drop their caches,
-//! refusals included), and gives every connected cabinet a deadline again. Gateways write back
+//! refusals included), and gives every connected cabinet that lost its heartbeat deadline a new
+//! one. A deadline that survived is kept: moving every deadline at each restart would put off the judgement of a cabinet that went silent just before, and so every
+//! order and door waiting on it (the money model found that). Gateways write back
 //! the connection map themselves; the upstream streams' consumer groups are recreated by their
 //! readers.
 
@@ -28,7 +31,7 @@ pub async fn run(app: Arc<App>, detector: Arc<Detector>, stop: CancellationToken
     let marker = RunMarker::new(app.keys.bus_run(), format!("{}/{}", app.config.instance_id, now_ms()));
     let on_loss = || {
         app.metrics.redis_data_losses.inc();
-        tracing::warn!("Redis lost its data: writing the credentials and heartbeat deadlines back");
+        tracing::warn!("Redis lost its data or restarted: writing the credentials and heartbeat deadlines back");
     };
     let write_back = || async {
         rebuild(&app, &detector)

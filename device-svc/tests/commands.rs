@@ -238,3 +238,69 @@ async fn after_redis_lost_everything_commands_route_and_logins_work_within_secon
     assert!(metric(metrics.as_str().unwrap(), "devsvc_redis_data_losses_total") >= 1.0);
     svc.stop().await;
 }
+
+/// A restart of Redis counts as a loss: with `appendfsync everysec` the last writes before a
+/// crash are gone while the run marker, written long before, is not. Here a credential and one
+/// cabinet's heartbeat deadline are removed durably by hand, as such a crash would have lost
+/// them, then Redis is killed and restarted from its file: the credential and the lost deadline
+/// come back, and the deadline that survived is not moved (moving it would put off the
+/// judgement of a cabinet silent since before the crash, and every order waiting on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_redis_crash_lost_is_written_back_and_what_survived_is_kept() {
+    let stack = Stack::new_private_redis().await;
+    let mut config = stack.svc_config("svc-1");
+    // The cabinets stay silent; none may be judged offline during the test.
+    config.heartbeat.offline_after_s = 120;
+    let shards = config.streams.shards;
+    let svc = stack.service_with(config).await;
+    let api = stack.api(svc.addr);
+    // Two cabinets on one heartbeat shard, so one script call reseeds both.
+    let names: Vec<String> = (0..64).map(|i| format!("cab-rs-{i}")).collect();
+    let shard_of = |name: &str| DeviceKey::Cabinet(protocol::DeviceId::new(name).unwrap()).shard(shards);
+    let kept = names[0].clone();
+    let lost = names[1..].iter().find(|n| shard_of(n) == shard_of(&kept)).unwrap().clone();
+    let (kept_id, kept_secret) = register_cabinet(api, &kept, &[(1, 2)]).await;
+    let (lost_id, lost_secret) = register_cabinet(api, &lost, &[(1, 2)]).await;
+    let _kept_cabinet = login(stack.cabinet_addr(), &kept_id, &kept_secret).await;
+    let _lost_cabinet = login(stack.cabinet_addr(), &lost_id, &lost_secret).await;
+    let deadlines = format!("{}{{hb:{}}}:deadline", stack.ns.prefix, shard_of(&kept));
+    let deadline = |name: String| {
+        let (mut con, deadlines) = (stack.redis.clone(), deadlines.clone());
+        async move {
+            let at: Option<f64> =
+                redis::cmd("ZSCORE").arg(&deadlines).arg(format!("cab:{name}")).query_async(&mut con).await.ok()?;
+            at
+        }
+    };
+    let kept_before = wait_until("the kept cabinet's deadline", WAIT, || deadline(kept.clone())).await;
+    wait_until("the lost cabinet's deadline", WAIT, || deadline(lost.clone())).await;
+    let mut con = stack.redis.clone();
+    let marker = format!("{}bus:run", stack.ns.prefix);
+    wait_until("the run marker set", WAIT, || {
+        let (mut con, marker) = (con.clone(), marker.clone());
+        async move {
+            let set: bool = redis::cmd("EXISTS").arg(&marker).query_async(&mut con).await.ok()?;
+            set.then_some(())
+        }
+    })
+    .await;
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("appendfsync").arg("always").query_async(&mut con).await.unwrap();
+    let credential = stack.keys.credentials(&DeviceKey::Cabinet(lost_id.clone()));
+    let _: i64 = redis::cmd("DEL").arg(&credential).query_async(&mut con).await.unwrap();
+    let _: i64 = redis::cmd("ZREM").arg(&deadlines).arg(format!("cab:{lost}")).query_async(&mut con).await.unwrap();
+    stack.crash_redis().await;
+
+    // Both cabinets stay connected and silent, so only the write-back can give the lost one a
+    // deadline again; the kept one is in the same script call, so by then it was decided too.
+    let lost_after = wait_until("the lost deadline back", Duration::from_secs(5), || deadline(lost.clone())).await;
+    assert!(lost_after > kept_before, "the lost deadline is fresh: {lost_after} vs {kept_before}");
+    assert_eq!(deadline(kept.clone()).await, Some(kept_before), "a surviving deadline is kept");
+    wait_until("a login accepted", Duration::from_secs(5), || async {
+        let (_, answer) = Cabinet::login(stack.cabinet_addr(), &lost_id, &lost_secret).await;
+        (answer.status == protocol::cabinet::LoginStatus::Accepted).then_some(())
+    })
+    .await;
+    let metrics = http(api, "GET", "/metrics", None).await.1;
+    assert!(metric(metrics.as_str().unwrap(), "devsvc_redis_data_losses_total") >= 1.0);
+    svc.stop().await;
+}

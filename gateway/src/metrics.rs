@@ -76,7 +76,7 @@ pub struct Metrics {
     /// `gateway_redis_errors_total{op}`
     pub redis_errors: IntCounterVec,
     /// `gateway_redis_data_losses_total`: times this node found Redis had lost its data (the run
-    /// marker vanished or changed) and wrote its sessions back.
+    /// marker vanished or changed, or the server restarted) and wrote its sessions back.
     pub redis_data_losses: IntCounter,
     /// `gateway_stream_cap_holds_total{op}`: write rounds held back because a stream was at its
     /// length cap (its consumers behind).
@@ -247,7 +247,7 @@ impl Metrics {
             redis_data_losses: {
                 let c = IntCounter::new(
                     "gateway_redis_data_losses_total",
-                    "Times Redis was found to have lost its data (run marker gone) and this node wrote its sessions back.",
+                    "Times Redis was found to have lost its data (run marker gone) or restarted, and this node wrote its sessions back.",
                 )
                 .expect("valid");
                 r.register(Box::new(c.clone())).expect("registered once");

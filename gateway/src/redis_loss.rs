@@ -1,8 +1,9 @@
 //! A Redis that lost its data heals at once (SPEC.md 3.1, `P bus:run`). Connections survive a
 //! Redis restart, but without persistence (or after a failover to a replica that had not caught
 //! up) the connection map, the node list and the credentials mirror are gone: commands would
-//! find no device, and logins no credentials. Every second this node checks the run marker;
-//! when it vanished or changed, the node writes back everything it owns (its node entries and
+//! find no device, and logins no credentials. Every second this node checks the run marker and
+//! the server's `run_id`; when the marker vanished or changed, or Redis restarted (with
+//! `appendfsync everysec` its last writes may be lost), the node writes back everything it owns (its node entries and
 //! every live session's map entry, epochs kept) and drops its credential cache. The device
 //! service, watching the same marker, writes the credentials back and announces it.
 
@@ -22,7 +23,9 @@ pub async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
     let marker = RunMarker::new(ctx.keys.bus_run(), ctx.registry.incarnation_id());
     let on_loss = || {
         ctx.metrics.redis_data_losses.inc();
-        tracing::warn!("Redis lost its data: writing back this node's sessions and dropping cached credentials");
+        tracing::warn!(
+            "Redis lost its data or restarted: writing back this node's sessions and dropping cached credentials"
+        );
     };
     let rebuild = || async {
         ctx.credentials.clear();

@@ -3,6 +3,11 @@
 //! there are not. Every process sets one marker key if it is missing and remembers the value it
 //! saw; a marker that vanished or changed since means Redis forgot what the processes had
 //! written, and each process must write back what it owns (SPEC.md 3.1, `P bus:run`).
+//!
+//! A restart loses less but still loses: with `appendfsync everysec` (or snapshots) the writes
+//! of the last moments before a crash are gone while the marker, written long before, is not;
+//! a credential registered just before would be missing for ever. So a restart (a new
+//! `run_id` in `INFO server`) counts as a loss too.
 
 use std::future::Future;
 use std::time::Duration;
@@ -21,17 +26,19 @@ pub struct RunMarker {
     candidate: String,
     checks: u64,
     seen: Option<String>,
+    /// The `run_id` of the Redis server seen at the previous check (none through a cluster).
+    server: Option<String>,
 }
 
 impl RunMarker {
     /// A watcher of marker `key`; `candidate` must be unique to this process run.
     pub fn new(key: String, candidate: String) -> Self {
-        Self { key, candidate, checks: 0, seen: None }
+        Self { key, candidate, checks: 0, seen: None, server: None }
     }
 
-    /// Sets the marker if it is missing, in one command (`SET NX GET`). Returns `true` when the
-    /// marker is not the one seen at the previous check: Redis lost its data in between. The
-    /// first check only learns the marker.
+    /// Sets the marker if it is missing, in one command (`SET NX GET`), and reads the server's
+    /// `run_id`. Returns `true` when the marker is not the one seen at the previous check, or
+    /// the server restarted since: Redis lost data in between. The first check only learns.
     ///
     /// # Errors
     /// Any Redis error; nothing is learned then.
@@ -40,8 +47,24 @@ impl RunMarker {
         let candidate = format!("{}/{}", self.candidate, self.checks);
         let previous: Option<String> =
             redis::cmd("SET").arg(&self.key).arg(&candidate).arg("NX").arg("GET").query_async(redis).await?;
+        let server = match redis {
+            // Through a cluster `INFO` has no one server to answer for; the marker alone decides.
+            RedisConn::Cluster(_) => None,
+            RedisConn::Single(_) => {
+                let info: String = redis::cmd("INFO").arg("server").query_async(redis).await?;
+                run_id(&info)
+            }
+        };
         let now = previous.unwrap_or(candidate);
-        Ok(self.seen.replace(now.clone()).is_some_and(|before| before != now))
+        let marker_changed = self.seen.replace(now.clone()).is_some_and(|before| before != now);
+        let restarted = match (self.server.as_ref(), server.as_ref()) {
+            (Some(before), Some(now)) => before != now,
+            _ => false,
+        };
+        if server.is_some() {
+            self.server = server;
+        }
+        Ok(marker_changed || restarted)
     }
 
     /// Checks every `every` until `stop` completes. Each loss found is reported to `on_loss`;
@@ -80,5 +103,22 @@ impl RunMarker {
                 rebuilding = !rebuild().await;
             }
         }
+    }
+}
+
+/// The `run_id` line of an `INFO server` reply.
+fn run_id(info: &str) -> Option<String> {
+    info.lines().find_map(|l| l.strip_prefix("run_id:")).map(|v| v.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_id;
+
+    #[test]
+    fn the_run_id_is_read_from_the_server_section() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:4f1c9d\r\ntcp_port:6379\r\n";
+        assert_eq!(run_id(info).as_deref(), Some("4f1c9d"));
+        assert_eq!(run_id("# Server\r\nredis_version:7.0.15\r\n"), None);
     }
 }
