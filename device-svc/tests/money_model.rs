@@ -332,9 +332,11 @@ impl Worker {
         self.shop.take(1, 2, self.stock[1] - FULL, CHIPS.1);
         self.stock = [FULL, FULL];
         expect_ok(api, "POST", &format!("/v1/restocks/{rid}/finish"), None, 200).await;
-        // The next order's snapshot must see the refilled shelf.
+        // The next order's snapshot must see the refilled shelf. The reading crosses the
+        // upstream stream, which an outage (Redis reloading, a reader killed) holds as long as
+        // it holds an order.
         let path = format!("/v1/cabinets/{}/weights", self.id);
-        poll_until("the refilled shelf weighed", WAIT, POLL, || async {
+        poll_until("the refilled shelf weighed", ORDER_WAIT, POLL, || async {
             let w = expect_ok(api, "GET", &path, None, 200).await;
             let grams = |lane: i64| {
                 w["lanes"]

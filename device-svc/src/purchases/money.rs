@@ -576,7 +576,8 @@ pub struct Waiver {
 /// records the money.
 ///
 /// # Errors
-/// `Invalid`, `NotFound`, `Rejected("not_unpaid")`, or storage errors.
+/// `Invalid`, `NotFound`, `Rejected("not_unpaid")` (an order already `waived` is no error: the
+/// decision stands and nothing more is done), or storage errors.
 pub async fn waive(app: &App, order_id: &str, w: &Waiver) -> Result<(), StoreError> {
     if w.operator.is_empty() || w.operator.len() > 128 {
         return Err(StoreError::invalid("operator", "1 to 128 characters"));
@@ -591,6 +592,11 @@ pub async fn waive(app: &App, order_id: &str, w: &Waiver) -> Result<(), StoreErr
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("order {order_id}")))?
         .get(0);
+    if payment.as_deref() == Some("waived") {
+        // Already decided: an operator's retry (after an answer lost, or a 503 that came after
+        // the commit) gets the same answer, and nothing is voided twice.
+        return Ok(());
+    }
     if payment.as_deref() != Some("unpaid") {
         return Err(StoreError::rejected(
             "not_unpaid",

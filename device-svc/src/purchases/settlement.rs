@@ -191,7 +191,8 @@ pub struct Counted {
 ///
 /// # Errors
 /// `Invalid` (unknown lane, negative count, empty operator), `NotFound`,
-/// `Rejected("not_abnormal")` for an order not waiting for review, or storage errors.
+/// `Rejected("not_abnormal")` for an order not waiting for review (unless an operator already
+/// settled it at the same amount: then the order as it is), or storage errors.
 pub async fn settle_by_operator(app: &App, id: &str, operator: &str, counted: &[Counted]) -> Result<Order, StoreError> {
     if operator.is_empty() || operator.len() > 128 {
         return Err(StoreError::invalid("operator", "1 to 128 characters"));
@@ -223,9 +224,20 @@ pub async fn settle_by_operator(app: &App, id: &str, operator: &str, counted: &[
     let changes = Changes { amount_cents: Some(amount), review: Some("operator_settled"), ..Changes::default() };
     let cause = format!("operator:{operator}");
     let Some(done) = orders::transition(&tx, id, &[State::Abnormal], State::Settled, &cause, changes).await? else {
+        drop(tx);
+        drop(client);
+        // The same decision again (an operator's retry after an answer lost or a 503 that came
+        // after the commit) is answered with the order as it is; a different one is refused.
+        let now = orders::get(app, id).await?;
+        if now.state == State::Settled
+            && now.review.iter().any(|r| r == "operator_settled")
+            && now.amount_cents == Some(amount)
+        {
+            return Ok(now);
+        }
         return Err(StoreError::rejected(
             "not_abnormal",
-            format!("order {id} is {:?}, not waiting for review", order.state),
+            format!("order {id} is {:?}, not waiting for review", now.state),
         ));
     };
     record_settlement(&tx, &done, &lines, amount).await?;
