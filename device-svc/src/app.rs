@@ -32,6 +32,10 @@ pub struct App {
     pub purchase_wakers: crate::purchases::Wakers,
     /// Wakes the OTA driver (a task created or cancelled, a vehicle connected).
     pub ota_waker: tokio::sync::Notify,
+    /// Set when a credential change failed to reach Redis (down, restarting, unreachable): the
+    /// whole mirror is written again within a second, and again until it succeeds, rather
+    /// than at the next minute's rewrite, so a device registered meanwhile can log in.
+    pub mirror_due: std::sync::atomic::AtomicBool,
     /// Verifies the API's keys (with its bounded cache).
     pub verifier: crate::auth::keys::Verifier,
 }

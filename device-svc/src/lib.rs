@@ -138,6 +138,7 @@ impl DeviceService {
             started,
             purchase_wakers: purchases::Wakers::default(),
             ota_waker: tokio::sync::Notify::new(),
+            mirror_due: std::sync::atomic::AtomicBool::new(false),
             verifier,
         });
         weights::maintain_partitions(&app).await?;
@@ -161,9 +162,7 @@ impl DeviceService {
         tasks.spawn(purchases::driver::run(Arc::clone(&app), stop.clone()));
         tasks.spawn(purchases::outbox::run_relay(Arc::clone(&app), stop.clone()));
         tasks.spawn(vehicles::ota::push::run(Arc::clone(&app), stop.clone()));
-        tasks.spawn(every(MIRROR_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
-            registry::mirror(&app, None).await.map(|_| ())
-        }));
+        tasks.spawn(registry::run_mirror(Arc::clone(&app), MIRROR_EVERY, stop.clone()));
         tasks.spawn(every(PARTITIONS_EVERY, stop.clone(), Arc::clone(&app), |app| async move {
             weights::maintain_partitions(&app).await
         }));

@@ -79,7 +79,7 @@ return 1
 
 /// Gives a deadline to each device that has none and is not being judged, as if it had just
 /// been seen; a device that still has one keeps it. After Redis lost everything that is every
-/// connected cabinet; after a restart that lost only its last writes, only those.
+/// connected cabinet; after a restart that lost only some writes, only those.
 /// ARGV: offline_after_ms, then (device, at, epoch, node) per device. Returns how many.
 const RESEED: &str = r"
 local after = tonumber(ARGV[1])
@@ -264,7 +264,7 @@ impl Detector {
     }
 
     /// Gives every cabinet PostgreSQL holds connected a deadline again if it has none, as if it
-    /// had just been seen: after Redis lost the deadline sets (or, in a crash, the last writes
+    /// had just been seen: after Redis lost the deadline sets (or, in a crash, some writes
     /// to them), a cabinet that died in the gap would otherwise never be judged. A deadline that
     /// survived is kept: moving it would put off the judgement of a cabinet that went silent
     /// before the loss, and with it every order waiting on that cabinet. Returns how many

@@ -2,7 +2,8 @@
 //! two things in Redis that nothing else would write back: the credentials mirror the gateways
 //! verify logins against, and the heartbeat deadlines of connected cabinets. Every second each
 //! instance checks the run marker and the server's `run_id`; when the marker vanished or
-//! changed, or Redis restarted (its last writes may be lost), the instance writes every
+//! changed, or Redis restarted (a host crash loses its last second; writes refused while it
+//! was down were never made), the instance writes every
 //! credential again and announces it on `P cred:changes` (gateways then drop their caches,
 //! refusals included), and gives every connected cabinet that lost its heartbeat deadline a new
 //! one. A deadline that survived is kept: moving every deadline at each restart would put off the judgement of a cabinet that went silent just before, and so every

@@ -8,11 +8,15 @@
 //! periodically, so a failed Redis write at registration heals by itself.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use protocol::bus::{CredentialChange, CredentialChangeKind, DeviceKey, Keys};
 use protocol::{DeviceId, Vin};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, ms_of};
 use crate::error::StoreError;
@@ -499,7 +503,8 @@ pub async fn set_enabled(app: &App, key: &DeviceKey, enabled: bool) -> Result<()
 /// lifetime bounds how long a missed announcement matters.
 async fn mirror_one(app: &App, key: &str, change: CredentialChangeKind) {
     if let Err(e) = mirror(app, Some(key)).await {
-        tracing::warn!(device = key, error = %e, "failed to mirror credentials to Redis; the periodic mirror will retry");
+        app.mirror_due.store(true, Ordering::Relaxed);
+        tracing::warn!(device = key, error = %e, "failed to mirror credentials to Redis; retrying within a second");
     }
     let Ok(device) = DeviceKey::parse(key) else { return };
     let entry = CredentialChange { device, kind: change };
@@ -514,6 +519,44 @@ async fn mirror_one(app: &App, key: &str, change: CredentialChangeKind) {
         .await;
     if let Err(e) = announced {
         tracing::warn!(device = key, error = %e, "failed to announce a credential change; gateways see it when their cache expires");
+    }
+}
+
+/// Rewrites the whole credentials mirror every `period`, and within a second of a change that
+/// failed to reach Redis ([`App::mirror_due`](crate::app::App)), again each second until it
+/// succeeds, until `stop`.
+pub async fn run_mirror(app: Arc<App>, period: Duration, stop: CancellationToken) {
+    let mut last = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let due = app.mirror_due.swap(false, Ordering::Relaxed);
+        if !due && last.elapsed() < period {
+            continue;
+        }
+        // While Redis is away, a ping keeps the retries from reading every credential each second.
+        let written = match redis::cmd("PING").query_async::<()>(&mut app.redis.clone()).await {
+            Ok(()) => mirror(&app, None).await,
+            Err(e) => Err(e.into()),
+        };
+        match written {
+            Ok(n) => {
+                last = tokio::time::Instant::now();
+                if due {
+                    tracing::info!(credentials = n, "credentials mirror written again after a failed change");
+                }
+            }
+            Err(e) => {
+                if due {
+                    app.mirror_due.store(true, Ordering::Relaxed);
+                }
+                tracing::warn!(error = %e, due, "failed to rewrite the credentials mirror; retrying");
+            }
+        }
     }
 }
 

@@ -2,9 +2,10 @@
 //! Redis restart, but without persistence (or after a failover to a replica that had not caught
 //! up) the connection map, the node list and the credentials mirror are gone: commands would
 //! find no device, and logins no credentials. Every second this node checks the run marker and
-//! the server's `run_id`; when the marker vanished or changed, or Redis restarted (with
-//! `appendfsync everysec` its last writes may be lost), the node writes back everything it owns (its node entries and
-//! every live session's map entry, epochs kept) and drops its credential cache. The device
+//! the server's `run_id`; when the marker vanished or changed, or Redis restarted (a host
+//! crash under `appendfsync everysec` loses the last second; writes refused while it was down
+//! were never made), the node writes back everything it owns (its node entries and every live
+//! session's map entry, epochs kept) and drops its credential cache. The device
 //! service, watching the same marker, writes the credentials back and announces it.
 
 use std::sync::Arc;

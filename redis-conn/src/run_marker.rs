@@ -4,10 +4,11 @@
 //! saw; a marker that vanished or changed since means Redis forgot what the processes had
 //! written, and each process must write back what it owns (SPEC.md 3.1, `P bus:run`).
 //!
-//! A restart loses less but still loses: with `appendfsync everysec` (or snapshots) the writes
-//! of the last moments before a crash are gone while the marker, written long before, is not;
-//! a credential registered just before would be missing for ever. So a restart (a new
-//! `run_id` in `INFO server`) counts as a loss too.
+//! A restart may lose less and still lose: after a crash of the host under `appendfsync
+//! everysec` (or with snapshots only) the writes of the last moments are gone while the marker,
+//! written long before, is not; and writes refused while Redis was down or loading were never
+//! made. Neither shows in the marker. So a restart (a new `run_id` in `INFO server`) counts as
+//! a loss too: the write-back is idempotent, and cheap next to a device refused its login.
 
 use std::future::Future;
 use std::time::Duration;
