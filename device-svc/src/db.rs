@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (11, "devices_by_node", include_str!("../migrations/0011_devices_by_node.sql")),
     (12, "outbox_confirmed", include_str!("../migrations/0012_outbox_confirmed.sql")),
     (13, "money", include_str!("../migrations/0013_money.sql")),
+    (14, "order_idempotency", include_str!("../migrations/0014_order_idempotency.sql")),
 ];
 
 /// Longest wait for a pooled connection.

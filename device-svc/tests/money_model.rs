@@ -358,7 +358,7 @@ impl Worker {
             return Err(format!("contract refused: {code} {c}"));
         }
         let mut orders: Vec<Expected> = Vec::new();
-        for step in steps {
+        for (n, step) in steps.iter().enumerate() {
             let api = svc.api();
             match step.clone() {
                 Step::Buy { water, chips, duplicate, late_open, lost_result, unstable, answer } => {
@@ -371,7 +371,10 @@ impl Worker {
                         self.shop.set_mode(Mode::OpensSilently);
                     }
                     let seen = self.shop.commands().len();
-                    let (code, o) = retried(|| order(api, user, &self.id, 1)).await;
+                    // Named, as a shop names its requests: a retry after a 503 that came after
+                    // the commit gets the order it created.
+                    let key = format!("{user}-{n}");
+                    let (code, o) = retried(|| order_keyed(api, user, &self.id, 1, &key)).await;
                     if code != 201 {
                         return Err(format!("order refused: {code} {o}"));
                     }

@@ -661,3 +661,29 @@ async fn an_order_whose_action_redis_refused_is_tried_again_within_seconds() {
     shop.stop().await;
     svc.stop().await;
 }
+
+/// A shop's retry of an order creation (its answer lost, or a 503 after the commit) names the
+/// same key and gets the same order, where without it the user's own new order would refuse it
+/// as running; a key names one creation only.
+#[tokio::test]
+async fn an_order_created_twice_under_one_key_is_one_order() {
+    let (stack, _, svc, shop) = setup("cab-p-idem", |_| {}).await;
+    let api = stack.api(svc.addr);
+    let (code, first) = order_keyed(api, "ida", "cab-p-idem", 1, "shop-req-1").await;
+    assert_eq!(code, 201, "{first}");
+    let (code, again) = order_keyed(api, "ida", "cab-p-idem", 1, "shop-req-1").await;
+    assert_eq!((code, &again["id"]), (201, &first["id"]), "{again}");
+    // A new creation for the same user is still refused while the first runs.
+    let (code, other) = order_keyed(api, "ida", "cab-p-idem", 1, "shop-req-2").await;
+    assert_eq!((code, other["error"].as_str()), (409, Some("unpaid_order")), "{other}");
+    // The key named another creation.
+    let (code, reused) = order_keyed(api, "ida", "cab-p-idem", 2, "shop-req-1").await;
+    assert_eq!((code, reused["error"].as_str()), (409, Some("idempotency_key_reused")), "{reused}");
+    let (code, bad) = order_keyed(api, "ida", "cab-p-idem", 1, "has space").await;
+    assert_eq!((code, bad["field"].as_str()), (400, Some("idempotency_key")), "{bad}");
+    let client = stack.pg().await;
+    let n: i64 = client.query_one("SELECT count(*) FROM orders WHERE user_id = 'ida'", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+    shop.stop().await;
+    svc.stop().await;
+}

@@ -287,6 +287,10 @@ pub struct NewOrder {
     pub cabinet_id: String,
     /// Door.
     pub door_id: u8,
+    /// The shop's name for this creation (1 to 64 visible ASCII characters): a retry with the
+    /// same key gets the order the first call created, whatever that call's answer was.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// Creates an order: the user has a signed deduction contract (unless
@@ -305,7 +309,18 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
     if new.door_id == 0 {
         return Err(StoreError::invalid("door_id", "1..=255"));
     }
+    let key = new.idempotency_key.as_deref();
+    if key.is_some_and(|k| !(1..=64).contains(&k.len()) || !k.bytes().all(|b| b.is_ascii_graphic())) {
+        return Err(StoreError::invalid("idempotency_key", "1 to 64 visible ASCII characters"));
+    }
     let mut client = app.pg.get().await?;
+    // A retry: the order the key already names, before any rule (the user's own order would
+    // otherwise be the running one that refuses it).
+    if let Some(key) = key
+        && let Some(order) = by_idempotency_key(&client, tenant, key, new).await?
+    {
+        return Ok(order);
+    }
     if app.config.purchases.require_contract && !super::contracts::is_active(&**client, tenant, &new.user_id).await? {
         return Err(StoreError::rejected(
             "no_active_contract",
@@ -362,9 +377,9 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
             .query_one(
                 &format!(
                     "INSERT INTO orders (id, user_id, cabinet_id, door_id, state, lock_token, due_at, tenant,
-                                         hold_cents, currency)
+                                         hold_cents, currency, idempotency_key)
                      VALUES ($1, $2, $3, $4, 'created', $1, now() + make_interval(secs => $5::float8 / 1000), $6,
-                             $7, $8)
+                             $7, $8, $9)
                      RETURNING {COLUMNS}"
                 ),
                 &[
@@ -376,6 +391,7 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
                     &tenant,
                     &app.config.purchases.hold_cents,
                     &app.config.purchases.currency,
+                    &key,
                 ],
             )
             .await?;
@@ -395,6 +411,13 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
         }
         Err(e) => {
             lock::release_quietly(app, lock_door, &id).await;
+            // The same key raced in twice: the other call's order is this one's answer.
+            if e.is_unique_violation()
+                && let Some(key) = key
+                && let Some(order) = by_idempotency_key(&client, tenant, key, new).await?
+            {
+                return Ok(order);
+            }
             if e.is_unique_violation() {
                 // Another request of the same user (or for the same door) won the race.
                 Err(StoreError::rejected("unpaid_order", "the user or the door has an order running"))
@@ -403,6 +426,30 @@ pub async fn create(app: &App, new: &NewOrder, tenant: &str) -> Result<Order, St
             }
         }
     }
+}
+
+/// The order `tenant` created under `key`, if any; 409 `idempotency_key_reused` if that order
+/// is not for the same user, cabinet and door (a key names one creation).
+async fn by_idempotency_key(
+    client: &tokio_postgres::Client,
+    tenant: &str,
+    key: &str,
+    new: &NewOrder,
+) -> Result<Option<Order>, StoreError> {
+    let row = client
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM orders WHERE coalesce(tenant, '') = $1 AND idempotency_key = $2"),
+            &[&tenant, &key],
+        )
+        .await?;
+    let Some(order) = row.map(|r| Order::from_row(&r)) else { return Ok(None) };
+    if order.user_id != new.user_id || order.cabinet_id != new.cabinet_id || order.door_id != new.door_id {
+        return Err(StoreError::rejected(
+            "idempotency_key_reused",
+            format!("key {key} created order {} for another user, cabinet or door", order.id),
+        ));
+    }
+    Ok(Some(order))
 }
 
 /// The payment provider's verdict (the body of its signed callback, docs/api.md).

@@ -81,6 +81,12 @@ pub async fn order(api: Api, user: &str, cabinet: &str, door: u8) -> (u16, Value
     http(api, "POST", "/v1/orders", Some(json!({"user_id": user, "cabinet_id": cabinet, "door_id": door}))).await
 }
 
+/// [`order`] named by the shop's `key`: a retry with the same key gets the same order.
+pub async fn order_keyed(api: Api, user: &str, cabinet: &str, door: u8, key: &str) -> (u16, Value) {
+    let body = json!({"user_id": user, "cabinet_id": cabinet, "door_id": door, "idempotency_key": key});
+    http(api, "POST", "/v1/orders", Some(body)).await
+}
+
 /// The device service's default hold (`purchases.hold_cents`), which the provider authorises.
 pub const HOLD_CENTS: i64 = 20_000;
 
