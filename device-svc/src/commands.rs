@@ -10,8 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use protocol::Vin;
 use protocol::bus::{CommandBody, CommandReply, CommandRequest, DeviceKey, Keys, Outcome};
 use protocol::cabinet::CommandAction;
+use protocol::mqtt::topic::DownlinkKind;
+use protocol::vehicle::{VehicleCommand, VehicleCommandResult};
 use redis::streams::StreamReadReply;
 use redis_conn::RedisConn;
 use tokio::sync::{Mutex, oneshot};
@@ -31,6 +34,9 @@ pub struct Commander {
     metrics: Metrics,
     /// Replies awaited, by request id.
     waiting: DashMap<String, oneshot::Sender<Outcome>>,
+    /// Vehicles' own results to generic commands awaited, by request id: they come after the
+    /// delivery, from whichever instance consumed the vehicle's `command_result`.
+    results: DashMap<String, oneshot::Sender<Outcome>>,
     /// One lock per cabinet door while commands to it run or wait: they go one at a time. An
     /// entry leaves with its last user ([`DoorTurn`]), so the map holds only doors in use, not
     /// every door ever named (a caller naming random cabinets must not grow it for good).
@@ -76,6 +82,7 @@ impl Commander {
             instance,
             metrics,
             waiting: DashMap::new(),
+            results: DashMap::new(),
             doors: DashMap::new(),
             add_command: redis::Script::new(ADD_COMMAND),
             stream_max_bytes,
@@ -125,14 +132,80 @@ impl Commander {
             },
             _ => None,
         };
-        let mut id = [0u8; 12];
-        getrandom::fill(&mut id).map_err(|e| StoreError::invalid("random", e.to_string()))?;
-        let request_id = format!("{}-{}", self.instance, hex::encode(id));
+        let request_id = self.new_request_id()?;
         let started = Instant::now();
         let outcome = self.send_unserialised(&request_id, device, body, timeout).await?;
         self.metrics.commands.with_label_values(&[outcome.label()]).inc();
         self.metrics.command_duration.with_label_values(&[outcome.label()]).observe(started.elapsed().as_secs_f64());
         Ok((request_id, outcome))
+    }
+
+    /// Sends a generic command to a vehicle (`down/command`) and waits, at most `timeout`, for
+    /// its delivery (PUBACK) and then for the vehicle's own result (`up/command_result`, matched
+    /// by `command.request_id`), which reaches this instance through the reply stream whichever
+    /// instance consumed it ([`forward_vehicle_result`]).
+    ///
+    /// # Errors
+    /// Only Redis errors.
+    pub async fn send_vehicle_command(
+        &self,
+        vin: &Vin,
+        command: &VehicleCommand,
+        timeout: Duration,
+    ) -> Result<VehicleCommandEnd, StoreError> {
+        let request_id = self.new_request_id()?;
+        let started = Instant::now();
+        let (tx, mut result) = oneshot::channel();
+        self.results.insert(request_id.clone(), tx);
+        let route = self.keys.vehicle_command(vin, &command.request_id);
+        let mut con = self.redis.clone();
+        // Kept a little past the deadline, for a result on its way when the wait ends.
+        let ttl_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).saturating_add(RESULT_SLACK_MS);
+        let routed: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&route)
+            .arg(format!("{}\n{request_id}", self.reply_stream()))
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut con)
+            .await;
+        if let Err(e) = routed {
+            self.results.remove(&request_id);
+            return Err(e.into());
+        }
+        let payload = serde_json::to_vec(command).map_err(|e| StoreError::invalid("command", e.to_string()))?;
+        let body = CommandBody::Vehicle { kind: DownlinkKind::Command, payload: payload.into() };
+        let sent = self.send_unserialised(&request_id, &DeviceKey::Vehicle(vin.clone()), body, timeout).await;
+        let end = match sent {
+            // Delivered: the vehicle's result may still come, until the deadline.
+            Ok(Outcome::Delivered) => {
+                let left = timeout.saturating_sub(started.elapsed()) + Duration::from_millis(RESULT_SLACK_MS);
+                let outcome = match tokio::time::timeout(left, &mut result).await {
+                    Ok(Ok(outcome)) => outcome,
+                    Ok(Err(_)) | Err(_) => Outcome::TimedOut,
+                };
+                Ok(VehicleCommandEnd { outcome, delivered: true })
+            }
+            // The result overtook the delivery's reply, or came before a late timeout.
+            Ok(other) => Ok(match result.try_recv() {
+                Ok(outcome) => VehicleCommandEnd { outcome, delivered: true },
+                Err(_) => VehicleCommandEnd { outcome: other, delivered: false },
+            }),
+            Err(e) => Err(e),
+        };
+        self.results.remove(&request_id);
+        let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&route).query_async(&mut con).await;
+        if let Ok(end) = &end {
+            let label = end.outcome.label();
+            self.metrics.commands.with_label_values(&[label]).inc();
+            self.metrics.command_duration.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
+        }
+        end
+    }
+
+    fn new_request_id(&self) -> Result<String, StoreError> {
+        let mut id = [0u8; 12];
+        getrandom::fill(&mut id).map_err(|e| StoreError::invalid("random", e.to_string()))?;
+        Ok(format!("{}-{}", self.instance, hex::encode(id)))
     }
 
     async fn send_unserialised(
@@ -224,7 +297,9 @@ impl Commander {
                 let fields = redis_conn::bulk_fields(entry.map);
                 match CommandReply::from_fields(&fields) {
                     Ok(reply) => {
-                        if let Some((_, waiter)) = self.waiting.remove(&reply.request_id) {
+                        let waiters =
+                            if matches!(reply.outcome, Outcome::Vehicle(_)) { &self.results } else { &self.waiting };
+                        if let Some((_, waiter)) = waiters.remove(&reply.request_id) {
                             let _ = waiter.send(reply.outcome);
                         }
                     }
@@ -239,6 +314,56 @@ impl Commander {
             }
         }
     }
+}
+
+/// How long a vehicle's result may trail its command's deadline and still be awaited.
+const RESULT_SLACK_MS: u64 = 1000;
+
+/// Approximate length cap of a reply stream, as the gateways keep it (`commands.reply_maxlen`).
+const REPLY_STREAM_MAXLEN: u64 = 10_000;
+
+/// How a generic command to a vehicle ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VehicleCommandEnd {
+    /// The vehicle's result ([`Outcome::Vehicle`]), or why there is none.
+    pub outcome: Outcome,
+    /// Whether the vehicle acknowledged the command (PUBACK), result or not.
+    pub delivered: bool,
+}
+
+/// Hands a vehicle's `command_result` to the instance that sent the command: the route the
+/// sender left under the command's `request_id` names its reply stream, and is taken in the
+/// same step (`GETDEL`), so a result repeated, late (past the deadline and its slack) or for a
+/// command nobody sent goes nowhere. Returns whether it was handed on.
+///
+/// # Errors
+/// Redis errors: the uplink is applied again.
+pub async fn forward_vehicle_result(
+    redis: &RedisConn,
+    keys: &Keys,
+    vin: &Vin,
+    result: VehicleCommandResult,
+) -> Result<bool, StoreError> {
+    let mut con = redis.clone();
+    let route: Option<String> =
+        redis::cmd("GETDEL").arg(keys.vehicle_command(vin, &result.request_id)).query_async(&mut con).await?;
+    let Some((reply_to, request_id)) = route.as_deref().and_then(|r| r.split_once('\n')) else { return Ok(false) };
+    let reply = CommandReply {
+        request_id: request_id.to_owned(),
+        device: DeviceKey::Vehicle(vin.clone()),
+        node: String::new(),
+        outcome: Outcome::Vehicle(result),
+    };
+    let () = redis::cmd("XADD")
+        .arg(reply_to)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(REPLY_STREAM_MAXLEN)
+        .arg("*")
+        .arg(reply.to_fields())
+        .query_async(&mut con)
+        .await?;
+    Ok(true)
 }
 
 fn door_of(action: &CommandAction) -> Option<u8> {

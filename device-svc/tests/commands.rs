@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use protocol::bus::{CommandBody, DeviceKey, Outcome};
 use protocol::cabinet::{Command, CommandAction, CommandResult, CommandStatus, DoorStatus, Frame, Message};
+use protocol::mqtt::topic::{DownlinkKind, UplinkKind};
 use serde_json::{Value, json};
 use testkit::cabinet::Cabinet;
 
@@ -61,7 +62,7 @@ async fn a_connected_cabinet_answers_and_others_are_not_connected_or_time_out() 
         send(api, "cab:cab-cmd-1", json!({"action": "query_door", "door_id": 1, "timeout_ms": 10000})).await.unwrap();
     assert_eq!(answer["outcome"], "not_connected");
     assert!(answer["elapsed_ms"].as_u64().unwrap() < 5000, "{answer}");
-    let unknown_car = json!({"action": "downlink", "kind": "command", "payload": {"x": 1}});
+    let unknown_car = json!({"action": "vehicle_command", "name": "locate"});
     expect(api, "POST", "/v1/devices/veh:LSVAU2180N2183294/commands", Some(unknown_car), 404).await;
 
     // Bad input.
@@ -76,7 +77,7 @@ async fn a_connected_cabinet_answers_and_others_are_not_connected_or_time_out() 
     let e = expect(api, "POST", path, Some(json!({"action": "explode"})), 400).await;
     assert_eq!(e["field"], "action");
     let parts: Vec<String> = (0..40).map(|_| "a".repeat(4000)).collect();
-    let huge = json!({"action": "downlink", "kind": "command", "payload": {"x": parts}});
+    let huge = json!({"action": "downlink", "kind": "ota_notify", "payload": {"x": parts}});
     let e = expect(api, "POST", "/v1/devices/veh:LSVAU2180N2183294/commands", Some(huge), 400).await;
     assert_eq!(e["field"], "payload", "a downlink over 128 KiB");
 
@@ -302,5 +303,62 @@ async fn what_a_redis_crash_lost_is_written_back_and_what_survived_is_kept() {
     .await;
     let metrics = http(api, "GET", "/metrics", None).await.1;
     assert!(metric(metrics.as_str().unwrap(), "devsvc_redis_data_losses_total") >= 1.0);
+    svc.stop().await;
+}
+
+/// A generic command to a vehicle is answered with the vehicle's own `command_result` (matched
+/// by its `request_id`), not at the delivery; a command delivered and never answered times out
+/// saying it was delivered; a result nobody waits for (another id, a repeat) goes nowhere.
+#[tokio::test]
+async fn a_vehicle_command_is_answered_with_the_vehicles_own_result() {
+    const VIN: &str = "LSVAU2180N2183295";
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    let token = common::car::register_vehicle(api, VIN, json!({})).await;
+    let mut car = common::car::Car::connect(stack.mqtt_addr(), VIN, &token).await;
+    wait_status(api, &format!("veh:{VIN}"), "online").await;
+    let key = format!("veh:{VIN}");
+
+    let pending = send(api, &key, json!({"action": "vehicle_command", "name": "locate", "params": {"precise": true}}));
+    let command = car.next(DownlinkKind::Command).await;
+    assert_eq!((command["name"].as_str(), &command["params"]), (Some("locate"), &json!({"precise": true})));
+    let request_id = command["request_id"].as_str().unwrap().to_owned();
+    assert!(command["expires_at_ms"].as_u64().unwrap() > now_ms(), "{command}");
+    // Another command's result first: not this one's answer.
+    car.publish(UplinkKind::CommandResult, json!({"request_id": "c-someone-else", "status": "ok"})).await;
+    let result = json!({"request_id": request_id, "status": "failed", "detail": "no GPS fix"});
+    car.publish(UplinkKind::CommandResult, result.clone()).await;
+    let answer = pending.await.unwrap();
+    assert_eq!(answer["outcome"], "answered", "{answer}");
+    assert_eq!(answer["result"], json!({"status": "failed", "detail": "no GPS fix"}));
+    assert_eq!(answer["delivered"], true);
+    // The same result again finds nobody waiting.
+    car.publish(UplinkKind::CommandResult, result).await;
+
+    // Delivered, never answered.
+    let pending = send(api, &key, json!({"action": "vehicle_command", "name": "honk", "timeout_ms": 800}));
+    car.next(DownlinkKind::Command).await;
+    let answer = pending.await.unwrap();
+    assert_eq!((answer["outcome"].as_str(), &answer["delivered"]), (Some("timed_out"), &json!(true)), "{answer}");
+    assert!(answer["elapsed_ms"].as_u64().unwrap() >= 800, "{answer}");
+
+    // A generic command is only the vehicle_command action; a name is bounded.
+    let raw = json!({"action": "downlink", "kind": "command", "payload": {}});
+    assert_eq!(expect(api, "POST", &format!("/v1/devices/{key}/commands"), Some(raw), 400).await["field"], "kind");
+    let long = json!({"action": "vehicle_command", "name": "x".repeat(65)});
+    assert_eq!(expect(api, "POST", &format!("/v1/devices/{key}/commands"), Some(long), 400).await["field"], "name");
+
+    // The other id and the repeat were consumed and counted as going nowhere.
+    wait_until("the unmatched results counted", WAIT, || async {
+        let text = http(api, "GET", "/metrics", None).await.1;
+        let ignored = metric(text.as_str()?, "devsvc_stream_entries_total{result=\"ignored\",type=\"veh\"}");
+        (ignored >= 2.0).then_some(())
+    })
+    .await;
+    car.disconnect().await;
+    wait_status(api, &key, "offline").await;
+    let answer = send(api, &key, json!({"action": "vehicle_command", "name": "locate"})).await.unwrap();
+    assert_eq!((answer["outcome"].as_str(), &answer["delivered"]), (Some("not_connected"), &json!(false)));
     svc.stop().await;
 }

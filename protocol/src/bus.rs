@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use crate::cabinet::{self, CommandAction, CommandResult, Message};
 use crate::ids::{DeviceId, Vin};
 use crate::mqtt::topic::{DownlinkKind, UplinkKind};
+use crate::vehicle::VehicleCommandResult;
 
 /// Why a bus entry could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -192,6 +193,12 @@ impl Keys {
     /// Stream: replies for one command sender (a device-service instance).
     pub fn replies(&self, sender: &str) -> String {
         format!("{}reply:{sender}", self.prefix)
+    }
+
+    /// String with a TTL: where the result of a generic command to a vehicle goes (the sender's
+    /// reply stream and its request id), by the `request_id` the vehicle will echo.
+    pub fn vehicle_command(&self, vin: &Vin, request_id: &str) -> String {
+        format!("{}vcmd:{{{vin}}}:{request_id}", self.prefix)
     }
 
     /// List: QoS 1 downlinks sent to a vehicle and not yet acknowledged (persistent sessions).
@@ -581,11 +588,14 @@ impl CommandRequest {
     }
 }
 
-/// How a command ended, as the gateway reports it.
+/// How a command ended, as the gateway reports it (or, for a vehicle's own result to a generic
+/// command, the device service that consumed its `command_result`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The cabinet answered.
     Cabinet(CommandResult),
+    /// The vehicle answered a generic command (`up/command_result`), after its delivery.
+    Vehicle(VehicleCommandResult),
     /// The vehicle acknowledged the downlink (PUBACK).
     Delivered,
     /// The device has no session on this node (it moved or is gone).
@@ -602,7 +612,7 @@ impl Outcome {
     /// The metric label (`outcome="..."`).
     pub fn label(&self) -> &'static str {
         match self {
-            Outcome::Cabinet(_) => "answered",
+            Outcome::Cabinet(_) | Outcome::Vehicle(_) => "answered",
             Outcome::Delivered => "delivered",
             Outcome::NotConnected => "not_connected",
             Outcome::TimedOut => "timed_out",
@@ -636,6 +646,8 @@ impl CommandReply {
         ];
         match &self.outcome {
             Outcome::Cabinet(r) => fields.push(("p", vec![r.status.as_u8(), r.door_id, r.door_state.as_u8()])),
+            // JSON as the vehicle sent it (the struct serialises infallibly).
+            Outcome::Vehicle(r) => fields.push(("v", serde_json::to_vec(r).unwrap_or_default())),
             Outcome::Invalid(why) => fields.push(("why", why.as_bytes().to_vec())),
             _ => {}
         }
@@ -649,6 +661,9 @@ impl CommandReply {
     pub fn from_fields(fields: &HashMap<String, Vec<u8>>) -> Result<Self, BusError> {
         let f = FieldReader(fields);
         let outcome = match f.text("o")? {
+            "answered" if fields.contains_key("v") => {
+                Outcome::Vehicle(serde_json::from_slice(f.bytes("v")?).map_err(|e| invalid("v", e))?)
+            }
             "answered" => {
                 let p = Bytes::copy_from_slice(f.bytes("p")?);
                 match Message::parse(cabinet::MessageType::CommandResult.as_u8(), &p).map_err(|e| invalid("p", e))? {
@@ -928,6 +943,11 @@ mod tests {
         }
         let outcomes = [
             Outcome::Cabinet(CommandResult { status: CommandStatus::Ok, door_id: 1, door_state: DoorStatus::Open }),
+            Outcome::Vehicle(crate::vehicle::VehicleCommandResult {
+                request_id: "c-1".into(),
+                status: crate::vehicle::VehicleCommandStatus::Failed,
+                detail: Some("door ajar".into()),
+            }),
             Outcome::Delivered,
             Outcome::NotConnected,
             Outcome::TimedOut,

@@ -226,7 +226,7 @@ pub enum VehicleCommandStatus {
 }
 
 /// `up/command_result`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VehicleCommandResult {
     /// The command's `request_id`.
     pub request_id: String,

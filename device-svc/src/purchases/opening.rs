@@ -217,7 +217,12 @@ pub async fn open_door(app: &App, order: Order) -> Result<(), StoreError> {
             }
             // No answer, an unknown door state, a busy queue, a cabinet between connections:
             // ask again.
-            Outcome::Cabinet(_) | Outcome::TimedOut | Outcome::NotConnected | Outcome::Busy | Outcome::Delivered => {
+            Outcome::Cabinet(_)
+            | Outcome::TimedOut
+            | Outcome::NotConnected
+            | Outcome::Busy
+            | Outcome::Delivered
+            | Outcome::Vehicle(_) => {
                 tracing::debug!(order = %order.id, attempt, outcome = outcome.label(), "door not confirmed yet");
             }
         }

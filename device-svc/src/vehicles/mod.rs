@@ -13,8 +13,10 @@ use std::sync::Arc;
 
 use protocol::Vin;
 use protocol::mqtt::topic::UplinkKind;
+use protocol::vehicle::VehicleCommandResult;
 
 use crate::app::App;
+use crate::commands;
 use crate::error::StoreError;
 
 /// Whether an uplink is an OTA report (the consumer batches those: [`ota::reports::apply_batch`]).
@@ -56,9 +58,24 @@ pub async fn on_uplink(
                 .copied()
                 .unwrap_or("invalid"))
         }
-        // The command API answers generic commands on delivery (PUBACK); results are not consumed.
-        UplinkKind::CommandResult => Ok("ignored"),
+        // Handed to the instance waiting for it; one nobody waits for (late, repeated, or for a
+        // command never sent) is counted `ignored`.
+        UplinkKind::CommandResult => match serde_json::from_slice::<VehicleCommandResult>(payload) {
+            Ok(result)
+                if valid_request_id(&result.request_id) && result.detail.as_ref().is_none_or(|d| d.len() <= 512) =>
+            {
+                let forwarded = commands::forward_vehicle_result(&app.redis, &app.keys, vin, result).await?;
+                Ok(if forwarded { "applied" } else { "ignored" })
+            }
+            _ => Ok("invalid"),
+        },
     }
+}
+
+/// A command's `request_id` as the device service issues them (SPEC.md 2.3): 1 to 64 visible
+/// ASCII characters, so a vehicle cannot make a key of any size or shape.
+fn valid_request_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn invalid(app: &App, step: &str) -> &'static str {
