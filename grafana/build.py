@@ -72,6 +72,10 @@ DASHBOARDS = {
                   q(f"sum by (node) (increase(devsvc_offline_suppressed_total[{RATE}]))", "{{node}}")),
             panel("Takeovers per second", "ops",
                   per_s("gateway_takeovers_total", "protocol, scope", NODE)),
+            panel("API requests per second by route and status", "reqps",
+                  per_s("devsvc_http_requests_total", "method, route, status"),
+                  description="The device service's HTTP API; route is the pattern, unmatched for paths no route has."),
+            panel("API latency", "s", *quantiles("devsvc_http_request_duration_seconds")),
         ],
     },
     "gateway": {

@@ -31,6 +31,11 @@ pub struct Metrics {
     pub stream_lag: IntGaugeVec,
     /// `devsvc_http_connections_open`: API connections held now (at most `http.max_connections`).
     pub http_connections_open: prometheus::IntGauge,
+    /// `devsvc_http_requests_total{route,method,status}`: API requests answered, by route
+    /// pattern (`/v1/orders/{id}`; `unmatched` for a path no route has), method and status.
+    pub http_requests: IntCounterVec,
+    /// `devsvc_http_request_duration_seconds{route,method}`: time to answer an API request.
+    pub http_duration: HistogramVec,
     /// `devsvc_api_auth_total{result}`: API requests by authentication and authorisation result
     /// (`ok`, `missing`, `malformed`, `unknown`, `wrong_secret`, `revoked`, `forbidden`,
     /// `rate_limited`, `unavailable`).
@@ -161,6 +166,20 @@ impl Metrics {
         r.register(Box::new(http_connections_open.clone())).expect("metric registered once");
         Self {
             http_connections_open,
+            http_requests: c(
+                "devsvc_http_requests_total",
+                "API requests answered, by route pattern (unmatched: no route), method and status.",
+                &["route", "method", "status"],
+            ),
+            http_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new("devsvc_http_request_duration_seconds", "Time to answer an API request.")
+                        .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                    &["route", "method"],
+                )
+                .expect("valid"),
+            ),
             api_auth: c(
                 "devsvc_api_auth_total",
                 "API requests by authentication and authorisation result.",

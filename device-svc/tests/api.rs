@@ -334,3 +334,64 @@ async fn the_api_speaks_tls_when_given_a_certificate() {
     assert!(closed.is_ok(), "a peer that never starts its handshake is closed at the deadline");
     svc.stop().await;
 }
+
+/// Every answer is counted by route pattern, method and status, refusals included, and the
+/// labels never carry the path a caller chose (which would grow the series without bound).
+#[tokio::test]
+async fn every_answer_is_counted_by_route_pattern_method_and_status() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    expect(api, "GET", "/v1/devices/cab:nobody-here", None, 404).await;
+    let (anonymous, _) = http(api.anonymous(), "GET", "/v1/devices/cab:nobody-here", None).await;
+    assert_eq!(anonymous, 401);
+    let (unrouted, _) = http(api, "GET", "/v1/no-such-route-here", None).await;
+    assert_eq!(unrouted, 404);
+    let text = http(api, "GET", "/metrics", None).await.1;
+    let text = text.as_str().unwrap();
+    let count = |name: &str, labels: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let device = r#"route="/v1/devices/{key}""#;
+    let get = r#"method="GET""#;
+    assert_eq!(count("devsvc_http_requests_total", &[device, get, r#"status="404""#]), 1.0, "{text}");
+    assert_eq!(count("devsvc_http_requests_total", &[device, get, r#"status="401""#]), 1.0, "{text}");
+    assert_eq!(count("devsvc_http_requests_total", &[r#"route="unmatched""#, get, r#"status="404""#]), 1.0);
+    assert_eq!(count("devsvc_http_request_duration_seconds_count", &[device, get]), 2.0);
+    assert!(!text.contains("nobody-here") && !text.contains("no-such-route"), "a caller's path is never a label");
+    svc.stop().await;
+}
+
+/// A registration whose credentials Redis refused (here: out of memory; in life also down or
+/// unreachable) is answered 201 from PostgreSQL, and its credentials reach Redis within seconds
+/// of Redis taking writes again, not at the next minute's rewrite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_redis_refused_at_registration_are_written_within_seconds() {
+    let stack = Stack::new_private_redis().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    let mut con = stack.redis.clone();
+    let admin = stack.redis.clone();
+    let set = |name: &'static str, value: &'static str| {
+        let mut con = admin.clone();
+        async move {
+            let () = redis::cmd("CONFIG").arg("SET").arg(name).arg(value).query_async(&mut con).await.unwrap();
+        }
+    };
+    set("maxmemory-policy", "noeviction").await;
+    set("maxmemory", "1").await;
+    let (id, secret) = register_cabinet(api, "cab-oom-1", &[(1, 1)]).await;
+    let credential = stack.keys.credentials(&protocol::bus::DeviceKey::Cabinet(id.clone()));
+    let written: bool = redis::cmd("EXISTS").arg(&credential).query_async(&mut con).await.unwrap();
+    assert!(!written, "Redis refused the credentials");
+    set("maxmemory", "0").await;
+    wait_until("a login accepted", std::time::Duration::from_secs(5), || async {
+        let (_, answer) = Cabinet::login(stack.cabinet_addr(), &id, &secret).await;
+        (answer.status == LoginStatus::Accepted).then_some(())
+    })
+    .await;
+    svc.stop().await;
+}

@@ -11,6 +11,7 @@ mod error;
 mod extract;
 mod guard;
 mod keys;
+mod observe;
 mod ops;
 mod orders;
 mod ota;
@@ -128,7 +129,8 @@ pub fn routes() -> Vec<RouteSpec> {
 }
 
 /// Every route of the API, each behind the guard (authentication, the role table, the rate
-/// limit, the audit context).
+/// limit, the audit context), with the body limit, the request timeout and the request
+/// metrics around them all.
 pub fn router(app: Arc<App>) -> Router {
     let mut router = Router::new();
     let mut access = HashMap::new();
@@ -137,9 +139,17 @@ pub fn router(app: Arc<App>) -> Router {
         router = router.route(spec.path, handler);
     }
     let guard = Arc::new(Guard::new(Arc::clone(&app), access));
+    let (max_body, timeout) = (app.config.http.max_body_bytes, app.config.http.request_timeout_ms);
     router
         .route_layer(axum::middleware::from_fn_with_state(guard, guard::guard))
         .layer(axum::middleware::from_fn(refuse_nul))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_millis(timeout),
+        ))
+        // Outermost, so refusals (401, 403, 429, 400 NUL, 408, 413) are counted with the rest.
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&app), observe::record))
         .with_state(app)
 }
 
@@ -169,12 +179,7 @@ async fn refuse_nul(request: axum::extract::Request, next: axum::middleware::Nex
 pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: Arc<App>, stop: CancellationToken) {
     let cfg = app.config.http.clone();
     let metrics = app.metrics.clone();
-    let service = router(app).layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes)).layer(
-        tower_http::timeout::TimeoutLayer::with_status_code(
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            Duration::from_millis(cfg.request_timeout_ms),
-        ),
-    );
+    let service = router(app);
     let header_timeout = Duration::from_millis(cfg.header_timeout_ms);
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1.timer(TokioTimer::new()).header_read_timeout(header_timeout);
