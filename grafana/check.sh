@@ -6,8 +6,13 @@
 #      (loadtest: heartbeats, weights, commands, purchases, activations, an OTA campaign),
 #      scraped every second by a real Prometheus that also evaluates the alert rules;
 #   3. grafana/check.py: every dashboard importable, every panel query valid and with data
-#      (unless grafana/expect-empty.txt says why not), every alert rule healthy.
-# Prometheus and promtool come from Debian's `prometheus` package, installed when missing.
+#      (unless grafana/expect-empty.txt says why not), every alert rule healthy;
+#   4. alerts reach someone: amtool checks grafana/alertmanager.yml, a real Alertmanager runs
+#      it (its webhooks pointed at a receiver here), the stack's run marker is deleted (Redis
+#      "lost its data"), and the critical RedisLostItsData alert must arrive at the on-call
+#      webhook, and not at the team's.
+# Prometheus and promtool come from Debian's `prometheus` package, Alertmanager and amtool from
+# `prometheus-alertmanager`, installed when missing.
 #
 #   grafana/check.sh
 #
@@ -47,7 +52,9 @@ finish() {
 trap finish EXIT
 
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || install_packages prometheus
-say "promtool: configuration, rules, rule unit tests"
+command -v prometheus-alertmanager >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 \
+  || install_packages prometheus-alertmanager
+say "promtool and amtool: configuration, rules, rule unit tests, alert routing"
 # The shipped configuration reads the device service's metrics key from a file beside it.
 mkdir -p "$WORK/shipped"
 cp grafana/prometheus.yml "$WORK/shipped/" && ln -s "$PWD/grafana/rules" "$WORK/shipped/rules"
@@ -55,6 +62,7 @@ echo "iotk_placeholder" >"$WORK/shipped/device-svc-metrics.key"
 promtool check config "$WORK/shipped/prometheus.yml" >/dev/null
 promtool check rules grafana/rules/alerts.yml >/dev/null
 promtool test rules grafana/rules/alerts_test.yml >/dev/null
+amtool check-config grafana/alertmanager.yml >/dev/null
 
 say "observability check: a small stack under a simulated fleet, scraped by Prometheus"
 cargo build --locked -q -p gateway -p device-svc -p loadtest -p account-ref --bins
@@ -85,6 +93,30 @@ for n in 1 2; do
   TARGETS="$TARGETS\"127.0.0.1:$metrics\", "
 done
 
+# The webhook receiver: each POST's body, one line per call, in a file named by its path.
+HOOK_PORT=$(free_port)
+python3 - "$HOOK_PORT" "$WORK" >"$WORK/webhook.log" 2>&1 <<'PY' &
+import http.server, sys
+port, work = int(sys.argv[1]), sys.argv[2]
+class Hook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with open(f"{work}/webhook{self.path.replace('/', '-')}.jsonl", "ab") as f:
+            f.write(body.replace(b"\n", b" ") + b"\n")
+        self.send_response(200)
+        self.end_headers()
+http.server.HTTPServer(("127.0.0.1", port), Hook).serve_forever()
+PY
+PIDS+=($!)
+wait_port "$HOOK_PORT" "the webhook receiver"
+# The shipped routing, its webhooks pointed here; a critical alert waits 10 s to be grouped.
+AM_PORT=$(free_port)
+sed "s#http://127.0.0.1:9095/#http://127.0.0.1:$HOOK_PORT/#" grafana/alertmanager.yml >"$WORK/alertmanager.yml"
+prometheus-alertmanager --config.file "$WORK/alertmanager.yml" --storage.path "$WORK/alertmanager" \
+  --web.listen-address "127.0.0.1:$AM_PORT" --cluster.listen-address "" >"$WORK/alertmanager.log" 2>&1 &
+PIDS+=($!)
+wait_port "$AM_PORT" "Alertmanager"
+
 PROM_PORT=$(free_port)
 cat > "$WORK/prometheus.yml" <<EOF
 global:
@@ -92,6 +124,10 @@ global:
   evaluation_interval: 1s
 rule_files:
   - $PWD/grafana/rules/alerts.yml
+alerting:
+  alertmanagers:
+    - static_configs:
+        - targets: ["127.0.0.1:$AM_PORT"]
 scrape_configs:
   - job_name: gateway
     static_configs:
@@ -125,3 +161,27 @@ for _ in range(300):
 sys.exit("Prometheus did not scrape the stack after the fleet")
 PY
 python3 grafana/check.py "http://127.0.0.1:$PROM_PORT"
+
+say "alerts reach someone: Redis loses the stack's data, the on-call webhook is told"
+redis-cli -u "$REDIS_URL" del "${PREFIX}bus:run" >/dev/null
+python3 - "$WORK" <<'PY'
+import json, os, sys, time
+work = sys.argv[1]
+def alerts(receiver):
+    path = f"{work}/webhook-{receiver}.jsonl"
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [a for line in f for a in json.loads(line)["alerts"]]
+deadline = time.time() + 90
+while time.time() < deadline:
+    fired = [a for a in alerts("oncall") if a["labels"]["alertname"] == "RedisLostItsData" and a["status"] == "firing"]
+    if fired:
+        assert fired[0]["labels"]["severity"] == "critical", fired[0]
+        assert not any(a["labels"]["alertname"] == "RedisLostItsData" for a in alerts("team")), "a critical alert went to the team"
+        print(f"RedisLostItsData reached the on-call webhook ({len(alerts('team'))} warnings at the team's)")
+        sys.exit(0)
+    time.sleep(0.5)
+sys.exit("RedisLostItsData did not reach the on-call webhook within 90 s")
+PY
+
