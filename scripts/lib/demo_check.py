@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Judges a fleet run's report (scripts/demo's target/demo/report.json): every device
+connected, every order of the purchase storm settled, every activation done, the OTA campaign
+finished with every vehicle accepted, and nothing lost (uplinks without PUBACK, heartbeats
+unanswered, commands without a reply or not delivered). What was still in flight when the
+harness stopped is reported, not judged. Prints one line per finding and exits 1 if any.
+
+    python3 scripts/lib/demo_check.py target/demo/report.json
+"""
+
+import json
+import sys
+
+
+def findings(report):
+    results = report["results"]
+    details = results["details"]
+    params = report.get("parameters", {})
+    out = []
+    expected = params.get("cabinets", 0) + params.get("vehicles", 0)
+    if results["connected"] < expected:
+        out.append(f"{results['connected']} of {expected} devices connected")
+    storm = details.get("purchase_storm")
+    if storm:
+        others = {k: v for k, v in storm["outcomes"].items() if k != "settled"}
+        if others or sum(storm["outcomes"].values()) < storm["orders"]:
+            out.append(f"purchase storm: {storm['orders']} orders, outcomes {storm['outcomes']}")
+    wave = details.get("activation_wave")
+    if wave and (wave["activated"] < wave["vehicles"] or wave["rejected"] or wave["app_calls_failed"]):
+        out.append(f"activation wave: {wave}")
+    ota = details.get("ota_campaign")
+    if ota and ("error" in ota or ota.get("rejected") or ota.get("finished_after_s") is None):
+        out.append(f"OTA campaign: {ota}")
+    lost = details.get("lost", {})
+    for key in ("uplinks_unacknowledged", "heartbeats_unanswered", "commands_without_reply", "commands_not_delivered"):
+        if lost.get(key, 0):
+            out.append(f"lost: {key} = {lost[key]}")
+    return out
+
+
+def main():
+    with open(sys.argv[1]) as f:
+        report = json.load(f)
+    problems = findings(report)
+    for p in problems:
+        print(f"FAIL {p}")
+    lost = report["results"]["details"].get("lost", {})
+    in_flight = lost.get("uplinks_in_flight_at_stop", 0) + lost.get("door_events_unacknowledged_at_stop", 0)
+    if not problems:
+        print(f"PASS every device connected, every order settled, every activation and upgrade done, "
+              f"nothing lost ({in_flight} in flight when the harness stopped)")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
