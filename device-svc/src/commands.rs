@@ -153,6 +153,7 @@ impl Commander {
         command: &VehicleCommand,
         timeout: Duration,
     ) -> Result<VehicleCommandEnd, StoreError> {
+        let payload = serde_json::to_vec(command).map_err(|e| StoreError::invalid("command", e.to_string()))?;
         let request_id = self.new_request_id()?;
         let started = Instant::now();
         let (tx, mut result) = oneshot::channel();
@@ -172,7 +173,6 @@ impl Commander {
             self.results.remove(&request_id);
             return Err(e.into());
         }
-        let payload = serde_json::to_vec(command).map_err(|e| StoreError::invalid("command", e.to_string()))?;
         let body = CommandBody::Vehicle { kind: DownlinkKind::Command, payload: payload.into() };
         let sent = self.send_unserialised(&request_id, &DeviceKey::Vehicle(vin.clone()), body, timeout).await;
         let end = match sent {
