@@ -379,8 +379,13 @@ impl Worker {
                         return Err(format!("order refused: {code} {o}"));
                     }
                     let id = o["id"].as_str().unwrap().to_owned();
+                    // A retry after an answer lost past the commit (a 503 from the request
+                    // timeout, an instance killed) finds the order moved on; if it was cancelled
+                    // meanwhile the provider is told so (409 `order_cancelled`) and the
+                    // cancellation is judged below like any other.
                     let (code, a) = retried(|| authorise(api, &id)).await;
-                    if code != 200 {
+                    let cancelled_meanwhile = code == 409 && a["error"] == "order_cancelled";
+                    if code != 200 && !cancelled_meanwhile {
                         return Err(format!("authorisation refused: {code} {a}"));
                     }
                     if lost_result {
