@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (12, "outbox_confirmed", include_str!("../migrations/0012_outbox_confirmed.sql")),
     (13, "money", include_str!("../migrations/0013_money.sql")),
     (14, "order_idempotency", include_str!("../migrations/0014_order_idempotency.sql")),
+    (15, "list_indexes", include_str!("../migrations/0015_list_indexes.sql")),
 ];
 
 /// Longest wait for a pooled connection.

@@ -5,6 +5,7 @@
 //! - [`config`]: configuration (file, environment, flags) and its validation;
 //! - [`db`]: the PostgreSQL pool and the migrations in `migrations/`;
 //! - [`registry`]: products, cabinets, doors, lanes, vehicles, credentials;
+//! - [`fleet`]: devices, cabinets and vehicles as filtered pages, by [`listing`]'s keyset cursors;
 //! - [`status`]: epoch-fenced status changes and their history;
 //! - [`offline`]: deadline-ordered, exactly-once offline detection guarded by node health;
 //! - [`weights`]: readings into PostgreSQL, stable weights into the Redis cache;
@@ -29,7 +30,9 @@ pub mod consumer;
 pub mod db;
 pub mod dead_letters;
 pub mod error;
+pub mod fleet;
 pub mod http;
+pub mod listing;
 pub mod metrics;
 pub mod offline;
 pub mod purchases;

@@ -138,6 +138,30 @@ pub async fn last_seen(app: &App, device: &DeviceKey) -> Result<Option<u64>, Sto
     Ok(seen.and_then(|s| s.split(' ').next().and_then(|at| at.parse().ok())))
 }
 
+/// The last heartbeat of each of `devices` that has one, by key, in one round trip.
+///
+/// # Errors
+/// Any Redis error.
+pub async fn last_seen_many(
+    app: &App,
+    devices: &[DeviceKey],
+) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+    if devices.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let mut pipe = redis::pipe();
+    for d in devices {
+        pipe.cmd("HGET").arg(shard_key(&app.keys, d.shard(app.config.streams.shards), "seen")).arg(d.to_string());
+    }
+    let mut con = app.redis.clone();
+    let seen: Vec<Option<String>> = pipe.query_async(&mut con).await?;
+    Ok(devices
+        .iter()
+        .zip(seen)
+        .filter_map(|(d, s)| Some((d.to_string(), s?.split(' ').next()?.parse().ok()?)))
+        .collect())
+}
+
 fn health_key(keys: &Keys, node: &str) -> String {
     format!("{}health:{{{node}}}", keys.prefix())
 }

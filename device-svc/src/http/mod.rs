@@ -11,6 +11,7 @@ mod error;
 mod extract;
 mod guard;
 mod keys;
+mod lists;
 mod observe;
 mod ops;
 mod orders;
@@ -81,11 +82,13 @@ fn table() -> Vec<(RouteSpec, MethodRouter<Arc<App>>)> {
         r(post_.clone(), "/v1/products", Roles(OPERATOR), post(devices::create_product)),
         r(get_.clone(), "/v1/products/{id}", Roles(READERS), get(devices::get_product)),
         r(post_.clone(), "/v1/cabinets", Roles(OPERATOR), post(devices::create_cabinet)),
+        r(get_.clone(), "/v1/cabinets", Roles(READERS), get(lists::cabinets)),
         r(get_.clone(), "/v1/cabinets/{id}", Roles(READERS), get(devices::get_cabinet)),
         r(put_.clone(), "/v1/cabinets/{id}/doors/{door}/lanes/{lane}", Roles(OPERATOR), put(devices::configure_lane)),
         r(get_.clone(), "/v1/cabinets/{id}/weights", Roles(READERS), get(weights::current)),
         r(get_.clone(), "/v1/cabinets/{id}/doors/{door}/lanes/{lane}/readings", Roles(READERS), get(weights::history)),
         r(post_.clone(), "/v1/vehicles", Roles(OPERATOR), post(devices::create_vehicle)),
+        r(get_.clone(), "/v1/vehicles", Roles(READERS), get(lists::vehicles)),
         r(get_.clone(), "/v1/vehicles/{vin}", Roles(READERS), get(vehicles::get)),
         r(patch_.clone(), "/v1/vehicles/{vin}", Roles(OPERATOR), patch(vehicles::update)),
         r(get_.clone(), "/v1/activations/{qr_id}", Roles(ACTIVATION_READERS), get(vehicles::get_activation)),
@@ -102,12 +105,14 @@ fn table() -> Vec<(RouteSpec, MethodRouter<Arc<App>>)> {
         r(get_.clone(), "/v1/ota/lists/{list}", Roles(READERS), get(ota::list_entries)),
         r(put_.clone(), "/v1/ota/lists/{list}/{vin}", Roles(OPERATOR), put(ota::add_to_list)),
         r(delete_.clone(), "/v1/ota/lists/{list}/{vin}", Roles(OPERATOR), delete(ota::remove_from_list)),
+        r(get_.clone(), "/v1/devices", Roles(READERS), get(lists::devices)),
         r(get_.clone(), "/v1/devices/{key}", Roles(READERS), get(devices::get_device)),
         r(get_.clone(), "/v1/devices/{key}/history", Roles(READERS), get(devices::history)),
         r(post_.clone(), "/v1/devices/{key}/credentials", Roles(OPERATOR), post(devices::rotate_credentials)),
         r(put_.clone(), "/v1/devices/{key}/enabled", Roles(OPERATOR), put(devices::set_enabled)),
         r(post_.clone(), "/v1/devices/{key}/commands", Roles(OPERATOR), post(send::send)),
         r(post_.clone(), "/v1/orders", Roles(SHOP), post(orders::create)),
+        r(get_.clone(), "/v1/orders", Roles(READERS), get(lists::orders)),
         r(get_.clone(), "/v1/orders/{id}", Roles(ORDER_READERS), get(orders::get)),
         r(post_.clone(), "/v1/orders/{id}/settle", Roles(OPERATOR), post(orders::settle)),
         r(post_.clone(), "/v1/orders/{id}/refunds", Roles(OPERATOR), post(orders::refund)),

@@ -34,6 +34,7 @@ pub mod anomalies;
 pub mod contracts;
 pub mod doors;
 pub mod driver;
+pub mod lists;
 pub mod lock;
 pub mod money;
 pub mod opening;
