@@ -25,6 +25,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (13, "money", include_str!("../migrations/0013_money.sql")),
     (14, "order_idempotency", include_str!("../migrations/0014_order_idempotency.sql")),
     (15, "list_indexes", include_str!("../migrations/0015_list_indexes.sql")),
+    (16, "audit_reason", include_str!("../migrations/0016_audit_reason.sql")),
 ];
 
 /// Longest wait for a pooled connection.

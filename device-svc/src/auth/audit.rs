@@ -1,6 +1,7 @@
 //! The audit trail: one row per API call that changed something (or was refused to a caller
 //! who proved who they are), naming the caller, the role, the route, the target (the request
-//! path: ids, never bodies, so never a secret), the outcome, the time and the request id.
+//! path: ids, never bodies, so never a secret), the outcome, the time and the request id, and
+//! for a change that takes one, the reason the operator gave ([`note_reason`]).
 //!
 //! A change and its row commit together: the API's guard runs every request inside
 //! [`scope`], and each store function that changes something calls [`record`] with its own
@@ -42,6 +43,8 @@ pub struct Context {
     pub route: String,
     /// The request path.
     pub target: String,
+    /// The reason the caller gave for the change, if it takes one ([`note_reason`]).
+    reason: std::sync::Mutex<Option<String>>,
     written: AtomicU8,
 }
 
@@ -55,7 +58,16 @@ impl Context {
         route: String,
         target: String,
     ) -> Self {
-        Self { request_id, principal, role, method, route, target, written: AtomicU8::new(NONE) }
+        Self {
+            request_id,
+            principal,
+            role,
+            method,
+            route,
+            target,
+            reason: std::sync::Mutex::new(None),
+            written: AtomicU8::new(NONE),
+        }
     }
 
     /// Whether a row for this request was written.
@@ -84,12 +96,21 @@ pub fn current() -> Option<Arc<Context>> {
     CURRENT.try_with(Arc::clone).ok()
 }
 
+/// Keeps `reason` (the operator's own words for the change, bounded by the caller) for the
+/// current request's audit row. Outside a request: nothing.
+pub fn note_reason(reason: &str) {
+    if let Some(ctx) = current() {
+        *ctx.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.to_owned());
+    }
+}
+
 async fn insert(client: &impl GenericClient, ctx: &Context, outcome: &str, how: u8) -> Result<(), StoreError> {
+    let reason = ctx.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     client
         .execute(
-            "INSERT INTO audit_log (request_id, principal, role, method, route, target, outcome)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            &[&ctx.request_id, &ctx.principal, &ctx.role, &ctx.method, &ctx.route, &ctx.target, &outcome],
+            "INSERT INTO audit_log (request_id, principal, role, method, route, target, outcome, reason)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            &[&ctx.request_id, &ctx.principal, &ctx.role, &ctx.method, &ctx.route, &ctx.target, &outcome, &reason],
         )
         .await?;
     ctx.written.store(how, Ordering::Relaxed);
@@ -160,6 +181,8 @@ pub struct Entry {
     pub target: String,
     /// `ok`, `requested`, or the refusal (`forbidden`, `409 door_busy`, ...).
     pub outcome: String,
+    /// The reason the operator gave, for a change that takes one.
+    pub reason: Option<String>,
 }
 
 /// Filters of [`list`]; every one optional.
@@ -192,7 +215,7 @@ pub async fn list(app: &App, f: &Filter<'_>) -> Result<Vec<Entry>, StoreError> {
         f.target_prefix.map(|p| format!("{}%", p.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")));
     let rows = client
         .query(
-            "SELECT id, at, request_id, principal, role, method, route, target, outcome FROM audit_log
+            "SELECT id, at, request_id, principal, role, method, route, target, outcome, reason FROM audit_log
               WHERE ($1::text IS NULL OR principal = $1)
                 AND ($2::text IS NULL OR route = $2)
                 AND ($3::text IS NULL OR target LIKE $3)
@@ -215,6 +238,7 @@ pub async fn list(app: &App, f: &Filter<'_>) -> Result<Vec<Entry>, StoreError> {
             route: r.get(6),
             target: r.get(7),
             outcome: r.get(8),
+            reason: r.get(9),
         })
         .collect())
 }

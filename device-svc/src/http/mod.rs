@@ -114,6 +114,8 @@ fn table() -> Vec<(RouteSpec, MethodRouter<Arc<App>>)> {
         r(post_.clone(), "/v1/orders", Roles(SHOP), post(orders::create)),
         r(get_.clone(), "/v1/orders", Roles(READERS), get(lists::orders)),
         r(get_.clone(), "/v1/orders/{id}", Roles(ORDER_READERS), get(orders::get)),
+        r(post_.clone(), "/v1/orders/{id}/cancel", Roles(OPERATOR), post(orders::cancel)),
+        r(post_.clone(), "/v1/orders/{id}/force-close", Roles(OPERATOR), post(orders::force_close)),
         r(post_.clone(), "/v1/orders/{id}/settle", Roles(OPERATOR), post(orders::settle)),
         r(post_.clone(), "/v1/orders/{id}/refunds", Roles(OPERATOR), post(orders::refund)),
         r(post_.clone(), "/v1/orders/{id}/charges", Roles(OPERATOR), post(orders::charge)),

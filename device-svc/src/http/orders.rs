@@ -1,6 +1,6 @@
 //! Purchases over HTTP: orders for the shopping app, the payment provider's signed callbacks
-//! (authorisations, deduction contracts), refunds, charges and waivers, anomalies, restocks
-//! and restock orders for operators.
+//! (authorisations, deduction contracts), and for operators: cancelling, force-closing and
+//! settling orders, refunds, charges and waivers, anomalies, restocks and restock orders.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use crate::app::App;
 use crate::auth::audit;
 use crate::auth::{Principal, Role};
 use crate::error::StoreError;
+use crate::purchases::admin::{self, Decision, ForceClose};
 use crate::purchases::anomalies::{self, Anomaly};
 use crate::purchases::contracts::{self, Contract, ContractEvent};
 use crate::purchases::money::{self, Adjustment, Payment, Waiver};
@@ -197,6 +198,28 @@ pub(super) async fn settle(
     JsonBody(body): JsonBody<OperatorSettlement>,
 ) -> Result<Json<OrderView>, ApiError> {
     let order = settlement::settle_by_operator(&app, &id, &body.operator, &body.items).await?;
+    view(&app, order).await
+}
+
+/// `POST /v1/orders/{id}/cancel`: an order whose door was not asked to open; 409
+/// `door_opening` / `not_cancellable`.
+pub(super) async fn cancel(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<Decision>,
+) -> Result<Json<OrderView>, ApiError> {
+    let order = admin::cancel(&app, &id, &body).await?;
+    view(&app, order).await
+}
+
+/// `POST /v1/orders/{id}/force-close`: an order whose door never reported closed, with the
+/// door state the operator saw; 409 `not_open`.
+pub(super) async fn force_close(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ForceClose>,
+) -> Result<Json<OrderView>, ApiError> {
+    let order = admin::force_close(&app, &id, &body).await?;
     view(&app, order).await
 }
 

@@ -25,11 +25,14 @@
 //!   and its answers (`paid`, `failed`): an order's `payment` (`pending`, `paid`, `unpaid`,
 //!   `refunded`) after it settled; [`contracts`]: the password-free deduction contracts a
 //!   purchase needs;
+//! - [`admin`]: an operator cancels an order not yet opened or force-closes one whose door
+//!   never reported closed;
 //! - [`anomalies`]: what operators must look at (and inspection notices for a cabinet that
 //!   raises many); [`restock`]: refills and restock orders; [`stocktake`]: the restocker's
 //!   count, which finds an item swapped for one of the same weight (problem 3) and re-zeroes
 //!   drifted scales.
 
+pub mod admin;
 pub mod anomalies;
 pub mod contracts;
 pub mod doors;

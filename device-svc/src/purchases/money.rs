@@ -419,6 +419,7 @@ pub async fn adjust(app: &App, order_id: &str, kind: Kind, a: &Adjustment) -> Re
     if a.reason.is_empty() || a.reason.len() > 256 {
         return Err(StoreError::invalid("reason", "1 to 256 characters"));
     }
+    crate::auth::audit::note_reason(&format!("{}: {}", a.operator, a.reason));
     if let Some(k) = &a.key
         && (k.is_empty() || k.len() > 64 || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
     {
@@ -585,6 +586,7 @@ pub async fn waive(app: &App, order_id: &str, w: &Waiver) -> Result<(), StoreErr
     if w.reason.is_empty() || w.reason.len() > 256 {
         return Err(StoreError::invalid("reason", "1 to 256 characters"));
     }
+    crate::auth::audit::note_reason(&format!("{}: {}", w.operator, w.reason));
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
     let payment: Option<String> = tx

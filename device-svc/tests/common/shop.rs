@@ -55,7 +55,7 @@ enum Ctl {
     Mode(Mode),
     Settling(Settling),
     Take { door: u8, lane: u8, grams: i32 },
-    Close { door: u8 },
+    Close { door: u8, event: bool },
 }
 
 /// What the cabinet saw.
@@ -117,7 +117,12 @@ impl Shop {
 
     /// Closes the door (sends the close event with its order id, then settles).
     pub fn close(&self, door: u8) {
-        let _ = self.ctl.send(Ctl::Close { door });
+        let _ = self.ctl.send(Ctl::Close { door, event: true });
+    }
+
+    /// Closes the door but its close event is lost (a broken sensor): the shelf settles.
+    pub fn close_silently(&self, door: u8) {
+        let _ = self.ctl.send(Ctl::Close { door, event: false });
     }
 
     /// Commands received so far.
@@ -204,10 +209,14 @@ async fn run(
                         *g -= grams;
                     }
                 }
-                Some(Ctl::Close { door }) => {
+                Some(Ctl::Close { door, event }) => {
                     let d = doors.entry(door).or_insert(DoorNow { open: false, order: None, settling: None });
                     d.open = false;
                     d.settling = Some((tokio::time::Instant::now() + AFTER_CLOSE, 2));
+                    if !event {
+                        d.order = None;
+                        continue;
+                    }
                     let event = DoorEvent { door_id: door, state: DoorState::Closed, event_time_ms: now_ms(), order_id: d.order.take() };
                     let seq = cabinet.next_seq();
                     out.push(Frame::new(seq, Message::DoorEvent(event)));
