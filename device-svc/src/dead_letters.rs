@@ -64,7 +64,7 @@ pub async fn set_aside(
 }
 
 /// A dead letter as operators see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     /// Id.
     pub id: i64,

@@ -51,7 +51,7 @@ pub struct DeviceFilter {
 }
 
 /// A device in a list.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeviceRow {
     /// `cab:ID` or `veh:VIN`.
     pub key: String,
@@ -175,7 +175,7 @@ pub struct CabinetFilter {
 }
 
 /// A cabinet in a list: its configuration and its device's status.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CabinetRow {
     /// Configuration (id, name, location, doors and lanes).
     #[serde(flatten)]
@@ -271,7 +271,7 @@ pub struct VehicleFilter {
 }
 
 /// A vehicle in a list.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VehicleRow {
     /// VIN.
     pub vin: String,

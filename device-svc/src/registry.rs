@@ -22,7 +22,7 @@ use crate::app::{App, ms_of};
 use crate::error::StoreError;
 
 /// A product a lane can hold.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Product {
     /// Id.
     pub id: String,
@@ -35,7 +35,7 @@ pub struct Product {
 }
 
 /// A lane as configured.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LaneConfig {
     /// Lane id, 1..=255.
     pub lane_id: u8,
@@ -51,7 +51,7 @@ pub struct LaneConfig {
 }
 
 /// A door and its lanes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DoorConfig {
     /// Door id, 1..=255.
     pub door_id: u8,
@@ -62,7 +62,7 @@ pub struct DoorConfig {
 
 /// A secret given to the API (a factory-provisioned key or token): deserialised as a plain
 /// string, never shown by `Debug`, so it cannot reach a log by accident.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, utoipa::ToSchema)]
 #[serde(transparent)]
 pub struct SecretText(pub String);
 
@@ -73,7 +73,7 @@ impl std::fmt::Debug for SecretText {
 }
 
 /// A cabinet to register.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewCabinet {
     /// Device id (SPEC.md 1.2).
     pub id: String,
@@ -91,7 +91,7 @@ pub struct NewCabinet {
 }
 
 /// A registered cabinet.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Cabinet {
     /// Id.
     pub id: String,
@@ -104,7 +104,7 @@ pub struct Cabinet {
 }
 
 /// Freshly issued credentials: shown once.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Issued {
     /// The device.
     pub device: String,
@@ -118,7 +118,7 @@ pub struct Issued {
 }
 
 /// A device's status as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeviceView {
     /// `cab:ID` or `veh:VIN`.
     pub key: String,
@@ -147,7 +147,7 @@ pub struct DeviceView {
 }
 
 /// One status change.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
     /// Previous status.
     pub from: String,

@@ -46,7 +46,7 @@ pub struct Received {
 }
 
 /// A lane's cached weight.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct LaneWeight {
     /// Door.
     pub door_id: u8,
@@ -59,7 +59,7 @@ pub struct LaneWeight {
 }
 
 /// One stored reading.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Reading {
     /// Grams.
     pub grams: i32,

@@ -195,6 +195,15 @@ ensure_test_tools() {
       || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3' >/dev/null \
       || die "failed to install paho-mqtt"
   fi
+  # The OpenAPI document's test checks it with a validator nobody here wrote.
+  if ! python3 -c 'import openapi_spec_validator' >/dev/null 2>&1; then
+    [ "${NO_INSTALL:-0}" = 1 ] && die "missing: openapi-spec-validator for python3 (NO_INSTALL=1 is set)"
+    python3 -m pip --version >/dev/null 2>&1 || install_packages python3-pip
+    say "installing openapi-spec-validator from PyPI"
+    python3 -m pip install --quiet --disable-pip-version-check 'openapi-spec-validator>=0.7,<0.8' >/dev/null 2>&1 \
+      || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'openapi-spec-validator>=0.7,<0.8' >/dev/null \
+      || die "failed to install openapi-spec-validator"
+  fi
 }
 
 services_up() {

@@ -161,7 +161,7 @@ pub async fn record_outcome(app: &App, ctx: &Context, outcome: &str) -> Result<(
 }
 
 /// One row of the trail.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Entry {
     /// Row id (ascending with time).
     pub id: i64,

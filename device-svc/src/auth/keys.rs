@@ -28,7 +28,7 @@ const ID_BYTES: usize = 8;
 const SECRET_BYTES: usize = 32;
 
 /// A key as listed (never its secret).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct KeyInfo {
     /// Public id.
     pub id: String,
@@ -49,7 +49,7 @@ pub struct KeyInfo {
 }
 
 /// A key just created: its description and the whole key, shown this once.
-#[derive(Clone, Serialize)]
+#[derive(Clone, Serialize, utoipa::ToSchema)]
 pub struct IssuedKey {
     /// The key's description.
     #[serde(flatten)]

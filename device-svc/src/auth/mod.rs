@@ -23,7 +23,7 @@ use std::str::FromStr;
 use serde::Serialize;
 
 /// What a key may do: each route lists the roles that may call it (docs/api.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Registry, credentials, commands, prices, OTA, lists, order administration, keys, audit.

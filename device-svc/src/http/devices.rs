@@ -39,7 +39,7 @@ pub(super) async fn get_cabinet(State(app): State<Arc<App>>, Path(id): Path<Stri
 }
 
 /// The body of `PUT .../lanes/{lane}`: the lane id comes from the path.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct LaneBody {
     #[serde(default)]
@@ -92,7 +92,7 @@ pub(super) async fn rotate_credentials(State(app): State<Arc<App>>, Path(key): P
 }
 
 /// The body of `PUT /v1/devices/{key}/enabled`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Enabled {
     enabled: bool,

@@ -20,10 +20,16 @@ pub struct ApiError {
     field: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// The body of every error answer (`Error` in the OpenAPI document).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub(super) struct ErrorBody<'a> {
+    /// Machine-readable code a client acts on (`invalid`, `not_found`, `door_busy`, ...).
     error: &'a str,
+    /// For a person.
     message: &'a str,
+    /// The offending input (`invalid`): a JSON path such as `doors[0].door_id`, a path segment
+    /// or a query parameter.
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<&'a str>,
 }
@@ -92,7 +98,7 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body { error: self.code, message: &self.message, field: self.field.as_deref() };
+        let body = ErrorBody { error: self.code, message: &self.message, field: self.field.as_deref() };
         let mut response = (self.status, Json(body)).into_response();
         response.extensions_mut().insert(ErrorCode(self.code));
         response

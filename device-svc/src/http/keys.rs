@@ -19,7 +19,7 @@ use crate::error::StoreError;
 type Answer<T> = Result<T, ApiError>;
 
 /// The body of `POST /v1/keys`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewKeyBody {
     name: String,

@@ -13,6 +13,7 @@ mod guard;
 mod keys;
 mod lists;
 mod observe;
+mod openapi;
 mod ops;
 mod orders;
 mod ota;
@@ -41,6 +42,7 @@ pub use guard::Access;
 use crate::app::App;
 use crate::auth::Role;
 use guard::Guard;
+use openapi::{Doc, any, list_of, of, page_of};
 
 /// One route: method, path pattern, who may call it.
 #[derive(Debug, Clone)]
@@ -60,79 +62,541 @@ const SHOP: &[Role] = &[Role::Shop];
 const ORDER_READERS: &[Role] = &[Role::Shop, Role::Operator, Role::Viewer];
 const OWNER_APP: &[Role] = &[Role::OwnerApp];
 const ACTIVATION_READERS: &[Role] = &[Role::OwnerApp, Role::Operator, Role::Viewer];
+const ANYONE_KEYED: &[Role] = &Role::ALL;
 
-/// The route table: every route with its roles and handler. The router is built from it, so a
-/// route cannot exist without an entry (docs/api.md lists the same table).
-fn table() -> Vec<(RouteSpec, MethodRouter<Arc<App>>)> {
+/// The route table: every route with its roles, its description and its handler. The router
+/// and the OpenAPI document are built from it, so a route cannot exist without an entry
+/// (docs/api.md lists the same table).
+fn table() -> Vec<(RouteSpec, Doc, MethodRouter<Arc<App>>)> {
+    use crate::auth::audit::Entry;
+    use crate::auth::keys::{IssuedKey, KeyInfo};
+    use crate::dead_letters::DeadLetter;
+    use crate::fleet::{CabinetRow, DeviceRow, VehicleRow};
+    use crate::purchases::admin::{Decision, ForceClose};
+    use crate::purchases::anomalies::Anomaly;
+    use crate::purchases::contracts::{Contract, ContractEvent};
+    use crate::purchases::money::{Adjustment, Payment, Waiver};
+    use crate::purchases::orders::{Authorisation, NewOrder, Order};
+    use crate::purchases::restock::Restock;
+    use crate::registry::{Cabinet, DeviceView, HistoryEntry, Issued, LaneConfig, NewCabinet, Product};
+    use crate::vehicles::activation::ActivationView;
+    use crate::vehicles::ota::lists::ListEntry;
+    use crate::vehicles::ota::tasks::{Created, Failure, NewTask, Rejection, Task, TaskVehicle};
+    use crate::vehicles::profile::{NewVehicle, Profile, VehicleView};
+    use crate::weights::Reading;
     use Access::{PaymentProvider, Public, Roles};
-    let r = |method: Method, path: &'static str, access: Access, handler: MethodRouter<Arc<App>>| {
-        (RouteSpec { method, path, access }, handler)
+    let r = |method: Method, path: &'static str, access: Access, doc: Doc, handler: MethodRouter<Arc<App>>| {
+        (RouteSpec { method, path, access }, doc, handler)
     };
     let (get_, post_, put_, patch_, delete_) = (Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE);
+    const BUSY: &[&str] = &["door_busy"];
     vec![
-        r(get_.clone(), "/healthz", Public, get(ops::healthz)),
-        r(get_.clone(), "/metrics", Roles(SCRAPERS), get(ops::metrics)),
-        r(get_.clone(), "/v1/alerts", Roles(READERS), get(ops::alerts)),
-        r(get_.clone(), "/v1/dead-letters", Roles(READERS), get(ops::dead_letters)),
-        r(post_.clone(), "/v1/dead-letters/{id}/replay", Roles(OPERATOR), post(ops::replay_dead_letter)),
-        r(post_.clone(), "/v1/keys", Roles(OPERATOR), post(keys::create)),
-        r(get_.clone(), "/v1/keys", Roles(OPERATOR), get(keys::list)),
-        r(post_.clone(), "/v1/keys/{id}/revoke", Roles(OPERATOR), post(keys::revoke)),
-        r(get_.clone(), "/v1/audit", Roles(OPERATOR), get(keys::audit)),
-        r(post_.clone(), "/v1/products", Roles(OPERATOR), post(devices::create_product)),
-        r(get_.clone(), "/v1/products/{id}", Roles(READERS), get(devices::get_product)),
-        r(post_.clone(), "/v1/cabinets", Roles(OPERATOR), post(devices::create_cabinet)),
-        r(get_.clone(), "/v1/cabinets", Roles(READERS), get(lists::cabinets)),
-        r(get_.clone(), "/v1/cabinets/{id}", Roles(READERS), get(devices::get_cabinet)),
-        r(put_.clone(), "/v1/cabinets/{id}/doors/{door}/lanes/{lane}", Roles(OPERATOR), put(devices::configure_lane)),
-        r(get_.clone(), "/v1/cabinets/{id}/weights", Roles(READERS), get(weights::current)),
-        r(get_.clone(), "/v1/cabinets/{id}/doors/{door}/lanes/{lane}/readings", Roles(READERS), get(weights::history)),
-        r(post_.clone(), "/v1/vehicles", Roles(OPERATOR), post(devices::create_vehicle)),
-        r(get_.clone(), "/v1/vehicles", Roles(READERS), get(lists::vehicles)),
-        r(get_.clone(), "/v1/vehicles/{vin}", Roles(READERS), get(vehicles::get)),
-        r(patch_.clone(), "/v1/vehicles/{vin}", Roles(OPERATOR), patch(vehicles::update)),
-        r(get_.clone(), "/v1/activations/{qr_id}", Roles(ACTIVATION_READERS), get(vehicles::get_activation)),
-        r(post_.clone(), "/v1/activations/{qr_id}/scan", Roles(OWNER_APP), post(vehicles::scan)),
-        r(post_.clone(), "/v1/activations/{qr_id}/confirm", Roles(OWNER_APP), post(vehicles::confirm)),
-        r(post_.clone(), "/v1/activations/{qr_id}/cancel", Roles(OWNER_APP), post(vehicles::cancel)),
-        r(post_.clone(), "/v1/ota/tasks", Roles(OPERATOR), post(ota::create)),
-        r(get_.clone(), "/v1/ota/tasks", Roles(READERS), get(ota::list)),
-        r(get_.clone(), "/v1/ota/tasks/{id}", Roles(READERS), get(ota::get)),
-        r(get_.clone(), "/v1/ota/tasks/{id}/vehicles", Roles(READERS), get(ota::vehicles)),
-        r(get_.clone(), "/v1/ota/tasks/{id}/rejections", Roles(READERS), get(ota::rejections)),
-        r(get_.clone(), "/v1/ota/tasks/{id}/failures", Roles(READERS), get(ota::failures)),
-        r(post_.clone(), "/v1/ota/tasks/{id}/cancel", Roles(OPERATOR), post(ota::cancel)),
-        r(get_.clone(), "/v1/ota/lists/{list}", Roles(READERS), get(ota::list_entries)),
-        r(put_.clone(), "/v1/ota/lists/{list}/{vin}", Roles(OPERATOR), put(ota::add_to_list)),
-        r(delete_.clone(), "/v1/ota/lists/{list}/{vin}", Roles(OPERATOR), delete(ota::remove_from_list)),
-        r(get_.clone(), "/v1/devices", Roles(READERS), get(lists::devices)),
-        r(get_.clone(), "/v1/devices/{key}", Roles(READERS), get(devices::get_device)),
-        r(get_.clone(), "/v1/devices/{key}/history", Roles(READERS), get(devices::history)),
-        r(post_.clone(), "/v1/devices/{key}/credentials", Roles(OPERATOR), post(devices::rotate_credentials)),
-        r(put_.clone(), "/v1/devices/{key}/enabled", Roles(OPERATOR), put(devices::set_enabled)),
-        r(post_.clone(), "/v1/devices/{key}/commands", Roles(OPERATOR), post(send::send)),
-        r(post_.clone(), "/v1/orders", Roles(SHOP), post(orders::create)),
-        r(get_.clone(), "/v1/orders", Roles(READERS), get(lists::orders)),
-        r(get_.clone(), "/v1/orders/{id}", Roles(ORDER_READERS), get(orders::get)),
-        r(post_.clone(), "/v1/orders/{id}/cancel", Roles(OPERATOR), post(orders::cancel)),
-        r(post_.clone(), "/v1/orders/{id}/force-close", Roles(OPERATOR), post(orders::force_close)),
-        r(post_.clone(), "/v1/orders/{id}/settle", Roles(OPERATOR), post(orders::settle)),
-        r(post_.clone(), "/v1/orders/{id}/refunds", Roles(OPERATOR), post(orders::refund)),
-        r(post_.clone(), "/v1/orders/{id}/charges", Roles(OPERATOR), post(orders::charge)),
-        r(post_.clone(), "/v1/orders/{id}/waive", Roles(OPERATOR), post(orders::waive)),
-        r(post_.clone(), "/v1/payments/callback", PaymentProvider, post(orders::payment_callback)),
-        r(post_.clone(), "/v1/contracts/callback", PaymentProvider, post(orders::contract_callback)),
-        r(get_.clone(), "/v1/anomalies", Roles(READERS), get(orders::list_anomalies)),
-        r(post_.clone(), "/v1/anomalies/{id}/resolve", Roles(OPERATOR), post(orders::resolve_anomaly)),
-        r(post_.clone(), "/v1/cabinets/{id}/doors/{door}/restocks", Roles(OPERATOR), post(orders::start_restock)),
-        r(post_.clone(), "/v1/restocks/{id}/finish", Roles(OPERATOR), post(orders::finish_restock)),
-        r(get_, "/v1/restock-orders", Roles(READERS), get(orders::restock_orders)),
+        r(get_.clone(), "/healthz", Public, Doc::new("Whether PostgreSQL and Redis answer"), get(ops::healthz)),
+        r(get_.clone(), "/metrics", Roles(SCRAPERS), Doc::new("Prometheus metrics"), get(ops::metrics)),
+        r(
+            get_.clone(),
+            "/v1/openapi.json",
+            Roles(ANYONE_KEYED),
+            Doc::new("This document").answer(any),
+            get(openapi_json),
+        ),
+        r(
+            get_.clone(),
+            "/v1/alerts",
+            Roles(READERS),
+            Doc::new("Open service alerts").answer(list_of::<ops::Alert>),
+            get(ops::alerts),
+        ),
+        r(
+            get_.clone(),
+            "/v1/dead-letters",
+            Roles(READERS),
+            Doc::new("Upstream entries set aside").query(&["open", "limit"]).answer(list_of::<DeadLetter>),
+            get(ops::dead_letters),
+        ),
+        r(
+            post_.clone(),
+            "/v1/dead-letters/{id}/replay",
+            Roles(OPERATOR),
+            Doc::new("Append a dead letter to its stream again").answer(any).conflicts(&["already_replayed"]),
+            post(ops::replay_dead_letter),
+        ),
+        r(
+            post_.clone(),
+            "/v1/keys",
+            Roles(OPERATOR),
+            Doc::new("Create an API key (shown once)").body(of::<keys::NewKeyBody>).created(of::<IssuedKey>),
+            post(keys::create),
+        ),
+        r(
+            get_.clone(),
+            "/v1/keys",
+            Roles(OPERATOR),
+            Doc::new("Every API key").answer(list_of::<KeyInfo>),
+            get(keys::list),
+        ),
+        r(
+            post_.clone(),
+            "/v1/keys/{id}/revoke",
+            Roles(OPERATOR),
+            Doc::new("Revoke an API key").answer(of::<KeyInfo>).conflicts(&["own_key"]),
+            post(keys::revoke),
+        ),
+        r(
+            get_.clone(),
+            "/v1/audit",
+            Roles(OPERATOR),
+            Doc::new("The audit trail, newest first")
+                .query(&["principal", "route", "target", "outcome", "since_ms", "before_id", "limit"])
+                .answer(list_of::<Entry>),
+            get(keys::audit),
+        ),
+        r(
+            post_.clone(),
+            "/v1/products",
+            Roles(OPERATOR),
+            Doc::new("Register a product").body(of::<Product>).created(of::<Product>).conflicts(&["conflict"]),
+            post(devices::create_product),
+        ),
+        r(
+            get_.clone(),
+            "/v1/products/{id}",
+            Roles(READERS),
+            Doc::new("A product").answer(of::<Product>),
+            get(devices::get_product),
+        ),
+        r(
+            post_.clone(),
+            "/v1/cabinets",
+            Roles(OPERATOR),
+            Doc::new("Register a cabinet (its key shown once)")
+                .body(of::<NewCabinet>)
+                .created(of::<Issued>)
+                .conflicts(&["conflict"]),
+            post(devices::create_cabinet),
+        ),
+        r(
+            get_.clone(),
+            "/v1/cabinets",
+            Roles(READERS),
+            Doc::new("Cabinets with doors and lanes, by id")
+                .query(&["q", "status", "limit", "cursor"])
+                .answer(page_of::<CabinetRow>),
+            get(lists::cabinets),
+        ),
+        r(
+            get_.clone(),
+            "/v1/cabinets/{id}",
+            Roles(READERS),
+            Doc::new("A cabinet's configuration").answer(of::<Cabinet>),
+            get(devices::get_cabinet),
+        ),
+        r(
+            put_.clone(),
+            "/v1/cabinets/{id}/doors/{door}/lanes/{lane}",
+            Roles(OPERATOR),
+            Doc::new("Configure a lane (product, price, restock threshold)")
+                .body(of::<devices::LaneBody>)
+                .answer(of::<LaneConfig>)
+                .conflicts(BUSY),
+            put(devices::configure_lane),
+        ),
+        r(
+            get_.clone(),
+            "/v1/cabinets/{id}/weights",
+            Roles(READERS),
+            Doc::new("Current stable lane weights").answer(of::<weights::Current>),
+            get(weights::current),
+        ),
+        r(
+            get_.clone(),
+            "/v1/cabinets/{id}/doors/{door}/lanes/{lane}/readings",
+            Roles(READERS),
+            Doc::new("A lane's readings in a time range")
+                .query(&["from_ms", "to_ms", "limit"])
+                .answer(list_of::<Reading>),
+            get(weights::history),
+        ),
+        r(
+            post_.clone(),
+            "/v1/vehicles",
+            Roles(OPERATOR),
+            Doc::new("Register a vehicle (its token shown once)")
+                .body(of::<NewVehicle>)
+                .created(of::<Issued>)
+                .conflicts(&["conflict"]),
+            post(devices::create_vehicle),
+        ),
+        r(
+            get_.clone(),
+            "/v1/vehicles",
+            Roles(READERS),
+            Doc::new("Vehicles by VIN")
+                .query(&["q", "state", "sw_version", "owner", "limit", "cursor"])
+                .answer(page_of::<VehicleRow>),
+            get(lists::vehicles),
+        ),
+        r(
+            get_.clone(),
+            "/v1/vehicles/{vin}",
+            Roles(READERS),
+            Doc::new("A vehicle").answer(of::<VehicleView>),
+            get(vehicles::get),
+        ),
+        r(
+            patch_.clone(),
+            "/v1/vehicles/{vin}",
+            Roles(OPERATOR),
+            Doc::new("Change a vehicle's profile").body(of::<Profile>).answer(of::<VehicleView>),
+            patch(vehicles::update),
+        ),
+        r(
+            get_.clone(),
+            "/v1/activations/{qr_id}",
+            Roles(ACTIVATION_READERS),
+            Doc::new("An activation by its QR id").answer(of::<ActivationView>),
+            get(vehicles::get_activation),
+        ),
+        r(
+            post_.clone(),
+            "/v1/activations/{qr_id}/scan",
+            Roles(OWNER_APP),
+            Doc::new("The owner scanned the QR code")
+                .body(of::<vehicles::Owner>)
+                .answer(of::<ActivationView>)
+                .conflicts(ACTIVATION),
+            post(vehicles::scan),
+        ),
+        r(
+            post_.clone(),
+            "/v1/activations/{qr_id}/confirm",
+            Roles(OWNER_APP),
+            Doc::new("The owner confirmed")
+                .body(of::<vehicles::Owner>)
+                .answer(of::<ActivationView>)
+                .conflicts(ACTIVATION),
+            post(vehicles::confirm),
+        ),
+        r(
+            post_.clone(),
+            "/v1/activations/{qr_id}/cancel",
+            Roles(OWNER_APP),
+            Doc::new("The owner cancelled")
+                .body(of::<vehicles::Owner>)
+                .answer(of::<ActivationView>)
+                .conflicts(ACTIVATION),
+            post(vehicles::cancel),
+        ),
+        r(
+            post_.clone(),
+            "/v1/ota/tasks",
+            Roles(OPERATOR),
+            Doc::new("Create an OTA task (validated before anything is pushed)")
+                .body(of::<NewTask>)
+                .created(of::<Created>),
+            post(ota::create),
+        ),
+        r(
+            get_.clone(),
+            "/v1/ota/tasks",
+            Roles(READERS),
+            Doc::new("OTA tasks, newest first").query(&["limit"]).answer(list_of::<Task>),
+            get(ota::list),
+        ),
+        r(
+            get_.clone(),
+            "/v1/ota/tasks/{id}",
+            Roles(READERS),
+            Doc::new("An OTA task and its progress").answer(of::<Task>),
+            get(ota::get),
+        ),
+        r(
+            get_.clone(),
+            "/v1/ota/tasks/{id}/vehicles",
+            Roles(READERS),
+            Doc::new("A task's vehicles and their states").query(&["state", "limit"]).answer(list_of::<TaskVehicle>),
+            get(ota::vehicles),
+        ),
+        r(
+            get_.clone(),
+            "/v1/ota/tasks/{id}/rejections",
+            Roles(READERS),
+            Doc::new("Vehicles refused at validation, with reasons").answer(list_of::<Rejection>),
+            get(ota::rejections),
+        ),
+        r(
+            get_.clone(),
+            "/v1/ota/tasks/{id}/failures",
+            Roles(READERS),
+            Doc::new("Failed upgrades with ECU and error").answer(list_of::<Failure>),
+            get(ota::failures),
+        ),
+        r(
+            post_.clone(),
+            "/v1/ota/tasks/{id}/cancel",
+            Roles(OPERATOR),
+            Doc::new("Cancel a task").answer(of::<Task>).conflicts(&["task_finished"]),
+            post(ota::cancel),
+        ),
+        r(
+            get_.clone(),
+            "/v1/ota/lists/{list}",
+            Roles(READERS),
+            Doc::new("A VIN list").answer(list_of::<ListEntry>),
+            get(ota::list_entries),
+        ),
+        r(
+            put_.clone(),
+            "/v1/ota/lists/{list}/{vin}",
+            Roles(OPERATOR),
+            Doc::new("Add a VIN to a list").body(of::<ota::Note>).no_content(),
+            put(ota::add_to_list),
+        ),
+        r(
+            delete_.clone(),
+            "/v1/ota/lists/{list}/{vin}",
+            Roles(OPERATOR),
+            Doc::new("Remove a VIN from a list").no_content(),
+            delete(ota::remove_from_list),
+        ),
+        r(
+            get_.clone(),
+            "/v1/devices",
+            Roles(READERS),
+            Doc::new("Devices by key or last change")
+                .query(&[
+                    "kind",
+                    "status",
+                    "node",
+                    "enabled",
+                    "q",
+                    "changed_from_ms",
+                    "changed_before_ms",
+                    "sort",
+                    "limit",
+                    "cursor",
+                ])
+                .answer(page_of::<DeviceRow>),
+            get(lists::devices),
+        ),
+        r(
+            get_.clone(),
+            "/v1/devices/{key}",
+            Roles(READERS),
+            Doc::new("A device's status").answer(of::<DeviceView>),
+            get(devices::get_device),
+        ),
+        r(
+            get_.clone(),
+            "/v1/devices/{key}/history",
+            Roles(READERS),
+            Doc::new("A device's status changes, newest first").query(&["limit"]).answer(list_of::<HistoryEntry>),
+            get(devices::history),
+        ),
+        r(
+            post_.clone(),
+            "/v1/devices/{key}/credentials",
+            Roles(OPERATOR),
+            Doc::new("Issue new credentials (shown once); the old stop working").answer(of::<Issued>),
+            post(devices::rotate_credentials),
+        ),
+        r(
+            put_.clone(),
+            "/v1/devices/{key}/enabled",
+            Roles(OPERATOR),
+            Doc::new("Enable or disable a device's credentials").body(of::<devices::Enabled>).no_content(),
+            put(devices::set_enabled),
+        ),
+        r(
+            post_.clone(),
+            "/v1/devices/{key}/commands",
+            Roles(OPERATOR),
+            Doc::new("Send a command and wait for the device's result")
+                .body(of::<send::CommandInput>)
+                .answer(of::<send::Answer>),
+            post(send::send),
+        ),
+        r(
+            post_.clone(),
+            "/v1/orders",
+            Roles(SHOP),
+            Doc::new("Create an order").body(of::<NewOrder>).created(of::<orders::OrderView>).conflicts(&[
+                "cabinet_offline",
+                "door_out_of_sale",
+                "door_busy",
+                "unpaid_order",
+                "no_active_contract",
+                "idempotency_key_reused",
+            ]),
+            post(orders::create),
+        ),
+        r(
+            get_.clone(),
+            "/v1/orders",
+            Roles(READERS),
+            Doc::new("Orders, newest first")
+                .query(&["state", "cabinet_id", "user_id", "payment", "review", "from_ms", "to_ms", "limit", "cursor"])
+                .answer(page_of::<Order>),
+            get(lists::orders),
+        ),
+        r(
+            get_.clone(),
+            "/v1/orders/{id}",
+            Roles(ORDER_READERS),
+            Doc::new("An order with its transitions and payments").answer(of::<orders::OrderView>),
+            get(orders::get),
+        ),
+        r(
+            post_.clone(),
+            "/v1/orders/{id}/cancel",
+            Roles(OPERATOR),
+            Doc::new("Cancel an order whose door was not asked to open")
+                .body(of::<Decision>)
+                .answer(of::<orders::OrderView>)
+                .conflicts(&["door_opening", "not_cancellable"]),
+            post(orders::cancel),
+        ),
+        r(
+            post_.clone(),
+            "/v1/orders/{id}/force-close",
+            Roles(OPERATOR),
+            Doc::new("End an order whose door never reported closed, with the door state seen")
+                .body(of::<ForceClose>)
+                .answer(of::<orders::OrderView>)
+                .conflicts(&["not_open"]),
+            post(orders::force_close),
+        ),
+        r(
+            post_.clone(),
+            "/v1/orders/{id}/settle",
+            Roles(OPERATOR),
+            Doc::new("Settle an order in review with counted items")
+                .body(of::<orders::OperatorSettlement>)
+                .answer(of::<orders::OrderView>)
+                .conflicts(&["not_abnormal"]),
+            post(orders::settle),
+        ),
+        r(
+            post_.clone(),
+            "/v1/orders/{id}/refunds",
+            Roles(OPERATOR),
+            Doc::new("Refund a settled order, by items or amount")
+                .body(of::<Adjustment>)
+                .created(of::<Payment>)
+                .conflicts(&["not_settled", "not_paid", "over_refund", "key_reused"]),
+            post(orders::refund),
+        ),
+        r(
+            post_.clone(),
+            "/v1/orders/{id}/charges",
+            Roles(OPERATOR),
+            Doc::new("Add a charge to a settled order")
+                .body(of::<Adjustment>)
+                .created(of::<Payment>)
+                .conflicts(&["not_settled", "key_reused"]),
+            post(orders::charge),
+        ),
+        r(
+            post_.clone(),
+            "/v1/orders/{id}/waive",
+            Roles(OPERATOR),
+            Doc::new("Decide an unpaid order: its failed charges are waived")
+                .body(of::<Waiver>)
+                .answer(of::<orders::OrderView>)
+                .conflicts(&["not_unpaid"]),
+            post(orders::waive),
+        ),
+        r(
+            post_.clone(),
+            "/v1/payments/callback",
+            PaymentProvider,
+            Doc::new("The payment provider's signed authorisation")
+                .body(of::<Authorisation>)
+                .answer(of::<orders::OrderView>)
+                .conflicts(&["replayed", "amount_mismatch", "order_cancelled"]),
+            post(orders::payment_callback),
+        ),
+        r(
+            post_.clone(),
+            "/v1/contracts/callback",
+            PaymentProvider,
+            Doc::new("The payment provider's signed deduction-contract event")
+                .body(of::<ContractEvent>)
+                .answer(of::<Contract>)
+                .conflicts(&["replayed"]),
+            post(orders::contract_callback),
+        ),
+        r(
+            get_.clone(),
+            "/v1/anomalies",
+            Roles(READERS),
+            Doc::new("Anomalies, newest first")
+                .query(&["order_id", "cabinet_id", "kind", "limit"])
+                .answer(list_of::<Anomaly>),
+            get(orders::list_anomalies),
+        ),
+        r(
+            post_.clone(),
+            "/v1/anomalies/{id}/resolve",
+            Roles(OPERATOR),
+            Doc::new("Close an anomaly").no_content(),
+            post(orders::resolve_anomaly),
+        ),
+        r(
+            post_.clone(),
+            "/v1/cabinets/{id}/doors/{door}/restocks",
+            Roles(OPERATOR),
+            Doc::new("Start a restock of a door")
+                .body(of::<orders::RestockBody>)
+                .created(of::<Restock>)
+                .conflicts(BUSY),
+            post(orders::start_restock),
+        ),
+        r(
+            post_.clone(),
+            "/v1/restocks/{id}/finish",
+            Roles(OPERATOR),
+            Doc::new("Finish a restock, with the restocker's count")
+                .body(of::<orders::FinishBody>)
+                .answer(of::<Restock>),
+            post(orders::finish_restock),
+        ),
+        r(
+            get_,
+            "/v1/restock-orders",
+            Roles(READERS),
+            Doc::new("Open restock orders").query(&["cabinet_id"]).answer(any),
+            get(orders::restock_orders),
+        ),
     ]
+}
+
+/// The 409 codes of the activation steps.
+const ACTIVATION: &[&str] = &[
+    "not_the_buyer",
+    "no_buyer",
+    "already_activated",
+    "already_scanned",
+    "not_scanned",
+    "expired",
+    "cancelled",
+    "already_reported",
+];
+
+/// `GET /v1/openapi.json`: the document generated from [`table`].
+async fn openapi_json() -> axum::Json<serde_json::Value> {
+    axum::Json(openapi())
+}
+
+/// The OpenAPI 3.1 document of every route.
+pub fn openapi() -> serde_json::Value {
+    let routes: Vec<(RouteSpec, Doc)> = table().into_iter().map(|(spec, doc, _)| (spec, doc)).collect();
+    openapi::document(&routes)
 }
 
 /// Every route with who may call it (for the route-table test and the docs).
 pub fn routes() -> Vec<RouteSpec> {
-    table().into_iter().map(|(spec, _)| spec).collect()
+    table().into_iter().map(|(spec, _, _)| spec).collect()
 }
 
 /// Every route of the API, each behind the guard (authentication, the role table, the rate
@@ -141,7 +605,7 @@ pub fn routes() -> Vec<RouteSpec> {
 pub fn router(app: Arc<App>) -> Router {
     let mut router = Router::new();
     let mut access = HashMap::new();
-    for (spec, handler) in table() {
+    for (spec, _, handler) in table() {
         access.insert((spec.method.clone(), spec.path), spec.access);
         router = router.route(spec.path, handler);
     }

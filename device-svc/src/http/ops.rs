@@ -37,7 +37,7 @@ pub(super) async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 /// An open service alert.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct Alert {
     kind: String,
     node: String,

@@ -28,7 +28,7 @@ use crate::purchases::restock::{self, Restock};
 use crate::purchases::{settlement, stocktake};
 
 /// An order with its history and its money messages.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct OrderView {
     #[serde(flatten)]
     order: Order,
@@ -184,7 +184,7 @@ fn verify_signature(app: &App, headers: &HeaderMap, body: &[u8]) -> Result<(Stri
 }
 
 /// The body of `POST /v1/orders/{id}/settle`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct OperatorSettlement {
     operator: String,
@@ -254,7 +254,7 @@ pub(super) async fn resolve_anomaly(
 }
 
 /// The body of `POST /v1/cabinets/{id}/doors/{door}/restocks`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RestockBody {
     operator: String,
@@ -271,7 +271,7 @@ pub(super) async fn start_restock(
 }
 
 /// The body of `POST /v1/restocks/{id}/finish` (optional): the restocker's count.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FinishBody {
     #[serde(default)]

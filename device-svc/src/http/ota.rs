@@ -74,7 +74,7 @@ pub(super) async fn list_entries(
 }
 
 /// The body of `PUT /v1/ota/lists/{list}/{vin}`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Note {
     #[serde(default)]

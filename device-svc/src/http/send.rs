@@ -24,7 +24,7 @@ use crate::error::StoreError;
 const MAX_TIMEOUT_MS: u64 = 60_000;
 
 /// What to do; `timeout_ms` defaults to `commands.default_timeout_ms`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub(super) enum CommandInput {
     /// Cabinets: unlock and open a door for an order.
@@ -52,7 +52,7 @@ enum Sending {
 }
 
 /// The device's answer as JSON.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct Answer {
     /// `answered`, `delivered`, `not_connected`, `timed_out`, `busy` or `invalid`.
     outcome: &'static str,
@@ -70,14 +70,14 @@ pub(super) struct Answer {
     elapsed_ms: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 enum ResultView {
     Cabinet(CabinetResult),
     Vehicle(VehicleResult),
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct VehicleResult {
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,7 +93,7 @@ fn vehicle_status(s: VehicleCommandStatus) -> &'static str {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct CabinetResult {
     status: &'static str,
     door_id: u8,

@@ -30,7 +30,7 @@ pub(super) async fn update(
 }
 
 /// The body of the owner's activation steps.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct Owner {
     user_id: String,

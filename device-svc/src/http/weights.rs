@@ -13,7 +13,7 @@ use crate::app::{App, now_ms};
 use crate::weights::{self, LaneWeight, Reading};
 
 /// `GET /v1/cabinets/{id}/weights`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(super) struct Current {
     cabinet_id: String,
     lanes: Vec<LaneWeight>,

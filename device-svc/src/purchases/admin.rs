@@ -21,7 +21,7 @@ use crate::clock::now_ms;
 use crate::error::StoreError;
 
 /// Why an operator acts, as every decision names it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Decision {
     /// Who (a person's name or id; the API key says which key).
@@ -48,7 +48,7 @@ impl Decision {
 }
 
 /// What the operator saw of the door when force-closing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DoorSeen {
     /// Shut: the order settles by the weights, as after a close event.
@@ -58,7 +58,7 @@ pub enum DoorSeen {
 }
 
 /// The body of a force-close.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForceClose {
     /// Who and why.

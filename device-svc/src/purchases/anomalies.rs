@@ -158,7 +158,7 @@ pub async fn record_now(app: &App, a: &NewAnomaly<'_>) -> Result<bool, StoreErro
 }
 
 /// A recorded anomaly.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Anomaly {
     /// Id.
     pub id: i64,

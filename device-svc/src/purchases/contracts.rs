@@ -17,7 +17,7 @@ use crate::app::App;
 use crate::error::StoreError;
 
 /// The provider's contract event (the body of its signed callback).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContractEvent {
     /// The shop (tenant) whose user signed.
@@ -33,7 +33,7 @@ pub struct ContractEvent {
 }
 
 /// A contract as mirrored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Contract {
     /// The shop.
     pub tenant: String,

@@ -52,7 +52,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 /// An order's state (`orders.state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Waiting for the payment provider's authorisation.

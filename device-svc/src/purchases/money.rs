@@ -25,7 +25,7 @@ use crate::app::{App, ms_of};
 use crate::error::StoreError;
 
 /// What a `payments` row asks of the account service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     /// The order's charge, from the weights (or an operator's count).
@@ -60,7 +60,7 @@ impl Kind {
 }
 
 /// One money message and its result, as stored and shown with its order.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Payment {
     /// Its idempotency key (also the outbox key).
     pub idem_key: String,
@@ -372,7 +372,7 @@ async fn recompute(tx: &Transaction<'_>, orders: &[String]) -> Result<Vec<(Strin
 }
 
 /// Items refunded from one lane.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefundLine {
     /// Lane id (of the order's door).
@@ -382,7 +382,7 @@ pub struct RefundLine {
 }
 
 /// An operator's refund or extra charge (`POST /v1/orders/{id}/refunds`, `.../charges`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Adjustment {
     /// Who decided.
@@ -563,7 +563,7 @@ async fn refund_lines(tx: &Transaction<'_>, order_id: &str, asked: &[RefundLine]
 }
 
 /// The body of `POST /v1/orders/{id}/waive`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Waiver {
     /// Who decided.

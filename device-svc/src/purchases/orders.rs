@@ -20,7 +20,7 @@ pub const COLUMNS: &str = "id, user_id, cabinet_id, door_id, state, door_state, 
 pub const COLUMN_COUNT: usize = 23;
 
 /// An order as stored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Order {
     /// Id (also the order id the cabinet sees).
     pub id: String,
@@ -250,7 +250,7 @@ pub async fn get(app: &App, id: &str) -> Result<Order, StoreError> {
 }
 
 /// One recorded transition.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Transition {
     /// Previous state (`null` at creation).
     pub from: Option<String>,
@@ -278,7 +278,7 @@ pub async fn transitions(app: &App, id: &str) -> Result<Vec<Transition>, StoreEr
 }
 
 /// What the shopping app asks for.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewOrder {
     /// The shopper.
@@ -453,7 +453,7 @@ async fn by_idempotency_key(
 }
 
 /// The payment provider's verdict (the body of its signed callback, docs/api.md).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Authorisation {
     /// The order.

@@ -21,7 +21,7 @@ use crate::error::StoreError;
 use crate::registry::{self, LaneConfig};
 
 /// A restock as stored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Restock {
     /// Id.
     pub id: String,

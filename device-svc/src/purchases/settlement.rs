@@ -175,7 +175,7 @@ async fn record_settlement(
 }
 
 /// Items an operator counted in one lane.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Counted {
     /// Lane id (of the order's door).

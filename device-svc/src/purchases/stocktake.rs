@@ -32,7 +32,7 @@ use crate::error::StoreError;
 pub const SCALE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One lane as the restocker counted it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LaneCount {
     /// Lane id (of the restocked door).

@@ -255,7 +255,7 @@ async fn issue(app: &App, vin: &Vin, request: &QrRequest) -> Result<QrIssued, St
 }
 
 /// An activation as the owner's app sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ActivationView {
     /// The QR id.
     pub qr_id: String,

@@ -17,7 +17,7 @@ pub const PURPOSES: [&str; 3] = ["sale", "test", "internal"];
 
 /// The settable part of a vehicle; absent fields are left as they are (defaults on creation:
 /// state `delivered`, purpose `sale`, version unknown).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
     /// Model name.
@@ -68,7 +68,7 @@ impl Profile {
 }
 
 /// The body of `POST /v1/vehicles`: the VIN and a [`Profile`].
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewVehicle {
     /// The VIN.
@@ -107,7 +107,7 @@ impl NewVehicle {
 }
 
 /// A vehicle as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VehicleView {
     /// The VIN.
     pub vin: String,

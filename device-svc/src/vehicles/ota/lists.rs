@@ -10,7 +10,7 @@ use crate::error::StoreError;
 pub const LISTS: [&str; 3] = ["blacklist", "same_version", "downgrade"];
 
 /// One entry of a list.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ListEntry {
     /// The vehicle.
     pub vin: String,

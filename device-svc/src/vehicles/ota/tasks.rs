@@ -34,7 +34,7 @@ use crate::error::StoreError;
 pub const MAX_VINS: usize = 10_000;
 
 /// What a task is for (the seed's 任务类型).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskType {
     /// Engineering tests; never on vehicles sold to customers.
@@ -72,18 +72,20 @@ fn upgrade_type_str(u: UpgradeType) -> &'static str {
 }
 
 /// The body of `POST /v1/ota/tasks`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTask {
     /// Display name.
     pub name: String,
     /// Target version (dotted numbers).
     pub version: String,
-    /// How the vehicle applies it.
+    /// How the vehicle applies it (SPEC.md 2.4: `full`, `delta`, ...).
+    #[schema(value_type = String)]
     pub upgrade_type: UpgradeType,
     /// Test, factory or normal.
     pub task_type: TaskType,
-    /// What to install.
+    /// What to install: the package descriptor of SPEC.md 2.4.
+    #[schema(value_type = Object)]
     pub package: OtaPackage,
     /// When pushing may begin, ms since the Unix epoch; now if absent.
     #[serde(default)]
@@ -96,7 +98,7 @@ pub struct NewTask {
 }
 
 /// A refused VIN.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Rejection {
     /// As given.
     pub vin: String,
@@ -107,7 +109,7 @@ pub struct Rejection {
 }
 
 /// A task as operators see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Task {
     /// Id (`t…`).
     pub id: String,
@@ -134,7 +136,7 @@ pub struct Task {
 }
 
 /// The answer to a creation: the task and the VINs refused.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Created {
     /// The task.
     #[serde(flatten)]
@@ -359,7 +361,7 @@ pub async fn list(app: &App, limit: i64) -> Result<Vec<Task>, StoreError> {
 }
 
 /// One vehicle of a task.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TaskVehicle {
     /// The vehicle.
     pub vin: String,
@@ -464,7 +466,7 @@ fn reason_static(s: &str) -> &'static str {
 }
 
 /// A failed upgrade (failed, rolled back or timed out).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Failure {
     /// The vehicle.
     pub vin: String,
