@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (14, "order_idempotency", include_str!("../migrations/0014_order_idempotency.sql")),
     (15, "list_indexes", include_str!("../migrations/0015_list_indexes.sql")),
     (16, "audit_reason", include_str!("../migrations/0016_audit_reason.sql")),
+    (17, "console_sessions", include_str!("../migrations/0017_console_sessions.sql")),
 ];
 
 /// Longest wait for a pooled connection.

@@ -186,6 +186,8 @@ ensure_test_tools() {
   command -v mosquitto_sub >/dev/null 2>&1 && command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
   command -v stdbuf >/dev/null 2>&1 || missing+=(coreutils)
+  # The console's browser test: headless Chromium over WebDriver.
+  command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || missing+=(chromium chromium-driver)
   [ "${#missing[@]}" -eq 0 ] || install_packages "${missing[@]}"
   if ! python3 -c 'import paho.mqtt.client as m; m.CallbackAPIVersion' >/dev/null 2>&1; then
     [ "${NO_INSTALL:-0}" = 1 ] && die "missing: paho-mqtt 2.x for python3 (NO_INSTALL=1 is set)"

@@ -6,6 +6,7 @@
 //! Errors are JSON `{"error", "message", "field"?}`: 400 for bad input naming the field, 404
 //! for an unknown id, 409 for a conflict, 503 when PostgreSQL or Redis cannot be reached.
 
+mod console;
 mod devices;
 mod error;
 mod extract;
@@ -613,6 +614,8 @@ pub fn router(app: Arc<App>) -> Router {
     let (max_body, timeout) = (app.config.http.max_body_bytes, app.config.http.request_timeout_ms);
     router
         .route_layer(axum::middleware::from_fn_with_state(guard, guard::guard))
+        // The console signs its users in with a session of its own (not the API key guard).
+        .merge(console::router())
         .layer(axum::middleware::from_fn(refuse_nul))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(

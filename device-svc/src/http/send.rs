@@ -224,11 +224,17 @@ pub(super) async fn send(
     Path(key): Path<String>,
     JsonBody(input): JsonBody<CommandInput>,
 ) -> Result<Json<Answer>, ApiError> {
-    let device = device_key(&key)?;
-    let (sending, timeout) = body_of(&app, &device, input)?;
-    check_target(&app, &device, &sending).await?;
+    Ok(Json(execute(&app, &key, input).await?))
+}
+
+/// Checks and sends `input` to device `key` and waits for its answer (the API's route and the
+/// console's command form), its audit row written first under the current audit scope.
+pub(super) async fn execute(app: &App, key: &str, input: CommandInput) -> Result<Answer, ApiError> {
+    let device = device_key(key)?;
+    let (sending, timeout) = body_of(app, &device, input)?;
+    check_target(app, &device, &sending).await?;
     // A command changes a device, not a row: its audit row is written before it is sent.
-    crate::auth::audit::record_now(&app).await?;
+    crate::auth::audit::record_now(app).await?;
     let started = Instant::now();
     let (outcome, delivered) = match (sending, &device) {
         (Sending::Vehicle(command), DeviceKey::Vehicle(vin)) => {
@@ -255,5 +261,5 @@ pub(super) async fn send(
         Outcome::Invalid(why) => (None, Some(why.clone())),
         _ => (None, None),
     };
-    Ok(Json(Answer { outcome: outcome.label(), result, delivered, detail, elapsed_ms }))
+    Ok(Answer { outcome: outcome.label(), result, delivered, detail, elapsed_ms })
 }

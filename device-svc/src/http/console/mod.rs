@@ -1,0 +1,35 @@
+//! The operator console: HTML pages served by the device service itself (no other server to
+//! run), for the people who run the fleet all day. Server-rendered with `askama` templates
+//! (compiled into the binary and checked at build time; values escaped by the engine) and no
+//! JavaScript: forms post back and the page shows the outcome, so it works with a keyboard and
+//! a screen reader and needs no front-end build.
+//!
+//! Signed in with an operator or viewer API key ([`session`]: an `HttpOnly`, `SameSite=Strict`
+//! cookie, `Secure` under TLS, a CSRF token in every form). Viewers see every page but no
+//! action; actions are checked again on the server. Everything an action changes goes through
+//! the store functions the JSON API uses, audited under the signed-in key.
+
+mod pages;
+mod session;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+
+use crate::app::App;
+
+/// The console's routes, under `/console`.
+pub(super) fn router() -> Router<Arc<App>> {
+    Router::new()
+        .route("/console", get(pages::fleet))
+        .route("/console/login", get(pages::login_form).post(pages::login))
+        .route("/console/logout", post(pages::logout))
+        .route("/console/devices/{key}", get(pages::device))
+        .route("/console/devices/{key}/commands", post(pages::command))
+        .route("/console/orders", get(pages::orders_list))
+        .route("/console/orders/{id}", get(pages::order))
+        .route("/console/orders/{id}/{action}", post(pages::order_action))
+        .route("/console/anomalies", get(pages::anomalies))
+        .route("/console/audit", get(pages::audit_log))
+}
