@@ -1,6 +1,7 @@
 //! The operator console in a real browser: headless Chromium (Debian's `chromium` and
 //! `chromium-driver`) driven over WebDriver by `fantoccini`. An operator signs in, finds a
-//! cabinet, sends it a command and sees the cabinet's answer, settles an order in review; a
+//! cabinet, sends it a command and sees the cabinet's answer, settles an order in review,
+//! validates then creates and cancels an OTA task; a
 //! viewer sees no action and the server refuses one sent by hand; a form without the session's
 //! CSRF token is refused. Screenshots of the main pages are kept in
 //! `target/console-screenshots/` (named in README).
@@ -57,6 +58,20 @@ async fn browser(driver: &Driver) -> Client {
     ClientBuilder::new(connector).capabilities(caps).connect(&driver.url).await.expect("a Chromium session")
 }
 
+/// Waits until the browser is at a URL `at` accepts (a click's navigation has happened).
+async fn arrived(c: &Client, what: &str, at: impl Fn(&str, &str) -> bool) {
+    wait_until(what, WAIT, || async {
+        let url = c.current_url().await.ok()?;
+        at(url.path(), url.query().unwrap_or_default()).then_some(())
+    })
+    .await;
+}
+
+/// Waits for an element only the page after an action has (a message, a result).
+async fn shown(c: &Client, css: &str) -> String {
+    c.wait().for_element(Locator::Css(css)).await.unwrap().text().await.unwrap()
+}
+
 async fn screenshot(c: &Client, name: &str) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
     std::fs::create_dir_all(&dir).unwrap();
@@ -68,6 +83,7 @@ async fn sign_in(c: &Client, base: &str, key: &str) {
     assert!(c.current_url().await.unwrap().path().ends_with("/console/login"), "not signed in: the sign-in page");
     c.find(Locator::Id("key")).await.unwrap().send_keys(key).await.unwrap();
     c.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
+    arrived(c, "the fleet page", |path, _| path == "/console").await;
     let h1 = c.find(Locator::Css("h1")).await.unwrap().text().await.unwrap();
     assert_eq!(h1, "Fleet");
 }
@@ -131,13 +147,15 @@ async fn an_operator_runs_the_fleet_from_the_console_and_a_viewer_only_looks() {
     // Find the cabinet by its id and open its page.
     c.find(Locator::Css("input[name=q]")).await.unwrap().send_keys("cab:cab-con").await.unwrap();
     c.find(Locator::Css("form[role=search] button")).await.unwrap().click().await.unwrap();
+    arrived(&c, "the search's page", |_, query| query.contains("q=cab")).await;
     c.find(Locator::LinkText("cab:cab-con-1")).await.unwrap().click().await.unwrap();
+    arrived(&c, "the cabinet's page", |path, _| path.starts_with("/console/devices/")).await;
     assert_eq!(c.find(Locator::Css("h1")).await.unwrap().text().await.unwrap(), "cab:cab-con-1");
 
     // Ask the cabinet for door 1's state: its own answer is shown (the door hangs open).
     c.find(Locator::Id("action")).await.unwrap().select_by_value("query_door").await.unwrap();
     c.find(Locator::Id("send-command")).await.unwrap().click().await.unwrap();
-    let result = c.find(Locator::Id("command-result")).await.unwrap().text().await.unwrap();
+    let result = shown(&c, "#command-result").await;
     assert!(result.contains("\"outcome\": \"answered\"") && result.contains("\"door_state\": \"open\""), "{result}");
     assert!(text(&c).await.contains("key:"), "the command is in the device's last commands");
     screenshot(&c, "device").await;
@@ -146,16 +164,52 @@ async fn an_operator_runs_the_fleet_from_the_console_and_a_viewer_only_looks() {
     c.goto(&format!("{base}/console/orders?review=true")).await.unwrap();
     screenshot(&c, "orders").await;
     c.find(Locator::LinkText(&stuck)).await.unwrap().click().await.unwrap();
+    arrived(&c, "the order's page", |path, _| path.ends_with(stuck.as_str())).await;
     let lane = c.find(Locator::Id("settle-lane-3")).await.unwrap();
     lane.clear().await.unwrap();
     lane.send_keys("1").await.unwrap();
     c.find(Locator::Id("settle")).await.unwrap().click().await.unwrap();
+    assert!(shown(&c, "p.ok").await.starts_with("Settled"));
     assert_eq!(c.find(Locator::Id("order-state")).await.unwrap().text().await.unwrap(), "settled");
     screenshot(&c, "order").await;
     assert_eq!(expect(api, "GET", &format!("/v1/orders/{stuck}"), None, 200).await["amount_cents"], COLA.2);
     c.goto(&format!("{base}/console/audit")).await.unwrap();
     assert!(text(&c).await.contains(&format!("/console/orders/{stuck}/settle")), "the settlement is audited");
     screenshot(&c, "audit").await;
+
+    // An OTA task: validation first (one vehicle refused, nothing pushed), then created and
+    // cancelled.
+    for (vin, version) in [("LSVCEN00000000001", "1.0.0"), ("LSVCEN00000000002", "2.0.0")] {
+        expect(api, "POST", "/v1/vehicles", Some(json!({"vin": vin, "token": format!("tok-{vin}")})), 201).await;
+        expect(api, "PATCH", &format!("/v1/vehicles/{vin}"), Some(json!({"sw_version": version})), 200).await;
+    }
+    c.goto(&format!("{base}/console/ota")).await.unwrap();
+    for (id, value) in [
+        ("ota-name", "spring fix"),
+        ("ota-version", "2.0.0"),
+        ("ota-package-id", "pkg-2.0.0"),
+        ("ota-size", "734003200"),
+        ("ota-sha256", &"9a".repeat(32)),
+        ("ota-signature", "sig"),
+        ("ota-url", "https://updates.example/pkg-2.0.0"),
+        ("ota-vins", "LSVCEN00000000001\nLSVCEN00000000002"),
+    ] {
+        c.find(Locator::Id(id)).await.unwrap().send_keys(value).await.unwrap();
+    }
+    c.find(Locator::Id("ota-validate")).await.unwrap().click().await.unwrap();
+    let validation = shown(&c, "#validation").await;
+    assert!(validation.contains("1 vehicle(s) would be upgraded, 1 refused"), "{validation}");
+    assert!(validation.contains("LSVCEN00000000002") && validation.contains("same_version"), "{validation}");
+    let tasks = expect(api, "GET", "/v1/ota/tasks", None, 200).await;
+    assert_eq!(tasks.as_array().unwrap().len(), 0, "validation creates nothing: {tasks}");
+    screenshot(&c, "ota").await;
+    c.find(Locator::Id("ota-create")).await.unwrap().click().await.unwrap();
+    arrived(&c, "the new task's page", |path, _| path.starts_with("/console/ota/")).await;
+    c.find(Locator::Id("ota-cancel")).await.unwrap().click().await.unwrap();
+    assert_eq!(shown(&c, "p.ok").await, "Cancelled.");
+    assert_eq!(c.find(Locator::Id("task-state")).await.unwrap().text().await.unwrap(), "cancelled");
+    let tasks = expect(api, "GET", "/v1/ota/tasks", None, 200).await;
+    assert_eq!((tasks.as_array().unwrap().len(), tasks[0]["state"].as_str()), (1, Some("cancelled")), "{tasks}");
 
     // A viewer sees the same pages without a single action.
     c.delete_all_cookies().await.unwrap();
@@ -164,6 +218,8 @@ async fn an_operator_runs_the_fleet_from_the_console_and_a_viewer_only_looks() {
     assert!(c.find(Locator::Id("send-command")).await.is_err(), "a viewer is shown no command form");
     c.goto(&format!("{base}/console/orders/{stuck}")).await.unwrap();
     assert!(c.find(Locator::Css("fieldset")).await.is_err(), "a viewer is shown no order action");
+    c.goto(&format!("{base}/console/ota")).await.unwrap();
+    assert!(c.find(Locator::Id("ota-create")).await.is_err(), "a viewer is shown no OTA form");
     c.close().await.unwrap();
 
     // By hand: the viewer's session is refused an action; an operator's without the token too;

@@ -30,6 +30,9 @@ pub(super) fn router() -> Router<Arc<App>> {
         .route("/console/orders", get(pages::orders_list))
         .route("/console/orders/{id}", get(pages::order))
         .route("/console/orders/{id}/{action}", post(pages::order_action))
+        .route("/console/ota", get(pages::ota).post(pages::ota_submit))
+        .route("/console/ota/{id}", get(pages::ota_task))
+        .route("/console/ota/{id}/cancel", post(pages::ota_cancel))
         .route("/console/anomalies", get(pages::anomalies))
         .route("/console/audit", get(pages::audit_log))
 }

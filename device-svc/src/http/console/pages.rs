@@ -851,3 +851,290 @@ pub(super) async fn anomalies(State(app): State<Arc<App>>, headers: HeaderMap) -
         rows,
     })
 }
+
+struct TaskLine {
+    id: String,
+    name: String,
+    version: String,
+    state: String,
+    start: String,
+    counts: String,
+}
+
+struct Validation {
+    accepted: usize,
+    rejected: Vec<(String, String)>,
+}
+
+/// The new-task form's values, given back after a validation.
+#[derive(Default)]
+struct TaskForm {
+    name: String,
+    version: String,
+    upgrade_types: Vec<(&'static str, bool)>,
+    task_types: Vec<(&'static str, bool)>,
+    package_id: String,
+    size_bytes: String,
+    sha256: String,
+    signature: String,
+    url: String,
+    vins: String,
+}
+
+const UPGRADE_TYPES: [&str; 3] = ["silent", "prompted", "forced"];
+const TASK_TYPES: [&str; 3] = ["normal", "test", "factory"];
+
+impl TaskForm {
+    fn from(f: &Params) -> Self {
+        let v = |k: &str| f.get(k).cloned().unwrap_or_default();
+        let (upgrade, task) = (v("upgrade_type"), v("task_type"));
+        TaskForm {
+            name: v("name"),
+            version: v("version"),
+            upgrade_types: UPGRADE_TYPES.iter().map(|t| (*t, *t == upgrade)).collect(),
+            task_types: TASK_TYPES.iter().map(|t| (*t, *t == task)).collect(),
+            package_id: v("package_id"),
+            size_bytes: v("size_bytes"),
+            sha256: v("sha256"),
+            signature: v("signature"),
+            url: v("url"),
+            vins: v("vins"),
+        }
+    }
+
+    fn empty() -> Self {
+        Self::from(&Params::new())
+    }
+
+    /// The task the form describes, created by the signed-in `by`.
+    fn task(&self, by: &str) -> Result<crate::vehicles::ota::tasks::NewTask, StoreError> {
+        let pick = |list: &[(&'static str, bool)]| list.iter().find(|(_, s)| *s).map_or(list[0].0, |(v, _)| *v);
+        let body = serde_json::json!({
+            "name": self.name.trim(),
+            "version": self.version.trim(),
+            "upgrade_type": pick(&self.upgrade_types),
+            "task_type": pick(&self.task_types),
+            "package": {
+                "id": self.package_id.trim(),
+                "size_bytes": self.size_bytes.trim().parse::<u64>().map_err(|_| StoreError::invalid("size_bytes", "a whole number of bytes"))?,
+                "sha256": self.sha256.trim(),
+                "signature": self.signature.trim(),
+                "url": self.url.trim(),
+            },
+            "vins": self.vins.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>(),
+            "created_by": by,
+        });
+        serde_json::from_value(body).map_err(|e| StoreError::invalid("task", e.to_string()))
+    }
+}
+
+#[derive(Template)]
+#[template(path = "console/ota.html")]
+struct OtaPage {
+    who: String,
+    role: &'static str,
+    csrf: String,
+    may_act: bool,
+    tasks: Vec<TaskLine>,
+    form: TaskForm,
+    validation: Option<Validation>,
+    error: Option<String>,
+}
+
+async fn ota_page(
+    app: &App,
+    s: &Session,
+    form: TaskForm,
+    validation: Option<Validation>,
+    error: Option<String>,
+) -> Result<OtaPage, StoreError> {
+    let tasks = crate::vehicles::ota::tasks::list(app, 100)
+        .await?
+        .into_iter()
+        .map(|t| {
+            let mut counts: Vec<String> = t.counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            counts.sort();
+            TaskLine {
+                id: t.id,
+                name: t.name,
+                version: t.version,
+                state: t.state,
+                start: when(t.start_at_ms),
+                counts: counts.join(", "),
+            }
+        })
+        .collect();
+    Ok(OtaPage {
+        who: s.principal.name.clone(),
+        role: s.principal.role.as_str(),
+        csrf: s.csrf.clone(),
+        may_act: s.may_act(),
+        tasks,
+        form,
+        validation,
+        error,
+    })
+}
+
+/// `GET /console/ota`: the tasks and (operators) the new-task form.
+pub(super) async fn ota(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let s = match signed_in(&app, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match ota_page(&app, &s, TaskForm::empty(), None, None).await {
+        Ok(p) => render(&p),
+        Err(e) => failure(&e),
+    }
+}
+
+/// `POST /console/ota`: `step=validate` shows what validation says (nothing is stored or
+/// pushed); `step=create` creates the task and opens its page.
+pub(super) async fn ota_submit(State(app): State<Arc<App>>, headers: HeaderMap, Form(f): Form<Params>) -> Response {
+    let s = match acting(&app, &headers, f.get("csrf").map_or("", String::as_str)).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let form = TaskForm::from(&f);
+    let task = match form.task(&s.principal.name) {
+        Ok(t) => t,
+        Err(e) => {
+            return ota_page(&app, &s, form, None, Some(e.to_string()))
+                .await
+                .map_or_else(|e| failure(&e), |p| render(&p));
+        }
+    };
+    if f.get("step").map(String::as_str) == Some("create") {
+        let ctx = context(&s.principal, "/console/ota", "/console/ota".into());
+        return match audit::scope(ctx, crate::vehicles::ota::tasks::create(&app, &task)).await {
+            Ok(created) => Redirect::to(&format!("/console/ota/{}", created.task.id)).into_response(),
+            Err(e) => {
+                ota_page(&app, &s, form, None, Some(e.to_string())).await.map_or_else(|e| failure(&e), |p| render(&p))
+            }
+        };
+    }
+    let (validation, error) = match crate::vehicles::ota::tasks::validate(&app, &task).await {
+        Ok((accepted, rejected)) => (
+            Some(Validation {
+                accepted: accepted.len(),
+                rejected: rejected
+                    .into_iter()
+                    .map(|r| {
+                        (
+                            r.vin,
+                            if r.detail.is_empty() {
+                                r.reason.to_owned()
+                            } else {
+                                format!("{}: {}", r.reason, r.detail)
+                            },
+                        )
+                    })
+                    .collect(),
+            }),
+            None,
+        ),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    ota_page(&app, &s, form, validation, error).await.map_or_else(|e| failure(&e), |p| render(&p))
+}
+
+#[derive(Template)]
+#[template(path = "console/ota_task.html")]
+struct OtaTaskPage {
+    who: String,
+    role: &'static str,
+    csrf: String,
+    may_act: bool,
+    id: String,
+    name: String,
+    version: String,
+    upgrade_type: String,
+    task_type: String,
+    state: String,
+    start: String,
+    created_by: String,
+    counts: Vec<(String, i64)>,
+    vehicles: Vec<(String, String, String, String)>,
+    rejections: Vec<(String, String)>,
+    message: Option<String>,
+    error: Option<String>,
+}
+
+async fn ota_task_page(
+    app: &App,
+    s: &Session,
+    id: &str,
+    message: Option<String>,
+    error: Option<String>,
+) -> Result<OtaTaskPage, StoreError> {
+    use crate::vehicles::ota::tasks;
+    let t = tasks::get(app, id).await?;
+    let mut counts: Vec<(String, i64)> = t.counts.into_iter().collect();
+    counts.sort();
+    let vehicles = tasks::vehicles(app, id, None)
+        .await?
+        .into_iter()
+        .take(500)
+        .map(|v| {
+            let detail = match (&v.ecu, v.ecu_percent) {
+                (Some(ecu), Some(p)) => format!("{ecu} {p}%"),
+                _ => format!("download {}%, upgrade {}%", v.download_percent, v.upgrade_percent),
+            };
+            (v.vin, v.state, v.from_version.unwrap_or_default(), detail)
+        })
+        .collect();
+    let rejections = tasks::rejections(app, id).await?.into_iter().map(|r| (r.vin, r.reason.to_owned())).collect();
+    Ok(OtaTaskPage {
+        who: s.principal.name.clone(),
+        role: s.principal.role.as_str(),
+        csrf: s.csrf.clone(),
+        may_act: s.may_act(),
+        id: t.id,
+        name: t.name,
+        version: t.version,
+        upgrade_type: t.upgrade_type,
+        task_type: t.task_type,
+        state: t.state,
+        start: when(t.start_at_ms),
+        created_by: t.created_by,
+        counts,
+        vehicles,
+        rejections,
+        message,
+        error,
+    })
+}
+
+/// `GET /console/ota/{id}`: a task's progress per state, its vehicles and refusals.
+pub(super) async fn ota_task(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let s = match signed_in(&app, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match ota_task_page(&app, &s, &id, None, None).await {
+        Ok(p) => render(&p),
+        Err(e) => failure(&e),
+    }
+}
+
+/// `POST /console/ota/{id}/cancel`.
+pub(super) async fn ota_cancel(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    let s = match acting(&app, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let ctx = context(&s.principal, "/console/ota/{id}/cancel", format!("/console/ota/{id}/cancel"));
+    let (message, error) = match audit::scope(ctx, crate::vehicles::ota::tasks::cancel(&app, &id)).await {
+        Ok(_) => (Some("Cancelled.".to_owned()), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    match ota_task_page(&app, &s, &id, message, error).await {
+        Ok(p) => render(&p),
+        Err(e) => failure(&e),
+    }
+}

@@ -211,19 +211,15 @@ fn judge(t: &NewTask, target: &[u64], c: &Candidate) -> Result<(), (&'static str
     Ok(())
 }
 
-/// Creates a task: validates every VIN, stores the task, the accepted vehicles (pending, due
-/// at the start time) and the refusals, all in one transaction.
-///
-/// # Errors
-/// `Invalid` naming the field for a malformed request; storage errors.
-pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
-    let target = check_request(t)?;
-    let id = crate::purchases::lock::token("t")?;
-    let start = checked_time("start_at_ms", t.start_at_ms.unwrap_or_else(now_ms))?;
-    let mut client = app.pg.get().await?;
-    let tx = client.transaction().await?;
+/// What validation says of a request: the vehicles it would push to and those it refuses,
+/// each refusal with its position in the request. Locks the vehicles (`FOR UPDATE`): a
+/// concurrent creation over the same vehicles waits for this transaction.
+async fn judge_all(
+    tx: &tokio_postgres::Transaction<'_>,
+    t: &NewTask,
+    target: &[u64],
+) -> Result<(Vec<String>, Vec<(i32, Rejection)>), StoreError> {
     let valid: Vec<String> = t.vins.iter().filter(|v| Vin::new(v.as_str()).is_ok()).cloned().collect();
-    // Locks the vehicles: a concurrent creation over the same vehicles waits for this one.
     let rows = tx
         .query(
             "SELECT v.vin, v.state, v.purpose, v.sw_version,
@@ -248,7 +244,6 @@ pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
         .collect();
     let mut seen = HashSet::new();
     let mut accepted = Vec::new();
-    // Refusals with their position in the request.
     let mut rejected: Vec<(i32, Rejection)> = Vec::new();
     for (at, vin) in (0i32..).zip(&t.vins) {
         let verdict = if Vin::new(vin.as_str()).is_err() {
@@ -258,7 +253,7 @@ pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
         } else {
             match known.get(vin) {
                 None => Err(("unknown_vehicle", String::new())),
-                Some(c) => judge(t, &target, c),
+                Some(c) => judge(t, target, c),
             }
         };
         match verdict {
@@ -266,6 +261,35 @@ pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
             Err((reason, detail)) => rejected.push((at, Rejection { vin: vin.clone(), reason, detail })),
         }
     }
+    Ok((accepted, rejected))
+}
+
+/// The validation of `t` without creating anything (the console shows it before an operator
+/// creates the task): the vehicles it would push to and the refusals with their reasons.
+///
+/// # Errors
+/// `Invalid` for a malformed request; storage errors.
+pub async fn validate(app: &App, t: &NewTask) -> Result<(Vec<String>, Vec<Rejection>), StoreError> {
+    let target = check_request(t)?;
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let (accepted, rejected) = judge_all(&tx, t, &target).await?;
+    tx.rollback().await?;
+    Ok((accepted, rejected.into_iter().map(|(_, r)| r).collect()))
+}
+
+/// Creates a task: validates every VIN, stores the task, the accepted vehicles (pending, due
+/// at the start time) and the refusals, all in one transaction.
+///
+/// # Errors
+/// `Invalid` naming the field for a malformed request; storage errors.
+pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
+    let target = check_request(t)?;
+    let id = crate::purchases::lock::token("t")?;
+    let start = checked_time("start_at_ms", t.start_at_ms.unwrap_or_else(now_ms))?;
+    let mut client = app.pg.get().await?;
+    let tx = client.transaction().await?;
+    let (accepted, rejected) = judge_all(&tx, t, &target).await?;
     let package = serde_json::to_value(&t.package).map_err(|e| StoreError::invalid("package", e.to_string()))?;
     tx.execute(
         "INSERT INTO ota_tasks (id, name, version, upgrade_type, task_type, package, start_at, created_by)
