@@ -211,6 +211,17 @@ async fn an_operator_runs_the_fleet_from_the_console_and_a_viewer_only_looks() {
     let tasks = expect(api, "GET", "/v1/ota/tasks", None, 200).await;
     assert_eq!((tasks.as_array().unwrap().len(), tasks[0]["state"].as_str()), (1, Some("cancelled")), "{tasks}");
 
+    // The remaining pages answer for an operator.
+    for (path, heading) in [
+        ("/console/anomalies", "Anomalies"),
+        ("/console/alerts", "Alerts and notices"),
+        ("/console/dead-letters", "Dead letters"),
+    ] {
+        c.goto(&format!("{base}{path}")).await.unwrap();
+        assert_eq!(c.find(Locator::Css("h1")).await.unwrap().text().await.unwrap(), heading);
+    }
+    assert!(text(&c).await.contains("Dead letters"));
+
     // A viewer sees the same pages without a single action.
     c.delete_all_cookies().await.unwrap();
     sign_in(&c, &base, &viewer).await;

@@ -34,5 +34,8 @@ pub(super) fn router() -> Router<Arc<App>> {
         .route("/console/ota/{id}", get(pages::ota_task))
         .route("/console/ota/{id}/cancel", post(pages::ota_cancel))
         .route("/console/anomalies", get(pages::anomalies))
+        .route("/console/alerts", get(pages::alerts))
+        .route("/console/dead-letters", get(pages::dead_letters))
+        .route("/console/dead-letters/{id}/replay", post(pages::replay))
         .route("/console/audit", get(pages::audit_log))
 }

@@ -1138,3 +1138,112 @@ pub(super) async fn ota_cancel(
         Err(e) => failure(&e),
     }
 }
+
+#[derive(Template)]
+#[template(path = "console/dead_letters.html")]
+struct DeadLettersPage {
+    who: String,
+    role: &'static str,
+    csrf: String,
+    may_act: bool,
+    letters: Vec<(i64, String, String, String, String, String)>,
+    message: Option<String>,
+    error: Option<String>,
+}
+
+async fn dead_letters_page(
+    app: &App,
+    s: &Session,
+    message: Option<String>,
+    error: Option<String>,
+) -> Result<DeadLettersPage, StoreError> {
+    let letters = crate::dead_letters::list(app, false, 200)
+        .await?
+        .into_iter()
+        .map(|d| {
+            let replayed = d.replayed_ms.map(when).unwrap_or_default();
+            (d.id, when(d.created_ms), format!("{} {}", d.stream, d.entry_id), d.kind, d.error, replayed)
+        })
+        .collect();
+    Ok(DeadLettersPage {
+        who: s.principal.name.clone(),
+        role: s.principal.role.as_str(),
+        csrf: s.csrf.clone(),
+        may_act: s.may_act(),
+        letters,
+        message,
+        error,
+    })
+}
+
+/// `GET /console/dead-letters`: upstream entries set aside, newest first.
+pub(super) async fn dead_letters(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let s = match signed_in(&app, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    dead_letters_page(&app, &s, None, None).await.map_or_else(|e| failure(&e), |p| render(&p))
+}
+
+/// `POST /console/dead-letters/{id}/replay`: the entry appended to its stream again.
+pub(super) async fn replay(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    let s = match acting(&app, &headers, &f.csrf).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let ctx = context(&s.principal, "/console/dead-letters/{id}/replay", format!("/console/dead-letters/{id}/replay"));
+    let (message, error) = match audit::scope(ctx, crate::dead_letters::replay(&app, id)).await {
+        Ok(entry) => (Some(format!("Appended again as {entry}.")), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    dead_letters_page(&app, &s, message, error).await.map_or_else(|e| failure(&e), |p| render(&p))
+}
+
+/// `GET /console/alerts`: open service alerts, and the newest notices (restock orders,
+/// anomalies, inspections, calibrations, OTA failures) from the `notices` stream.
+pub(super) async fn alerts(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let s = match signed_in(&app, &headers).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let alerts = match open_alerts(&app).await {
+        Ok(a) => a,
+        Err(e) => return failure(&e),
+    };
+    let mut con = app.redis.clone();
+    let stream = format!("{}{}", app.keys.prefix(), crate::purchases::outbox::NOTICES);
+    let notices: redis::streams::StreamRangeReply = match redis::cmd("XREVRANGE")
+        .arg(&stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(100)
+        .query_async(&mut con)
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => return failure(&StoreError::from(e)),
+    };
+    let mut rows: Vec<Vec<String>> = alerts.into_iter().map(|a| vec!["alert".into(), String::new(), a]).collect();
+    for entry in notices.ids {
+        let at = entry.id.split('-').next().and_then(|ms| ms.parse().ok()).map(when).unwrap_or_default();
+        let payload = match entry.map.get("payload") {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            _ => String::new(),
+        };
+        rows.push(vec!["notice".into(), at, payload]);
+    }
+    render(&Rows {
+        who: s.principal.name.clone(),
+        role: s.principal.role.as_str(),
+        csrf: s.csrf.clone(),
+        title: "Alerts and notices",
+        head: vec!["What", "When", "Detail"],
+        rows,
+    })
+}
