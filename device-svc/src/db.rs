@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (16, "audit_reason", include_str!("../migrations/0016_audit_reason.sql")),
     (17, "console_sessions", include_str!("../migrations/0017_console_sessions.sql")),
     (18, "audit_by_target", include_str!("../migrations/0018_audit_by_target.sql")),
+    (19, "anomaly_lists", include_str!("../migrations/0019_anomaly_lists.sql")),
 ];
 
 /// Longest wait for a pooled connection.

@@ -179,6 +179,30 @@ async fn every_list_pages_through_each_row_once_and_keeps_exactly_what_its_filte
         only(&|r| r.cabinet == "cab-l-a" && r.state == "settled")
     );
 
+    // Anomalies: open or resolved, paged back by id.
+    let pg = stack.pg().await;
+    for n in 0..9i32 {
+        let kind = if n % 3 == 0 { "lane_gain" } else { "cabinet_silent" };
+        let resolved: Option<SystemTime> = (n % 2 == 0).then(SystemTime::now);
+        pg.execute(
+            "INSERT INTO anomalies (kind, source, cabinet_id, door_id, detail, resolved_at) VALUES ($1, $2, 'cab-l-a', 1, '{}', $3)",
+            &[&kind, &format!("test:{n}"), &resolved],
+        )
+        .await
+        .unwrap();
+    }
+    let ids = |v: &Value| v.as_array().unwrap().iter().map(|a| a["id"].as_i64().unwrap()).collect::<Vec<_>>();
+    let open = expect(api, "GET", "/v1/anomalies?resolved=false", None, 200).await;
+    assert_eq!(open.as_array().unwrap().len(), 4);
+    assert!(open.as_array().unwrap().iter().all(|a| a["resolved"] == false));
+    let first = ids(&expect(api, "GET", "/v1/anomalies?limit=4", None, 200).await);
+    let rest = ids(&expect(api, "GET", &format!("/v1/anomalies?limit=10&before_id={}", first[3]), None, 200).await);
+    assert_eq!((first.len(), rest.len()), (4, 5));
+    assert!(first.iter().chain(&rest).collect::<Vec<_>>().windows(2).all(|w| w[0] > w[1]), "{first:?} {rest:?}");
+    let gains = expect(api, "GET", "/v1/anomalies?kind=lane_gain&resolved=true", None, 200).await;
+    assert_eq!(gains.as_array().unwrap().len(), 2, "{gains}");
+    assert_eq!(expect(api, "GET", "/v1/anomalies?resolved=maybe", None, 400).await["field"], "resolved");
+
     // Refusals name the parameter; a viewer may list, a shop may not.
     for (path, name) in [
         ("/v1/devices?colour=red", "colour"),
@@ -339,6 +363,16 @@ async fn every_list_query_is_served_by_its_index_in_the_lists_order() {
             &["orders_payment_created"],
         ),
         ("the review queue", orders(OrderFilter { review: true, ..Default::default() }), &["orders_to_review"]),
+    ]);
+
+    let anomalies = |f: device_svc::purchases::anomalies::Filter| device_svc::purchases::anomalies::query(&f, 100);
+    type AF = device_svc::purchases::anomalies::Filter;
+    cases.extend([
+        ("anomalies", anomalies(AF { before_id: Some(1000), ..Default::default() }), &["anomalies_pkey"][..]),
+        ("anomalies of an order", anomalies(AF { order_id: s("o1"), ..Default::default() }), &["anomalies_order"]),
+        ("anomalies of a cabinet", anomalies(AF { cabinet_id: s("A1"), ..Default::default() }), &["anomalies_cabinet"]),
+        ("anomalies of a kind", anomalies(AF { kind: s("lane_gain"), ..Default::default() }), &["anomalies_kind"]),
+        ("open anomalies", anomalies(AF { resolved: Some(false), ..Default::default() }), &["anomalies_open"]),
     ]);
 
     for (name, (sql, params), indexes) in cases {

@@ -223,7 +223,7 @@ pub(super) async fn force_close(
     view(&app, order).await
 }
 
-/// `GET /v1/anomalies?order_id=&cabinet_id=&kind=&limit=`
+/// `GET /v1/anomalies?order_id=&cabinet_id=&kind=&resolved=&before_id=&limit=`: newest first.
 pub(super) async fn list_anomalies(
     State(app): State<Arc<App>>,
     Query(q): Query<HashMap<String, String>>,
@@ -232,15 +232,20 @@ pub(super) async fn list_anomalies(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid("limit", "1..=1000"));
     }
-    let list = anomalies::list(
-        &app,
-        q.get("order_id").map(String::as_str),
-        q.get("cabinet_id").map(String::as_str),
-        q.get("kind").map(String::as_str),
-        limit,
-    )
-    .await?;
-    Ok(Json(list))
+    let resolved = match q.get("resolved").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => return Err(ApiError::invalid("resolved", format!("{other:?}: true or false"))),
+    };
+    let filter = anomalies::Filter {
+        order_id: q.get("order_id").cloned(),
+        cabinet_id: q.get("cabinet_id").cloned(),
+        kind: q.get("kind").cloned(),
+        resolved,
+        before_id: query_num::<i64>(&q, "before_id")?,
+    };
+    Ok(Json(anomalies::list(&app, &filter, limit).await?))
 }
 
 /// `POST /v1/anomalies/{id}/resolve`: 204.

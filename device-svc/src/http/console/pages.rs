@@ -825,7 +825,8 @@ pub(super) async fn anomalies(State(app): State<Arc<App>>, headers: HeaderMap) -
         Ok(s) => s,
         Err(r) => return r,
     };
-    let list = match crate::purchases::anomalies::list(&app, None, None, None, 200).await {
+    let list = match crate::purchases::anomalies::list(&app, &crate::purchases::anomalies::Filter::default(), 200).await
+    {
         Ok(l) => l,
         Err(e) => return failure(&e),
     };
