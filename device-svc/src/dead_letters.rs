@@ -89,13 +89,13 @@ pub struct DeadLetter {
 ///
 /// # Errors
 /// Storage errors.
-pub async fn list(app: &App, open: bool, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
+pub async fn list(app: &App, open: bool, before_id: Option<i64>, limit: i64) -> Result<Vec<DeadLetter>, StoreError> {
     let client = app.pg.get().await?;
     let rows = client
         .query(
             "SELECT id, stream, entry_id, kind, names, vals, error, created_at, replayed_at FROM dead_letters
-              WHERE NOT $1 OR replayed_at IS NULL ORDER BY id DESC LIMIT $2",
-            &[&open, &limit],
+              WHERE (NOT $1 OR replayed_at IS NULL) AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
+            &[&open, &before_id, &limit],
         )
         .await?;
     Ok(rows

@@ -291,6 +291,8 @@ async fn a_poison_entry_is_set_aside_and_its_shard_moves_on() {
     let letters = expect(api, "GET", "/v1/dead-letters", None, 200).await;
     let letters = letters.as_array().unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
+    let older = format!("/v1/dead-letters?before_id={}", letters[0]["id"]);
+    assert_eq!(expect(api, "GET", &older, None, 200).await, serde_json::json!([]), "paged back past the only one");
     assert_eq!(letters[0]["kind"], "veh");
     assert!(letters[0]["error"].as_str().unwrap().contains("PostgreSQL"), "{}", letters[0]);
     let metrics = http(api, "GET", "/metrics", None).await.1;

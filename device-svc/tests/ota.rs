@@ -165,6 +165,13 @@ async fn notices_reach_online_and_reconnecting_vehicles_and_reports_only_move_fo
 
     let created = create(api, task("2.0.0", "normal", &[a.clone(), b.clone()])).await;
     let id = created["id"].as_str().unwrap().to_owned();
+    // The task's vehicles page by VIN.
+    let first = expect(api, "GET", &format!("/v1/ota/tasks/{id}/vehicles?limit=1"), None, 200).await;
+    let path = format!("/v1/ota/tasks/{id}/vehicles?limit=1&after_vin={}", first[0]["vin"].as_str().unwrap());
+    let second = expect(api, "GET", &path, None, 200).await;
+    assert_eq!((first[0]["vin"].as_str(), second[0]["vin"].as_str()), (Some(a.as_str()), Some(b.as_str())));
+    let path = format!("/v1/ota/tasks/{id}/vehicles?limit=1&after_vin={b}");
+    assert_eq!(expect(api, "GET", &path, None, 200).await, json!([]));
 
     // Online: notified at once, with everything it needs.
     let notice = car_a.next(DownlinkKind::OtaNotify).await;

@@ -112,7 +112,7 @@ fn table() -> Vec<(RouteSpec, Doc, MethodRouter<Arc<App>>)> {
             get_.clone(),
             "/v1/dead-letters",
             Roles(READERS),
-            Doc::new("Upstream entries set aside").query(&["open", "limit"]).answer(list_of::<DeadLetter>),
+            Doc::new("Upstream entries set aside").query(&["open", "before_id", "limit"]).answer(list_of::<DeadLetter>),
             get(ops::dead_letters),
         ),
         r(
@@ -315,7 +315,9 @@ fn table() -> Vec<(RouteSpec, Doc, MethodRouter<Arc<App>>)> {
             get_.clone(),
             "/v1/ota/tasks/{id}/vehicles",
             Roles(READERS),
-            Doc::new("A task's vehicles and their states").query(&["state", "limit"]).answer(list_of::<TaskVehicle>),
+            Doc::new("A task's vehicles and their states, by VIN")
+                .query(&["state", "after_vin", "limit"])
+                .answer(list_of::<TaskVehicle>),
             get(ota::vehicles),
         ),
         r(

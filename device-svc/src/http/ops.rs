@@ -62,7 +62,7 @@ pub(super) async fn alerts(State(app): State<Arc<App>>) -> Result<Json<Vec<Alert
     ))
 }
 
-/// `GET /v1/dead-letters?open=&limit=`: newest first.
+/// `GET /v1/dead-letters?open=&before_id=&limit=`: newest first, paged back by id.
 pub(super) async fn dead_letters(
     State(app): State<Arc<App>>,
     Query(q): Query<HashMap<String, String>>,
@@ -76,7 +76,7 @@ pub(super) async fn dead_letters(
         Some("true") => true,
         Some(other) => return Err(ApiError::invalid("open", format!("{other:?}: true or false"))),
     };
-    Ok(Json(dead_letters::list(&app, open, limit).await?))
+    Ok(Json(dead_letters::list(&app, open, query_num::<i64>(&q, "before_id")?, limit).await?))
 }
 
 /// `POST /v1/dead-letters/{id}/replay`: `{"entry_id": "..."}` of the entry appended again.

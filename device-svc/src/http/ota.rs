@@ -47,7 +47,13 @@ pub(super) async fn vehicles(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Answer<Json<Vec<TaskVehicle>>> {
-    Ok(Json(tasks::vehicles(&app, &id, q.get("state").map(String::as_str)).await?))
+    // Without a limit every vehicle of the task (at most 10,000, the most a task holds).
+    let limit = query_num::<i64>(&q, "limit")?.unwrap_or(10_000);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "1..=10000"));
+    }
+    let (state, after) = (q.get("state").map(String::as_str), q.get("after_vin").map(String::as_str));
+    Ok(Json(tasks::vehicles(&app, &id, state, after, limit).await?))
 }
 
 /// `GET /v1/ota/tasks/{id}/rejections`

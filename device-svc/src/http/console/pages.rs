@@ -1072,10 +1072,9 @@ async fn ota_task_page(
     let t = tasks::get(app, id).await?;
     let mut counts: Vec<(String, i64)> = t.counts.into_iter().collect();
     counts.sort();
-    let vehicles = tasks::vehicles(app, id, None)
+    let vehicles = tasks::vehicles(app, id, None, None, 500)
         .await?
         .into_iter()
-        .take(500)
         .map(|v| {
             let detail = match (&v.ecu, v.ecu_percent) {
                 (Some(ecu), Some(p)) => format!("{ecu} {p}%"),
@@ -1158,7 +1157,7 @@ async fn dead_letters_page(
     message: Option<String>,
     error: Option<String>,
 ) -> Result<DeadLettersPage, StoreError> {
-    let letters = crate::dead_letters::list(app, false, 200)
+    let letters = crate::dead_letters::list(app, false, None, 200)
         .await?
         .into_iter()
         .map(|d| {

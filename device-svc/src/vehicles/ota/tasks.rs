@@ -425,15 +425,24 @@ pub struct TaskVehicle {
 ///
 /// # Errors
 /// `NotFound`; storage errors.
-pub async fn vehicles(app: &App, id: &str, state: Option<&str>) -> Result<Vec<TaskVehicle>, StoreError> {
+pub async fn vehicles(
+    app: &App,
+    id: &str,
+    state: Option<&str>,
+    after_vin: Option<&str>,
+    limit: i64,
+) -> Result<Vec<TaskVehicle>, StoreError> {
     get(app, id).await?;
     let client = app.pg.get().await?;
+    // Read in the primary key's order (task_id, vin) from `after_vin` on: a page of a task with
+    // 10,000 vehicles costs what a page of a small one does.
     let rows = client
         .query(
             "SELECT vin, state, from_version, push_count, pushed_at, push_message_id, download_percent, bytes_done,
                     upgrade_percent, ecu, ecu_percent, reported_version, fail_ecu, fail_error, last_report, last_report_at
-               FROM ota_task_vehicles WHERE task_id = $1 AND ($2::text IS NULL OR state = $2) ORDER BY vin",
-            &[&id, &state],
+               FROM ota_task_vehicles WHERE task_id = $1 AND ($2::text IS NULL OR state = $2)
+                AND ($3::text IS NULL OR vin > $3) ORDER BY vin LIMIT $4",
+            &[&id, &state, &after_vin, &limit.clamp(1, i64::try_from(MAX_VINS).unwrap_or(i64::MAX))],
         )
         .await?;
     let ms = |r: &tokio_postgres::Row, i: usize| r.get::<_, Option<std::time::SystemTime>>(i).map(ms_of);
