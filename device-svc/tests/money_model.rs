@@ -12,7 +12,9 @@
 //!    model's (goods taken, less refunds; nothing for a waived charge);
 //! 5. every anomaly is explained by a fault the schedule injected (an outage, an instance
 //!    stopped or killed or Redis crashed, explains an order in flight then cancelled before
-//!    opening, `cabinet_silent` or `door_not_opened`, or sent to review, `weights_not_stable`).
+//!    opening, `cabinet_silent` or `door_not_opened`, or sent to review, `weights_not_stable`;
+//!    an open command the cabinet itself saw arrive past its expiry, on a host or link too slow
+//!    for `purchases.open_timeout_ms`, explains an order cancelled `door_failed:expired`).
 //!
 //! Faults: door events duplicated or the open event late (after the close), the open
 //! command's result lost (the door is found open by query), weights unstable past the wait
@@ -407,7 +409,14 @@ impl Worker {
                         // cabinet did open late, the shopper closes the door untouched.
                         let created = opened["created_ms"].as_u64().unwrap_or(0);
                         let mut may_raise = Vec::new();
-                        if opened["reason"] != "weights_unknown" {
+                        // The open command reached the cabinet past its expiry (a host or a
+                        // link slower than `purchases.open_timeout_ms`): the cabinet answered
+                        // `Expired` and opened nothing, a delay it saw itself.
+                        let arrived_late = opened["reason"] == "door_failed:expired"
+                            && self.shop.expired().iter().any(
+                                |c| matches!(c, CommandAction::OpenDoor { order_id, .. } if order_id.as_str() == id),
+                            );
+                        if opened["reason"] != "weights_unknown" && !arrived_late {
                             let outage =
                                 matches!(opened["reason"].as_str(), Some("cabinet_silent" | "door_not_opened"))
                                     && svc.outage_since(created);

@@ -63,6 +63,9 @@ enum Ctl {
 pub struct Seen {
     /// Commands received before their expiry (acted on or answered), in order.
     pub commands: Vec<CommandAction>,
+    /// Commands that arrived past their expiry (answered `Expired`, not acted on): the host or
+    /// the network delayed them, a fault the cabinet itself observes.
+    pub expired: Vec<CommandAction>,
 }
 
 /// A running shop cabinet.
@@ -128,6 +131,11 @@ impl Shop {
     /// Commands received so far.
     pub fn commands(&self) -> Vec<CommandAction> {
         self.seen.lock().unwrap().commands.clone()
+    }
+
+    /// Commands that arrived past their expiry so far.
+    pub fn expired(&self) -> Vec<CommandAction> {
+        self.seen.lock().unwrap().expired.clone()
     }
 
     /// Disconnects.
@@ -232,7 +240,9 @@ async fn run(
                 // A command past its expiry is answered `Expired` and not acted on (SPEC.md
                 // 1.7): a late open-door must never open a door.
                 let expired = command.expires_at_ms <= now_ms();
-                if !expired {
+                if expired {
+                    seen.lock().unwrap().expired.push(command.action.clone());
+                } else {
                     seen.lock().unwrap().commands.push(command.action.clone());
                 }
                 match (&command.action, mode) {
