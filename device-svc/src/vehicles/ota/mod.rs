@@ -15,11 +15,14 @@
 //! - [`push`]: the driver: starts tasks, sends notices at the configured rate (fleet-wide),
 //!   marks silent vehicles timed out, finishes tasks; every timer is a `due_at` in PostgreSQL
 //!   claimed by one instance (`FOR UPDATE SKIP LOCKED`), as for purchases;
-//! - [`reports`]: download progress, upgrade progress and status reports from the vehicles.
+//! - [`reports`]: download progress, upgrade progress and status reports from the vehicles;
+//! - [`sealed`]: packages at rest, encrypted in independently decryptable 1 MiB chunks under a
+//!   per-package data key wrapped by a rotatable master key.
 
 pub mod lists;
 pub mod push;
 pub mod reports;
+pub mod sealed;
 pub mod tasks;
 
 use std::cmp::Ordering;
