@@ -110,6 +110,10 @@ async fn raw_session(addr: SocketAddr, key: &str) -> (String, String) {
         .unwrap()
         .to_owned();
     assert!(head.to_ascii_lowercase().contains("httponly; samesite=strict"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    for header in ["frame-ancestors 'none'", "x-frame-options: deny", "cache-control: no-store", "default-src 'none'"] {
+        assert!(lower.contains(header), "{header} missing: {head}");
+    }
     let request = format!("GET /console HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n");
     let (status, _, page) = testkit::http::exchange(addr, &request).await;
     assert_eq!(status, 200);

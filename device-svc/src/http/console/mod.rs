@@ -19,6 +19,25 @@ use axum::routing::{get, post};
 
 use crate::app::App;
 
+/// What every console answer says to the browser: run no script and load nothing from
+/// elsewhere (the pages have no JavaScript), post forms only here, and never be framed by
+/// another page (clickjacking an action button), nor cached.
+async fn protect(mut response: axum::response::Response) -> axum::response::Response {
+    use axum::http::{HeaderValue, header};
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 /// The console's routes, under `/console`.
 pub(super) fn router() -> Router<Arc<App>> {
     Router::new()
@@ -38,4 +57,5 @@ pub(super) fn router() -> Router<Arc<App>> {
         .route("/console/dead-letters", get(pages::dead_letters))
         .route("/console/dead-letters/{id}/replay", post(pages::replay))
         .route("/console/audit", get(pages::audit_log))
+        .layer(axum::middleware::map_response(protect))
 }
