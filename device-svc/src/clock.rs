@@ -33,3 +33,17 @@ pub fn time_of(ms: u64) -> std::time::SystemTime {
 pub fn ms_of(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
 }
+
+/// The civil date `(year, month, day)` of a day counted from 1970-01-01 (proleptic Gregorian
+/// calendar, Howard Hinnant's `civil_from_days`).
+pub fn civil_date(day: u64) -> (i64, i64, i64) {
+    let z = i64::try_from(day).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}

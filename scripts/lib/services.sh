@@ -180,6 +180,17 @@ ensure_postgres() {
 
 # The tools tests run as real peers: redis-server/redis-cli (private servers and clusters for
 # tests that restart Redis), Debian's MQTT clients, and paho-mqtt from PyPI.
+# ensure_pip CHECK SPEC: installs SPEC from PyPI unless the Python statement CHECK runs.
+ensure_pip() {
+  python3 -c "$1" >/dev/null 2>&1 && return 0
+  [ "${NO_INSTALL:-0}" = 1 ] && die "missing: $2 for python3 (NO_INSTALL=1 is set)"
+  python3 -m pip --version >/dev/null 2>&1 || install_packages python3-pip
+  say "installing $2 from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check "$2" >/dev/null 2>&1 \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$2" >/dev/null \
+    || die "failed to install $2"
+}
+
 ensure_test_tools() {
   local missing=()
   command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 || missing+=(redis-server redis-tools)
@@ -189,23 +200,9 @@ ensure_test_tools() {
   # The console's browser test: headless Chromium over WebDriver.
   command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || missing+=(chromium chromium-driver)
   [ "${#missing[@]}" -eq 0 ] || install_packages "${missing[@]}"
-  if ! python3 -c 'import paho.mqtt.client as m; m.CallbackAPIVersion' >/dev/null 2>&1; then
-    [ "${NO_INSTALL:-0}" = 1 ] && die "missing: paho-mqtt 2.x for python3 (NO_INSTALL=1 is set)"
-    python3 -m pip --version >/dev/null 2>&1 || install_packages python3-pip
-    say "installing paho-mqtt from PyPI"
-    python3 -m pip install --quiet --disable-pip-version-check 'paho-mqtt>=2,<3' >/dev/null 2>&1 \
-      || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3' >/dev/null \
-      || die "failed to install paho-mqtt"
-  fi
+  ensure_pip 'import paho.mqtt.client as m; m.CallbackAPIVersion' 'paho-mqtt>=2,<3'
   # The OpenAPI document's test checks it with a validator nobody here wrote.
-  if ! python3 -c 'import openapi_spec_validator' >/dev/null 2>&1; then
-    [ "${NO_INSTALL:-0}" = 1 ] && die "missing: openapi-spec-validator for python3 (NO_INSTALL=1 is set)"
-    python3 -m pip --version >/dev/null 2>&1 || install_packages python3-pip
-    say "installing openapi-spec-validator from PyPI"
-    python3 -m pip install --quiet --disable-pip-version-check 'openapi-spec-validator>=0.7,<0.8' >/dev/null 2>&1 \
-      || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'openapi-spec-validator>=0.7,<0.8' >/dev/null \
-      || die "failed to install openapi-spec-validator"
-  fi
+  ensure_pip 'import openapi_spec_validator' 'openapi-spec-validator>=0.7,<0.8'
 }
 
 services_up() {
