@@ -32,6 +32,8 @@ pub struct App {
     pub purchase_wakers: crate::purchases::Wakers,
     /// Wakes the OTA driver (a task created or cancelled, a vehicle connected).
     pub ota_waker: tokio::sync::Notify,
+    /// Stored OTA packages (off when no keys are configured).
+    pub ota_packages: Option<Arc<crate::vehicles::ota::packages::Packages>>,
     /// Set when a credential change failed to reach Redis (down, restarting, unreachable): the
     /// whole mirror is written again within a second, and again until it succeeds, rather
     /// than at the next minute's rewrite, so a device registered meanwhile can log in.

@@ -303,6 +303,81 @@ pub struct OtaConfig {
     pub verify_timeout_s: u64,
     /// Silence limit while upgrading, s.
     pub upgrade_timeout_s: u64,
+    /// Times a vehicle whose upgrade failed (failed, rolled back, timed out) is notified again
+    /// before the task's publisher is told to act (the seed's compensation).
+    pub repush_max: u32,
+    /// Pause before such a new attempt, s.
+    pub repush_delay_s: u64,
+    /// `[ota.packages]`: stored packages.
+    pub packages: OtaPackagesConfig,
+    /// `[ota.downloads]`: vehicles downloading them.
+    pub downloads: OtaDownloadsConfig,
+}
+
+/// A secret setting: read like a string, never shown by `Debug`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "<unset>" } else { "<redacted>" })
+    }
+}
+
+/// `[ota.packages]`: where packages are kept and the keys that protect them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtaPackagesConfig {
+    /// `fs` (a directory of this machine) or `s3` (an S3-compatible store).
+    pub storage: String,
+    /// The directory, for `fs`.
+    pub path: String,
+    /// The bucket, for `s3`.
+    pub s3_bucket: String,
+    /// The access key id, for `s3` (empty: `AWS_ACCESS_KEY_ID` and the other `AWS_*`
+    /// variables the AWS SDKs read).
+    pub s3_access_key_id: String,
+    /// Its secret (empty: `AWS_SECRET_ACCESS_KEY`).
+    pub s3_secret_access_key: Secret,
+    /// The endpoint, for an S3-compatible store that is not AWS (empty: AWS's).
+    pub s3_endpoint: String,
+    /// The region, for `s3`.
+    pub s3_region: String,
+    /// Allow a plain-HTTP endpoint (a store on the same host or network only).
+    pub s3_allow_http: bool,
+    /// The largest package accepted, bytes.
+    pub max_bytes: u64,
+    /// An upload that sends nothing for this long is abandoned, ms.
+    pub upload_idle_ms: u64,
+    /// Master keys wrapping the packages' data keys, `id:64hex,id:64hex`
+    /// (`DEVICE_SVC_OTA_MASTER_KEYS`, or `master_keys_file`).
+    pub master_keys: Secret,
+    /// A file with the master keys, one `id:64hex` per line.
+    pub master_keys_file: String,
+    /// The id of the master key that wraps new data keys (`DEVICE_SVC_OTA_MASTER_KEY`); the
+    /// others only unwrap until every package is rewrapped.
+    pub master_key: String,
+    /// The platform's Ed25519 signing key, 64 hex characters (`DEVICE_SVC_OTA_SIGNING_KEY`, or
+    /// `signing_key_file`).
+    pub signing_key: Secret,
+    /// A file holding the signing key.
+    pub signing_key_file: String,
+}
+
+/// `[ota.downloads]`: the vehicles' download endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtaDownloadsConfig {
+    /// The API's address as vehicles reach it, for the URLs in notices (empty:
+    /// `http://` + `http.listen`).
+    pub public_url: String,
+    /// How long a download URL in a notice stays valid, s.
+    pub url_ttl_s: u64,
+    /// Downloads served at once by one instance; more are answered 503 with `Retry-After`.
+    pub max_concurrent: u32,
+    /// Bytes per second one instance sends, all downloads together (0: no limit).
+    pub bytes_per_s: u64,
 }
 
 // The hand-written defaults must equal device-svc.default.toml; a unit test checks it.
@@ -368,6 +443,31 @@ impl Default for Config {
                 download_timeout_s: 120,
                 verify_timeout_s: 600,
                 upgrade_timeout_s: 120,
+                repush_max: 2,
+                repush_delay_s: 30,
+                packages: OtaPackagesConfig {
+                    storage: "fs".into(),
+                    path: "var/ota-packages".into(),
+                    s3_bucket: String::new(),
+                    s3_access_key_id: String::new(),
+                    s3_secret_access_key: Secret::default(),
+                    s3_endpoint: String::new(),
+                    s3_region: "us-east-1".into(),
+                    s3_allow_http: false,
+                    max_bytes: 8 << 30,
+                    upload_idle_ms: 30_000,
+                    master_keys: Secret::default(),
+                    master_keys_file: String::new(),
+                    master_key: String::new(),
+                    signing_key: Secret::default(),
+                    signing_key_file: String::new(),
+                },
+                downloads: OtaDownloadsConfig {
+                    public_url: String::new(),
+                    url_ttl_s: 86_400,
+                    max_concurrent: 256,
+                    bytes_per_s: 0,
+                },
             },
             retention: RetentionConfig {
                 status_history_days: 90,
@@ -455,6 +555,18 @@ impl Default for OtaConfig {
     }
 }
 
+impl Default for OtaPackagesConfig {
+    fn default() -> Self {
+        Config::default().ota.packages
+    }
+}
+
+impl Default for OtaDownloadsConfig {
+    fn default() -> Self {
+        Config::default().ota.downloads
+    }
+}
+
 impl Default for RetentionConfig {
     fn default() -> Self {
         Config::default().retention
@@ -495,6 +607,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("DEVICE_SVC_REDIS_URL", "redis.url"),
     ("DEVICE_SVC_REDIS_CLUSTER_URLS", "redis.cluster_urls (comma-separated)"),
     ("DEVICE_SVC_PAYMENT_PROVIDERS", "payments.providers (name:secret,...)"),
+    ("DEVICE_SVC_OTA_MASTER_KEYS", "ota.packages.master_keys (id:hex,...)"),
+    ("DEVICE_SVC_OTA_MASTER_KEY", "ota.packages.master_key"),
+    ("DEVICE_SVC_OTA_SIGNING_KEY", "ota.packages.signing_key"),
+    ("DEVICE_SVC_OTA_PUBLIC_URL", "ota.downloads.public_url"),
 ];
 
 impl Config {
@@ -534,6 +650,15 @@ impl Config {
         if let Some(v) = lookup("DEVICE_SVC_PAYMENT_PROVIDERS") {
             self.payments.providers = PaymentProvider::parse_list(&v);
         }
+        let o = &mut self.ota;
+        if let Some(v) = lookup("DEVICE_SVC_OTA_MASTER_KEYS") {
+            o.packages.master_keys = Secret(v);
+        }
+        set(&mut o.packages.master_key, "DEVICE_SVC_OTA_MASTER_KEY");
+        if let Some(v) = lookup("DEVICE_SVC_OTA_SIGNING_KEY") {
+            o.packages.signing_key = Secret(v);
+        }
+        set(&mut o.downloads.public_url, "DEVICE_SVC_OTA_PUBLIC_URL");
     }
 
     /// Checks ranges and fills the instance id if empty.
@@ -612,6 +737,20 @@ impl Config {
         }
         if [o.waiting_timeout_s, o.download_timeout_s, o.verify_timeout_s, o.upgrade_timeout_s].contains(&0) {
             return bad("ota: every phase timeout must be positive");
+        }
+        let pk = &o.packages;
+        if !["fs", "s3"].contains(&pk.storage.as_str()) {
+            return bad("ota.packages.storage must be fs or s3");
+        }
+        if (pk.storage == "fs" && pk.path.is_empty()) || (pk.storage == "s3" && pk.s3_bucket.is_empty()) {
+            return bad("ota.packages: fs needs path, s3 needs s3_bucket");
+        }
+        if pk.max_bytes == 0 || pk.upload_idle_ms == 0 {
+            return bad("ota.packages: max_bytes and upload_idle_ms positive");
+        }
+        let d = &o.downloads;
+        if d.url_ttl_s == 0 || d.max_concurrent == 0 {
+            return bad("ota.downloads: url_ttl_s and max_concurrent positive");
         }
         if self.retention.sweep_interval_s == 0 || self.retention.batch_rows == 0 {
             return bad("retention: sweep_interval_s and batch_rows positive");

@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (17, "console_sessions", include_str!("../migrations/0017_console_sessions.sql")),
     (18, "audit_by_target", include_str!("../migrations/0018_audit_by_target.sql")),
     (19, "anomaly_lists", include_str!("../migrations/0019_anomaly_lists.sql")),
+    (20, "ota_packages_and_rollouts", include_str!("../migrations/0020_ota_packages_and_rollouts.sql")),
 ];
 
 /// Longest wait for a pooled connection.

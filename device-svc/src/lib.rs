@@ -84,6 +84,9 @@ pub enum StartError {
     /// The API's TLS certificate or key cannot be used.
     #[error("API TLS: {0}")]
     Tls(#[from] service_kit::tls::TlsError),
+    /// The OTA package keys or store cannot be used.
+    #[error("OTA packages: {0}")]
+    Packages(String),
 }
 
 /// A running device-service instance.
@@ -109,7 +112,7 @@ impl DeviceService {
     ///
     /// # Errors
     /// [`StartError`] if PostgreSQL or Redis cannot be used or the listener cannot be bound.
-    pub async fn start(config: Config) -> Result<Self, StartError> {
+    pub async fn start(mut config: Config) -> Result<Self, StartError> {
         let started = Instant::now();
         let pg = db::pool(&config.postgres)?;
         let applied = db::migrate(&pg).await?;
@@ -121,6 +124,15 @@ impl DeviceService {
         let addr =
             listener.local_addr().map_err(|source| StartError::Bind { addr: config.http.listen.clone(), source })?;
 
+        if config.ota.downloads.public_url.is_empty() {
+            let scheme = if config.http.tls_cert.is_empty() { "http" } else { "https" };
+            config.ota.downloads.public_url = format!("{scheme}://{addr}");
+        }
+        let ota_packages =
+            vehicles::ota::packages::Packages::from_config(&config.ota).map_err(StartError::Packages)?.map(Arc::new);
+        if ota_packages.is_none() {
+            tracing::info!("OTA package storage off: no master keys and signing key configured");
+        }
         let metrics = Metrics::new();
         let keys = Keys::new(config.key_prefix.clone());
         let commander = Arc::new(Commander::new(
@@ -141,6 +153,7 @@ impl DeviceService {
             started,
             purchase_wakers: purchases::Wakers::default(),
             ota_waker: tokio::sync::Notify::new(),
+            ota_packages,
             mirror_due: std::sync::atomic::AtomicBool::new(false),
             verifier,
         });

@@ -131,6 +131,28 @@ pub struct Metrics {
     pub ota_reports: IntCounterVec,
     /// `devsvc_ota_timeouts_total{phase}`
     pub ota_timeouts: IntCounterVec,
+    /// `devsvc_ota_auto_pauses_total`: tasks paused by their error threshold.
+    pub ota_auto_pauses: IntCounter,
+    /// `devsvc_ota_waves_released_total`
+    pub ota_waves_released: IntCounter,
+    /// `devsvc_ota_repushes_total`: failed upgrades notified again (compensation).
+    pub ota_repushes: IntCounter,
+    /// `devsvc_ota_gave_up_total`: failed upgrades handed to the task's publisher.
+    pub ota_gave_up: IntCounter,
+    /// `devsvc_ota_package_uploads_total{result}`
+    pub ota_uploads: IntCounterVec,
+    /// `devsvc_ota_package_upload_bytes_total`
+    pub ota_upload_bytes: IntCounter,
+    /// `devsvc_ota_downloads_total{kind}`: downloads begun, `full` or `range`.
+    pub ota_downloads: IntCounterVec,
+    /// `devsvc_ota_download_resumes_total`: range requests not starting at byte 0.
+    pub ota_download_resumes: IntCounter,
+    /// `devsvc_ota_download_bytes_total`: package bytes sent to vehicles.
+    pub ota_download_bytes: IntCounter,
+    /// `devsvc_ota_downloads_active`: downloads being served by this instance.
+    pub ota_downloads_active: prometheus::IntGauge,
+    /// `devsvc_ota_download_refusals_total{reason}`
+    pub ota_download_refusals: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -451,6 +473,61 @@ impl Metrics {
                 "devsvc_ota_timeouts_total",
                 "Vehicles marked timed out, by the phase they fell silent in.",
                 &["phase"],
+            ),
+            ota_auto_pauses: register(
+                &r,
+                IntCounter::new("devsvc_ota_auto_pauses_total", "OTA tasks that paused themselves at their error threshold.")
+                    .expect("valid"),
+            ),
+            ota_waves_released: register(
+                &r,
+                IntCounter::new("devsvc_ota_waves_released_total", "OTA rollout waves released.").expect("valid"),
+            ),
+            ota_repushes: register(
+                &r,
+                IntCounter::new("devsvc_ota_repushes_total", "Failed OTA upgrades notified again as a new attempt.")
+                    .expect("valid"),
+            ),
+            ota_gave_up: register(
+                &r,
+                IntCounter::new(
+                    "devsvc_ota_gave_up_total",
+                    "Failed OTA upgrades past ota.repush_max, handed to the task's publisher.",
+                )
+                .expect("valid"),
+            ),
+            ota_uploads: c(
+                "devsvc_ota_package_uploads_total",
+                "OTA package uploads by result (stored, digest_mismatch, too_large, truncated, broken, storage, refused).",
+                &["result"],
+            ),
+            ota_upload_bytes: register(
+                &r,
+                IntCounter::new("devsvc_ota_package_upload_bytes_total", "Bytes of OTA packages stored.").expect("valid"),
+            ),
+            ota_downloads: c("devsvc_ota_downloads_total", "OTA package downloads begun, full or range.", &["kind"]),
+            ota_download_resumes: register(
+                &r,
+                IntCounter::new(
+                    "devsvc_ota_download_resumes_total",
+                    "OTA package range requests starting past byte 0 (resumed downloads).",
+                )
+                .expect("valid"),
+            ),
+            ota_download_bytes: register(
+                &r,
+                IntCounter::new("devsvc_ota_download_bytes_total", "OTA package bytes sent to vehicles.").expect("valid"),
+            ),
+            ota_downloads_active: register(
+                &r,
+                prometheus::IntGauge::new("devsvc_ota_downloads_active", "OTA package downloads being served now.")
+                    .expect("valid"),
+            ),
+            ota_download_refusals: c(
+                "devsvc_ota_download_refusals_total",
+                "OTA package downloads refused or broken off, by reason (bad_signature, expired, not_in_task, busy, \
+                 range_not_satisfiable, tampered, digest_mismatch).",
+                &["reason"],
             ),
             registry: r,
         }

@@ -445,6 +445,10 @@ async fn the_openapi_document_names_every_route_with_its_roles_and_error_bodies(
                 assert_eq!(roles, ["payment_provider"], "{name}");
                 assert!(responses.contains_key("401"), "{name} has no 401");
             }
+            Access::VehicleUrl => {
+                assert_eq!(roles, ["vehicle_url"], "{name}");
+                assert!(responses.contains_key("403"), "{name} has no 403");
+            }
             Access::Public => assert!(roles.is_empty(), "{name}"),
         }
         if route.path.contains('{') {

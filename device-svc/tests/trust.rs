@@ -42,6 +42,7 @@ async fn every_route_asks_for_a_key_of_a_role_it_lists() {
         match route.access {
             Access::Public => assert_eq!(anonymous, 200, "{method} {path} is public"),
             Access::PaymentProvider => assert_eq!(anonymous, 401, "{method} {path} needs a signature"),
+            Access::VehicleUrl => assert_eq!(anonymous, 403, "{method} {path} needs a signed URL"),
             Access::Roles(allowed) => {
                 assert_eq!(anonymous, 401, "{method} {path} without a key");
                 for (role, key) in &keys {

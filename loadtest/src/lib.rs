@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`cabinet`], [`vehicle`]: one simulated device each, behaving as the documents say;
+//!   [`download`]: a vehicle's resumable, checked package download;
 //! - [`worker`]: a process simulating a slice of the fleet;
 //! - [`fleet`]: the orchestrator (workers, progress, memory, report); [`compare`]: the same
 //!   MQTT load against Mosquitto;
@@ -19,6 +20,7 @@ pub mod cabinet;
 pub mod charts;
 pub mod commander;
 pub mod compare;
+pub mod download;
 pub mod fleet;
 pub mod fleet_ids;
 pub mod hb_feed;

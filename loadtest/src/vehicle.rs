@@ -41,6 +41,13 @@ pub struct VehicleBehaviour {
     /// An uplink not acknowledged this long after it was (last) sent counts as lost; younger
     /// ones at the end of a run were merely in flight.
     pub lost_after: Duration,
+    /// Downloads of stored packages (an `http://` URL): how often a request is broken off.
+    pub download_cuts: crate::download::Cuts,
+    /// Download progress is reported this often (SPEC.md 2.3: about every 10 s).
+    pub progress_every: Duration,
+    /// Share of upgrade attempts that fail at installation (ECU `BCM`, then roll back): for
+    /// rollouts that must pause themselves.
+    pub install_failure_ratio: f64,
 }
 
 impl Default for VehicleBehaviour {
@@ -52,6 +59,9 @@ impl Default for VehicleBehaviour {
             ota_step: Duration::from_millis(500),
             tls: None,
             lost_after: Duration::from_secs(10),
+            download_cuts: crate::download::Cuts { probability: 0.0, max_requests: 100 },
+            progress_every: Duration::from_secs(10),
+            install_failure_ratio: 0.0,
         }
     }
 }
@@ -170,10 +180,11 @@ pub async fn run(
                         Some(DownlinkKind::OtaNotify) => {
                             if let Ok(n) = serde_json::from_slice::<OtaNotify>(&p.payload) {
                                 stats.add("ota_notices", 1);
-                                // A notice may come twice: act on a task once.
-                                if !upgrades.contains(&n.task_id) {
-                                    upgrades.push(n.task_id.clone());
-                                    tokio::spawn(upgrade(client.clone(), vin.clone(), n, behaviour.ota_step, Arc::clone(&stats)));
+                                // A notice may come twice: act on a task's attempt once.
+                                let key = format!("{}#{}", n.task_id, n.attempt);
+                                if !upgrades.contains(&key) {
+                                    upgrades.push(key);
+                                    tokio::spawn(upgrade(client.clone(), vin.clone(), n, Arc::clone(&behaviour), Arc::clone(&stats)));
                                 }
                             }
                         }
@@ -262,39 +273,147 @@ fn answer_command(client: &AsyncClient, vin: &Vin, payload: &[u8]) {
 
 /// Plays an upgrade as a head unit would: waiting, downloading with progress, downloaded,
 /// verifying, upgrading with progress per ECU, success at the notified version; each step
-/// `step` apart, every report at QoS 1. Records the time from the notice to the success.
-async fn upgrade(client: AsyncClient, vin: Vin, notice: OtaNotify, step: Duration, stats: Arc<Stats>) {
+/// `ota_step` apart, every report at QoS 1 and naming the notice's attempt. A stored package
+/// (an `http://` URL) is really downloaded, with cuts and resumes, progress every
+/// `progress_every`, then its digest and signature checked: a mismatch is reported `failed`
+/// with ECU `TBOX`. Records the time from the notice to the end.
+async fn upgrade(
+    client: AsyncClient,
+    vin: Vin,
+    notice: OtaNotify,
+    behaviour: Arc<VehicleBehaviour>,
+    stats: Arc<Stats>,
+) {
     let started = Instant::now();
-    let task = notice.task_id.as_str();
+    let step = behaviour.ota_step;
+    let (task, attempt) = (notice.task_id.as_str(), notice.attempt);
     let status_topic = uplink_topic(&vin, UplinkKind::OtaStatus);
-    let mut reports: Vec<(String, serde_json::Value)> = Vec::new();
+    let progress_topic = uplink_topic(&vin, UplinkKind::OtaDownloadProgress);
     let now = crate::cabinet::now_ms;
-    let status = |s: &str| json!({"task_id": task, "status": s, "ts_ms": now()});
-    reports.push((status_topic.clone(), status("waiting")));
-    reports.push((status_topic.clone(), status("downloading")));
-    for p in [25u64, 50, 75, 100] {
-        let body =
-            json!({"task_id": task, "percent": p, "bytes_done": notice.package.size_bytes * p / 100, "ts_ms": now()});
-        reports.push((uplink_topic(&vin, UplinkKind::OtaDownloadProgress), body));
-    }
-    reports.push((status_topic.clone(), status("downloaded")));
-    reports.push((status_topic.clone(), status("verifying")));
-    reports.push((status_topic.clone(), status("upgrading")));
-    for (p, ecu) in [(50u8, "BCM"), (100, "VCU")] {
-        let body = json!({"task_id": task, "percent": p, "ecu": ecu, "ecu_percent": 100, "ts_ms": now()});
-        reports.push((uplink_topic(&vin, UplinkKind::OtaUpgradeProgress), body));
-    }
-    reports
-        .push((status_topic, json!({"task_id": task, "status": "success", "version": notice.version, "ts_ms": now()})));
-    for (topic, mut body) in reports {
+    let status = |s: &str| json!({"task_id": task, "status": s, "attempt": attempt, "ts_ms": now()});
+    let send = |topic: String, body: serde_json::Value| {
+        let client = client.clone();
+        let stats = Arc::clone(&stats);
+        async move {
+            let ok = client.publish(topic, QoS::AtLeastOnce, false, body.to_string()).await.is_ok();
+            if ok {
+                stats.add("ota_reports_sent", 1);
+            } else {
+                stats.add("ota_aborted", 1);
+            }
+            ok
+        }
+    };
+    let size = notice.package.size_bytes;
+    let progress = |done: u64| {
+        let percent = (done * 100).checked_div(size).unwrap_or(100);
+        json!({"task_id": task, "percent": percent, "bytes_done": done, "attempt": attempt, "ts_ms": now()})
+    };
+    for s in ["waiting", "downloading"] {
         sleep(step).await;
-        body["ts_ms"] = json!(now());
-        if client.publish(topic, QoS::AtLeastOnce, false, body.to_string()).await.is_err() {
-            stats.add("ota_aborted", 1);
+        if !send(status_topic.clone(), status(s)).await {
             return;
         }
-        stats.add("ota_reports_sent", 1);
     }
-    stats.add("ota_completed", 1);
-    stats.record("ota_upgrade", started.elapsed());
+    let mut failure: Option<(&str, String)> = None;
+    if notice.package.url.starts_with("http://") {
+        // The download reports its progress through a channel; this task sends it on.
+        let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
+        let url = notice.package.url.clone();
+        let cuts = behaviour.download_cuts;
+        let fetching = tokio::spawn(async move {
+            crate::download::fetch(&url, size, cuts, |d| {
+                let _ = tx.send(d);
+            })
+            .await
+        });
+        let mut last_sent = Instant::now();
+        let mut done = 0;
+        while let Some(d) = rx.recv().await {
+            done = d;
+            if last_sent.elapsed() >= behaviour.progress_every {
+                last_sent = Instant::now();
+                if !send(progress_topic.clone(), progress(done)).await {
+                    return;
+                }
+            }
+        }
+        match fetching.await {
+            Ok(Ok(got)) => {
+                stats.add("ota_download_bytes", got.bytes);
+                stats.add("ota_download_resumes", u64::from(got.resumes));
+                stats.add("ota_downloads", 1);
+                stats.record("ota_download", started.elapsed());
+                if got.sha256 != notice.package.sha256 {
+                    failure = Some(("TBOX", format!("digest_mismatch: got {}", got.sha256)));
+                } else if !crate::download::signature_ok(
+                    &got.sha256,
+                    &notice.package.signature,
+                    notice.package.public_key.as_deref().unwrap_or_default(),
+                ) {
+                    failure = Some(("TBOX", "bad_signature".into()));
+                }
+            }
+            Ok(Err(crate::download::Failure::Refused(code))) => {
+                failure = Some(("TBOX", format!("download_refused: {code}")))
+            }
+            Ok(Err(crate::download::Failure::GaveUp(why))) => {
+                failure = Some(("TBOX", format!("download_failed: {why}")))
+            }
+            Err(_) => failure = Some(("TBOX", "download_failed".into())),
+        }
+        if failure.is_none() && !send(progress_topic.clone(), progress(size.max(done))).await {
+            return;
+        }
+    } else {
+        for p in [25u64, 50, 75, 100] {
+            sleep(step).await;
+            if !send(progress_topic.clone(), progress(size * p / 100)).await {
+                return;
+            }
+        }
+    }
+    if let Some((ecu, error)) = failure {
+        stats.add("ota_download_failures", 1);
+        let mut body = status("failed");
+        body["ecu"] = json!(ecu);
+        body["error"] = json!(error);
+        send(status_topic, body).await;
+        return;
+    }
+    for s in ["downloaded", "verifying", "upgrading"] {
+        sleep(step).await;
+        if !send(status_topic.clone(), status(s)).await {
+            return;
+        }
+    }
+    let fails = fastrand::f64() < behaviour.install_failure_ratio;
+    for (p, ecu) in [(50u8, "BCM"), (100, "VCU")] {
+        sleep(step).await;
+        if fails {
+            // Flashing the first ECU fails; the unit restores the previous version.
+            for s in ["failed", "rolled_back"] {
+                let mut body = status(s);
+                body["ecu"] = json!(ecu);
+                body["error"] = json!("E42 flash verify");
+                if !send(status_topic.clone(), body).await {
+                    return;
+                }
+            }
+            stats.add("ota_install_failures", 1);
+            return;
+        }
+        let body =
+            json!({"task_id": task, "percent": p, "ecu": ecu, "ecu_percent": 100, "attempt": attempt, "ts_ms": now()});
+        if !send(uplink_topic(&vin, UplinkKind::OtaUpgradeProgress), body).await {
+            return;
+        }
+    }
+    sleep(step).await;
+    let body =
+        json!({"task_id": task, "status": "success", "version": notice.version, "attempt": attempt, "ts_ms": now()});
+    if send(status_topic, body).await {
+        stats.add("ota_completed", 1);
+        stats.record("ota_upgrade", started.elapsed());
+    }
 }

@@ -105,6 +105,15 @@ pub struct OtaPackage {
     pub signature: String,
     /// Where to download it.
     pub url: String,
+    /// `full` or `delta` (a package the platform stores; absent for an external one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// For a delta: the version it applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_version: Option<String>,
+    /// The Ed25519 public key `signature` checks with, base64 (a package the platform stores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// `down/ota_notify`: an upgrade is waiting for this car.
@@ -118,6 +127,14 @@ pub struct OtaNotify {
     pub upgrade_type: UpgradeType,
     /// What to download.
     pub package: OtaPackage,
+    /// Which attempt this is: 1, then one more for each re-push after a failure. Reports echo
+    /// it; a vehicle acts on a (`task_id`, `attempt`) once.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+fn first_attempt() -> u32 {
+    1
 }
 
 /// `down/ota_cancel`: the task was cancelled; a car that has not started must not start.
@@ -136,6 +153,9 @@ pub struct OtaDownloadProgress {
     pub percent: u8,
     /// Bytes downloaded so far.
     pub bytes_done: u64,
+    /// The notice's `attempt` (absent: the current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
     /// When measured, car clock.
     pub ts_ms: u64,
 }
@@ -151,6 +171,9 @@ pub struct OtaUpgradeProgress {
     pub ecu: String,
     /// That ECU's progress, 0..=100.
     pub ecu_percent: u8,
+    /// The notice's `attempt` (absent: the current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
     /// When measured, car clock.
     pub ts_ms: u64,
 }
@@ -193,6 +216,9 @@ pub struct OtaStatusReport {
     /// The error (with `failed` / `rolled_back`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The notice's `attempt` (absent: the current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
     /// When it happened, car clock.
     pub ts_ms: u64,
 }

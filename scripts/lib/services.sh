@@ -203,6 +203,8 @@ ensure_test_tools() {
   ensure_pip 'import paho.mqtt.client as m; m.CallbackAPIVersion' 'paho-mqtt>=2,<3'
   # The OpenAPI document's test checks it with a validator nobody here wrote.
   ensure_pip 'import openapi_spec_validator' 'openapi-spec-validator>=0.7,<0.8'
+  # The S3 path of the OTA package store runs against moto's S3 server.
+  ensure_pip 'import moto.server, flask_cors' 'moto[server]>=5,<6'
 }
 
 services_up() {

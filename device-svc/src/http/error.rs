@@ -70,6 +70,11 @@ impl ApiError {
         Self { status: StatusCode::CONFLICT, code, message: message.into(), field: None }
     }
 
+    /// Any status with its machine-readable `code` (413, 416, 422, 503, ...).
+    pub fn status(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), field: None }
+    }
+
     /// 404.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self { status: StatusCode::NOT_FOUND, code: "not_found", message: message.into(), field: None }

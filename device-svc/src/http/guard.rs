@@ -38,6 +38,9 @@ pub enum Access {
     Roles(&'static [Role]),
     /// The payment provider, authenticated by its callback's signature in the handler.
     PaymentProvider,
+    /// A vehicle, authenticated by the signed download URL its notice carried (checked in the
+    /// handler: signature, expiry, and an active upgrade of that vehicle with that package).
+    VehicleUrl,
 }
 
 /// What the guard needs: the service, the route table, the per-key rate limiter.
@@ -86,7 +89,9 @@ pub(super) async fn guard(State(g): State<Arc<Guard>>, mut request: Request, nex
     let route = request.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_default();
     let access = g.table.get(&(request.method().clone(), route.as_str())).copied();
     let roles = match access {
-        Some(Access::Public | Access::PaymentProvider) => return with_id(next.run(request).await, &id),
+        Some(Access::Public | Access::PaymentProvider | Access::VehicleUrl) => {
+            return with_id(next.run(request).await, &id);
+        }
         Some(Access::Roles(roles)) => roles,
         // A route without an entry is refused to everyone (the table is the router's source,
         // so this is a defect, not a caller's error).

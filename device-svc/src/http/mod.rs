@@ -18,6 +18,7 @@ mod openapi;
 mod ops;
 mod orders;
 mod ota;
+mod ota_packages;
 mod send;
 mod vehicles;
 mod weights;
@@ -82,10 +83,11 @@ fn table() -> Vec<(RouteSpec, Doc, MethodRouter<Arc<App>>)> {
     use crate::registry::{Cabinet, DeviceView, HistoryEntry, Issued, LaneConfig, NewCabinet, Product};
     use crate::vehicles::activation::ActivationView;
     use crate::vehicles::ota::lists::ListEntry;
+    use crate::vehicles::ota::packages::Package;
     use crate::vehicles::ota::tasks::{Created, Failure, NewTask, Rejection, Task, TaskVehicle};
     use crate::vehicles::profile::{NewVehicle, Profile, VehicleView};
     use crate::weights::Reading;
-    use Access::{PaymentProvider, Public, Roles};
+    use Access::{PaymentProvider, Public, Roles, VehicleUrl};
     let r = |method: Method, path: &'static str, access: Access, doc: Doc, handler: MethodRouter<Arc<App>>| {
         (RouteSpec { method, path, access }, doc, handler)
     };
@@ -340,6 +342,76 @@ fn table() -> Vec<(RouteSpec, Doc, MethodRouter<Arc<App>>)> {
             Roles(OPERATOR),
             Doc::new("Cancel a task").answer(of::<Task>).conflicts(&["task_finished"]),
             post(ota::cancel),
+        ),
+        r(
+            post_.clone(),
+            "/v1/ota/tasks/{id}/pause",
+            Roles(OPERATOR),
+            Doc::new("Pause a task: nothing new is pushed").answer(of::<Task>).conflicts(&["not_running"]),
+            post(ota::pause),
+        ),
+        r(
+            post_.clone(),
+            "/v1/ota/tasks/{id}/resume",
+            Roles(OPERATOR),
+            Doc::new("Resume a paused task (after an automatic pause: the next wave)")
+                .answer(of::<Task>)
+                .conflicts(&["not_paused"]),
+            post(ota::resume),
+        ),
+        r(
+            get_.clone(),
+            "/v1/ota/packages",
+            Roles(READERS),
+            Doc::new("Stored OTA packages, newest first").query(&["version", "limit"]).answer(list_of::<Package>),
+            get(ota_packages::list),
+        ),
+        r(
+            put_.clone(),
+            "/v1/ota/packages/{id}",
+            Roles(OPERATOR),
+            Doc::new("Upload a package (the body, with Content-Length): sealed, digest-checked, signed")
+                .query(&["version", "kind", "from_version", "sha256", "created_by"])
+                .created(of::<Package>)
+                .conflicts(&["package_exists", "delta_exists"]),
+            put(ota_packages::upload),
+        ),
+        r(
+            get_.clone(),
+            "/v1/ota/packages/{id}",
+            Roles(READERS),
+            Doc::new("A stored package").answer(of::<Package>),
+            get(ota_packages::get),
+        ),
+        r(
+            delete_.clone(),
+            "/v1/ota/packages/{id}",
+            Roles(OPERATOR),
+            Doc::new("Remove a package no task refers to").no_content().conflicts(&["package_in_use"]),
+            delete(ota_packages::delete),
+        ),
+        r(
+            post_.clone(),
+            "/v1/ota/packages/rewrap",
+            Roles(OPERATOR),
+            Doc::new("Wrap every package's data key under the current master key")
+                .answer(of::<ota_packages::Rewrapped>),
+            post(ota_packages::rewrap),
+        ),
+        r(
+            get_.clone(),
+            "/v1/ota/packages/{id}/download",
+            VehicleUrl,
+            Doc::new("A vehicle downloads a package (the signed URL of its notice; HTTP Range)")
+                .query(&["vin", "task", "exp", "k", "sig"]),
+            get(ota_packages::download),
+        ),
+        r(
+            get_.clone(),
+            "/v1/ota/signing-key",
+            Public,
+            Doc::new("The platform's Ed25519 package-signing public key").answer(of::<ota_packages::SigningKey>),
+            get(ota_packages::signing_key),
         ),
         r(
             get_.clone(),
@@ -602,28 +674,39 @@ pub fn routes() -> Vec<RouteSpec> {
     table().into_iter().map(|(spec, _, _)| spec).collect()
 }
 
+/// Routes whose bodies stream (package upload and download): outside the request timeout,
+/// bounded by `ota.packages.*` and `ota.downloads.*` instead.
+const STREAMING: &[&str] = &["/v1/ota/packages/{id}", "/v1/ota/packages/{id}/download"];
+
 /// Every route of the API, each behind the guard (authentication, the role table, the rate
 /// limit, the audit context), with the body limit, the request timeout and the request
 /// metrics around them all.
 pub fn router(app: Arc<App>) -> Router {
-    let mut router = Router::new();
+    let (mut router, mut streaming) = (Router::new(), Router::new());
     let mut access = HashMap::new();
     for (spec, _, handler) in table() {
         access.insert((spec.method.clone(), spec.path), spec.access);
-        router = router.route(spec.path, handler);
+        if STREAMING.contains(&spec.path) {
+            streaming = streaming.route(spec.path, handler);
+        } else {
+            router = router.route(spec.path, handler);
+        }
     }
     let guard = Arc::new(Guard::new(Arc::clone(&app), access));
     let (max_body, timeout) = (app.config.http.max_body_bytes, app.config.http.request_timeout_ms);
+    let streaming = streaming.route_layer(axum::middleware::from_fn_with_state(Arc::clone(&guard), guard::guard));
     router
         .route_layer(axum::middleware::from_fn_with_state(guard, guard::guard))
         // The console signs its users in with a session of its own (not the API key guard).
         .merge(console::router())
-        .layer(axum::middleware::from_fn(refuse_nul))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             Duration::from_millis(timeout),
         ))
+        // Package uploads and downloads stream: bounded by their own limits, not the timeout.
+        .merge(streaming)
+        .layer(axum::middleware::from_fn(refuse_nul))
         // Outermost, so refusals (401, 403, 429, 400 NUL, 408, 413) are counted with the rest.
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&app), observe::record))
         .with_state(app)
@@ -735,6 +818,7 @@ mod tests {
         match access {
             Access::Public => "anyone".into(),
             Access::PaymentProvider => "the payment provider's signature".into(),
+            Access::VehicleUrl => "the vehicle's signed URL".into(),
             Access::Roles(roles) => roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", "),
         }
     }

@@ -136,6 +136,9 @@ fn errors(spec: &RouteSpec, doc: &Doc) -> Map<String, Value> {
             add(429, "`rate_limited`: the key is above its rate; `Retry-After` says when".into());
         }
         Access::PaymentProvider => add(401, "`unauthorized`: no valid provider signature".into()),
+        Access::VehicleUrl => {
+            add(403, "`bad_signature`, `expired` or `not_in_task`: the URL does not grant this download (now)".into())
+        }
         Access::Public => {}
     }
     if has_path_ids {
@@ -152,6 +155,19 @@ fn errors(spec: &RouteSpec, doc: &Doc) -> Map<String, Value> {
         add(408, "the request was not answered within `http.request_timeout_ms`".into());
     }
     add(503, "`unavailable`: PostgreSQL or Redis cannot be reached; retry".into());
+    if spec.method == axum::http::Method::PUT && spec.path == "/v1/ota/packages/{id}" {
+        add(411, "`length_required`: the package must be sent with `Content-Length`".into());
+        add(413, "`too_large`: over `ota.packages.max_bytes`".into());
+        add(422, "`digest_mismatch`: the bytes received are not the declared `sha256`; nothing is kept".into());
+    }
+    if spec.path.starts_with("/v1/ota/packages") || spec.path == "/v1/ota/signing-key" {
+        add(
+            503,
+            "`unavailable` (PostgreSQL or Redis), `not_configured` (no package keys), `storage_unavailable` (the \
+             package store), `downloads_busy` (every download slot taken; `Retry-After`)"
+                .into(),
+        );
+    }
     out
 }
 
@@ -184,6 +200,7 @@ fn operation(spec: &RouteSpec, doc: &Doc, schemas: &mut Vec<(String, RefOr<Schem
         Access::Public => (vec![], json!([])),
         Access::Roles(roles) => (roles.iter().map(|r| r.as_str()).collect(), json!([{"apiKey": []}])),
         Access::PaymentProvider => (vec!["payment_provider"], json!([{"paymentSignature": []}])),
+        Access::VehicleUrl => (vec!["vehicle_url"], json!([])),
     };
     op.insert("security".into(), security);
     op.insert("x-roles".into(), json!(roles));
@@ -196,6 +213,20 @@ fn operation(spec: &RouteSpec, doc: &Doc, schemas: &mut Vec<(String, RefOr<Schem
             json!({"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}})
         }
         (None, "/healthz") => json!({"description": "`ok`", "content": {"text/plain": {"schema": {"type": "string"}}}}),
+        (None, "/v1/ota/packages/{id}/download") => {
+            let bytes = json!({"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}});
+            responses.insert(
+                "206".into(),
+                json!({"description": "the range asked for (`Content-Range`)", "content": bytes}),
+            );
+            for (status, why) in [
+                ("416", "`range_not_satisfiable`: the range starts past the end (`Content-Range: bytes */len`)"),
+                ("500", "`package_corrupt` or `package_key_unavailable`: the stored package cannot be served"),
+            ] {
+                responses.insert(status.into(), error_answer(why.into()));
+            }
+            json!({"description": "the whole package (`ETag`: its SHA-256)", "content": bytes})
+        }
         (None, _) => json!({"description": "done"}),
     };
     responses.insert(doc.ok.to_string(), ok);

@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::extract::{JsonBody, query_num};
 use crate::app::App;
 use crate::vehicles::ota::lists::{self, ListEntry};
+use crate::vehicles::ota::rollout;
 use crate::vehicles::ota::tasks::{self, Created, NewTask, Rejection, Task, TaskVehicle};
 
 type Answer<T> = Result<T, ApiError>;
@@ -69,6 +70,18 @@ pub(super) async fn failures(State(app): State<Arc<App>>, Path(id): Path<String>
 /// `POST /v1/ota/tasks/{id}/cancel`: 409 `task_finished`.
 pub(super) async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> Answer<Json<Task>> {
     Ok(Json(tasks::cancel(&app, &id).await?))
+}
+
+/// `POST /v1/ota/tasks/{id}/pause`
+pub(super) async fn pause(State(app): State<Arc<App>>, Path(id): Path<String>) -> Answer<Json<Task>> {
+    rollout::pause(&app, &id).await?;
+    Ok(Json(tasks::get(&app, &id).await?))
+}
+
+/// `POST /v1/ota/tasks/{id}/resume`
+pub(super) async fn resume(State(app): State<Arc<App>>, Path(id): Path<String>) -> Answer<Json<Task>> {
+    rollout::resume(&app, &id).await?;
+    Ok(Json(tasks::get(&app, &id).await?))
 }
 
 /// `GET /v1/ota/lists/{list}`

@@ -144,6 +144,14 @@ impl Stack {
         c.purchases.require_contract = false;
         // The tests' parties send bursts (a test's setup); rate limits have a test of their own.
         c.auth.rate_per_s = 0;
+        // Stored OTA packages on, in a directory of this test's own.
+        let p = &mut c.ota.packages;
+        p.master_keys = device_svc::config::Secret(format!("test:{}", "42".repeat(32)));
+        p.signing_key = device_svc::config::Secret("43".repeat(32));
+        p.path = std::env::temp_dir()
+            .join(format!("iotgw-ota-{}", self.ns.prefix.trim_end_matches(':')))
+            .to_string_lossy()
+            .into_owned();
         c
     }
 

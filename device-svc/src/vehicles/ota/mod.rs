@@ -17,12 +17,22 @@
 //!   claimed by one instance (`FOR UPDATE SKIP LOCKED`), as for purchases;
 //! - [`reports`]: download progress, upgrade progress and status reports from the vehicles;
 //! - [`sealed`]: packages at rest, encrypted in independently decryptable 1 MiB chunks under a
-//!   per-package data key wrapped by a rotatable master key.
+//!   per-package data key wrapped by a rotatable master key;
+//! - [`keys`]: the master keys, the Ed25519 signing key and the download-URL keys, from
+//!   configuration; [`storage`]: the package store (a directory, or S3);
+//! - [`packages`]: uploads (streamed, sealed, digest-checked, signed), full and delta packages,
+//!   master-key rotation; [`download`]: signed URLs and the ranged, decrypting reader;
+//! - [`rollout`]: waves, thresholds, automatic pauses and the re-push compensation.
 
+pub mod download;
+pub mod keys;
 pub mod lists;
+pub mod packages;
 pub mod push;
 pub mod reports;
+pub mod rollout;
 pub mod sealed;
+pub mod storage;
 pub mod tasks;
 
 use std::cmp::Ordering;

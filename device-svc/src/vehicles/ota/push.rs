@@ -84,6 +84,10 @@ struct Due {
     version: String,
     upgrade_type: String,
     package: Value,
+    /// A stored package the task installs (the full one; a delta may be chosen instead).
+    package_id: Option<String>,
+    from_version: Option<String>,
+    attempt: i16,
 }
 
 async fn claim_pushes(app: &App, limit: u32) -> Result<Vec<Due>, StoreError> {
@@ -96,9 +100,11 @@ async fn claim_pushes(app: &App, limit: u32) -> Result<Vec<Due>, StoreError> {
                 AND (v.task_id, v.vin) IN (
                     SELECT d.task_id, d.vin FROM ota_task_vehicles d JOIN ota_tasks dt ON dt.id = d.task_id
                      WHERE d.due_at <= now()
-                       AND ((d.state = 'pending' AND dt.state = 'running') OR (d.state = 'cancelled' AND NOT d.cancel_sent))
+                       AND ((d.state = 'pending' AND dt.state = 'running' AND d.wave <= dt.current_wave)
+                            OR (d.state = 'cancelled' AND NOT d.cancel_sent))
                      ORDER BY d.due_at LIMIT $1 FOR UPDATE OF d SKIP LOCKED)
-              RETURNING v.task_id, v.vin, v.state, t.version, t.upgrade_type, t.package",
+              RETURNING v.task_id, v.vin, v.state, t.version, t.upgrade_type, t.package, t.package_id,
+                        v.from_version, v.attempt",
             &[&i64::from(limit), &LEASE_S],
         )
         .await?;
@@ -111,6 +117,9 @@ async fn claim_pushes(app: &App, limit: u32) -> Result<Vec<Due>, StoreError> {
             version: r.get(3),
             upgrade_type: r.get(4),
             package: r.get(5),
+            package_id: r.get(6),
+            from_version: r.get(7),
+            attempt: r.get(8),
         })
         .collect())
 }
@@ -130,13 +139,16 @@ async fn push_one(app: &App, due: Due) -> Result<(), StoreError> {
     let (message_id, outcome) = if cancel {
         downlink::send(app, &vin, DownlinkKind::OtaCancel, &OtaCancel { task_id: due.task_id.clone() }).await?
     } else {
-        let package: OtaPackage =
-            serde_json::from_value(due.package).map_err(|e| StoreError::invalid("package", e.to_string()))?;
+        let package = match &due.package_id {
+            Some(full) => stored_package(app, &due, full).await?,
+            None => serde_json::from_value(due.package).map_err(|e| StoreError::invalid("package", e.to_string()))?,
+        };
         let notify = OtaNotify {
             task_id: due.task_id.clone(),
             version: due.version,
             upgrade_type: upgrade_type(&due.upgrade_type),
             package,
+            attempt: u32::try_from(due.attempt).unwrap_or(1),
         };
         downlink::send(app, &vin, DownlinkKind::OtaNotify, &notify).await?
     };
@@ -194,6 +206,34 @@ async fn push_one(app: &App, due: Due) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The descriptor of the stored package `due`'s vehicle gets (a delta from its version, or the
+/// full package), with a download URL signed for it; records the choice on its row, which the
+/// download endpoint checks.
+async fn stored_package(app: &App, due: &Due, full: &str) -> Result<OtaPackage, StoreError> {
+    let Some(pk) = app.ota_packages.as_deref() else {
+        return Err(StoreError::rejected("not_configured", "a stored package, but no package keys configured"));
+    };
+    let chosen = super::packages::choose(app, full, due.from_version.as_deref()).await?;
+    let p = chosen.package;
+    let client = app.pg.get().await?;
+    client
+        .execute(
+            "UPDATE ota_task_vehicles SET package_id = $3 WHERE task_id = $1 AND vin = $2",
+            &[&due.task_id, &due.vin, &p.id],
+        )
+        .await?;
+    Ok(OtaPackage {
+        url: super::download::url(app, pk, &p.id, &due.vin, &due.task_id),
+        id: p.id,
+        size_bytes: p.size_bytes,
+        sha256: p.sha256,
+        signature: p.signature,
+        kind: Some(p.kind),
+        from_version: p.from_version,
+        public_key: Some(p.public_key),
+    })
+}
+
 /// Marks the rows silent past their phase's limit timed out, with a failure and a notice each.
 async fn time_out(app: &App) -> Result<usize, StoreError> {
     let mut client = app.pg.get().await?;
@@ -207,14 +247,15 @@ async fn time_out(app: &App) -> Result<usize, StoreError> {
              UPDATE ota_task_vehicles v SET state = 'timed_out', rank = 7, active = false, due_at = NULL,
                     fail_error = 'timed_out', updated_at = now()
                FROM due WHERE v.task_id = due.task_id AND v.vin = due.vin
-             RETURNING v.task_id, v.vin, due.state",
+             RETURNING v.task_id, v.vin, due.state, v.attempt",
             &[&TIMEOUT_BATCH],
         )
         .await?;
     for r in &rows {
-        let (task, vin, phase): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        let (task, vin, phase, attempt): (String, String, String, i16) = (r.get(0), r.get(1), r.get(2), r.get(3));
         let detail = format!("silent in {phase}");
-        record_failure(&tx, &task, &vin, "timed_out", None, Some(&detail), None).await?;
+        record_failure(&tx, &task, &vin, attempt, "timed_out", None, Some(&detail), None).await?;
+        super::rollout::compensate(app, &tx, &task, &vin, attempt, &detail).await?;
         app.metrics.ota_timeouts.with_label_values(&[&phase]).inc();
         tracing::info!(task = %task, %vin, phase = %phase, "OTA vehicle timed out");
     }
@@ -225,15 +266,17 @@ async fn time_out(app: &App) -> Result<usize, StoreError> {
     Ok(rows.len())
 }
 
-/// Records a failed upgrade (once per task, vehicle and status) and its operator notice, inside
-/// `tx`.
+/// Records a failed upgrade (once per task, vehicle, attempt and status) and its operator
+/// notice, inside `tx`.
 ///
 /// # Errors
 /// PostgreSQL errors.
+#[allow(clippy::too_many_arguments)]
 pub async fn record_failure(
     tx: &tokio_postgres::Transaction<'_>,
     task: &str,
     vin: &str,
+    attempt: i16,
     status: &str,
     ecu: Option<&str>,
     error: Option<&str>,
@@ -241,15 +284,21 @@ pub async fn record_failure(
 ) -> Result<(), StoreError> {
     let inserted = tx
         .execute(
-            "INSERT INTO ota_failures (task_id, vin, status, ecu, error, reported_ms) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (task_id, vin, status) DO NOTHING",
-            &[&task, &vin, &status, &ecu, &error, &reported_ms],
+            "INSERT INTO ota_failures (task_id, vin, status, ecu, error, reported_ms, attempt)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (task_id, vin, status, attempt) DO NOTHING",
+            &[&task, &vin, &status, &ecu, &error, &reported_ms, &attempt],
         )
         .await?;
     if inserted == 1 {
-        let notice =
-            json!({"type": "ota_failure", "task_id": task, "vin": vin, "status": status, "ecu": ecu, "error": error});
-        outbox::enqueue(tx, outbox::NOTICES, &format!("ota_failure:{task}:{vin}:{status}"), &notice).await?;
+        let notice = json!({"type": "ota_failure", "task_id": task, "vin": vin, "status": status, "ecu": ecu,
+                            "error": error, "attempt": attempt});
+        let key = if attempt == 1 {
+            format!("ota_failure:{task}:{vin}:{status}")
+        } else {
+            format!("ota_failure:{task}:{vin}:{status}:{attempt}")
+        };
+        outbox::enqueue(tx, outbox::NOTICES, &key, &notice).await?;
     }
     Ok(())
 }
@@ -277,6 +326,7 @@ async fn start_and_finish(app: &App) -> Result<(), StoreError> {
 /// One poll: returns whether the push budget ran out with work left (poll again soon).
 async fn poll(app: &Arc<App>, sends: &mut JoinSet<()>) -> Result<bool, StoreError> {
     start_and_finish(app).await?;
+    super::rollout::advance(app).await?;
     let granted = take_budget(app, app.config.ota.push_rate_per_s).await?;
     let due = if granted > 0 { claim_pushes(app, granted).await? } else { Vec::new() };
     let claimed = u32::try_from(due.len()).unwrap_or(u32::MAX);
@@ -346,14 +396,14 @@ pub async fn on_connected(app: &App, vin: &Vin) -> Result<(), StoreError> {
 pub async fn refresh_gauges(app: &App) -> Result<(), StoreError> {
     let client = app.pg.get().await?;
     let tasks = client.query("SELECT state, count(*) FROM ota_tasks GROUP BY state", &[]).await?;
-    for s in ["scheduled", "running", "finished", "cancelled"] {
+    for s in ["scheduled", "running", "paused", "finished", "cancelled"] {
         let n = tasks.iter().find(|r| r.get::<_, &str>(0) == s).map_or(0, |r| r.get::<_, i64>(1));
         app.metrics.ota_tasks.with_label_values(&[s]).set(n);
     }
     let vehicles = client
         .query(
             "SELECT v.state, count(*) FROM ota_task_vehicles v JOIN ota_tasks t ON t.id = v.task_id
-              WHERE t.state IN ('scheduled', 'running') GROUP BY v.state",
+              WHERE t.state IN ('scheduled', 'running', 'paused') GROUP BY v.state",
             &[],
         )
         .await?;

@@ -54,6 +54,15 @@ impl Report {
         }
     }
 
+    /// The attempt the report is about (`None`: the current one).
+    fn attempt(&self) -> Option<u32> {
+        match self {
+            Report::Download(d) => d.attempt,
+            Report::Upgrade(u) => u.attempt,
+            Report::Status(s) => s.attempt,
+        }
+    }
+
     fn task_id(&self) -> &str {
         match self {
             Report::Download(d) => &d.task_id,
@@ -67,6 +76,7 @@ impl Report {
 struct Row {
     state: VehicleState,
     target: String,
+    attempt: i16,
 }
 
 /// One report as it came off an upstream stream.
@@ -197,7 +207,7 @@ async fn lock_rows(
         .unzip();
     let rows = tx
         .query(
-            "SELECT v.task_id, v.vin, v.state, t.version FROM ota_task_vehicles v JOIN ota_tasks t ON t.id = v.task_id
+            "SELECT v.task_id, v.vin, v.state, t.version, v.attempt FROM ota_task_vehicles v JOIN ota_tasks t ON t.id = v.task_id
               WHERE (v.task_id, v.vin) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))
               ORDER BY v.task_id, v.vin FOR UPDATE OF v",
             &[&tasks, &vins],
@@ -207,7 +217,7 @@ async fn lock_rows(
         .iter()
         .filter_map(|r| {
             let state = VehicleState::parse(r.get(2))?;
-            Some(((r.get(0), r.get(1)), Row { state, target: r.get(3) }))
+            Some(((r.get(0), r.get(1)), Row { state, target: r.get(3), attempt: r.get(4) }))
         })
         .collect())
 }
@@ -222,6 +232,10 @@ async fn fold(
     raw: &Value,
 ) -> Result<(&'static str, VehicleState), StoreError> {
     let (task, vin) = (report.task_id(), vin.as_str());
+    // A report of an attempt before a re-push is about an upgrade that ended.
+    if report.attempt().is_some_and(|a| i64::from(a) < i64::from(row.attempt)) {
+        return Ok(("stale", row.state));
+    }
     match report {
         Report::Download(d) => {
             if !row.state.is_active() {
@@ -362,8 +376,17 @@ async fn fold_status(
             tracing::info!(task, vin, version = %row.target, "OTA upgrade succeeded");
         }
         VehicleState::Reported(st @ (OtaStatus::Failed | OtaStatus::RolledBack)) => {
-            push::record_failure(tx, task, vin, status_str(st), s.ecu.as_deref(), error.as_deref(), ts).await?;
+            let attempt = row.attempt;
+            push::record_failure(tx, task, vin, attempt, status_str(st), s.ecu.as_deref(), error.as_deref(), ts)
+                .await?;
             tracing::info!(task, vin, status = status_str(st), ecu = ?s.ecu, error = ?error, "OTA upgrade failed");
+            // A rolled-back failure was compensated at its `failed` already.
+            if !rolls_back_failure {
+                let reason = format!("{}: {}", status_str(st), error.as_deref().unwrap_or("no error given"));
+                if super::rollout::compensate(app, tx, task, vin, attempt, &reason).await? {
+                    return Ok(("applied", VehicleState::Pending));
+                }
+            }
         }
         _ => {}
     }

@@ -26,6 +26,7 @@ use protocol::vehicle::{OtaPackage, UpgradeType};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::rollout::Rollout;
 use super::{VehicleState, compare_versions, parse_version};
 use crate::app::{App, checked_time, ms_of, now_ms};
 use crate::error::StoreError;
@@ -84,9 +85,18 @@ pub struct NewTask {
     pub upgrade_type: UpgradeType,
     /// Test, factory or normal.
     pub task_type: TaskType,
-    /// What to install: the package descriptor of SPEC.md 2.4.
-    #[schema(value_type = Object)]
-    pub package: OtaPackage,
+    /// What to install, hosted elsewhere: the package descriptor of SPEC.md 2.3 (or
+    /// `package_id`).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub package: Option<OtaPackage>,
+    /// What to install, stored here: a `full` package of the task's version (`PUT
+    /// /v1/ota/packages/{id}`); each vehicle gets a delta from its version when one is stored.
+    #[serde(default)]
+    pub package_id: Option<String>,
+    /// Waves and thresholds (absent: one wave, never paused).
+    #[serde(default)]
+    pub rollout: Option<Rollout>,
     /// When pushing may begin, ms since the Unix epoch; now if absent.
     #[serde(default)]
     pub start_at_ms: Option<u64>,
@@ -121,11 +131,24 @@ pub struct Task {
     pub upgrade_type: String,
     /// `test`, `factory`, `normal`.
     pub task_type: String,
-    /// The package.
+    /// The package (for a stored one: its descriptor without a URL; each vehicle's notice
+    /// carries its own).
     pub package: Value,
+    /// The stored package, if the task installs one.
+    pub package_id: Option<String>,
+    /// Cumulative percentages of the vehicles, wave by wave.
+    pub waves: Vec<i16>,
+    /// The last wave released (0-based).
+    pub current_wave: i16,
+    /// Success threshold of a wave, %.
+    pub success_threshold_pct: i16,
+    /// Error threshold of the released vehicles, %.
+    pub error_threshold_pct: i16,
+    /// Why a paused task paused: `operator` or `error_threshold`.
+    pub paused_reason: Option<String>,
     /// When pushing may begin.
     pub start_at_ms: u64,
-    /// `scheduled`, `running`, `finished`, `cancelled`.
+    /// `scheduled`, `running`, `paused`, `finished`, `cancelled`.
     pub state: String,
     /// Who created it.
     pub created_by: String,
@@ -153,15 +176,23 @@ fn check_request(t: &NewTask) -> Result<Vec<u64>, StoreError> {
     }
     let target = parse_version(&t.version)
         .ok_or_else(|| StoreError::invalid("version", format!("{:?} is not a dotted numeric version", t.version)))?;
-    let p = &t.package;
-    if p.id.is_empty() || p.url.is_empty() || p.signature.is_empty() {
-        return Err(StoreError::invalid("package", "id, url and signature must not be empty"));
+    match (&t.package, &t.package_id) {
+        (Some(p), None) => {
+            if p.id.is_empty() || p.url.is_empty() || p.signature.is_empty() {
+                return Err(StoreError::invalid("package", "id, url and signature must not be empty"));
+            }
+            if p.size_bytes == 0 {
+                return Err(StoreError::invalid("package.size_bytes", "must be positive"));
+            }
+            if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(StoreError::invalid("package.sha256", "must be 64 hex characters"));
+            }
+        }
+        (None, Some(id)) if !id.is_empty() && id.len() <= 64 => {}
+        _ => return Err(StoreError::invalid("package", "give a package descriptor or a stored package_id, not both")),
     }
-    if p.size_bytes == 0 {
-        return Err(StoreError::invalid("package.size_bytes", "must be positive"));
-    }
-    if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(StoreError::invalid("package.sha256", "must be 64 hex characters"));
+    if let Some(r) = &t.rollout {
+        r.check()?;
     }
     if t.vins.is_empty() || t.vins.len() > MAX_VINS {
         return Err(StoreError::invalid("vins", format!("must list 1..={MAX_VINS} vehicles")));
@@ -290,10 +321,17 @@ pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
     let (accepted, rejected) = judge_all(&tx, t, &target).await?;
-    let package = serde_json::to_value(&t.package).map_err(|e| StoreError::invalid("package", e.to_string()))?;
+    let package = match (&t.package, &t.package_id) {
+        (Some(p), _) => serde_json::to_value(p).map_err(|e| StoreError::invalid("package", e.to_string()))?,
+        (None, Some(pid)) => stored_descriptor(&tx, pid, &t.version).await?,
+        (None, None) => return Err(StoreError::invalid("package", "required")),
+    };
+    let rollout = t.rollout.clone().unwrap_or_default();
+    let waves: Vec<i16> = rollout.waves.iter().map(|w| i16::from(*w)).collect();
     tx.execute(
-        "INSERT INTO ota_tasks (id, name, version, upgrade_type, task_type, package, start_at, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO ota_tasks (id, name, version, upgrade_type, task_type, package, start_at, created_by, package_id,
+                                waves, success_threshold, error_threshold)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         &[
             &id,
             &t.name,
@@ -303,13 +341,19 @@ pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
             &package,
             &start,
             &t.created_by,
+            &t.package_id,
+            &waves,
+            &i16::from(rollout.success_threshold_pct),
+            &i16::from(rollout.error_threshold_pct),
         ],
     )
     .await?;
+    let wave_of = rollout.assign(accepted.len());
     tx.execute(
-        "INSERT INTO ota_task_vehicles (task_id, vin, from_version, due_at)
-         SELECT $1, v.vin, v.sw_version, $3 FROM vehicles v WHERE v.vin = ANY($2)",
-        &[&id, &accepted, &start],
+        "INSERT INTO ota_task_vehicles (task_id, vin, from_version, due_at, wave)
+         SELECT $1, v.vin, v.sw_version, $3, a.wave
+           FROM unnest($2::text[], $4::smallint[]) AS a(vin, wave) JOIN vehicles v ON v.vin = a.vin",
+        &[&id, &accepted, &start, &wave_of],
     )
     .await?;
     let positions: Vec<i32> = rejected.iter().map(|(at, _)| *at).collect();
@@ -332,7 +376,28 @@ pub async fn create(app: &App, t: &NewTask) -> Result<Created, StoreError> {
     Ok(Created { task: get(app, &id).await?, accepted, rejected })
 }
 
-const TASK_COLUMNS: &str = "id, name, version, upgrade_type, task_type, package, start_at, state, created_by, ended_at";
+/// The descriptor a task keeps of the stored package `id` (no URL: each vehicle's notice gets
+/// its own), after checking it is a ready full package of `version`.
+async fn stored_descriptor(tx: &tokio_postgres::Transaction<'_>, id: &str, version: &str) -> Result<Value, StoreError> {
+    let row = tx
+        .query_opt("SELECT version, kind, state, size_bytes, sha256, signature FROM ota_packages WHERE id = $1", &[&id])
+        .await?
+        .ok_or_else(|| StoreError::invalid("package_id", format!("no package {id}")))?;
+    let (v, kind, state): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    if state != "ready" || kind != "full" || v != version {
+        return Err(StoreError::invalid(
+            "package_id",
+            format!(
+                "package {id} is a {state} {kind} package of {v}; the task needs a ready full package of {version}"
+            ),
+        ));
+    }
+    Ok(serde_json::json!({"id": id, "size_bytes": row.get::<_, i64>(3), "sha256": row.get::<_, String>(4),
+                          "signature": row.get::<_, String>(5), "kind": "full"}))
+}
+
+const TASK_COLUMNS: &str = "id, name, version, upgrade_type, task_type, package, start_at, state, created_by, ended_at,
+                            package_id, waves, current_wave, success_threshold, error_threshold, paused_reason";
 
 fn task_of(r: &tokio_postgres::Row, counts: HashMap<String, i64>) -> Task {
     Task {
@@ -346,6 +411,12 @@ fn task_of(r: &tokio_postgres::Row, counts: HashMap<String, i64>) -> Task {
         state: r.get(7),
         created_by: r.get(8),
         ended_at_ms: r.get::<_, Option<std::time::SystemTime>>(9).map(ms_of),
+        package_id: r.get(10),
+        waves: r.get(11),
+        current_wave: r.get(12),
+        success_threshold_pct: r.get(13),
+        error_threshold_pct: r.get(14),
+        paused_reason: r.get(15),
         counts,
     }
 }
@@ -419,6 +490,12 @@ pub struct TaskVehicle {
     pub last_report: Option<Value>,
     /// When it arrived.
     pub last_report_ms: Option<u64>,
+    /// Its wave (0-based).
+    pub wave: i16,
+    /// Its attempt (1, then one more per re-push after a failure).
+    pub attempt: i16,
+    /// The stored package its notice named (a delta or the full one).
+    pub package_id: Option<String>,
 }
 
 /// A task's vehicles (optionally in one state), by VIN.
@@ -439,7 +516,8 @@ pub async fn vehicles(
     let rows = client
         .query(
             "SELECT vin, state, from_version, push_count, pushed_at, push_message_id, download_percent, bytes_done,
-                    upgrade_percent, ecu, ecu_percent, reported_version, fail_ecu, fail_error, last_report, last_report_at
+                    upgrade_percent, ecu, ecu_percent, reported_version, fail_ecu, fail_error, last_report, last_report_at,
+                    wave, attempt, package_id
                FROM ota_task_vehicles WHERE task_id = $1 AND ($2::text IS NULL OR state = $2)
                 AND ($3::text IS NULL OR vin > $3) ORDER BY vin LIMIT $4",
             &[&id, &state, &after_vin, &limit.clamp(1, i64::try_from(MAX_VINS).unwrap_or(i64::MAX))],
@@ -465,6 +543,9 @@ pub async fn vehicles(
             fail_error: r.get(13),
             last_report: r.get(14),
             last_report_ms: ms(r, 15),
+            wave: r.get(16),
+            attempt: r.get(17),
+            package_id: r.get(18),
         })
         .collect())
 }
@@ -511,6 +592,8 @@ pub struct Failure {
     pub error: Option<String>,
     /// When it was recorded, ms since the Unix epoch.
     pub recorded_ms: u64,
+    /// The attempt that failed.
+    pub attempt: i16,
 }
 
 /// A task's failures, oldest first.
@@ -521,7 +604,10 @@ pub async fn failures(app: &App, id: &str) -> Result<Vec<Failure>, StoreError> {
     get(app, id).await?;
     let client = app.pg.get().await?;
     let rows = client
-        .query("SELECT vin, status, ecu, error, recorded_at FROM ota_failures WHERE task_id = $1 ORDER BY id", &[&id])
+        .query(
+            "SELECT vin, status, ecu, error, recorded_at, attempt FROM ota_failures WHERE task_id = $1 ORDER BY id",
+            &[&id],
+        )
         .await?;
     Ok(rows
         .iter()
@@ -531,6 +617,7 @@ pub async fn failures(app: &App, id: &str) -> Result<Vec<Failure>, StoreError> {
             ecu: r.get(2),
             error: r.get(3),
             recorded_ms: ms_of(r.get(4)),
+            attempt: r.get(5),
         })
         .collect())
 }
