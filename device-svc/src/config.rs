@@ -611,6 +611,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("DEVICE_SVC_OTA_MASTER_KEY", "ota.packages.master_key"),
     ("DEVICE_SVC_OTA_SIGNING_KEY", "ota.packages.signing_key"),
     ("DEVICE_SVC_OTA_PUBLIC_URL", "ota.downloads.public_url"),
+    ("DEVICE_SVC_OTA_PACKAGES_PATH", "ota.packages.path"),
+    ("DEVICE_SVC_OTA_REPUSH_DELAY_S", "ota.repush_delay_s"),
 ];
 
 impl Config {
@@ -659,6 +661,10 @@ impl Config {
             o.packages.signing_key = Secret(v);
         }
         set(&mut o.downloads.public_url, "DEVICE_SVC_OTA_PUBLIC_URL");
+        set(&mut o.packages.path, "DEVICE_SVC_OTA_PACKAGES_PATH");
+        if let Some(v) = lookup("DEVICE_SVC_OTA_REPUSH_DELAY_S").and_then(|v| v.parse().ok()) {
+            o.repush_delay_s = v;
+        }
     }
 
     /// Checks ranges and fills the instance id if empty.

@@ -179,3 +179,41 @@ async fn a_failed_upgrade_is_notified_again_as_a_new_attempt_then_its_publisher_
     wait_task(api, &id, "the task finished", |t| t["state"] == "finished").await;
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn a_failure_and_its_roll_back_in_one_batch_re_push_once() {
+    use device_svc::vehicles::ota::reports::{Uplink, apply_batch};
+
+    let stack = Stack::new().await;
+    let mut c = stack.svc_config("svc-1");
+    c.ota.repush_delay_s = 3600; // the re-push waits: the rows stay as the batch left them
+    let svc = stack.service_with(c).await;
+    let api = stack.api(svc.addr);
+    let v = vin(60);
+    register_vehicle(api, &v, json!({"sw_version": "1.0.0"})).await;
+    let created =
+        expect(api, "POST", "/v1/ota/tasks", Some(task(std::slice::from_ref(&v), json!({"waves": [100]}))), 201).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let vin_of = protocol::Vin::new(v.clone()).unwrap();
+    let uplink = |n: u32, s: &str, attempt: Option<u32>| {
+        let mut body = json!({"task_id": id, "status": s, "ecu": "BCM", "error": "E42", "ts_ms": now_ms()});
+        if let Some(a) = attempt {
+            body["attempt"] = json!(a);
+        }
+        Uplink {
+            entry: format!("up:0/1-{n}"),
+            vin: vin_of.clone(),
+            kind: UplinkKind::OtaStatus,
+            payload: body.to_string().into(),
+        }
+    };
+    // The failure re-pushes; its roll-back (attempt 1) right behind it in the batch is stale.
+    let batch = [uplink(1, "upgrading", Some(1)), uplink(2, "failed", Some(1)), uplink(3, "rolled_back", Some(1))];
+    let results = apply_batch(&svc.app, &batch).await.unwrap();
+    assert_eq!(results, ["applied", "applied", "stale"]);
+    let r = row(api, &id, &v).await;
+    assert_eq!((r["state"].as_str(), r["attempt"].as_i64()), (Some("pending"), Some(2)), "{r}");
+    let failures = expect(api, "GET", &format!("/v1/ota/tasks/{id}/failures"), None, 200).await;
+    assert_eq!(failures.as_array().unwrap().len(), 1, "{failures}");
+    svc.stop().await;
+}

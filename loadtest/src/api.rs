@@ -136,6 +136,42 @@ impl Api {
         Ok((status, retry_after, value))
     }
 
+    /// Uploads `len` bytes, produced by `fill` piece by piece (never held whole), to `PUT path`
+    /// as the operator; returns the status and the JSON answer.
+    ///
+    /// # Errors
+    /// Connection failures, a stall of 60 s, answers that are not HTTP.
+    pub async fn put_stream(
+        &self,
+        path: &str,
+        len: u64,
+        mut fill: impl FnMut(&mut [u8]),
+    ) -> anyhow::Result<(u16, Value)> {
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nHost: {}\r\n{}Content-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n",
+            self.addr,
+            self.parties.headers("PUT", path, ""),
+        );
+        let mut tcp = TcpStream::connect(self.addr).await?;
+        tcp.write_all(head.as_bytes()).await?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut sent = 0u64;
+        while sent < len {
+            let n = usize::try_from((len - sent).min(buf.len() as u64)).unwrap_or(buf.len());
+            fill(&mut buf[..n]);
+            tokio::time::timeout(Duration::from_secs(60), tcp.write_all(&buf[..n]))
+                .await
+                .context("upload stalled")??;
+            sent += n as u64;
+        }
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(60), tcp.read_to_end(&mut raw)).await.context("no answer")??;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP answer")?;
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
+        Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+    }
+
     /// Calls and expects one of `ok` statuses.
     ///
     /// # Errors

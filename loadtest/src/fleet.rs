@@ -93,6 +93,12 @@ pub struct FleetPlan {
     /// Time between two steps of a simulated upgrade, ms.
     #[serde(default)]
     pub ota_step_ms: u64,
+    /// The campaign's package, waves and threshold.
+    #[serde(default)]
+    pub ota_options: crate::scenarios::OtaOptions,
+    /// How the vehicles download and fail.
+    #[serde(default)]
+    pub ota_vehicles: crate::worker::OtaVehicles,
     /// Devices connect over TLS (the listeners above are TLS listeners).
     #[serde(default)]
     pub tls: Option<TlsPlan>,
@@ -160,6 +166,7 @@ async fn spawn_workers(
             credentials: plan.credentials,
             max_duration_s: plan.max_duration_s + 30,
             ota_step_ms: plan.ota_step_ms.max(1),
+            ota_vehicles: plan.ota_vehicles.clone(),
             tls: plan.tls.clone(),
         };
         let mut child = Command::new(&exe)
@@ -372,7 +379,7 @@ pub async fn run(plan: &FleetPlan) -> anyhow::Result<FleetResult> {
     }
     let campaign = match api {
         Some(api) if plan.ota && plan.vehicles > 0 => {
-            Some(tokio::spawn(scenarios::ota_campaign(api, plan.vehicles, scenario_until)))
+            Some(tokio::spawn(scenarios::ota_campaign(api, plan.vehicles, scenario_until, plan.ota_options.clone())))
         }
         _ => None,
     };

@@ -145,6 +145,25 @@ struct FleetArgs {
     /// Time between two steps of a simulated upgrade, ms.
     #[arg(long, default_value_t = 500)]
     ota_step_ms: u64,
+    /// The campaign uploads a package of this many MiB and the vehicles really download it
+    /// (0: an external descriptor, nothing downloaded).
+    #[arg(long, default_value_t = 0)]
+    ota_package_mib: u64,
+    /// The campaign's waves, cumulative percentages (`5,50,100`).
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    ota_waves: Vec<u8>,
+    /// The campaign pauses itself above this failure percentage (and is resumed by the harness).
+    #[arg(long, default_value_t = 100)]
+    ota_error_threshold: u8,
+    /// Probability that a vehicle's download request is broken off at a random point.
+    #[arg(long, default_value_t = 0.0)]
+    ota_cut_ratio: f64,
+    /// Share of vehicles whose first attempt fails installing (re-pushed attempts succeed).
+    #[arg(long, default_value_t = 0.0)]
+    ota_failure_ratio: f64,
+    /// Download progress reports every this many ms (SPEC.md 2.3: about 10 s).
+    #[arg(long, default_value_t = 10_000)]
+    ota_progress_ms: u64,
     /// Connect over TLS, verifying the gateway against this PEM CA file; --cabinet-addr and
     /// --mqtt-addr are then the gateway's TLS listeners.
     #[arg(long)]
@@ -186,6 +205,17 @@ impl FleetArgs {
             activations: self.activations,
             ota: self.ota,
             ota_step_ms: self.ota_step_ms,
+            ota_options: loadtest::scenarios::OtaOptions {
+                package_mib: self.ota_package_mib,
+                waves: self.ota_waves.clone(),
+                error_threshold_pct: self.ota_error_threshold,
+                resume_after_pause: true,
+            },
+            ota_vehicles: loadtest::worker::OtaVehicles {
+                cut_ratio: self.ota_cut_ratio,
+                failure_ratio: self.ota_failure_ratio,
+                progress_ms: self.ota_progress_ms,
+            },
             tls: self
                 .tls_ca
                 .clone()

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -123,6 +123,26 @@ pub async fn scan_and_confirm(api: Api, vin: &str, qr_id: &str) -> anyhow::Resul
     Ok(())
 }
 
+/// How an OTA campaign runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OtaOptions {
+    /// Upload a package of this many MiB and install it (0: an external descriptor, nothing
+    /// downloaded).
+    pub package_mib: u64,
+    /// Waves, cumulative percentages.
+    pub waves: Vec<u8>,
+    /// The task pauses itself above this failure percentage.
+    pub error_threshold_pct: u8,
+    /// Resume a task that paused itself (after `resume_after`), as an operator who looked would.
+    pub resume_after_pause: bool,
+}
+
+impl Default for OtaOptions {
+    fn default() -> Self {
+        OtaOptions { package_mib: 0, waves: vec![100], error_threshold_pct: 100, resume_after_pause: true }
+    }
+}
+
 /// What an OTA campaign measured.
 #[derive(Debug, Serialize)]
 pub struct OtaCampaign {
@@ -136,22 +156,64 @@ pub struct OtaCampaign {
     pub counts: Value,
     /// Task creation -> every vehicle final, if that happened within the hold.
     pub finished_after_s: Option<f64>,
+    /// The stored package's size, bytes (0: an external one).
+    pub package_bytes: u64,
+    /// Seconds the upload took.
+    pub upload_s: Option<f64>,
+    /// The last wave released (0-based) and how many there are.
+    pub waves: (i64, usize),
+    /// Times the task paused itself at its error threshold (each resumed if asked).
+    pub automatic_pauses: u32,
 }
 
-/// Creates a task upgrading vehicles `0..vehicles` to a version above any earlier run's, and
-/// follows it until it finishes or `until`.
+/// A package of `mib` MiB of deterministic pseudo-random bytes: its SHA-256, then the same
+/// bytes again to send (never all in memory).
+fn package_bytes(seed: u64) -> impl FnMut(&mut [u8]) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    move |buf: &mut [u8]| rng.fill(buf)
+}
+
+async fn upload_package(api: Api, id: &str, version: &str, mib: u64) -> anyhow::Result<f64> {
+    let len = mib << 20;
+    let seed = now_ms();
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut fill = package_bytes(seed);
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        fill(&mut buf);
+        sha2::Digest::update(&mut hasher, &buf);
+    }
+    let sha = hex::encode(sha2::Digest::finalize(hasher));
+    let started = Instant::now();
+    let path = format!("/v1/ota/packages/{id}?version={version}&sha256={sha}&created_by=loadtest");
+    let (status, body) = api.put_stream(&path, len, package_bytes(seed)).await?;
+    anyhow::ensure!(status == 201, "package upload answered {status}: {body}");
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Creates a task upgrading vehicles `0..vehicles` to a version above any earlier run's (with a
+/// stored package of `o.package_mib` MiB, in `o.waves`), and follows it until it finishes or
+/// `until`, resuming it after each automatic pause when `o.resume_after_pause`.
 ///
 /// # Errors
-/// The task could not be created.
-pub async fn ota_campaign(api: Api, vehicles: usize, until: Instant) -> anyhow::Result<OtaCampaign> {
+/// The package or the task could not be created.
+pub async fn ota_campaign(api: Api, vehicles: usize, until: Instant, o: OtaOptions) -> anyhow::Result<OtaCampaign> {
     let version = format!("1.{}.0", now_ms() / 1000);
     let vins: Vec<String> = (0..vehicles).map(|n| vin(n).to_string()).collect();
-    let body = json!({
+    let mut body = json!({
         "name": format!("load test {version}"), "version": version, "upgrade_type": "silent", "task_type": "normal",
-        "package": {"id": format!("lt-{version}"), "size_bytes": 524_288_000u64, "sha256": "ab".repeat(32),
-                    "signature": "bG9hZHRlc3Q=", "url": format!("https://ota.invalid/lt-{version}")},
         "vins": vins, "created_by": "loadtest",
+        "rollout": {"waves": o.waves, "success_threshold_pct": 90, "error_threshold_pct": o.error_threshold_pct},
     });
+    let mut upload_s = None;
+    if o.package_mib > 0 {
+        let id = format!("lt-{version}");
+        upload_s = Some(upload_package(api, &id, &version, o.package_mib).await?);
+        body["package_id"] = json!(id);
+    } else {
+        body["package"] = json!({"id": format!("lt-{version}"), "size_bytes": 524_288_000u64, "sha256": "ab".repeat(32),
+                                 "signature": "bG9hZHRlc3Q=", "url": format!("https://ota.invalid/lt-{version}")});
+    }
     let started = Instant::now();
     let created = api.expect("POST", "/v1/ota/tasks", Some(&body), &[201]).await?;
     let task_id = created["id"].as_str().unwrap_or_default().to_owned();
@@ -159,15 +221,34 @@ pub async fn ota_campaign(api: Api, vehicles: usize, until: Instant) -> anyhow::
     let (accepted, rejected) = (count("accepted"), count("rejected"));
     let mut finished_after_s = None;
     let mut counts = Value::Null;
+    let (mut wave, mut automatic_pauses) = (0, 0);
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if let Ok((200, t)) = api.call("GET", &format!("/v1/ota/tasks/{task_id}"), None).await {
             counts = t["counts"].clone();
+            wave = t["current_wave"].as_i64().unwrap_or(0);
             if t["state"] == "finished" {
                 finished_after_s = Some(started.elapsed().as_secs_f64());
                 break;
             }
+            if t["state"] == "paused" && t["paused_reason"] == "error_threshold" {
+                automatic_pauses += 1;
+                eprintln!("OTA task {task_id} paused itself at wave {wave}: {counts}");
+                if o.resume_after_pause {
+                    api.expect("POST", &format!("/v1/ota/tasks/{task_id}/resume"), None, &[200]).await?;
+                }
+            }
         }
     }
-    Ok(OtaCampaign { task_id, accepted, rejected, counts, finished_after_s })
+    Ok(OtaCampaign {
+        task_id,
+        accepted,
+        rejected,
+        counts,
+        finished_after_s,
+        package_bytes: o.package_mib << 20,
+        upload_s,
+        waves: (wave, o.waves.len()),
+        automatic_pauses,
+    })
 }

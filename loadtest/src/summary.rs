@@ -74,6 +74,19 @@ pub fn lines(results: &Value) -> Vec<String> {
         if let Some(l) = d["latency"].get("ota_upgrade") {
             out.push(format!("  notice -> success reported {}", latency(l)));
         }
+        if o["package_bytes"].as_u64().unwrap_or(0) > 0 {
+            let c = &d["counters"];
+            out.push(format!(
+                "  package of {} bytes: {} downloads, {} bytes, {} resumes; waves released {}/{}, {} automatic pauses",
+                o["package_bytes"],
+                c["ota_downloads"].as_u64().unwrap_or(0),
+                c["ota_download_bytes"].as_u64().unwrap_or(0),
+                c["ota_download_resumes"].as_u64().unwrap_or(0),
+                o["waves"][0].as_i64().unwrap_or(0) + 1,
+                o["waves"][1],
+                o["automatic_pauses"],
+            ));
+        }
     }
     let lost = &d["lost"];
     if lost.is_object() {

@@ -45,8 +45,9 @@ pub struct VehicleBehaviour {
     pub download_cuts: crate::download::Cuts,
     /// Download progress is reported this often (SPEC.md 2.3: about every 10 s).
     pub progress_every: Duration,
-    /// Share of upgrade attempts that fail at installation (ECU `BCM`, then roll back): for
-    /// rollouts that must pause themselves.
+    /// Share of vehicles whose first upgrade attempt fails at installation (ECU `BCM`, then
+    /// roll back), spread evenly over the fleet's numbers: for rollouts that must pause
+    /// themselves and re-pushes that must succeed.
     pub install_failure_ratio: f64,
 }
 
@@ -184,7 +185,7 @@ pub async fn run(
                                 let key = format!("{}#{}", n.task_id, n.attempt);
                                 if !upgrades.contains(&key) {
                                     upgrades.push(key);
-                                    tokio::spawn(upgrade(client.clone(), vin.clone(), n, Arc::clone(&behaviour), Arc::clone(&stats)));
+                                    tokio::spawn(upgrade(client.clone(), vin.clone(), links.number, n, Arc::clone(&behaviour), Arc::clone(&stats)));
                                 }
                             }
                         }
@@ -280,6 +281,7 @@ fn answer_command(client: &AsyncClient, vin: &Vin, payload: &[u8]) {
 async fn upgrade(
     client: AsyncClient,
     vin: Vin,
+    number: usize,
     notice: OtaNotify,
     behaviour: Arc<VehicleBehaviour>,
     stats: Arc<Stats>,
@@ -387,7 +389,10 @@ async fn upgrade(
             return;
         }
     }
-    let fails = fastrand::f64() < behaviour.install_failure_ratio;
+    // Only first attempts fail: the re-pushed one installs (a transient fault, as a flaky ECU).
+    // Which vehicles fail is spread evenly over the fleet's numbers, so a run is repeatable.
+    let r = behaviour.install_failure_ratio;
+    let fails = attempt == 1 && ((number + 1) as f64 * r).floor() > (number as f64 * r).floor();
     for (p, ecu) in [(50u8, "BCM"), (100, "VCU")] {
         sleep(step).await;
         if fails {

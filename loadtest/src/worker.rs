@@ -46,11 +46,31 @@ pub struct WorkerPlan {
     /// Time between two steps of a simulated upgrade, ms.
     #[serde(default = "default_ota_step_ms")]
     pub ota_step_ms: u64,
+    /// How the vehicles download packages and fail installing them.
+    #[serde(default)]
+    pub ota_vehicles: OtaVehicles,
     /// Hard bound on the worker's life, seconds.
     pub max_duration_s: u64,
     /// Devices connect over TLS (to TLS listeners).
     #[serde(default)]
     pub tls: Option<TlsPlan>,
+}
+
+/// How simulated vehicles download stored packages and fail.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OtaVehicles {
+    /// Probability that a download request is broken off at a random point (then resumed).
+    pub cut_ratio: f64,
+    /// Share of first attempts that fail installing (and roll back); re-pushed attempts succeed.
+    pub failure_ratio: f64,
+    /// Download progress reports, every this many ms.
+    pub progress_ms: u64,
+}
+
+impl Default for OtaVehicles {
+    fn default() -> Self {
+        OtaVehicles { cut_ratio: 0.0, failure_ratio: 0.0, progress_ms: 10_000 }
+    }
 }
 
 fn default_ota_step_ms() -> u64 {
@@ -116,6 +136,9 @@ pub async fn run(plan: WorkerPlan) -> anyhow::Result<()> {
         credentials: plan.credentials,
         ota_step: Duration::from_millis(plan.ota_step_ms),
         tls: tls.as_ref().map(TlsClient::config),
+        download_cuts: crate::download::Cuts { probability: plan.ota_vehicles.cut_ratio, max_requests: 200 },
+        progress_every: Duration::from_millis(plan.ota_vehicles.progress_ms.max(100)),
+        install_failure_ratio: plan.ota_vehicles.failure_ratio,
         ..VehicleBehaviour::default()
     });
     let (control, _) = broadcast::channel::<Control>(64);

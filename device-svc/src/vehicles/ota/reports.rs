@@ -130,6 +130,11 @@ pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static s
             None => "unknown_task",
             Some(row) => {
                 let (result, now) = fold(app, &tx, &u.vin, report, row, &raw).await?;
+                // Only a re-push (compensation) moves a vehicle back to pending: its attempt
+                // was raised, and a later report of the old attempt in this batch is stale.
+                if now == VehicleState::Pending && row.state != VehicleState::Pending {
+                    row.attempt += 1;
+                }
                 row.state = now;
                 result
             }
