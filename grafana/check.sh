@@ -71,6 +71,10 @@ DB_URL=$(url_with_db "$DATABASE_URL" "$DB")
 api_parties target/debug/device-svc "$DB_URL" obs
 
 SVC_PORT=$(free_port)
+# Stored OTA packages on (keys of this check only), so the download and rollout panels have data.
+hex32() { python3 -c 'import secrets; print(secrets.token_hex(32))'; }
+export DEVICE_SVC_OTA_MASTER_KEYS="obs:$(hex32)" DEVICE_SVC_OTA_SIGNING_KEY="$(hex32)"
+export DEVICE_SVC_OTA_PACKAGES_PATH="$WORK/ota-packages" DEVICE_SVC_OTA_REPUSH_DELAY_S=1
 DEVICE_SVC_KEY_PREFIX=$PREFIX target/debug/device-svc --instance-id obs-svc \
   --http-listen "127.0.0.1:$SVC_PORT" --database-url "$DB_URL" --redis-url "$REDIS_URL" >"$WORK/device-svc.log" 2>&1 &
 PIDS+=($!)
@@ -146,6 +150,8 @@ wait_port "$PROM_PORT" "Prometheus"
 target/debug/loadtest fleet --label observability-check --key-prefix "$PREFIX" --redis-url "$REDIS_URL" \
   "${CAB[@]}" "${MQTT[@]}" --api "127.0.0.1:$SVC_PORT" --seed --cabinets 30 --vehicles 20 \
   --ramp-per-s 200 --hold-s 25 --commands-per-s 5 --purchases 30 --activations 10 --ota --ota-step-ms 200 \
+  --ota-package-mib 1 --ota-cut-ratio 0.5 --ota-waves 20,100 --ota-failure-ratio 0.2 --ota-error-threshold 10 \
+  --ota-progress-ms 1000 \
   --max-duration-s 240 --out "$WORK/fleet.json" >"$WORK/loadtest.log" 2>&1 \
   || die "the simulated fleet failed (see $WORK/loadtest.log)"
 # Wait until every target was scraped after the fleet stopped.

@@ -149,6 +149,9 @@ struct FleetArgs {
     /// (0: an external descriptor, nothing downloaded).
     #[arg(long, default_value_t = 0)]
     ota_package_mib: u64,
+    /// The campaign installs this stored package (uploaded beforehand) instead.
+    #[arg(long)]
+    ota_package_id: Option<String>,
     /// The campaign's waves, cumulative percentages (`5,50,100`).
     #[arg(long, value_delimiter = ',', default_value = "100")]
     ota_waves: Vec<u8>,
@@ -207,6 +210,7 @@ impl FleetArgs {
             ota_step_ms: self.ota_step_ms,
             ota_options: loadtest::scenarios::OtaOptions {
                 package_mib: self.ota_package_mib,
+                package_id: self.ota_package_id.clone(),
                 waves: self.ota_waves.clone(),
                 error_threshold_pct: self.ota_error_threshold,
                 resume_after_pause: true,

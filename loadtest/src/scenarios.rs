@@ -129,6 +129,9 @@ pub struct OtaOptions {
     /// Upload a package of this many MiB and install it (0: an external descriptor, nothing
     /// downloaded).
     pub package_mib: u64,
+    /// Install this stored package instead (its version is the task's).
+    #[serde(default)]
+    pub package_id: Option<String>,
     /// Waves, cumulative percentages.
     pub waves: Vec<u8>,
     /// The task pauses itself above this failure percentage.
@@ -139,7 +142,13 @@ pub struct OtaOptions {
 
 impl Default for OtaOptions {
     fn default() -> Self {
-        OtaOptions { package_mib: 0, waves: vec![100], error_threshold_pct: 100, resume_after_pause: true }
+        OtaOptions {
+            package_mib: 0,
+            package_id: None,
+            waves: vec![100],
+            error_threshold_pct: 100,
+            resume_after_pause: true,
+        }
     }
 }
 
@@ -198,7 +207,15 @@ async fn upload_package(api: Api, id: &str, version: &str, mib: u64) -> anyhow::
 /// # Errors
 /// The package or the task could not be created.
 pub async fn ota_campaign(api: Api, vehicles: usize, until: Instant, o: OtaOptions) -> anyhow::Result<OtaCampaign> {
-    let version = format!("1.{}.0", now_ms() / 1000);
+    let mut package_bytes = o.package_mib << 20;
+    let version = match &o.package_id {
+        Some(id) => {
+            let p = api.expect("GET", &format!("/v1/ota/packages/{id}"), None, &[200]).await?;
+            package_bytes = p["size_bytes"].as_u64().unwrap_or(0);
+            p["version"].as_str().unwrap_or_default().to_owned()
+        }
+        None => format!("1.{}.0", now_ms() / 1000),
+    };
     let vins: Vec<String> = (0..vehicles).map(|n| vin(n).to_string()).collect();
     let mut body = json!({
         "name": format!("load test {version}"), "version": version, "upgrade_type": "silent", "task_type": "normal",
@@ -206,7 +223,9 @@ pub async fn ota_campaign(api: Api, vehicles: usize, until: Instant, o: OtaOptio
         "rollout": {"waves": o.waves, "success_threshold_pct": 90, "error_threshold_pct": o.error_threshold_pct},
     });
     let mut upload_s = None;
-    if o.package_mib > 0 {
+    if let Some(id) = &o.package_id {
+        body["package_id"] = json!(id);
+    } else if o.package_mib > 0 {
         let id = format!("lt-{version}");
         upload_s = Some(upload_package(api, &id, &version, o.package_mib).await?);
         body["package_id"] = json!(id);
@@ -246,7 +265,7 @@ pub async fn ota_campaign(api: Api, vehicles: usize, until: Instant, o: OtaOptio
         rejected,
         counts,
         finished_after_s,
-        package_bytes: o.package_mib << 20,
+        package_bytes,
         upload_s,
         waves: (wave, o.waves.len()),
         automatic_pauses,

@@ -80,7 +80,7 @@ pub struct NewTask {
     pub name: String,
     /// Target version (dotted numbers).
     pub version: String,
-    /// How the vehicle applies it (SPEC.md 2.4: `full`, `delta`, ...).
+    /// How the vehicle applies it (SPEC.md 2.3: `silent`, `prompted`, `forced`).
     #[schema(value_type = String)]
     pub upgrade_type: UpgradeType,
     /// Test, factory or normal.
