@@ -104,7 +104,7 @@ pub async fn advance(app: &App) -> Result<usize, StoreError> {
                     count(*) FILTER (WHERE v.wave > t.accepted_wave AND v.wave <= t.current_wave
                                        AND EXISTS (SELECT 1 FROM ota_failures f WHERE f.task_id = v.task_id AND f.vin = v.vin))
                FROM ota_tasks t JOIN ota_task_vehicles v ON v.task_id = t.id
-              WHERE t.state = 'running'
+              WHERE t.state = 'running' AND (cardinality(t.waves) > 1 OR t.error_threshold < 100)
               GROUP BY t.id",
             &[],
         )
