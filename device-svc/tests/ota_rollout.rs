@@ -64,7 +64,6 @@ async fn notices(stack: &Stack, kind: &str) -> Vec<Value> {
 async fn a_rollout_releases_waves_pauses_at_its_error_threshold_and_resumes_with_the_next_wave() {
     let stack = Stack::new().await;
     let mut c = stack.svc_config("svc-1");
-    c.ota.repush_max = 0; // failures count at once; compensation has its own test
     let svc = stack.service_with(c).await;
     let api = stack.api(svc.addr);
     let vins: Vec<String> = (0..10).map(vin).collect();
@@ -186,6 +185,7 @@ async fn a_failure_and_its_roll_back_in_one_batch_re_push_once() {
 
     let stack = Stack::new().await;
     let mut c = stack.svc_config("svc-1");
+    c.ota.repush_max = 1;
     c.ota.repush_delay_s = 3600; // the re-push waits: the rows stay as the batch left them
     let svc = stack.service_with(c).await;
     let api = stack.api(svc.addr);

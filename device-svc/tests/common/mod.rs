@@ -144,6 +144,8 @@ impl Stack {
         c.purchases.require_contract = false;
         // The tests' parties send bursts (a test's setup); rate limits have a test of their own.
         c.auth.rate_per_s = 0;
+        // A failed upgrade is not notified again unless a test asks (tests/ota_rollout.rs).
+        c.ota.repush_max = 0;
         // Stored OTA packages on, in a directory of this test's own.
         let p = &mut c.ota.packages;
         p.master_keys = device_svc::config::Secret(format!("test:{}", "42".repeat(32)));
