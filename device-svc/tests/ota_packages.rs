@@ -230,7 +230,11 @@ async fn packages_round_trip_on_the_filesystem_refuse_strangers_and_tampering_an
     assert_eq!(expect(api, "POST", "/v1/ota/packages/rewrap", None, 200).await["rewrapped"], 1);
     assert_eq!(expect(api, "POST", "/v1/ota/packages/rewrap", None, 200).await["rewrapped"], 0);
     svc.stop().await;
-    let svc = stack.service_with(config(&stack, "svc-3", &format!("k2:{K2}"), "", &dir)).await;
+    // This instance serves one download at a time, at 1 MiB/s.
+    let mut c = config(&stack, "svc-3", &format!("k2:{K2}"), "", &dir);
+    c.ota.downloads.max_concurrent = 1;
+    c.ota.downloads.bytes_per_s = 1 << 20;
+    let svc = stack.service_with(c).await;
     let api = stack.api(svc.addr);
     assert_eq!(expect(api, "GET", "/v1/ota/packages/pkg-1", None, 200).await["master_key"], "k2");
     // The URL was signed under k1's derived key: no longer configured, so refused; a fresh one
@@ -238,8 +242,20 @@ async fn packages_round_trip_on_the_filesystem_refuse_strangers_and_tampering_an
     assert_eq!(get(svc.addr, &path, None).await.0, 403);
     let pk = svc.app.ota_packages.clone().unwrap();
     let fresh = path_of(&device_svc::vehicles::ota::download::url(&svc.app, &pk, "pkg-1", &vin(1), &task));
-    let (status, _, body) = get(svc.addr, &fresh, None).await;
+    let first = tokio::spawn({
+        let fresh = fresh.clone();
+        let addr = svc.addr;
+        async move { get(addr, &fresh, None).await }
+    });
+    let pk = svc.app.ota_packages.clone().unwrap();
+    wait_until("a download being served", WAIT, || async { (pk.downloads.available_permits() == 0).then_some(()) })
+        .await;
+    // The one slot is taken (the first download is held to the bandwidth): the next waits.
+    let (status, head, _) = get(svc.addr, &fresh, Some("bytes=0-9")).await;
+    assert_eq!((status, header(&head, "retry-after")), (503, Some("5")), "{head}");
+    let (status, _, body) = first.await.unwrap();
     assert!(status == 200 && body == data, "after the rotation the package reads the same");
+    assert!(svc.app.metrics.render().contains("devsvc_ota_download_refusals_total{reason=\"busy\"} 1"));
 
     // Tampering with the stored ciphertext: the chunk does not authenticate.
     let object = stack

@@ -188,3 +188,80 @@ pub fn signature_ok(sha256: &str, signature: &str, public_key: &str) -> bool {
     let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&key) else { return false };
     key.verify_strict(&digest, &sig).is_ok()
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A minimal server of `data` honouring `Range: bytes=N-` (what the vehicle sends).
+    async fn serve(data: Vec<u8>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let data = data.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && s.read_exact(&mut b).await.is_ok() {
+                        head.push(b[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_string();
+                    let from: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Range: bytes="))
+                        .and_then(|r| r.trim_end_matches('-').parse().ok())
+                        .unwrap_or(0);
+                    let (status, range) = if from > 0 {
+                        (
+                            "206 Partial Content",
+                            format!("Content-Range: bytes {from}-{}/{}\r\n", data.len() - 1, data.len()),
+                        )
+                    } else {
+                        ("200 OK", String::new())
+                    };
+                    let answer = format!("HTTP/1.1 {status}\r\n{range}Content-Length: {}\r\n\r\n", data.len() - from);
+                    let _ = s.write_all(answer.as_bytes()).await;
+                    let _ = s.write_all(&data[from..]).await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_cut_download_resumes_to_the_same_digest_and_a_tampered_one_is_caught() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let digest = hex::encode(Sha256::digest(&data));
+        let addr = serve(data.clone()).await;
+        let url = format!("http://{addr}/pkg");
+        let cuts = Cuts { probability: 0.9, max_requests: 500 };
+        let got = fetch(&url, data.len() as u64, cuts, |_| {}).await.unwrap();
+        assert_eq!((got.sha256.as_str(), got.bytes), (digest.as_str(), data.len() as u64));
+        assert!(got.resumes > 0, "cut and resumed");
+
+        // Signed by the platform: the vehicle's check passes; on other bytes it fails.
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let raw = hex::decode(&digest).unwrap();
+        let signature = b64.encode(ed25519_dalek::Signer::sign(&key, &raw).to_bytes());
+        let public = b64.encode(key.verifying_key().to_bytes());
+        assert!(signature_ok(&got.sha256, &signature, &public));
+        let mut tampered = data.clone();
+        tampered[1_500_000] ^= 0x40;
+        let bad = serve(tampered).await;
+        let got = fetch(&format!("http://{bad}/pkg"), data.len() as u64, cuts, |_| {}).await.unwrap();
+        assert_ne!(got.sha256, digest, "the vehicle sees the bytes are not the package");
+        assert!(!signature_ok(&got.sha256, &signature, &public), "and the signature does not cover them");
+        // Nobody answering: given up after the allowed requests, not retried forever.
+        let few = Cuts { probability: 0.0, max_requests: 3 };
+        let closed = fetch("http://127.0.0.1:9/none", 10, few, |_| {}).await.map(|_| ());
+        assert!(matches!(closed, Err(Failure::GaveUp(_))), "{closed:?}");
+    }
+}

@@ -258,14 +258,12 @@ pub(super) async fn download(
     // The first piece before the answer: a package that cannot be read is an error status, not
     // a body cut short.
     let first = reader.next_piece().await?;
-    let stream = futures_util::stream::try_unfold((first, reader), |(pending, mut reader)| async move {
-        match pending {
-            Some(piece) => {
-                let next = reader.next_piece().await.map_err(std::io::Error::other)?;
-                Ok(Some((piece, (next, reader))))
-            }
-            None => Ok::<_, std::io::Error>(None),
-        }
+    let stream = futures_util::stream::try_unfold((first, reader), |(first, mut reader)| async move {
+        let piece = match first {
+            Some(piece) => Some(piece),
+            None => reader.next_piece().await.map_err(std::io::Error::other)?,
+        };
+        Ok::<_, std::io::Error>(piece.map(|p| (p, (None, reader))))
     });
     let mut response = Response::new(Body::from_stream(stream));
     *response.status_mut() = status;
