@@ -64,9 +64,11 @@ say "a package of $MIB MiB"
 head -c "$(( MIB << 20 ))" /dev/urandom >"$WORK/pkg.bin"
 SHA=$(sha256sum "$WORK/pkg.bin" | cut -d' ' -f1)
 CPU0=$(cpu_s "$SVC_PID") HWM0=$(hwm_kib "$SVC_PID") T0=$(date +%s.%N)
-curl -sf -o "$WORK/upload.json" -X PUT -H "Authorization: Bearer $IOTGW_OPERATOR_KEY" \
-  -H 'Content-Type: application/octet-stream' --data-binary @"$WORK/pkg.bin" \
-  "http://127.0.0.1:$PORT/v1/ota/packages/bench-pkg?version=9.0.0&sha256=$SHA" || die "upload failed: $(tail -3 "$WORK/svc.log")"
+# -T streams the file (--data-binary would read it all into curl's memory first).
+CODE=$(curl -s -o "$WORK/upload.json" -w '%{http_code}' -X PUT -H "Authorization: Bearer $IOTGW_OPERATOR_KEY" \
+  -H 'Content-Type: application/octet-stream' -T "$WORK/pkg.bin" \
+  "http://127.0.0.1:$PORT/v1/ota/packages/bench-pkg?version=9.0.0&sha256=$SHA")
+[ "$CODE" = 201 ] || die "upload answered $CODE: $(cat "$WORK/upload.json"; tail -3 "$WORK/svc.log")"
 T1=$(date +%s.%N) CPU1=$(cpu_s "$SVC_PID")
 rm -f "$WORK/pkg.bin"
 
