@@ -17,7 +17,7 @@
 //! pause accepts the failures seen so far and releases the next wave.
 //!
 //! **Compensation** (seed document 000): a vehicle whose upgrade failed is notified again,
-//! `ota.repush_after_s` later, as a new attempt (the notice's `attempt`; reports of an earlier
+//! `ota.repush_delay_s` later, as a new attempt (the notice's `attempt`; reports of an earlier
 //! attempt change nothing), at most `ota.repush_max` times; after that the task's publisher gets
 //! an `ota_gave_up` notice naming the vehicle and the reason.
 
