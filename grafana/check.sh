@@ -72,9 +72,8 @@ api_parties target/debug/device-svc "$DB_URL" obs
 
 SVC_PORT=$(free_port)
 # Stored OTA packages on (keys of this check only), so the download and rollout panels have data.
-hex32() { python3 -c 'import secrets; print(secrets.token_hex(32))'; }
-export DEVICE_SVC_OTA_MASTER_KEYS="obs:$(hex32)" DEVICE_SVC_OTA_SIGNING_KEY="$(hex32)"
-export DEVICE_SVC_OTA_PACKAGES_PATH="$WORK/ota-packages" DEVICE_SVC_OTA_REPUSH_DELAY_S=1
+ota_package_keys obs "$WORK/ota-packages"
+export DEVICE_SVC_OTA_REPUSH_DELAY_S=1
 DEVICE_SVC_KEY_PREFIX=$PREFIX target/debug/device-svc --instance-id obs-svc \
   --http-listen "127.0.0.1:$SVC_PORT" --database-url "$DB_URL" --redis-url "$REDIS_URL" >"$WORK/device-svc.log" 2>&1 &
 PIDS+=($!)

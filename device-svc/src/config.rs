@@ -4,6 +4,8 @@
 
 use serde::Deserialize;
 
+use crate::secret::SecretText;
+
 /// The documented default configuration, as shipped.
 pub const DEFAULT_TOML: &str = include_str!("../device-svc.default.toml");
 
@@ -314,17 +316,6 @@ pub struct OtaConfig {
     pub downloads: OtaDownloadsConfig,
 }
 
-/// A secret setting: read like a string, never shown by `Debug`.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "<unset>" } else { "<redacted>" })
-    }
-}
-
 /// `[ota.packages]`: where packages are kept and the keys that protect them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -339,7 +330,7 @@ pub struct OtaPackagesConfig {
     /// variables the AWS SDKs read).
     pub s3_access_key_id: String,
     /// Its secret (empty: `AWS_SECRET_ACCESS_KEY`).
-    pub s3_secret_access_key: Secret,
+    pub s3_secret_access_key: SecretText,
     /// The endpoint, for an S3-compatible store that is not AWS (empty: AWS's).
     pub s3_endpoint: String,
     /// The region, for `s3`.
@@ -352,7 +343,7 @@ pub struct OtaPackagesConfig {
     pub upload_idle_ms: u64,
     /// Master keys wrapping the packages' data keys, `id:64hex,id:64hex`
     /// (`DEVICE_SVC_OTA_MASTER_KEYS`, or `master_keys_file`).
-    pub master_keys: Secret,
+    pub master_keys: SecretText,
     /// A file with the master keys, one `id:64hex` per line.
     pub master_keys_file: String,
     /// The id of the master key that wraps new data keys (`DEVICE_SVC_OTA_MASTER_KEY`); the
@@ -360,7 +351,7 @@ pub struct OtaPackagesConfig {
     pub master_key: String,
     /// The platform's Ed25519 signing key, 64 hex characters (`DEVICE_SVC_OTA_SIGNING_KEY`, or
     /// `signing_key_file`).
-    pub signing_key: Secret,
+    pub signing_key: SecretText,
     /// A file holding the signing key.
     pub signing_key_file: String,
 }
@@ -450,16 +441,16 @@ impl Default for Config {
                     path: "var/ota-packages".into(),
                     s3_bucket: String::new(),
                     s3_access_key_id: String::new(),
-                    s3_secret_access_key: Secret::default(),
+                    s3_secret_access_key: SecretText::default(),
                     s3_endpoint: String::new(),
                     s3_region: "us-east-1".into(),
                     s3_allow_http: false,
                     max_bytes: 8 << 30,
                     upload_idle_ms: 30_000,
-                    master_keys: Secret::default(),
+                    master_keys: SecretText::default(),
                     master_keys_file: String::new(),
                     master_key: String::new(),
-                    signing_key: Secret::default(),
+                    signing_key: SecretText::default(),
                     signing_key_file: String::new(),
                 },
                 downloads: OtaDownloadsConfig {
@@ -654,11 +645,11 @@ impl Config {
         }
         let o = &mut self.ota;
         if let Some(v) = lookup("DEVICE_SVC_OTA_MASTER_KEYS") {
-            o.packages.master_keys = Secret(v);
+            o.packages.master_keys = SecretText(v);
         }
         set(&mut o.packages.master_key, "DEVICE_SVC_OTA_MASTER_KEY");
         if let Some(v) = lookup("DEVICE_SVC_OTA_SIGNING_KEY") {
-            o.packages.signing_key = Secret(v);
+            o.packages.signing_key = SecretText(v);
         }
         set(&mut o.downloads.public_url, "DEVICE_SVC_OTA_PUBLIC_URL");
         set(&mut o.packages.path, "DEVICE_SVC_OTA_PACKAGES_PATH");
@@ -758,6 +749,10 @@ impl Config {
         if d.url_ttl_s == 0 || d.max_concurrent == 0 {
             return bad("ota.downloads: url_ttl_s and max_concurrent positive");
         }
+        // The limiter counts KiB: less than one would round to no limit at all.
+        if d.bytes_per_s != 0 && d.bytes_per_s < 1024 {
+            return bad("ota.downloads.bytes_per_s: 0 (no limit) or at least 1024");
+        }
         if self.retention.sweep_interval_s == 0 || self.retention.batch_rows == 0 {
             return bad("retention: sweep_interval_s and batch_rows positive");
         }
@@ -801,5 +796,24 @@ mod tests {
         c.heartbeat.offline_after_s = 10;
         assert!(c.clone().validate().is_err());
         assert!(Config::from_toml("[heartbeat]\nintervall_s = 3").is_err());
+    }
+
+    #[test]
+    fn ota_settings_are_bounded_and_read_from_the_environment() {
+        let mut c = Config::default();
+        c.ota.downloads.bytes_per_s = 500; // below the limiter's KiB: would mean no limit
+        assert!(c.clone().validate().is_err());
+        c.ota.downloads.bytes_per_s = 1 << 20;
+        c.ota.packages.storage = "s3".into();
+        assert!(c.clone().validate().is_err(), "s3 needs a bucket");
+        c.ota.packages.s3_bucket = "ota".into();
+        c.apply_env(|k| match k {
+            "DEVICE_SVC_OTA_MASTER_KEYS" => Some("k1:ab".into()),
+            "DEVICE_SVC_OTA_REPUSH_DELAY_S" => Some("7".into()),
+            _ => None,
+        });
+        assert_eq!((c.ota.packages.master_keys.0.as_str(), c.ota.repush_delay_s), ("k1:ab", 7));
+        assert!(!format!("{c:?}").contains("k1:ab"), "a key never shows in Debug");
+        assert!(c.validate().is_ok());
     }
 }

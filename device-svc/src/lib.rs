@@ -39,6 +39,7 @@ pub mod purchases;
 pub mod redis_loss;
 pub mod registry;
 pub mod retention;
+pub mod secret;
 pub mod status;
 pub mod trim;
 pub mod vehicles;

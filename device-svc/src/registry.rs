@@ -60,17 +60,7 @@ pub struct DoorConfig {
     pub lanes: Vec<LaneConfig>,
 }
 
-/// A secret given to the API (a factory-provisioned key or token): deserialised as a plain
-/// string, never shown by `Debug`, so it cannot reach a log by accident.
-#[derive(Clone, Deserialize, utoipa::ToSchema)]
-#[serde(transparent)]
-pub struct SecretText(pub String);
-
-impl std::fmt::Debug for SecretText {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use crate::secret::SecretText;
 
 /// A cabinet to register.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

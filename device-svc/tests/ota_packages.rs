@@ -53,9 +53,9 @@ fn config(
 ) -> device_svc::config::Config {
     let mut c = stack.svc_config(instance);
     let p = &mut c.ota.packages;
-    p.master_keys = device_svc::config::Secret(masters.into());
+    p.master_keys = device_svc::secret::SecretText(masters.into());
     p.master_key = current.into();
-    p.signing_key = device_svc::config::Secret(SIGNING.into());
+    p.signing_key = device_svc::secret::SecretText(SIGNING.into());
     p.path = dir.to_string_lossy().into_owned();
     p.max_bytes = 16 * MIB as u64;
     c
@@ -328,7 +328,7 @@ async fn packages_round_trip_on_an_s3_compatible_store_and_deltas_go_to_their_ve
     c.ota.packages.s3_endpoint = format!("http://{addr}");
     c.ota.packages.s3_allow_http = true;
     c.ota.packages.s3_access_key_id = "test".into();
-    c.ota.packages.s3_secret_access_key = device_svc::config::Secret("test".into());
+    c.ota.packages.s3_secret_access_key = device_svc::secret::SecretText("test".into());
     let svc = stack.service_with(c).await;
     let api = stack.api(svc.addr);
     let data = random_bytes(MIB + 777, 11);

@@ -42,9 +42,7 @@ trap cleanup EXIT
 psql "$DATABASE_URL" -Xq -c "CREATE DATABASE $DB" >/dev/null
 URL=$(url_with_db "$DATABASE_URL" "$DB")
 api_parties "$BIN/device-svc" "$URL" bench
-hex32() { python3 -c 'import secrets; print(secrets.token_hex(32))'; }
-export DEVICE_SVC_OTA_MASTER_KEYS="bench:$(hex32)" DEVICE_SVC_OTA_SIGNING_KEY="$(hex32)"
-export DEVICE_SVC_OTA_PACKAGES_PATH="$WORK/packages"
+ota_package_keys bench "$WORK/packages"
 PORT=$(free_port) MQTT=$(free_port) CAB=$(free_port)
 DEVICE_SVC_KEY_PREFIX=$PREFIX RUST_LOG=warn "$BIN/device-svc" --instance-id bench-svc \
   --http-listen "127.0.0.1:$PORT" --database-url "$URL" --redis-url "$REDIS_URL" >"$WORK/svc.log" 2>&1 &

@@ -124,15 +124,12 @@ impl Api {
             anyhow::Ok(raw)
         };
         let raw = tokio::time::timeout(Duration::from_secs(10), exchange).await.context("API call timed out")??;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP answer")?;
-        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
+        let (status, head, value) = answer(&raw)?;
         let retry_after = head
             .lines()
             .find_map(|l| l.strip_prefix("retry-after: "))
             .and_then(|s| s.trim().parse().ok())
             .map(Duration::from_secs);
-        let value = if body.is_empty() { Value::Null } else { serde_json::from_str(body).unwrap_or(Value::Null) };
         Ok((status, retry_after, value))
     }
 
@@ -166,10 +163,8 @@ impl Api {
         }
         let mut raw = Vec::new();
         tokio::time::timeout(Duration::from_secs(60), tcp.read_to_end(&mut raw)).await.context("no answer")??;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP answer")?;
-        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
-        Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+        let (status, _, value) = answer(&raw)?;
+        Ok((status, value))
     }
 
     /// Calls and expects one of `ok` statuses.
@@ -181,4 +176,14 @@ impl Api {
         anyhow::ensure!(ok.contains(&status), "{method} {path} answered {status}: {value}");
         Ok(value)
     }
+}
+
+/// An HTTP/1.1 answer read to its end: the status, the head, the JSON body (`Null` when empty or
+/// not JSON).
+fn answer(raw: &[u8]) -> anyhow::Result<(u16, String, Value)> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("not an HTTP answer")?;
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
+    let value = if body.is_empty() { Value::Null } else { serde_json::from_str(body).unwrap_or(Value::Null) };
+    Ok((status, head.to_owned(), value))
 }

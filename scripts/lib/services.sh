@@ -252,3 +252,12 @@ api_parties() {
   export IOTGW_PAYMENT_SECRET
   export DEVICE_SVC_PAYMENT_PROVIDERS="$IOTGW_PAYMENT_PROVIDER:$IOTGW_PAYMENT_SECRET"
 }
+
+# ota_package_keys LABEL DIR: stored OTA packages on for a device service started after it, with
+# fresh keys of this run only (a master key named LABEL and an Ed25519 signing key; a
+# deployment keeps its own in a secret store, rotation in docs/api.md) and packages under DIR.
+ota_package_keys() {
+  local hex="import secrets; print(secrets.token_hex(32))"
+  export DEVICE_SVC_OTA_MASTER_KEYS="$1:$(python3 -c "$hex")" DEVICE_SVC_OTA_SIGNING_KEY="$(python3 -c "$hex")"
+  export DEVICE_SVC_OTA_PACKAGES_PATH="$2"
+}

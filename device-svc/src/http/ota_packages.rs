@@ -114,7 +114,11 @@ pub(super) async fn list(
     if !(1..=500).contains(&limit) {
         return Err(ApiError::invalid("limit", "1..=500"));
     }
-    Ok(Json(packages::list(&app, q.get("version").map(String::as_str), limit).await?))
+    let version = q.get("version").map(String::as_str);
+    if version.is_some_and(|v| v.len() > 64) {
+        return Err(ApiError::invalid("version", "at most 64 characters"));
+    }
+    Ok(Json(packages::list(&app, version, limit).await?))
 }
 
 /// `GET /v1/ota/packages/{id}`

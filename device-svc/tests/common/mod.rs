@@ -148,8 +148,8 @@ impl Stack {
         c.ota.repush_max = 0;
         // Stored OTA packages on, in a directory of this test's own.
         let p = &mut c.ota.packages;
-        p.master_keys = device_svc::config::Secret(format!("test:{}", "42".repeat(32)));
-        p.signing_key = device_svc::config::Secret("43".repeat(32));
+        p.master_keys = device_svc::secret::SecretText(format!("test:{}", "42".repeat(32)));
+        p.signing_key = device_svc::secret::SecretText("43".repeat(32));
         p.path = std::env::temp_dir()
             .join(format!("iotgw-ota-{}", self.ns.prefix.trim_end_matches(':')))
             .to_string_lossy()

@@ -152,8 +152,7 @@ impl Reader {
         let sealer = stored.sealer(&pk.keys.master)?;
         let chunks = if range.is_empty() { 0..0 } else { sealer.chunks_of(&range)? };
         let whole = range.start == 0 && range.end == stored.package.size_bytes;
-        let active = app.metrics.ota_downloads_active.clone();
-        active.inc();
+        app.metrics.ota_downloads_active.inc();
         Ok(Reader {
             pk,
             metrics: app.metrics.clone(),

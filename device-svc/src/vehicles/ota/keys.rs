@@ -164,13 +164,13 @@ mod tests {
     use ed25519_dalek::Verifier as _;
 
     use super::*;
-    use crate::config::Secret;
+    use crate::secret::SecretText;
 
     fn config(masters: &str, current: &str) -> OtaPackagesConfig {
         OtaPackagesConfig {
-            master_keys: Secret(masters.into()),
+            master_keys: SecretText(masters.into()),
             master_key: current.into(),
-            signing_key: Secret("11".repeat(32)),
+            signing_key: SecretText("11".repeat(32)),
             ..Default::default()
         }
     }
@@ -200,7 +200,7 @@ mod tests {
     fn incomplete_or_malformed_keys_are_refused_without_showing_them() {
         assert!(PackageKeys::from_config(&OtaPackagesConfig::default()).unwrap().is_none());
         let mut only_master = config(&format!("k1:{}", "01".repeat(32)), "");
-        only_master.signing_key = Secret::default();
+        only_master.signing_key = SecretText::default();
         assert!(PackageKeys::from_config(&only_master).is_err());
         let both = format!("k1:{},k2:{}", "01".repeat(32), "02".repeat(32));
         assert!(PackageKeys::from_config(&config(&both, "")).is_err(), "several keys need a current one");
