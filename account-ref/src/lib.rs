@@ -281,17 +281,18 @@ impl Consumer {
     }
 
     async fn handle(&self, redis: &mut RedisConn, stream: &str, entries: &[StreamId]) -> Result<(), AccountError> {
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::with_capacity(entries.len() + 1);
         for entry in entries {
             let (key, applied) = self.apply(entry).await?;
             tracing::debug!(id = %entry.id, key = key.as_deref().unwrap_or(""), result = applied.label(), "money message");
             if let Some(key) = key {
-                self.answer(&mut pipe, &key, &applied);
+                cmds.push(self.answer(&key, &applied));
             }
         }
+        // Answers first: an entry acknowledged is never read again.
+        redis.query_each(cmds).await?;
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
-        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(&ids).ignore();
-        pipe.query_async::<()>(redis).await?;
+        redis::cmd("XACK").arg(stream).arg(GROUP).arg(&ids).query_async::<()>(redis).await?;
         Ok(())
     }
 
@@ -312,19 +313,16 @@ impl Consumer {
         if unanswered.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for key in &unanswered {
-            self.answer(&mut pipe, key, &Applied::Paid);
-        }
-        pipe.query_async::<()>(redis).await?;
+        redis.query_each(unanswered.iter().map(|key| self.answer(key, &Applied::Paid)).collect()).await?;
         let pg = self.pg.lock().await;
         pg.execute("UPDATE account_ledger SET answered = true WHERE idem_key = ANY($1)", &[&unanswered]).await?;
         Ok(())
     }
 
-    fn answer(&self, pipe: &mut redis::Pipeline, key: &str, applied: &Applied) {
-        pipe.cmd("XADD")
-            .arg(format!("{}{CONFIRMATIONS}", self.prefix))
+    /// The confirmation of `key`'s outcome, for the device service.
+    fn answer(&self, key: &str, applied: &Applied) -> redis::Cmd {
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(format!("{}{CONFIRMATIONS}", self.prefix))
             .arg("MAXLEN")
             .arg("~")
             .arg(CONFIRMATIONS_MAXLEN)
@@ -334,8 +332,8 @@ impl Consumer {
             .arg("result")
             .arg(applied.label())
             .arg("reason")
-            .arg(applied.reason())
-            .ignore();
+            .arg(applied.reason());
+        xadd
     }
 }
 

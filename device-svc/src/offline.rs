@@ -149,12 +149,23 @@ pub async fn last_seen_many(
     if devices.is_empty() {
         return Ok(std::collections::HashMap::new());
     }
-    let mut pipe = redis::pipe();
-    for d in devices {
-        pipe.cmd("HGET").arg(shard_key(&app.keys, d.shard(app.config.streams.shards), "seen")).arg(d.to_string());
-    }
+    let cmds = devices
+        .iter()
+        .map(|d| {
+            let mut hget = redis::cmd("HGET");
+            hget.arg(shard_key(&app.keys, d.shard(app.config.streams.shards), "seen")).arg(d.to_string());
+            hget
+        })
+        .collect();
     let mut con = app.redis.clone();
-    let seen: Vec<Option<String>> = pipe.query_async(&mut con).await?;
+    // The shards' keys lie in different Redis Cluster slots.
+    let seen: Vec<Option<String>> = con
+        .query_each(cmds)
+        .await?
+        .into_iter()
+        .map(redis::from_redis_value)
+        .collect::<Result<_, _>>()
+        .map_err(redis::RedisError::from)?;
     Ok(devices
         .iter()
         .zip(seen)

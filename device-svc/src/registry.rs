@@ -569,7 +569,7 @@ pub async fn mirror(app: &App, only: Option<&str>) -> Result<usize, StoreError> 
     let mut con = app.redis.clone();
     let mut written = 0;
     for chunk in rows.chunks(500) {
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::with_capacity(chunk.len());
         for r in chunk {
             let key: String = r.get(0);
             let Ok(device) = DeviceKey::parse(&key) else { continue };
@@ -578,10 +578,13 @@ pub async fn mirror(app: &App, only: Option<&str>) -> Result<usize, StoreError> 
                 Some(secret) => ("secret", hex::encode(secret)),
                 None => ("token_sha256", hex::encode(r.get::<_, Option<Vec<u8>>>(2).unwrap_or_default())),
             };
-            pipe.cmd("HSET").arg(keys.credentials(&device)).arg(field).arg(value).arg("status").arg(status).ignore();
+            let mut hset = redis::cmd("HSET");
+            hset.arg(keys.credentials(&device)).arg(field).arg(value).arg("status").arg(status);
+            cmds.push(hset);
             written += 1;
         }
-        pipe.query_async::<()>(&mut con).await?;
+        // One key per device: many Redis Cluster slots.
+        con.query_each(cmds).await?;
     }
     Ok(written)
 }

@@ -190,8 +190,10 @@ async fn after_redis_lost_everything_commands_route_and_logins_work_within_secon
 
     // Redis forgets everything the system wrote (as a restart without persistence does).
     let removed = tokio::task::spawn_blocking({
-        let (url, prefix) = (stack.ns.url.clone(), stack.ns.prefix.clone());
-        move || testkit::delete_prefix(&url, &prefix)
+        // Every node of a cluster, or the one server.
+        let urls = common::cluster_seeds().unwrap_or_else(|| vec![stack.ns.url.clone()]);
+        let prefix = stack.ns.prefix.clone();
+        move || urls.iter().map(|url| testkit::delete_prefix(url, &prefix)).sum::<redis::RedisResult<usize>>()
     })
     .await
     .unwrap()

@@ -6,7 +6,8 @@
 //!   [`download`]: a vehicle's resumable, checked package download;
 //! - [`worker`]: a process simulating a slice of the fleet;
 //! - [`fleet`]: the orchestrator (workers, progress, memory, report); [`compare`]: the same
-//!   MQTT load against Mosquitto;
+//!   MQTT load against Mosquitto; [`probe`]: a lean one-thread MQTT probe for side-by-side
+//!   CPU per operation;
 //! - [`commander`]: commands through the connection map, with round-trip times;
 //! - [`api`]: the device service's HTTP API; [`seed`]: the fleet registered through it;
 //!   [`scenarios`]: purchase storm, activation wave, OTA campaign;
@@ -25,6 +26,7 @@ pub mod fleet;
 pub mod fleet_ids;
 pub mod hb_feed;
 pub mod netfault;
+pub mod probe;
 pub mod rss;
 pub mod scenarios;
 pub mod seed;

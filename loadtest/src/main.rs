@@ -53,6 +53,9 @@ enum Cmd {
     /// A bad network in user space: relay TCP to a gateway with delay and stalls (the fault
     /// suite's stand-in for `tc netem`).
     NetFault(loadtest::netfault::NetFaultPlan),
+    /// A lean single-threaded MQTT probe: CPU per operation of the given server processes
+    /// (QoS 1 publishes, connect-subscribe-disconnect, idle connections); JSON on stdout.
+    Probe(loadtest::probe::ProbePlan),
     /// Draw the PNG charts of an existing report again.
     Charts {
         /// The JSON report.
@@ -230,6 +233,17 @@ impl FleetArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Probe(plan) = &cli.command {
+        // One thread, so that the probe costs one core at most and its own CPU is one figure.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let report = runtime.block_on(loadtest::probe::run(plan))?;
+        // The report is the command's output, for the bench script to read.
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{report}");
+        }
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         match cli.command {
@@ -262,6 +276,7 @@ fn main() -> anyhow::Result<()> {
                     out.display()
                 );
             }
+            Cmd::Probe(_) => unreachable!("run above"),
             Cmd::Charts { report } => {
                 let text =
                     std::fs::read_to_string(&report).with_context(|| format!("failed to read {}", report.display()))?;

@@ -257,6 +257,38 @@ impl RedisConn {
     }
 }
 
+impl RedisConn {
+    /// Runs `cmds`, whose keys may lie in several Redis Cluster slots, in one round trip: one
+    /// pipeline on a single server; on a cluster, every command at once on the multiplexed
+    /// connection (a cluster pipeline must keep to one slot). Not atomic on either; the replies
+    /// come in the commands' order.
+    ///
+    /// # Errors
+    /// The first Redis error; on a cluster the other commands may have been applied.
+    pub async fn query_each(&mut self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            RedisConn::Single(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(c).await
+            }
+            RedisConn::Cluster(c) => {
+                let replies = futures_util::future::join_all(cmds.iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { cmd.query_async::<Value>(&mut c).await }
+                }))
+                .await;
+                replies.into_iter().collect()
+            }
+        }
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {

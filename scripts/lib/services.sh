@@ -14,6 +14,7 @@
 SERVICES_DIR=""
 STARTED_REDIS_PID=""
 STARTED_PG_DATA=""
+STARTED_CLUSTER_PIDS=()
 PG_BIN=""
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -207,6 +208,37 @@ ensure_test_tools() {
   ensure_pip 'import moto.server, flask_cors' 'moto[server]>=5,<6'
 }
 
+# redis_cluster_up: starts three private cluster-mode Redis servers (no persistence) in
+# $SERVICES_DIR, joins them into a Redis Cluster and waits for cluster_state:ok; exports
+# TEST_REDIS_CLUSTER (the seed URLs, comma-separated). services_down stops them.
+redis_cluster_up() {
+  command -v redis-server >/dev/null 2>&1 || install_packages redis-server
+  services_tmpdir
+  local port dir nodes=() urls=()
+  for _ in 1 2 3; do
+    # The cluster bus listens on port + 10000: keep both free.
+    for _ in $(seq 1 50); do port=$(( 20000 + RANDOM % 12000 )); port_open "$port" || port_open $((port + 10000)) || break; done
+    dir="$SERVICES_DIR/cluster-$port" && mkdir -p "$dir"
+    redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" \
+      --cluster-node-timeout 2000 --save '' --appendonly no --daemonize yes --dir "$dir" \
+      --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null || die "failed to start a cluster node"
+    for _ in $(seq 1 50); do redis_answers "$port" && break; sleep 0.1; done
+    STARTED_CLUSTER_PIDS+=("$(cat "$dir/redis.pid")")
+    nodes+=("127.0.0.1:$port") urls+=("redis://127.0.0.1:$port/")
+  done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null || die "redis-cli --cluster create failed"
+  for _ in $(seq 1 200); do
+    local ok=0 n
+    for n in "${nodes[@]}"; do redis-cli -p "${n#*:}" cluster info 2>/dev/null | grep -q 'cluster_state:ok' && ok=$((ok + 1)); done
+    [ "$ok" = 3 ] && break
+    sleep 0.1
+  done
+  [ "$ok" = 3 ] || die "the Redis Cluster did not reach cluster_state:ok"
+  TEST_REDIS_CLUSTER=$(IFS=,; echo "${urls[*]}")
+  export TEST_REDIS_CLUSTER
+  say "Redis Cluster: three private nodes (${nodes[*]})"
+}
+
 services_up() {
   ensure_redis
   ensure_postgres
@@ -214,6 +246,9 @@ services_up() {
 }
 
 services_down() {
+  local pid
+  for pid in "${STARTED_CLUSTER_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  STARTED_CLUSTER_PIDS=()
   if [ -n "$STARTED_REDIS_PID" ]; then
     kill "$STARTED_REDIS_PID" 2>/dev/null || true
     STARTED_REDIS_PID=""

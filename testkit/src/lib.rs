@@ -153,7 +153,8 @@ impl Drop for RedisNamespace {
     }
 }
 
-/// Deletes every key starting with `prefix` on the Redis at `url` (SCAN, never KEYS).
+/// Deletes every key starting with `prefix` on the Redis at `url` (SCAN, never KEYS); on a
+/// Redis Cluster, call it for every node.
 ///
 /// # Errors
 /// Any Redis error.
@@ -167,8 +168,13 @@ pub fn delete_prefix(url: &str, prefix: &str) -> redis::RedisResult<usize> {
         let (next, keys): (u64, Vec<String>) =
             redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query(&mut con)?;
         if !keys.is_empty() {
-            let n: usize = redis::cmd("UNLINK").arg(&keys).query(&mut con)?;
-            deleted += n;
+            // One key per command: on a cluster node the keys lie in many slots.
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("UNLINK").arg(key);
+            }
+            let n: Vec<usize> = pipe.query(&mut con)?;
+            deleted += n.iter().sum::<usize>();
         }
         if next == 0 {
             return Ok(deleted);

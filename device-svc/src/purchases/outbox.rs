@@ -87,14 +87,14 @@ pub async fn relay_once(app: &App) -> Result<usize, StoreError> {
         return Ok(0);
     }
     rows.sort_unstable_by_key(|r| r.get::<_, i64>(0));
-    let mut pipe = redis::pipe();
+    let mut cmds = Vec::with_capacity(rows.len());
     let mut ids = Vec::with_capacity(rows.len());
     let mut streams = Vec::with_capacity(rows.len());
     for row in &rows {
         let (id, stream, key, payload): (i64, String, String, Value) = (row.get(0), row.get(1), row.get(2), row.get(3));
         let kind = payload.get("type").and_then(Value::as_str).unwrap_or("message").to_owned();
-        pipe.cmd("XADD")
-            .arg(format!("{}{stream}", app.keys.prefix()))
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(format!("{}{stream}", app.keys.prefix()))
             .arg("MAXLEN")
             .arg("~")
             .arg(MAXLEN)
@@ -104,13 +104,14 @@ pub async fn relay_once(app: &App) -> Result<usize, StoreError> {
             .arg("type")
             .arg(kind)
             .arg("payload")
-            .arg(payload.to_string())
-            .ignore();
+            .arg(payload.to_string());
+        cmds.push(xadd);
         ids.push(id);
         streams.push(stream);
     }
     let mut con = app.redis.clone();
-    if let Err(e) = pipe.query_async::<()>(&mut con).await {
+    // The streams may lie in different Redis Cluster slots.
+    if let Err(e) = con.query_each(cmds).await {
         // Redis refused the batch (it restarts, say): hand the claim back so that the next
         // round tries again at once, instead of the whole lease later; with Redis failing
         // again within every lease, a held claim would hold the money messages for minutes.

@@ -202,8 +202,7 @@ pub async fn account_service(
         account_ref::Consumer::new(stack.pg().await, &stack.ns.prefix, "account-1").await.unwrap().with_retry(retry);
     let stop = tokio_util::sync::CancellationToken::new();
     // A connection of its own, as the binary has: its reads block.
-    let target = redis_conn::RedisTarget::Single(stack.ns.url.clone());
-    let redis = redis_conn::RedisConn::open(&target, Some(std::time::Duration::from_secs(5))).await.unwrap();
+    let redis = stack.redis_connection(Some(std::time::Duration::from_secs(5))).await;
     let running = tokio::spawn({
         let stop = stop.clone();
         async move { consumer.run(redis, 100, stop).await }

@@ -53,6 +53,18 @@ pub struct Stack {
     pub parties: &'static Parties,
     /// The private Redis of a test that crashes it ([`Stack::new_private_redis`]).
     pub server: Option<std::sync::Mutex<testkit::redis_server::RedisServer>>,
+    /// The Redis every part of the stack uses: the run's shared server, or the Redis Cluster
+    /// named by `TEST_REDIS_CLUSTER` ([`cluster_seeds`]).
+    pub target: RedisTarget,
+}
+
+/// Seed URLs of the Redis Cluster the stacks run on instead of one server, from
+/// `TEST_REDIS_CLUSTER` (comma-separated; `scripts/test` starts a three-node cluster and runs
+/// the flows' tests on it once more).
+pub fn cluster_seeds() -> Option<Vec<String>> {
+    let seeds = std::env::var("TEST_REDIS_CLUSTER").ok()?;
+    let seeds: Vec<String> = seeds.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    (!seeds.is_empty()).then_some(seeds)
 }
 
 /// The payment provider the tests' device services trust.
@@ -63,7 +75,21 @@ pub const PROVIDER_SECRET: &str = "test-provider-secret-0123456789";
 impl Stack {
     /// A fresh database and prefix, and one gateway node.
     pub async fn new() -> Self {
-        Self::with(testkit::RedisNamespace::create(), None).await
+        match cluster_seeds() {
+            Some(seeds) => {
+                // A fresh prefix on the cluster; its keys go with the cluster.
+                let ns = testkit::RedisNamespace {
+                    url: seeds[0].clone(),
+                    prefix: format!("{}:", testkit::unique_name("ns")),
+                };
+                Self::with(ns, None, RedisTarget::Cluster(seeds)).await
+            }
+            None => {
+                let ns = testkit::RedisNamespace::create();
+                let target = RedisTarget::Single(ns.url.clone());
+                Self::with(ns, None, target).await
+            }
+        }
     }
 
     /// As [`Stack::new`] on a private Redis with the append-only file (`appendfsync
@@ -72,7 +98,8 @@ impl Stack {
     pub async fn new_private_redis() -> Self {
         let server = tokio::task::spawn_blocking(testkit::redis_server::RedisServer::start_durable).await.unwrap();
         let ns = testkit::RedisNamespace { url: server.url(), prefix: "t:".into() };
-        Self::with(ns, Some(std::sync::Mutex::new(server))).await
+        let target = RedisTarget::Single(ns.url.clone());
+        Self::with(ns, Some(std::sync::Mutex::new(server)), target).await
     }
 
     /// Kills the private Redis with SIGKILL and starts it again from its append-only file.
@@ -84,14 +111,20 @@ impl Stack {
     async fn with(
         ns: testkit::RedisNamespace,
         server: Option<std::sync::Mutex<testkit::redis_server::RedisServer>>,
+        target: RedisTarget,
     ) -> Self {
         let db = testkit::TestDatabase::create().await;
         let keys = Keys::new(ns.prefix.clone());
-        let redis = RedisConn::open(&RedisTarget::Single(ns.url.clone()), None).await.unwrap();
+        let redis = RedisConn::open(&target, None).await.unwrap();
         let node = "gw-a".to_owned();
-        let gateway = Gateway::start(gateway_config(&ns, &node).validate().unwrap()).await.unwrap();
+        let gateway = Gateway::start(gateway_config(&ns, &target, &node).validate().unwrap()).await.unwrap();
         let parties = Box::leak(Box::new(parties(&db).await));
-        Self { db, ns, keys, redis, gateway, node, parties, server }
+        Self { db, ns, keys, redis, gateway, node, parties, server, target }
+    }
+
+    /// A connection of its own to the stack's Redis, with a response timeout if given.
+    pub async fn redis_connection(&self, timeout: Option<Duration>) -> RedisConn {
+        RedisConn::open(&self.target, timeout).await.unwrap()
     }
 
     /// The API at `addr`, called by the flows' parties.
@@ -125,6 +158,9 @@ impl Stack {
         c.postgres.url.clone_from(&self.db.url);
         c.postgres.pool_size = 4;
         c.redis.url.clone_from(&self.ns.url);
+        if let RedisTarget::Cluster(seeds) = &self.target {
+            c.redis.cluster_urls.clone_from(seeds);
+        }
         c.streams.block_ms = 200;
         c.streams.claim_idle_ms = 1000;
         c.streams.claim_interval_ms = 300;
@@ -191,9 +227,12 @@ async fn parties(db: &testkit::TestDatabase) -> Parties {
     .await
 }
 
-fn gateway_config(ns: &testkit::RedisNamespace, node: &str) -> gateway::config::Config {
+fn gateway_config(ns: &testkit::RedisNamespace, target: &RedisTarget, node: &str) -> gateway::config::Config {
     let mut c = gateway::config::Config { node_id: node.into(), key_prefix: ns.prefix.clone(), ..Default::default() };
     c.redis.url.clone_from(&ns.url);
+    if let RedisTarget::Cluster(seeds) = target {
+        c.redis.cluster_urls.clone_from(seeds);
+    }
     c.redis.node_ttl_ms = 2000;
     c.cabinet.listen = "127.0.0.1:0".into();
     c.mqtt.listen = "127.0.0.1:0".into();
@@ -359,7 +398,7 @@ pub fn spawn_process(c: &device_svc::config::Config, dir: &std::path::Path) -> P
     let p = &c.purchases;
     let toml = format!(
         "instance_id = \"{}\"\nkey_prefix = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
-         [postgres]\nurl = \"{}\"\npool_size = {}\n[redis]\nurl = \"{}\"\n\
+         [postgres]\nurl = \"{}\"\npool_size = {}\n[redis]\nurl = \"{}\"\ncluster_urls = [{}]\n\
          [streams]\nblock_ms = {}\nclaim_idle_ms = {}\nclaim_interval_ms = {}\n\
          [heartbeat]\ninterval_s = {}\noffline_after_s = {}\nwindow_s = {}\ncheck_interval_ms = {}\n\
          startup_grace_s = {}\nrecheck_s = {}\n\
@@ -372,6 +411,7 @@ pub fn spawn_process(c: &device_svc::config::Config, dir: &std::path::Path) -> P
         c.postgres.url,
         c.postgres.pool_size,
         c.redis.url,
+        c.redis.cluster_urls.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", "),
         c.streams.block_ms,
         c.streams.claim_idle_ms,
         c.streams.claim_interval_ms,

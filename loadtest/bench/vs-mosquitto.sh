@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# The gateway beside Mosquitto, measured fairly: the server (the gateway with its own Redis,
+# both counted; or Mosquitto) pinned to core 0, the probe (`loadtest probe`, one thread) pinned
+# to core 1, a fresh server (and a fresh Redis) for every run, the two servers alternated run by
+# run, medians with ranges. The headline is the servers' CPU per operation from /proc over the
+# measured phase only; the machine's idle share and the share other processes used over the
+# same phase are recorded with every run, so a run on a busy machine shows as one.
+#
+#   loadtest/bench/vs-mosquitto.sh [RUNS] [LOAD ...]     (LOAD: qos1 churn idle; default all)
+#
+# qos1:  QOS1_CONNS (100) connections x INFLIGHT (10) QoS 1 publishes of PAYLOAD (64) bytes
+#        outstanding, MEASURE_S (10) measured; CPU per acknowledged publish. The gateway
+#        acknowledges once its Redis holds the uplink (append-only file, fsync every second).
+# churn: CHURN_TOTAL (20000) connect + authenticate + subscribe + disconnect, CHURN_CONC (50)
+#        at a time; CPU per connection. The gateway's accept pacing is raised out of the way.
+# idle:  IDLE_CONNS (15000) subscribed connections held HOLD_S (20) s; RSS growth per
+#        connection of the server (and of the gateway's Redis).
+# PROFILE=DIR records the gateway's profile during each gateway run (perf, cpu-clock, call
+# graphs) into DIR/LOAD-RUN.data, read with `perf report -i DIR/LOAD-RUN.data`.
+# Mosquitto is Debian's, without persistence or authentication, logging off. Results:
+# loadtest/results/vs-mosquitto.json (every run and the summary).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/lib/services.sh
+
+RUNS=${1:-5}
+shift || true
+LOADS=("$@")
+[ ${#LOADS[@]} -gt 0 ] || LOADS=(qos1 churn idle)
+QOS1_CONNS=${QOS1_CONNS:-100} INFLIGHT=${INFLIGHT:-10} PAYLOAD=${PAYLOAD:-64} MEASURE_S=${MEASURE_S:-10}
+CHURN_TOTAL=${CHURN_TOTAL:-20000} CHURN_CONC=${CHURN_CONC:-50}
+IDLE_CONNS=${IDLE_CONNS:-15000} HOLD_S=${HOLD_S:-20}
+GATEWAY=${GATEWAY:-target/release/gateway}
+command -v taskset >/dev/null 2>&1 || install_packages util-linux
+command -v redis-server >/dev/null 2>&1 || install_packages redis-server
+command -v mosquitto >/dev/null 2>&1 || install_packages mosquitto
+[ "$(nproc)" -ge 2 ] || die "needs two cores: the server on one, the probe on the other"
+if [ -z "${NO_BUILD:-}" ]; then cargo build --release --locked -q -p gateway -p loadtest; fi
+LT=target/release/loadtest
+ulimit -n 20000
+WORK=$(mktemp -d)
+SERVER_PID="" REDIS_PID=""
+stop_servers() {
+  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && while kill -0 "$REDIS_PID" 2>/dev/null; do sleep 0.05; done
+  SERVER_PID="" REDIS_PID=""
+}
+cleanup() { stop_servers || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+# start_gateway: a fresh Redis and gateway on core 0; sets PORT, SERVER_PID, REDIS_PID, REDIS_URL.
+start_gateway() {
+  local rport; rport=$(free_port)
+  rm -rf "$WORK/redis" && mkdir -p "$WORK/redis"
+  taskset -c 0 redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly yes \
+    --appendfsync everysec --dir "$WORK/redis" --daemonize yes --pidfile "$WORK/redis/pid" \
+    --logfile "$WORK/redis/log" >/dev/null
+  for _ in $(seq 1 50); do redis_answers "$rport" && break; sleep 0.1; done
+  REDIS_PID=$(cat "$WORK/redis/pid")
+  REDIS_URL="redis://127.0.0.1:$rport/"
+  PORT=$(free_port)
+  cat >"$WORK/gw.toml" <<TOML
+node_id = "bench"
+[redis]
+url = "$REDIS_URL"
+[cabinet]
+listen = ""
+[mqtt]
+listen = "127.0.0.1:$PORT"
+accept_rate_per_s = 100000
+max_connections = 19000
+[metrics]
+listen = ""
+[upstream]
+# Nobody consumes here: far above what a run writes, so the stream neither holds nor trims.
+stream_maxlen = 100000000
+TOML
+  RUST_LOG=warn taskset -c 0 "$GATEWAY" --config "$WORK/gw.toml" 2>"$WORK/gw.log" &
+  SERVER_PID=$!
+  wait_port "$PORT" gateway
+}
+
+# start_mosquitto: a fresh Mosquitto on core 0; sets PORT, SERVER_PID.
+start_mosquitto() {
+  PORT=$(free_port)
+  cat >"$WORK/mosquitto.conf" <<CONF
+listener $PORT 127.0.0.1
+allow_anonymous true
+persistence false
+max_connections -1
+max_inflight_messages 32
+log_dest none
+CONF
+  taskset -c 0 mosquitto -c "$WORK/mosquitto.conf" &
+  SERVER_PID=$!
+  wait_port "$PORT" mosquitto
+}
+
+# one_run SERVER LOAD RUN: appends one line of JSON to $WORK/runs.jsonl.
+one_run() {
+  local server=$1 load=$2 run=$3 pids redis_arg=() args=()
+  if [ "$server" = gateway ]; then start_gateway; pids=(--server-pid "$SERVER_PID" --server-pid "$REDIS_PID")
+    redis_arg=(--redis-url "$REDIS_URL")
+  else start_mosquitto; pids=(--server-pid "$SERVER_PID"); fi
+  case "$load" in
+    qos1) args=(--conns "$QOS1_CONNS" --inflight "$INFLIGHT" --payload "$PAYLOAD" --seconds "$MEASURE_S") ;;
+    churn) args=(--total "$CHURN_TOTAL" --concurrency "$CHURN_CONC") ;;
+    idle) args=(--conns "$IDLE_CONNS" --seconds "$HOLD_S" --ramp-per-s 5000) ;;
+  esac
+  local perf_pid=""
+  if [ -n "${PROFILE:-}" ] && [ "$server" = gateway ]; then
+    mkdir -p "$PROFILE"
+    perf record -q -e cpu-clock -F 1999 -g -p "$SERVER_PID" -o "$PROFILE/$load-$run.data" 2>/dev/null &
+    perf_pid=$!
+  fi
+  taskset -c 1 "$LT" probe --load "$load" --addr "127.0.0.1:$PORT" "${pids[@]}" "${redis_arg[@]}" "${args[@]}" \
+    >"$WORK/probe.json" 2>"$WORK/probe.err" || { cat "$WORK/probe.err" >&2; stop_servers; die "probe failed"; }
+  [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
+  stop_servers
+  python3 - "$WORK/probe.json" "$server" "$run" >>"$WORK/runs.jsonl" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+d["server"], d["run"] = sys.argv[2], int(sys.argv[3])
+print(json.dumps(d))
+PY
+  say "$server $load run $run: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["report"]; print({k: r[k] for k in r if k.endswith(("per_op","per_s","per_conn_after_ramp","per_conn_after_hold"))}, "idle", round(r.get("cpu", r.get("ramp_cpu", {})).get("machine_idle_share", 0), 3))' "$WORK/probe.json")"
+}
+
+for load in "${LOADS[@]}"; do
+  for run in $(seq 1 "$RUNS"); do
+    # Alternate which server goes first, so drift on the machine falls on both.
+    if [ $((run % 2)) = 1 ]; then order=(gateway mosquitto); else order=(mosquitto gateway); fi
+    for server in "${order[@]}"; do one_run "$server" "$load" "$run"; done
+  done
+done
+
+mkdir -p loadtest/results
+python3 - "$WORK/runs.jsonl" "$(nproc)" "$(git rev-parse --short HEAD)" <<'PY' | tee loadtest/results/vs-mosquitto.json
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+def stat(v):
+    v = [x for x in v if x is not None]
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} if v else None
+headline = {
+    "qos1": ["server_cpu_us_per_op", "acked_per_s", ("puback", "p50_ms"), ("puback", "p99_ms"), ("cpu", "machine_idle_share"), ("cpu", "other_processes_share")],
+    "churn": ["server_cpu_us_per_op", "conns_per_s", ("connect_subscribe", "p99_ms"), ("cpu", "machine_idle_share"), ("cpu", "other_processes_share")],
+    "idle": ["rss_per_conn_after_ramp", "rss_per_conn_after_hold", "ramp_server_cpu_us_per_conn", ("ramp_cpu", "machine_idle_share")],
+}
+summary = {}
+for load, keys in headline.items():
+    for server in ("gateway", "mosquitto"):
+        rs = [r["report"] for r in runs if r["load"] == load and r["server"] == server]
+        if not rs:
+            continue
+        out = {}
+        for k in keys:
+            name = k if isinstance(k, str) else ".".join(k)
+            out[name] = stat([r.get(k) if isinstance(k, str) else (r.get(k[0]) or {}).get(k[1]) for r in rs])
+        if server == "gateway" and load == "idle":
+            out["rss_per_conn_each_after_ramp (gateway, redis)"] = [stat([r["rss_per_conn_each_after_ramp"][i] for r in rs]) for i in (0, 1)]
+        summary[f"{load}/{server}"] = out
+    g, m = summary.get(f"{load}/gateway"), summary.get(f"{load}/mosquitto")
+    if g and m:
+        k = keys[0]
+        summary[f"{load}/ratio gateway over mosquitto ({k}, medians)"] = g[k]["median"] / m[k]["median"]
+print(json.dumps({"commit": sys.argv[3], "cores": int(sys.argv[2]), "summary": summary, "runs": runs}, indent=1))
+PY
