@@ -143,6 +143,10 @@ pub struct UpstreamConfig {
     pub shards: u16,
     /// Entries per pipeline.
     pub batch_max: usize,
+    /// How long a write round waits, after its first entry, for more to join it (µs; 0: it
+    /// leaves with whatever is there at once). The group commit's window: below saturation it
+    /// turns one Redis round per uplink into one per many, for this much more latency.
+    pub linger_us: u64,
     /// Buffer bound, entries.
     pub buffer_max: usize,
     /// Heartbeat window, ms.
@@ -239,7 +243,7 @@ impl Default for CabinetConfig {
             tls_cert: String::new(),
             tls_key: String::new(),
             max_connections: 19_000,
-            accept_rate_per_s: 2000,
+            accept_rate_per_s: 5000,
             login_timeout_ms: 10_000,
             heartbeat_interval_s: 30,
             idle_timeout_ms: 45_000,
@@ -262,7 +266,7 @@ impl Default for MqttConfig {
             tls_client_ca: String::new(),
             tls_client_cert_required: false,
             max_connections: 19_000,
-            accept_rate_per_s: 2000,
+            accept_rate_per_s: 5000,
             connect_timeout_ms: 10_000,
             default_keep_alive_s: 60,
             max_packet_bytes: 16_384,
@@ -279,7 +283,14 @@ impl Default for MqttConfig {
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
-        Self { shards: 4, batch_max: 512, buffer_max: 100_000, heartbeat_window_ms: 1000, stream_maxlen: 1_000_000 }
+        Self {
+            shards: 4,
+            batch_max: 512,
+            linger_us: 1000,
+            buffer_max: 100_000,
+            heartbeat_window_ms: 1000,
+            stream_maxlen: 1_000_000,
+        }
     }
 }
 
@@ -437,6 +448,9 @@ impl Config {
         }
         if !(1..=1024).contains(&self.upstream.shards) {
             return Err(invalid("upstream.shards must be within 1..=1024"));
+        }
+        if self.upstream.linger_us > 100_000 {
+            return Err(invalid("upstream.linger_us must be at most 100000 (100 ms)"));
         }
         if self.upstream.heartbeat_window_ms < 100 {
             return Err(invalid("upstream.heartbeat_window_ms must be at least 100"));

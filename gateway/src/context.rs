@@ -90,7 +90,7 @@ impl Ctx {
             outcome,
         };
         let entry =
-            Entry { key: reply_to.to_owned(), fields: reply.to_fields(), label: reply.outcome.label(), receipt: None };
+            Entry { key: Arc::from(reply_to), fields: reply.to_fields(), label: reply.outcome.label(), receipt: None };
         if self.replies.offer(entry).is_err() {
             tracing::warn!(%device, request_id, "reply buffer full; reply dropped");
         }

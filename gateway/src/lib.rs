@@ -209,6 +209,7 @@ impl Gateway {
         let services = TaskTracker::new();
         let writer_cfg = |cap, name: &str| WriterConfig {
             batch_max: ctx.config.upstream.batch_max,
+            linger: Duration::from_micros(ctx.config.upstream.linger_us),
             cap,
             writer_id: format!("{}/{name}/", registry.incarnation_id()),
         };
@@ -236,6 +237,7 @@ impl Gateway {
         let liveness_stop = CancellationToken::new();
         services.spawn(Arc::clone(&registry).run_liveness(liveness_stop.clone()));
         services.spawn(Arc::clone(&registry).run_janitor(liveness_stop.clone()));
+        services.spawn(Arc::clone(&registry).run_node_set(liveness_stop.clone()));
         services.spawn(credential_watch::run(Arc::clone(&ctx), watch_redis, liveness_stop.clone()));
         services.spawn(redis_loss::run(Arc::clone(&ctx), liveness_stop.clone()));
         let sweeper = Arc::clone(&ctx);

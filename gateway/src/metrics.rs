@@ -5,6 +5,7 @@
 //! `docs/metrics.md` lists them and the dashboards in `grafana/` query exactly these names.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -86,6 +87,102 @@ pub struct Metrics {
     pub backpressure: IntCounterVec,
     /// `gateway_mqtt_stored_downlinks_total{action}`: persistent-session downlinks kept and resent.
     pub stored_downlinks: IntCounterVec,
+    /// The MQTT listener's byte and frame counters, resolved once.
+    pub mqtt: Traffic,
+    /// The cabinet listener's byte and frame counters, resolved once.
+    pub cabinet: Traffic,
+}
+
+/// Frame types counted on the hot paths without a label lookup; others fall back to it.
+const HOT_FRAMES: [&str; 11] = [
+    "publish",
+    "puback",
+    "pingreq",
+    "pingresp",
+    "subscribe",
+    "suback",
+    "heartbeat",
+    "heartbeat_ack",
+    "weight_report",
+    "door_event",
+    "ack",
+];
+
+/// One protocol's byte and frame counters (`gateway_bytes_*_total`,
+/// `gateway_frames_*_total`), each resolved on first use: a packet counted on a session's hot
+/// path costs an atomic add, not a hash of its label values (`with_label_values`) each time.
+#[derive(Debug, Clone)]
+pub struct Traffic(Arc<TrafficCounters>);
+
+#[derive(Debug)]
+struct TrafficCounters {
+    protocol: &'static str,
+    bytes_in_vec: IntCounterVec,
+    bytes_out_vec: IntCounterVec,
+    frames_in_vec: IntCounterVec,
+    frames_out_vec: IntCounterVec,
+    bytes_in: OnceLock<IntCounter>,
+    bytes_out: OnceLock<IntCounter>,
+    frames_in: [OnceLock<IntCounter>; HOT_FRAMES.len()],
+    frames_out: [OnceLock<IntCounter>; HOT_FRAMES.len()],
+}
+
+impl Traffic {
+    fn new(protocol: &'static str, m: &MetricsVecs<'_>) -> Self {
+        Self(Arc::new(TrafficCounters {
+            protocol,
+            bytes_in_vec: m.bytes_in.clone(),
+            bytes_out_vec: m.bytes_out.clone(),
+            frames_in_vec: m.frames_in.clone(),
+            frames_out_vec: m.frames_out.clone(),
+            bytes_in: OnceLock::new(),
+            bytes_out: OnceLock::new(),
+            frames_in: std::array::from_fn(|_| OnceLock::new()),
+            frames_out: std::array::from_fn(|_| OnceLock::new()),
+        }))
+    }
+
+    /// Counts `n` bytes received (nothing for 0).
+    pub fn bytes_in(&self, n: usize) {
+        if n > 0 {
+            let t = &self.0;
+            t.bytes_in.get_or_init(|| t.bytes_in_vec.with_label_values(&[t.protocol])).inc_by(n as u64);
+        }
+    }
+
+    /// Counts `n` bytes sent (nothing for 0).
+    pub fn bytes_out(&self, n: usize) {
+        if n > 0 {
+            let t = &self.0;
+            t.bytes_out.get_or_init(|| t.bytes_out_vec.with_label_values(&[t.protocol])).inc_by(n as u64);
+        }
+    }
+
+    /// Counts one frame of type `label` received.
+    pub fn frame_in(&self, label: &str) {
+        let t = &self.0;
+        match HOT_FRAMES.iter().position(|h| *h == label) {
+            Some(i) => t.frames_in[i].get_or_init(|| t.frames_in_vec.with_label_values(&[t.protocol, label])).inc(),
+            None => t.frames_in_vec.with_label_values(&[t.protocol, label]).inc(),
+        }
+    }
+
+    /// Counts one frame of type `label` sent.
+    pub fn frame_out(&self, label: &str) {
+        let t = &self.0;
+        match HOT_FRAMES.iter().position(|h| *h == label) {
+            Some(i) => t.frames_out[i].get_or_init(|| t.frames_out_vec.with_label_values(&[t.protocol, label])).inc(),
+            None => t.frames_out_vec.with_label_values(&[t.protocol, label]).inc(),
+        }
+    }
+}
+
+/// The vectors [`Traffic`] resolves from.
+struct MetricsVecs<'a> {
+    bytes_in: &'a IntCounterVec,
+    bytes_out: &'a IntCounterVec,
+    frames_in: &'a IntCounterVec,
+    frames_out: &'a IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -144,6 +241,24 @@ impl Metrics {
         registry.register(Box::new(command_duration.clone())).expect("registered once");
 
         let r = &registry;
+        let frames_in = counter_vec(
+            r,
+            "gateway_frames_received_total",
+            "Frames (cabinet) or packets (MQTT) received, by type.",
+            &["protocol", "type"],
+        );
+        let frames_out = counter_vec(
+            r,
+            "gateway_frames_sent_total",
+            "Frames (cabinet) or packets (MQTT) sent, by type.",
+            &["protocol", "type"],
+        );
+        let bytes_in = counter_vec(r, "gateway_bytes_received_total", "Bytes received from devices.", &["protocol"]);
+        let bytes_out = counter_vec(r, "gateway_bytes_sent_total", "Bytes sent to devices.", &["protocol"]);
+        let vecs =
+            MetricsVecs { bytes_in: &bytes_in, bytes_out: &bytes_out, frames_in: &frames_in, frames_out: &frames_out };
+        let mqtt = Traffic::new("mqtt", &vecs);
+        let cabinet = Traffic::new("cabinet", &vecs);
         Self {
             connections_accepted: counter_vec(
                 r,
@@ -165,26 +280,16 @@ impl Metrics {
                 &["protocol"],
             ),
             logins: counter_vec(r, "gateway_logins_total", "Login attempts by result.", &["protocol", "result"]),
-            frames_in: counter_vec(
-                r,
-                "gateway_frames_received_total",
-                "Frames (cabinet) or packets (MQTT) received, by type.",
-                &["protocol", "type"],
-            ),
-            frames_out: counter_vec(
-                r,
-                "gateway_frames_sent_total",
-                "Frames (cabinet) or packets (MQTT) sent, by type.",
-                &["protocol", "type"],
-            ),
+            frames_in,
+            frames_out,
             frames_rejected: counter_vec(
                 r,
                 "gateway_frames_rejected_total",
                 "Frames or packets rejected, by reason.",
                 &["protocol", "reason"],
             ),
-            bytes_in: counter_vec(r, "gateway_bytes_received_total", "Bytes received from devices.", &["protocol"]),
-            bytes_out: counter_vec(r, "gateway_bytes_sent_total", "Bytes sent to devices.", &["protocol"]),
+            bytes_in,
+            bytes_out,
             takeovers: counter_vec(
                 r,
                 "gateway_takeovers_total",
@@ -274,6 +379,8 @@ impl Metrics {
             connections_open,
             node_info,
             registry,
+            mqtt,
+            cabinet,
         }
     }
 

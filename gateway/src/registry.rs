@@ -8,6 +8,7 @@
 //! stream). When a session ends it *releases* the entry only if the entry still names it, so a
 //! late cleanup can never remove a newer session's entry.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -209,6 +210,10 @@ pub struct Registry {
     release: Script,
     clear_leftover: Script,
     restore: Script,
+    /// Changes to this node's member set not yet written (device -> `true` to add, `false` to
+    /// remove; the last change wins), written by [`Registry::run_node_set`].
+    node_set: std::sync::Mutex<HashMap<String, bool>>,
+    node_set_changed: tokio::sync::Notify,
     /// Releases that failed (Redis down) and are retried by [`Registry::run_janitor`].
     retry_tx: mpsc::UnboundedSender<(DeviceKey, String)>,
     retry_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(DeviceKey, String)>>>,
@@ -232,9 +237,65 @@ impl Registry {
             release: Script::new(RELEASE),
             clear_leftover: Script::new(CLEAR_LEFTOVER),
             restore: Script::new(RESTORE),
+            node_set: std::sync::Mutex::new(HashMap::new()),
+            node_set_changed: tokio::sync::Notify::new(),
             retry_tx,
             retry_rx: std::sync::Mutex::new(Some(retry_rx)),
             metrics,
+        }
+    }
+
+    /// Notes that `device` joined (`true`) or left this node's member set.
+    fn note_member(&self, device: String, member: bool) {
+        self.node_set.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(device, member);
+        self.node_set_changed.notify_one();
+    }
+
+    /// Writes this node's member set (`P node:{node}:conns`, read after a crash by
+    /// [`Registry::clear_leftovers`]) off the login path: each round takes every change noted
+    /// since the last one and writes them as one `SADD` and one `SREM`, so a storm of logins
+    /// costs a few commands rather than one per login. A failed round is merged back (newer
+    /// changes win) and tried again a second later. Runs until `shutdown`, then writes once
+    /// more.
+    pub async fn run_node_set(self: Arc<Self>, shutdown: CancellationToken) {
+        let key = self.keys.node_conns(&self.node);
+        loop {
+            let stopping = tokio::select! {
+                () = self.node_set_changed.notified() => false,
+                () = shutdown.cancelled() => true,
+            };
+            let changes = std::mem::take(&mut *self.node_set.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            if !changes.is_empty() {
+                let (add, remove): (Vec<_>, Vec<_>) = changes.iter().partition(|(_, member)| **member);
+                let mut pipe = redis::pipe();
+                if !add.is_empty() {
+                    pipe.cmd("SADD").arg(&key).arg(add.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>()).ignore();
+                }
+                if !remove.is_empty() {
+                    pipe.cmd("SREM").arg(&key).arg(remove.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>()).ignore();
+                }
+                let mut con = self.redis.clone();
+                if let Err(e) = pipe.query_async::<()>(&mut con).await {
+                    self.metrics.redis_errors.with_label_values(&["node_set"]).inc();
+                    tracing::warn!(error = %e, changes = changes.len(), "failed to write the node's member set; retrying");
+                    {
+                        let mut pending = self.node_set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        for (device, member) in changes {
+                            pending.entry(device).or_insert(member);
+                        }
+                    }
+                    if !stopping {
+                        self.node_set_changed.notify_one();
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = shutdown.cancelled() => {}
+                        }
+                    }
+                }
+            }
+            if stopping {
+                return;
+            }
         }
     }
 
@@ -301,11 +362,7 @@ impl Registry {
             _ => return Ok(Err(ClaimRefusal::Flapping { retry_after, started: false })),
         }
         // Remembered so that a restart of this node can clear what a crash left behind.
-        let _: RedisResult<()> = redis::cmd("SADD")
-            .arg(self.keys.node_conns(&self.node))
-            .arg(device.to_string())
-            .query_async(&mut con)
-            .await;
+        self.note_member(device.to_string(), true);
         Ok(Ok(Claim { epoch, previous_node: (!prev_node.is_empty()).then_some(prev_node) }))
     }
 
@@ -328,11 +385,7 @@ impl Registry {
             .await
             .inspect_err(|_| self.metrics.redis_errors.with_label_values(&["release"]).inc())?;
         if released == 1 {
-            let _: RedisResult<()> = redis::cmd("SREM")
-                .arg(self.keys.node_conns(&self.node))
-                .arg(device.to_string())
-                .query_async(&mut con)
-                .await;
+            self.note_member(device.to_string(), false);
         }
         Ok(released == 1)
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -114,23 +114,26 @@ impl Conn {
                 if !want_read {
                     return Poll::Pending;
                 }
-                loop {
-                    ready!(s.poll_read_ready(cx))?;
-                    if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
-                        self.rbuf.reserve(READ_CHUNK);
+                // Readiness first, so that an idle connection holds no read buffer while it waits.
+                if s.poll_read_ready(cx)?.is_pending() {
+                    if self.rbuf.is_empty() {
+                        self.rbuf = BytesMut::new();
                     }
-                    match s.try_read_buf(&mut self.rbuf) {
-                        Ok(n) => return Poll::Ready(Ok(Event::Read(n))),
-                        // Readiness was stale (it stays set until a read would block): give the
-                        // buffer back before waiting, or every idle connection keeps one.
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            if self.rbuf.is_empty() {
-                                self.rbuf = BytesMut::new();
-                            }
-                        }
-                        Err(e) => return Poll::Ready(Err(e)),
-                    }
+                    return Poll::Pending;
                 }
+                if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
+                    self.rbuf.reserve(READ_CHUNK);
+                }
+                // A read through `AsyncRead` clears the readiness when it comes back short of the
+                // buffer, so the next wait goes to the reactor rather than to a second `recv`
+                // that would only say "nothing more": one system call per arrival, not two.
+                let read = tokio_util::io::poll_read_buf(Pin::new(s), cx, &mut self.rbuf);
+                // Readiness was stale: give the buffer back before waiting, or every idle
+                // connection keeps one.
+                if read.is_pending() && self.rbuf.is_empty() {
+                    self.rbuf = BytesMut::new();
+                }
+                read.map_ok(Event::Read)
             }
             Stream::Tls(s) => {
                 if want_write && s.get_ref().0.poll_write_ready(cx)?.is_ready() {

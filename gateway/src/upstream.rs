@@ -39,7 +39,8 @@ struct HeartbeatWindow {
 #[derive(Debug)]
 pub struct Upstream {
     writer: StreamWriter,
-    keys: Keys,
+    /// The shards' stream keys, made once.
+    streams: Vec<Arc<str>>,
     shards: u16,
     node: String,
     /// Where the live cabinet session count comes from.
@@ -61,7 +62,8 @@ impl Upstream {
     ) -> Self {
         let window = Mutex::new(HeartbeatWindow { start_ms: now_ms(), ..HeartbeatWindow::default() });
         let node = registry.node().to_owned();
-        Self { writer, keys, shards, node, registry, window, metrics }
+        let streams = (0..shards.max(1)).map(|s| Arc::from(keys.upstream(s))).collect();
+        Self { writer, streams, shards, node, registry, window, metrics }
     }
 
     /// This node's id, as events carry it.
@@ -73,7 +75,12 @@ impl Upstream {
         // Heartbeat windows are node-wide; they travel on shard 0.
         let shard = event.device().map_or(0, |d| d.shard(self.shards));
         match event.to_fields() {
-            Ok(fields) => Some(Entry { key: self.keys.upstream(shard), fields, label: event.label(), receipt }),
+            Ok(fields) => Some(Entry {
+                key: Arc::clone(&self.streams[usize::from(shard) % self.streams.len()]),
+                fields,
+                label: event.label(),
+                receipt,
+            }),
             Err(e) => {
                 tracing::error!(error = %e, event = event.label(), "failed to encode upstream event");
                 None

@@ -6,11 +6,13 @@
 # measured phase only; the machine's idle share and the share other processes used over the
 # same phase are recorded with every run, so a run on a busy machine shows as one.
 #
-#   loadtest/bench/vs-mosquitto.sh [RUNS] [LOAD ...]     (LOAD: qos1 churn idle; default all)
+#   loadtest/bench/vs-mosquitto.sh [RUNS] [LOAD ...]  (LOAD: qos1 paced churn idle; default all)
 #
 # qos1:  QOS1_CONNS (100) connections x INFLIGHT (10) QoS 1 publishes of PAYLOAD (64) bytes
 #        outstanding, MEASURE_S (10) measured; CPU per acknowledged publish. The gateway
 #        acknowledges once its Redis holds the uplink (append-only file, fsync every second).
+# paced: the same connections offering RATE (40000) publishes a second in all, below both
+#        servers' capacity: CPU per publish at the same load, neither server saturated.
 # churn: CHURN_TOTAL (20000) connect + authenticate + subscribe + disconnect, CHURN_CONC (50)
 #        at a time; CPU per connection. The gateway's accept pacing is raised out of the way.
 # idle:  IDLE_CONNS (15000) subscribed connections held HOLD_S (20) s; RSS growth per
@@ -26,9 +28,9 @@ cd "$(dirname "$0")/../.."
 RUNS=${1:-5}
 shift || true
 LOADS=("$@")
-[ ${#LOADS[@]} -gt 0 ] || LOADS=(qos1 churn idle)
+[ ${#LOADS[@]} -gt 0 ] || LOADS=(qos1 paced churn idle)
 QOS1_CONNS=${QOS1_CONNS:-100} INFLIGHT=${INFLIGHT:-10} PAYLOAD=${PAYLOAD:-64} MEASURE_S=${MEASURE_S:-10}
-CHURN_TOTAL=${CHURN_TOTAL:-20000} CHURN_CONC=${CHURN_CONC:-50}
+RATE=${RATE:-40000} CHURN_TOTAL=${CHURN_TOTAL:-20000} CHURN_CONC=${CHURN_CONC:-50}
 IDLE_CONNS=${IDLE_CONNS:-15000} HOLD_S=${HOLD_S:-20}
 GATEWAY=${GATEWAY:-target/release/gateway}
 command -v taskset >/dev/null 2>&1 || install_packages util-linux
@@ -104,6 +106,7 @@ one_run() {
   else start_mosquitto; pids=(--server-pid "$SERVER_PID"); fi
   case "$load" in
     qos1) args=(--conns "$QOS1_CONNS" --inflight "$INFLIGHT" --payload "$PAYLOAD" --seconds "$MEASURE_S") ;;
+    paced) args=(--conns "$QOS1_CONNS" --inflight "$INFLIGHT" --payload "$PAYLOAD" --seconds "$MEASURE_S" --rate "$RATE") ;;
     churn) args=(--total "$CHURN_TOTAL" --concurrency "$CHURN_CONC") ;;
     idle) args=(--conns "$IDLE_CONNS" --seconds "$HOLD_S" --ramp-per-s 5000) ;;
   esac
@@ -113,14 +116,14 @@ one_run() {
     perf record -q -e cpu-clock -F 1999 -g -p "$SERVER_PID" -o "$PROFILE/$load-$run.data" 2>/dev/null &
     perf_pid=$!
   fi
-  taskset -c 1 "$LT" probe --load "$load" --addr "127.0.0.1:$PORT" "${pids[@]}" "${redis_arg[@]}" "${args[@]}" \
+  taskset -c 1 "$LT" probe --load "${load/paced/qos1}" --addr "127.0.0.1:$PORT" "${pids[@]}" "${redis_arg[@]}" "${args[@]}" \
     >"$WORK/probe.json" 2>"$WORK/probe.err" || { cat "$WORK/probe.err" >&2; stop_servers; die "probe failed"; }
   [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
   stop_servers
-  python3 - "$WORK/probe.json" "$server" "$run" >>"$WORK/runs.jsonl" <<'PY'
+  python3 - "$WORK/probe.json" "$server" "$run" "$load" >>"$WORK/runs.jsonl" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-d["server"], d["run"] = sys.argv[2], int(sys.argv[3])
+d["server"], d["run"], d["load"] = sys.argv[2], int(sys.argv[3]), sys.argv[4]
 print(json.dumps(d))
 PY
   say "$server $load run $run: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["report"]; print({k: r[k] for k in r if k.endswith(("per_op","per_s","per_conn_after_ramp","per_conn_after_hold"))}, "idle", round(r.get("cpu", r.get("ramp_cpu", {})).get("machine_idle_share", 0), 3))' "$WORK/probe.json")"
@@ -130,6 +133,8 @@ for load in "${LOADS[@]}"; do
   for run in $(seq 1 "$RUNS"); do
     # Alternate which server goes first, so drift on the machine falls on both.
     if [ $((run % 2)) = 1 ]; then order=(gateway mosquitto); else order=(mosquitto gateway); fi
+    # SERVERS=gateway measures one side only (while iterating; a comparison needs both).
+    [ -z "${SERVERS:-}" ] || order=($SERVERS)
     for server in "${order[@]}"; do one_run "$server" "$load" "$run"; done
   done
 done
@@ -143,6 +148,7 @@ def stat(v):
     return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)} if v else None
 headline = {
     "qos1": ["server_cpu_us_per_op", "acked_per_s", ("puback", "p50_ms"), ("puback", "p99_ms"), ("cpu", "machine_idle_share"), ("cpu", "other_processes_share")],
+    "paced": ["server_cpu_us_per_op", "acked_per_s", "skipped_window_full", ("puback", "p50_ms"), ("puback", "p99_ms"), ("cpu", "machine_idle_share"), ("cpu", "other_processes_share")],
     "churn": ["server_cpu_us_per_op", "conns_per_s", ("connect_subscribe", "p99_ms"), ("cpu", "machine_idle_share"), ("cpu", "other_processes_share")],
     "idle": ["rss_per_conn_after_ramp", "rss_per_conn_after_hold", "ramp_server_cpu_us_per_conn", ("ramp_cpu", "machine_idle_share")],
 }

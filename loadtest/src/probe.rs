@@ -6,7 +6,8 @@
 //!
 //! Three loads:
 //! - `qos1`: `conns` connections each keep `inflight` QoS 1 publishes outstanding for
-//!   `seconds`; CPU per acknowledged publish, PUBACKs per second and their latency.
+//!   `seconds` (or, with `rate`, offer that many a second in all, paced); CPU per acknowledged
+//!   publish, PUBACKs per second and their latency.
 //! - `churn`: `concurrency` workers connect, subscribe, disconnect and close, `total` times in
 //!   all; CPU per connection and connections per second.
 //! - `idle`: `conns` subscribed connections held for `seconds`; the servers' RSS growth per
@@ -58,6 +59,10 @@ pub struct ProbePlan {
     /// Publishes outstanding per connection (qos1).
     #[arg(long, default_value_t = 10)]
     pub inflight: usize,
+    /// Publishes per second offered in all (qos1; 0: each PUBACK is answered at once with the
+    /// next publish, the most the window allows).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// Payload bytes per publish (qos1).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
@@ -309,20 +314,23 @@ async fn qos1(plan: &ProbePlan) -> anyhow::Result<serde_json::Value> {
         let topic = uplink_topic(&fleet_ids::vin(n), UplinkKind::OtaStatus).into_bytes();
         let payload = payload.clone();
         let inflight = plan.inflight;
-        tasks.spawn(async move { publisher(sock, buf, topic, payload, inflight, stop).await });
+        let period = (plan.rate > 0).then(|| Duration::from_secs_f64(plan.conns as f64 / plan.rate as f64));
+        tasks.spawn(async move { publisher(sock, buf, topic, payload, inflight, period, stop).await });
     }
     let mut lat = new_histogram();
-    let mut acked = 0u64;
+    let (mut acked, mut skipped) = (0u64, 0u64);
     while let Some(r) = tasks.join_next().await {
-        let (n, h) = r??;
+        let (n, k, h) = r??;
         acked += n;
+        skipped += k;
         lat.add(&h)?;
     }
     let cpu = meter.stop()?;
     let cpu_s = cpu["server_cpu_s"].as_f64().unwrap_or(0.0);
     Ok(json!({
-        "conns": plan.conns, "inflight": plan.inflight, "payload": plan.payload,
+        "conns": plan.conns, "inflight": plan.inflight, "payload": plan.payload, "rate": plan.rate,
         "acked": acked,
+        "skipped_window_full": skipped,
         "acked_per_s": acked as f64 / cpu["seconds"].as_f64().unwrap_or(1.0),
         "server_cpu_us_per_op": cpu_s * 1e6 / (acked.max(1) as f64),
         "puback": summarize(&lat),
@@ -330,59 +338,86 @@ async fn qos1(plan: &ProbePlan) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-/// Keeps `inflight` publishes outstanding until `stop`, then waits for the last PUBACKs.
+/// Keeps up to `inflight` publishes outstanding until `stop`, then waits for the last PUBACKs.
+/// With a `period`, one publish is due each period (skipped, and counted, while the window is
+/// full); without, a PUBACK is answered at once with the next publish.
+#[allow(clippy::too_many_arguments)]
 async fn publisher(
     mut sock: TcpStream,
     mut buf: BytesMut,
     topic: Vec<u8>,
     payload: Vec<u8>,
     inflight: usize,
+    period: Option<Duration>,
     stop: Instant,
-) -> anyhow::Result<(u64, Histogram<u64>)> {
+) -> anyhow::Result<(u64, u64, Histogram<u64>)> {
     let mut lat = new_histogram();
     let mut sent_at = vec![None; 65_536];
     let mut next_id: u16 = 0;
     let mut out = BytesMut::with_capacity(inflight * (topic.len() + payload.len() + 8));
     let mut outstanding = 0usize;
-    let mut acked = 0u64;
+    let (mut acked, mut skipped) = (0u64, 0u64);
     let mut send = |out: &mut BytesMut, sent_at: &mut Vec<Option<Instant>>| {
         next_id = next_id.wrapping_add(1).max(1);
         put_publish(out, &topic, next_id, &payload);
         sent_at[usize::from(next_id)] = Some(Instant::now());
     };
-    for _ in 0..inflight {
-        send(&mut out, &mut sent_at);
-        outstanding += 1;
+    // Paced: start at a random point of the period, so connections do not tick together.
+    let mut tick = period.map(|p| tokio::time::interval_at(Instant::now() + p.mul_f64(fastrand::f64()), p));
+    if tick.is_none() {
+        for _ in 0..inflight {
+            send(&mut out, &mut sent_at);
+            outstanding += 1;
+        }
     }
-    sock.write_all(&out).await?;
-    out.clear();
-    while outstanding > 0 {
-        if sock.read_buf(&mut buf).await? == 0 {
-            bail!("connection closed with {outstanding} publishes unacknowledged");
-        }
-        let more = Instant::now() < stop;
-        while let Some((first, body)) = take_packet(&mut buf)? {
-            if first >> 4 != 4 || body.len() < 2 {
-                continue;
-            }
-            let id = usize::from(u16::from_be_bytes([body[0], body[1]]));
-            if let Some(t) = sent_at[id].take() {
-                lat.saturating_record(micros(t));
-                acked += 1;
-                outstanding -= 1;
-                if more {
-                    send(&mut out, &mut sent_at);
-                    outstanding += 1;
-                }
-            }
-        }
+    loop {
         if !out.is_empty() {
             sock.write_all(&out).await?;
             out.clear();
         }
+        let more = Instant::now() < stop;
+        if !more && outstanding == 0 {
+            break;
+        }
+        let due = async {
+            match tick.as_mut() {
+                Some(t) if more => t.tick().await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            read = sock.read_buf(&mut buf) => {
+                if read? == 0 {
+                    bail!("connection closed with {outstanding} publishes unacknowledged");
+                }
+                while let Some((first, body)) = take_packet(&mut buf)? {
+                    if first >> 4 != 4 || body.len() < 2 {
+                        continue;
+                    }
+                    let id = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                    if let Some(t) = sent_at[id].take() {
+                        lat.saturating_record(micros(t));
+                        acked += 1;
+                        outstanding -= 1;
+                        if more && tick.is_none() {
+                            send(&mut out, &mut sent_at);
+                            outstanding += 1;
+                        }
+                    }
+                }
+            }
+            _ = due => {
+                if outstanding < inflight {
+                    send(&mut out, &mut sent_at);
+                    outstanding += 1;
+                } else {
+                    skipped += 1;
+                }
+            }
+        }
     }
     sock.write_all(&[0xe0, 0]).await?;
-    Ok((acked, lat))
+    Ok((acked, skipped, lat))
 }
 
 async fn churn(plan: &ProbePlan) -> anyhow::Result<serde_json::Value> {

@@ -46,7 +46,7 @@ async fn read_prelogin(conn: &mut Conn, ctx: &Ctx, deadline: Instant) -> Option<
     loop {
         match cabinet::decode(conn.read_buf(), PRELOGIN_MAX_PAYLOAD) {
             Ok(Some(frame)) => {
-                ctx.metrics.frames_in.with_label_values(&[PROTOCOL, frame.message.message_type().label()]).inc();
+                ctx.metrics.cabinet.frame_in(frame.message.message_type().label());
                 return Some(frame);
             }
             Ok(None) => {}
@@ -68,7 +68,7 @@ async fn read_prelogin(conn: &mut Conn, ctx: &Ctx, deadline: Instant) -> Option<
                 count(ctx, "peer_closed");
                 return None;
             }
-            Ok(Ok(Event::Read(n))) => ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64),
+            Ok(Ok(Event::Read(n))) => ctx.metrics.cabinet.bytes_in(n),
         }
     }
 }
@@ -90,7 +90,7 @@ async fn challenge(conn: &mut Conn, ctx: &Ctx, seq: u32, hello: Hello) -> Option
     let answer = Challenge { login_version: LOGIN_V2, nonce, server_time_ms: now_ms() };
     queue(conn, ctx, &Frame::new(seq, Message::Challenge(answer)));
     match conn.flush(Duration::from_millis(ctx.config.cabinet.write_timeout_ms)).await {
-        Ok(n) => ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64),
+        Ok(n) => ctx.metrics.cabinet.bytes_out(n),
         Err(_) => return None,
     }
     Some(nonce)

@@ -33,7 +33,7 @@ pub async fn serve(mut conn: Conn, ctx: Arc<Ctx>, _guard: ConnGuard) {
 pub(crate) fn queue(conn: &mut Conn, ctx: &Ctx, frame: &Frame) {
     match cabinet::encode(frame, conn.write_buf()) {
         Ok(()) => {
-            ctx.metrics.frames_out.with_label_values(&[PROTOCOL, frame.message.message_type().label()]).inc();
+            ctx.metrics.cabinet.frame_out(frame.message.message_type().label());
         }
         Err(e) => tracing::error!(error = %e, "failed to encode frame to cabinet"),
     }

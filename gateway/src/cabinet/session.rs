@@ -183,7 +183,7 @@ impl Session<'_> {
                 }
                 Wake::Io(Ok(Event::Read(0))) => Err(End::PeerClosed),
                 Wake::Io(Ok(Event::Read(n))) => {
-                    self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+                    self.ctx.metrics.cabinet.bytes_in(n);
                     idle_deadline = Instant::now() + idle_timeout;
                     self.on_bytes()
                 }
@@ -227,7 +227,7 @@ impl Session<'_> {
     /// `MAX_PENDING_WRITE` of them, or the deadline passing, means a reader too slow to keep.
     fn push_out(&mut self) -> Result<(), End> {
         match self.conn.try_flush() {
-            Ok(n) => self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64),
+            Ok(n) => self.ctx.metrics.cabinet.bytes_out(n),
             Err(_) => return Err(End::Io),
         }
         let waiting = self.conn.pending_write();
@@ -264,7 +264,7 @@ impl Session<'_> {
 
     fn on_frame(&mut self, frame: Frame) {
         let kind = frame.message.message_type();
-        self.ctx.metrics.frames_in.with_label_values(&[PROTOCOL, kind.label()]).inc();
+        self.ctx.metrics.cabinet.frame_in(kind.label());
         let seq = frame.seq;
         match frame.message {
             Message::Heartbeat(_) => {
@@ -415,7 +415,7 @@ impl Session<'_> {
         if !matches!(end, End::SlowReader | End::Io | End::PeerClosed) {
             self.await_confirmations().await;
             if let Ok(n) = self.conn.flush(Duration::from_millis(self.ctx.config.cabinet.write_timeout_ms)).await {
-                self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+                self.ctx.metrics.cabinet.bytes_out(n);
             }
             self.conn.close().await;
         }

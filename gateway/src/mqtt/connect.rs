@@ -31,6 +31,9 @@ pub(super) struct Connected {
     pub(super) idle_timeout: Duration,
     /// Seconds the session outlives the connection; 0 = not persistent.
     pub(super) session_expiry_s: u32,
+    /// Whether Redis may hold state of this session (it was resumed, or it is persistent): a
+    /// clean, non-persistent session has nothing to delete when it ends.
+    pub(super) stored_state: bool,
     pub(super) subscriptions: Vec<(String, QoS)>,
     /// Unacknowledged downlinks of the previous connection, to send again.
     pub(super) resend: Vec<StoredDownlink>,
@@ -98,10 +101,10 @@ pub(super) async fn connect(
                 count(ctx, "peer_closed");
                 return None;
             }
-            Ok(Ok(Event::Read(n))) => ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64),
+            Ok(Ok(Event::Read(n))) => ctx.metrics.mqtt.bytes_in(n),
         }
     };
-    ctx.metrics.frames_in.with_label_values(&[PROTOCOL, "connect"]).inc();
+    ctx.metrics.mqtt.frame_in("connect");
     let version = connect.version;
     let refuse = |conn: &mut Conn, codec: &mut MqttCodec, code: ConnectCode, result: &str| {
         count(ctx, result);
@@ -222,6 +225,7 @@ pub(super) async fn connect(
         version,
         idle_timeout: Duration::from_millis(u64::from(keep_alive_s) * 1500),
         session_expiry_s,
+        stored_state: !connect.clean_start || session_expiry_s > 0,
         subscriptions: stored.subscriptions,
         resend: stored.inflight,
         max_inflight,

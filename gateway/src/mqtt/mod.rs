@@ -41,7 +41,7 @@ pub(crate) fn queue(conn: &mut Conn, codec: &mut MqttCodec, ctx: &Ctx, packet: P
     let start = conn.write_buf().len();
     match codec.encode(packet, conn.write_buf()) {
         Ok(()) => {
-            ctx.metrics.frames_out.with_label_values(&[PROTOCOL, label]).inc();
+            ctx.metrics.mqtt.frame_out(label);
             true
         }
         Err(e) => {

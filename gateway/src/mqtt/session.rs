@@ -107,6 +107,8 @@ pub(super) struct Live {
     vin: Vin,
     version: Version,
     session_expiry_s: u32,
+    /// See [`Connected::stored_state`].
+    stored_state: bool,
     subscriptions: Vec<(String, QoS)>,
     inflight: Vec<Inflight>,
     max_inflight: usize,
@@ -151,6 +153,7 @@ impl Live {
             vin: c.vin,
             version: c.version,
             session_expiry_s: c.session_expiry_s,
+            stored_state: c.stored_state,
             subscriptions: c.subscriptions,
             inflight: Vec::new(),
             max_inflight: usize::from(c.max_inflight),
@@ -269,7 +272,7 @@ impl Session<'_> {
                     }
                     Wake::Io(Ok(Event::Read(0))) => Err(End::PeerClosed),
                     Wake::Io(Ok(Event::Read(n))) => {
-                        self.ctx.metrics.bytes_in.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+                        self.ctx.metrics.mqtt.bytes_in(n);
                         idle_deadline = Instant::now() + idle_timeout;
                         Box::pin(self.on_bytes()).await
                     }
@@ -295,7 +298,7 @@ impl Session<'_> {
     /// `MAX_PENDING_WRITE` of them, or the deadline passing, means a reader too slow to keep.
     fn push_out(&mut self) -> Result<(), End> {
         match self.conn.try_flush() {
-            Ok(n) => self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64),
+            Ok(n) => self.ctx.metrics.mqtt.bytes_out(n),
             Err(_) => return Err(End::Io),
         }
         let waiting = self.conn.pending_write();
@@ -329,7 +332,7 @@ impl Session<'_> {
     }
 
     async fn on_packet(&mut self, packet: Packet) -> Result<(), End> {
-        self.ctx.metrics.frames_in.with_label_values(&[PROTOCOL, packet.label()]).inc();
+        self.ctx.metrics.mqtt.frame_in(packet.label());
         match packet {
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck { packet_id, .. } => {
@@ -713,7 +716,7 @@ impl Session<'_> {
         }
         if !matches!(end, End::SlowReader | End::Io | End::PeerClosed) {
             if let Ok(n) = self.conn.flush(Duration::from_millis(self.ctx.config.mqtt.write_timeout_ms)).await {
-                self.ctx.metrics.bytes_out.with_label_values(&[PROTOCOL]).inc_by(n as u64);
+                self.ctx.metrics.mqtt.bytes_out(n);
             }
             self.conn.close().await;
         }
@@ -728,8 +731,11 @@ impl Session<'_> {
         }
         let state = if self.live.session_expiry_s > 0 {
             persist::expire(self.ctx, &self.live.vin, self.live.session_expiry_s).await
-        } else {
+        } else if self.live.stored_state {
             persist::delete(self.ctx, &self.live.vin).await
+        } else {
+            // Cleared at connect and nothing stored since: nothing to delete.
+            Ok(())
         };
         if let Err(e) = state {
             self.ctx.metrics.redis_errors.with_label_values(&["mqtt_session"]).inc();
