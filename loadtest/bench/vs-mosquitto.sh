@@ -31,7 +31,7 @@ LOADS=("$@")
 [ ${#LOADS[@]} -gt 0 ] || LOADS=(qos1 paced churn idle)
 QOS1_CONNS=${QOS1_CONNS:-100} INFLIGHT=${INFLIGHT:-10} PAYLOAD=${PAYLOAD:-64} MEASURE_S=${MEASURE_S:-10}
 RATE=${RATE:-40000} CHURN_TOTAL=${CHURN_TOTAL:-20000} CHURN_CONC=${CHURN_CONC:-50}
-IDLE_CONNS=${IDLE_CONNS:-15000} HOLD_S=${HOLD_S:-20}
+IDLE_CONNS=${IDLE_CONNS:-15000} HOLD_S=${HOLD_S:-20} IDLE_RAMP=${IDLE_RAMP:-5000}
 GATEWAY=${GATEWAY:-target/release/gateway}
 command -v taskset >/dev/null 2>&1 || install_packages util-linux
 command -v redis-server >/dev/null 2>&1 || install_packages redis-server
@@ -43,7 +43,7 @@ ulimit -n 20000
 WORK=$(mktemp -d)
 SERVER_PID="" REDIS_PID=""
 stop_servers() {
-  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && { wait "$SERVER_PID" 2>/dev/null || true; }
   [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && while kill -0 "$REDIS_PID" 2>/dev/null; do sleep 0.05; done
   SERVER_PID="" REDIS_PID=""
 }
@@ -108,7 +108,7 @@ one_run() {
     qos1) args=(--conns "$QOS1_CONNS" --inflight "$INFLIGHT" --payload "$PAYLOAD" --seconds "$MEASURE_S") ;;
     paced) args=(--conns "$QOS1_CONNS" --inflight "$INFLIGHT" --payload "$PAYLOAD" --seconds "$MEASURE_S" --rate "$RATE") ;;
     churn) args=(--total "$CHURN_TOTAL" --concurrency "$CHURN_CONC") ;;
-    idle) args=(--conns "$IDLE_CONNS" --seconds "$HOLD_S" --ramp-per-s 5000) ;;
+    idle) args=(--conns "$IDLE_CONNS" --seconds "$HOLD_S" --ramp-per-s "$IDLE_RAMP") ;;
   esac
   local perf_pid=""
   if [ -n "${PROFILE:-}" ] && [ "$server" = gateway ]; then

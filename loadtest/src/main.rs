@@ -56,6 +56,12 @@ enum Cmd {
     /// A lean single-threaded MQTT probe: CPU per operation of the given server processes
     /// (QoS 1 publishes, connect-subscribe-disconnect, idle connections); JSON on stdout.
     Probe(loadtest::probe::ProbePlan),
+    /// A bare one-thread echo server, the floor `probe --load floor` measures against.
+    EchoServer {
+        /// Where to listen.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Draw the PNG charts of an existing report again.
     Charts {
         /// The JSON report.
@@ -233,6 +239,10 @@ impl FleetArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::EchoServer { listen } = &cli.command {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return runtime.block_on(loadtest::probe::echo_server(*listen));
+    }
     if let Cmd::Probe(plan) = &cli.command {
         // One thread, so that the probe costs one core at most and its own CPU is one figure.
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -276,7 +286,7 @@ fn main() -> anyhow::Result<()> {
                     out.display()
                 );
             }
-            Cmd::Probe(_) => unreachable!("run above"),
+            Cmd::Probe(_) | Cmd::EchoServer { .. } => unreachable!("run above"),
             Cmd::Charts { report } => {
                 let text =
                     std::fs::read_to_string(&report).with_context(|| format!("failed to read {}", report.display()))?;

@@ -13,6 +13,11 @@
 //! - `idle`: `conns` subscribed connections held for `seconds`; the servers' RSS growth per
 //!   connection after the ramp and at the end.
 //!
+//! - `cabinet`: `conns` cabinets log in (version 2) and keep `inflight` weight reports
+//!   asking for an `ACK` outstanding each for `seconds`; CPU per login and per acknowledged
+//!   frame. `floor`: the same frames against `loadtest echo-server`, the cost of a frame in and
+//!   an answer out with nothing done in between, on the same machine.
+//!
 //! Vehicle identities and tokens are the fleet's (`fleet_ids`), so a gateway authenticates the
 //! probe with the credentials `--redis-url` provisions; a broker without authentication
 //! ignores them.
@@ -42,6 +47,12 @@ pub enum Load {
     Churn,
     /// Subscribed connections held idle.
     Idle,
+    /// Cabinets (SPEC.md part 1): log in (version 2), then keep `inflight` weight reports
+    /// asking for an `ACK` outstanding each; CPU per login and per acknowledged frame.
+    Cabinet,
+    /// The same weight-report frames against a bare echo server (`loadtest echo-server`), no
+    /// login: the machine's floor for one frame in and one answer out.
+    Floor,
 }
 
 /// A probe run.
@@ -285,13 +296,16 @@ pub async fn run(plan: &ProbePlan) -> anyhow::Result<serde_json::Value> {
         let client = redis::Client::open(url.as_str())?;
         let mut con = client.get_multiplexed_async_connection().await?;
         let keys = Keys::new(&plan.key_prefix);
-        // Credentials of vehicles first..first+devices: provision writes 0..n.
-        fleet_ids::provision_credentials(&mut con, &keys, 0, plan.first + devices).await?;
+        // Credentials of devices first..first+devices: provision writes 0..n.
+        let (cabinets, vehicles) =
+            if plan.load == Load::Cabinet { (plan.first + devices, 0) } else { (0, plan.first + devices) };
+        fleet_ids::provision_credentials(&mut con, &keys, cabinets, vehicles).await?;
     }
     let report = match plan.load {
         Load::Qos1 => qos1(plan).await?,
         Load::Churn => churn(plan).await?,
         Load::Idle => idle(plan).await?,
+        Load::Cabinet | Load::Floor => cabinets(plan).await?,
     };
     Ok(json!({ "load": format!("{:?}", plan.load).to_lowercase(), "addr": plan.addr.to_string(), "report": report }))
 }
@@ -460,6 +474,185 @@ async fn churn(plan: &ProbePlan) -> anyhow::Result<serde_json::Value> {
         "connect_subscribe": summarize(&lat),
         "cpu": cpu,
     }))
+}
+
+/// A cabinet's weight report of 4 lanes, asking for an `ACK`, as encoded bytes.
+fn weight_frame(seq: u32) -> anyhow::Result<BytesMut> {
+    use protocol::cabinet::{Flags, Frame, LaneWeight, Message, WeightReport};
+    let lanes = (1..=4).map(|lane_id| LaneWeight { lane_id, grams: 1000 + i32::from(lane_id), stable: true }).collect();
+    let report = WeightReport { door_id: 1, sample_time_ms: crate::cabinet::now_ms(), lanes };
+    let frame = Frame { seq, flags: Flags(Flags::ACK_REQUESTED), message: Message::WeightReport(report) };
+    let mut out = BytesMut::with_capacity(frame.encoded_len());
+    protocol::cabinet::encode(&frame, &mut out)?;
+    Ok(out)
+}
+
+/// Reads until one whole cabinet frame is in `buf`.
+async fn next_frame(sock: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Result<protocol::cabinet::Frame> {
+    loop {
+        if let Some(f) = protocol::cabinet::decode(buf, protocol::cabinet::MAX_PAYLOAD_LEN)? {
+            return Ok(f);
+        }
+        if sock.read_buf(buf).await? == 0 {
+            bail!("connection closed during login");
+        }
+    }
+}
+
+/// Logs cabinet `n` in with login version 2 (HELLO, CHALLENGE, LOGIN, LOGIN_RESULT).
+async fn cabinet_login(addr: SocketAddr, n: usize) -> anyhow::Result<(TcpStream, BytesMut)> {
+    use protocol::cabinet::{Frame, Hello, Login, LoginStatus, Message};
+    let id = fleet_ids::cabinet_id(n);
+    let secret = fleet_ids::cabinet_secret(&id);
+    let mut sock = TcpStream::connect(addr).await?;
+    sock.set_nodelay(true)?;
+    let mut buf = BytesMut::with_capacity(256);
+    let mut out = BytesMut::new();
+    protocol::cabinet::encode(&Frame::new(1, Message::Hello(Hello { login_version: 2 })), &mut out)?;
+    sock.write_all(&out).await?;
+    let Message::Challenge(challenge) = next_frame(&mut sock, &mut buf).await?.message else { bail!("no CHALLENGE") };
+    let login = Login::sign_v2(id, "probe-1.0", crate::cabinet::now_ms(), challenge.nonce, &secret)?;
+    out.clear();
+    protocol::cabinet::encode(&Frame::new(2, Message::Login(login)), &mut out)?;
+    sock.write_all(&out).await?;
+    match next_frame(&mut sock, &mut buf).await?.message {
+        Message::LoginResult(r) if r.status == LoginStatus::Accepted => Ok((sock, buf)),
+        other => bail!("login refused: {other:?}"),
+    }
+}
+
+async fn cabinets(plan: &ProbePlan) -> anyhow::Result<serde_json::Value> {
+    let meter = Meter::start(&plan.server_pids)?;
+    let mut socks = Vec::with_capacity(plan.conns);
+    let mut logging_in = tokio::task::JoinSet::new();
+    for i in 0..plan.conns {
+        let (addr, n) = (plan.addr, plan.first + i);
+        if plan.load == Load::Floor {
+            logging_in.spawn(async move {
+                let sock = TcpStream::connect(addr).await?;
+                sock.set_nodelay(true)?;
+                anyhow::Ok((sock, BytesMut::new()))
+            });
+        } else {
+            logging_in.spawn(async move { cabinet_login(addr, n).await });
+        }
+        while logging_in.len() >= 50 {
+            if let Some(r) = logging_in.join_next().await {
+                socks.push(r??);
+            }
+        }
+    }
+    while let Some(r) = logging_in.join_next().await {
+        socks.push(r??);
+    }
+    let login_cpu = meter.stop()?;
+    let frame_len = weight_frame(1)?.len();
+    let stop = Instant::now() + Duration::from_secs(plan.seconds);
+    let meter = Meter::start(&plan.server_pids)?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (sock, buf) in socks {
+        let (inflight, echo) = (plan.inflight, plan.load == Load::Floor);
+        tasks.spawn(async move { reporter(sock, buf, inflight, echo, frame_len, stop).await });
+    }
+    let mut lat = new_histogram();
+    let mut acked = 0u64;
+    while let Some(r) = tasks.join_next().await {
+        let (n, h) = r??;
+        acked += n;
+        lat.add(&h)?;
+    }
+    let cpu = meter.stop()?;
+    let cpu_s = cpu["server_cpu_s"].as_f64().unwrap_or(0.0);
+    let n = plan.conns.max(1) as f64;
+    Ok(json!({
+        "conns": plan.conns, "inflight": plan.inflight, "frame_bytes": frame_len,
+        "login_server_cpu_us_per_login": login_cpu["server_cpu_s"].as_f64().unwrap_or(0.0) * 1e6 / n,
+        "acked": acked,
+        "acked_per_s": acked as f64 / cpu["seconds"].as_f64().unwrap_or(1.0),
+        "server_cpu_us_per_op": cpu_s * 1e6 / (acked.max(1) as f64),
+        "frames_per_server_core_s": acked as f64 / cpu_s.max(1e-9),
+        "ack": summarize(&lat),
+        "cpu": cpu,
+        "login_cpu": login_cpu,
+    }))
+}
+
+/// Keeps `inflight` weight reports outstanding until `stop`: an `ACK` (or, against the echo
+/// server, the frame's bytes coming back) lets the next one go.
+async fn reporter(
+    mut sock: TcpStream,
+    mut buf: BytesMut,
+    inflight: usize,
+    echo: bool,
+    frame_len: usize,
+    stop: Instant,
+) -> anyhow::Result<(u64, Histogram<u64>)> {
+    use protocol::cabinet::{MAX_PAYLOAD_LEN, Message};
+    let mut lat = new_histogram();
+    let mut sent_at: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
+    let mut seq: u32 = 10;
+    let mut out = BytesMut::new();
+    let mut acked = 0u64;
+    for _ in 0..inflight {
+        seq += 1;
+        out.extend_from_slice(&weight_frame(seq)?);
+        sent_at.push_back(Instant::now());
+    }
+    sock.write_all(&out).await?;
+    out.clear();
+    while !sent_at.is_empty() {
+        if sock.read_buf(&mut buf).await? == 0 {
+            bail!("connection closed with {} frames unacknowledged", sent_at.len());
+        }
+        let mut answered = 0;
+        if echo {
+            answered = buf.len() / frame_len;
+            buf.advance(answered * frame_len);
+        } else {
+            while let Some(f) = protocol::cabinet::decode(&mut buf, MAX_PAYLOAD_LEN)? {
+                if matches!(f.message, Message::Ack) {
+                    answered += 1;
+                }
+            }
+        }
+        let more = Instant::now() < stop;
+        for _ in 0..answered {
+            if let Some(t) = sent_at.pop_front() {
+                lat.saturating_record(micros(t));
+                acked += 1;
+            }
+            if more {
+                seq += 1;
+                out.extend_from_slice(&weight_frame(seq)?);
+                sent_at.push_back(Instant::now());
+            }
+        }
+        if !out.is_empty() {
+            sock.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    Ok((acked, lat))
+}
+
+/// A bare echo server on one thread (`loadtest echo-server`): the floor a frame costs on this
+/// machine when nothing is done with it. Runs until killed.
+///
+/// # Errors
+/// If `listen` cannot be bound.
+pub async fn echo_server(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            while let Ok(n) = sock.read(&mut buf).await {
+                if n == 0 || sock.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 fn rss_total(pids: &[u32]) -> u64 {
