@@ -5,6 +5,7 @@
 #
 #   loadtest/bench/gateway.sh            all of them (about 20 minutes)
 #   loadtest/bench/gateway.sh idle       only the named ones: idle tls login nodes four storm tls-storm mqtt
+#   SOAK_S=3600 loadtest/bench/gateway.sh soak   19,000 cabinets on one node for an hour (not in "all")
 #
 # Redis: REDIS_URL, or the local one; keys go under a prefix of their own, removed at the end.
 set -euo pipefail
@@ -114,6 +115,17 @@ for run in "${RUNS[@]}"; do
       "$LT" fleet --label idle-vehicles-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
         --mqtt-addr 127.0.0.1:11883 --vehicles 15000 --ramp-per-s 2000 --hold-s 60 \
         --commands-per-s 200 --server-pid "$LAST_PID" --out "$OUT/gateway-idle-vehicles-15k.json"
+      stop_gateways
+      ;;
+    soak)
+      # A long hold at the file limit's worth of cabinets on one node: heartbeats every 30 s,
+      # weights every 90 s, 50 commands/s; memory per connection after the ramp and at the end
+      # (its slope per hour), and what was lost. SOAK_S (3600) seconds.
+      start_gateway bench-a 17100 11883 19100
+      "$LT" fleet --label soak-cabinets-19k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --cabinet-addr 127.0.0.1:17100 --cabinets 19000 --ramp-per-s 2000 --hold-s "${SOAK_S:-3600}" \
+        --commands-per-s 50 --server-pid "$LAST_PID" --max-duration-s $(( ${SOAK_S:-3600} + 600 )) \
+        --out "$OUT/gateway-soak-cabinets-19k.json"
       stop_gateways
       ;;
     tls)
