@@ -299,7 +299,10 @@ fn round_mark(stream: &str, writer_id: &str) -> String {
 /// written already? its length: room below the cap?) when `retry` (the last attempt's outcome
 /// may be unknown), or when it is held and this writer does not know it has room for the
 /// round: so one writer never writes past the cap, and several pass it by at most what they
-/// wrote between two of their own writes.
+/// wrote between two of their own writes. The check and the write are two round trips on the
+/// writer's one multiplexed connection, whose commands Redis runs in order: a check sent after
+/// an attempt whose answer was lost runs after that attempt (a transaction runs whole or not
+/// at all), so it sees the attempt's mark.
 async fn write_round(
     redis: &RedisConn,
     lengths: &mut HashMap<String, u64>,
