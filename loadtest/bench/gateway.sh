@@ -6,6 +6,7 @@
 #   loadtest/bench/gateway.sh            all of them (about 20 minutes)
 #   loadtest/bench/gateway.sh idle       only the named ones: idle tls login nodes four storm tls-storm mqtt
 #   SOAK_S=3600 loadtest/bench/gateway.sh soak   19,000 cabinets on one node for an hour (not in "all")
+#   loadtest/bench/gateway.sh failover           19,000 cabinets of a killed node onto a healthy one
 #
 # Redis: REDIS_URL, or the local one; keys go under a prefix of their own, removed at the end.
 set -euo pipefail
@@ -115,6 +116,26 @@ for run in "${RUNS[@]}"; do
       "$LT" fleet --label idle-vehicles-15k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
         --mqtt-addr 127.0.0.1:11883 --vehicles 15000 --ramp-per-s 2000 --hold-s 60 \
         --commands-per-s 200 --server-pid "$LAST_PID" --out "$OUT/gateway-idle-vehicles-15k.json"
+      stop_gateways
+      ;;
+    failover)
+      # The devices of a killed node back on a healthy one: 19,000 cabinets log in to node A
+      # (node B starts only once all of them have), then A is killed (SIGKILL, not restarted)
+      # and they reconnect to B as the harness's devices do (the next address after a failure,
+      # backoff from 1 s with full jitter). Both nodes pace accepts at the default, 8,000/s.
+      start_gateway bench-a 17100 11883 19100 8000; a_pid=$LAST_PID
+      log=$(mktemp)
+      "$LT" fleet --label failover-19k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+        --cabinet-addr 127.0.0.1:17100 --cabinet-addr 127.0.0.1:17200 --cabinets 19000 --heartbeat-s 30 \
+        --ramp-per-s 3000 --hold-s 60 --max-duration-s 600 --out "$OUT/gateway-failover-19k.json" \
+        2> >(tee "$log" >&2) &
+      fleet=$!
+      until grep -q ' 19000/19000 connected' "$log"; do sleep 1; done
+      start_gateway bench-b 17200 11983 19200 8000
+      sleep 10
+      kill -KILL "$a_pid"; wait "$a_pid" 2>/dev/null || true
+      wait "$fleet"
+      rm -f "$log"
       stop_gateways
       ;;
     soak)
