@@ -7,11 +7,12 @@
 //!   therefore never stands for an entry that exists only in this process's memory.
 //! - Order per stream key is kept: one task writes, each key's entries in the order accepted.
 //! - One transaction (`MULTI` ... `EXEC`) per key (one Redis Cluster slot) per round,
-//!   transactions run concurrently; a round's writes to a key are one atomic, idempotent step:
-//!   the transaction records the round's id beside the stream, and a round retried after an
-//!   unknown outcome (a timeout while Redis was slow) first reads that mark, so it is not written
-//!   twice. Plain commands in a transaction rather than a script: Redis spends about a third
-//!   less per entry (BENCHMARKS.md, "Side by side with Mosquitto").
+//!   transactions run concurrently; a round's writes to a key are one atomic step that also
+//!   records the round's id beside the stream. A round tried again after an unknown outcome (a
+//!   timeout while Redis was slow) goes as a script that checks that mark and writes in one
+//!   step, so it is never written twice. Plain commands for first attempts, the script only for
+//!   retries: Redis spends about a third less per entry in a transaction than in a script
+//!   (BENCHMARKS.md, "Side by side with Mosquitto").
 //! - A stream past its length cap is either trimmed (`MAXLEN ~`, for reply streams nobody may
 //!   be reading) or, for the upstream streams, not written at all until its consumers catch up:
 //!   entries wait here, sessions stop acknowledging and devices are slowed ([`StreamCap`]).
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
 use protocol::bus::Fields;
+use redis::Script;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -167,6 +169,33 @@ pub struct WriterConfig {
 /// did happen; rounds of a restarted node carry a new writer id.
 const ROUND_MARK_TTL_MS: u64 = 600_000;
 
+/// A round tried again, for one stream, once: `KEYS[1]` the stream, `KEYS[2]` its round mark.
+/// `ARGV`: round id, cap, 1 to hold at the cap (0 to trim), mark TTL ms, entry count, then per
+/// entry its field count and fields. Checks and writes in one step, so an earlier attempt whose
+/// answer was lost, wherever it still is, can never be written beside this one. Returns the
+/// stream's length after writing, -1 if this round was written already, -2 if the stream is at
+/// its cap and nothing was written. Retries are rare (Redis failed or was too slow), so the
+/// script's cost per entry is paid only then; first attempts go as a plain transaction.
+const RETRY_ROUND: &str = r"
+if redis.call('GET', KEYS[2]) == ARGV[1] then return -1 end
+local cap = tonumber(ARGV[2])
+local hold = ARGV[3] == '1'
+if hold and redis.call('XLEN', KEYS[1]) >= cap then return -2 end
+local n = tonumber(ARGV[5])
+local i = 6
+for _ = 1, n do
+  local k = tonumber(ARGV[i])
+  if hold then
+    redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + 2 * k))
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', cap, '*', unpack(ARGV, i + 1, i + 2 * k))
+  end
+  i = i + 1 + 2 * k
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+return redis.call('XLEN', KEYS[1])
+";
+
 /// Writes entries until `stop` is cancelled; then writes what is still buffered and returns.
 /// The caller bounds that final flush with its grace period.
 pub async fn run(intake: Intake, redis: RedisConn, cfg: WriterConfig, metrics: WriterMetrics, stop: CancellationToken) {
@@ -294,15 +323,11 @@ fn round_mark(stream: &str, writer_id: &str) -> String {
     format!("{{{stream}}}:round:{writer_id}")
 }
 
-/// Writes one transaction per stream key (one Redis Cluster slot each), concurrently. Returns
-/// the keys not written, with the reason. A stream is first checked (its mark: this round
-/// written already? its length: room below the cap?) when `retry` (the last attempt's outcome
-/// may be unknown), or when it is held and this writer does not know it has room for the
-/// round: so one writer never writes past the cap, and several pass it by at most what they
-/// wrote between two of their own writes. The check and the write are two round trips on the
-/// writer's one multiplexed connection, whose commands Redis runs in order: a check sent after
-/// an attempt whose answer was lost runs after that attempt (a transaction runs whole or not
-/// at all), so it sees the attempt's mark.
+/// Writes one transaction per stream key (one Redis Cluster slot each), concurrently; when
+/// `retry` (the last attempt's outcome may be unknown), one [`RETRY_ROUND`] script per key
+/// instead. Returns the keys not written, with the reason. A held stream whose room for the
+/// round this writer does not know has its length read first: so one writer never writes past
+/// the cap, and several pass it by at most what they wrote between two of their own writes.
 async fn write_round(
     redis: &RedisConn,
     lengths: &mut HashMap<String, u64>,
@@ -320,18 +345,35 @@ async fn write_round(
         StreamCap::Hold(n) => (n, true),
     };
     let known = &*lengths;
+    let retry_script = retry.then(|| Script::new(RETRY_ROUND));
     let writes = per_key.into_iter().map(|(key, entries)| {
         let mark = round_mark(key, &cfg.writer_id);
         let room = |len: u64| len.saturating_add(entries.len() as u64) <= cap;
-        let check = retry || (hold && !known.get(key).is_some_and(|len| room(*len)));
+        // A first attempt near the cap (or at a stream this writer has not seen) reads the
+        // length first; a retry is checked inside its script.
+        let check = !retry && hold && !known.get(key).is_some_and(|len| room(*len));
+        let script = retry_script.as_ref();
         let mut con = redis.clone();
         async move {
-            if check {
-                match check_stream(&mut con, key, &mark).await {
-                    Ok((written, len)) if written.as_deref() == Some(round_id) => {
-                        return (key, Ok(Written::Already { len }));
+            if let Some(script) = script {
+                let mut call = script.key(key);
+                call.key(&mark).arg(round_id).arg(cap).arg(u8::from(hold)).arg(ROUND_MARK_TTL_MS).arg(entries.len());
+                for e in &entries {
+                    call.arg(e.fields.len());
+                    for (name, value) in &e.fields {
+                        call.arg(*name).arg(value.as_slice());
                     }
-                    Ok((_, len)) if hold && len >= cap => return (key, Ok(Written::Full { len })),
+                }
+                let written = call.invoke_async::<i64>(&mut con).await.map(|n| match n {
+                    -1 => Written::Already,
+                    -2 => Written::Full,
+                    len => Written::Now { len: u64::try_from(len).unwrap_or(0) },
+                });
+                return (key, written);
+            }
+            if check {
+                match redis::cmd("XLEN").arg(key).query_async::<u64>(&mut con).await {
+                    Ok(len) if len >= cap => return (key, Ok(Written::FullAt { len })),
                     Ok(_) => {}
                     Err(e) => return (key, Err(e)),
                 }
@@ -359,18 +401,27 @@ async fn write_round(
     let mut failed = HashMap::new();
     for (key, result) in results {
         let len = match result {
-            Ok(Written::Now { len } | Written::Already { len }) => len,
-            Ok(Written::Full { len }) => {
+            Ok(Written::Now { len }) => Some(len),
+            // The script does not say the length: the next first attempt reads it.
+            Ok(Written::Already) => None,
+            Ok(Written::Full) => {
                 failed.insert(key.to_owned(), NotWritten::AtCap);
-                len
+                None
+            }
+            Ok(Written::FullAt { len }) => {
+                failed.insert(key.to_owned(), NotWritten::AtCap);
+                Some(len)
             }
             Err(e) => {
                 failed.insert(key.to_owned(), NotWritten::Error(e));
-                continue;
+                None
             }
         };
         if hold {
-            lengths.insert(key.to_owned(), len);
+            match len {
+                Some(len) => lengths.insert(key.to_owned(), len),
+                None => lengths.remove(key),
+            };
         }
     }
     failed
@@ -380,13 +431,10 @@ async fn write_round(
 enum Written {
     /// Written now; the stream's length after it.
     Now { len: u64 },
-    /// An earlier attempt of this round was written (its reply was lost); the stream's length.
-    Already { len: u64 },
-    /// The stream is at its cap (its length): nothing written.
-    Full { len: u64 },
-}
-
-/// The mark of `key`'s last round by this writer, and the stream's length, in one round trip.
-async fn check_stream(con: &mut RedisConn, key: &str, mark: &str) -> redis::RedisResult<(Option<String>, u64)> {
-    redis::pipe().cmd("GET").arg(mark).cmd("XLEN").arg(key).query_async(con).await
+    /// An earlier attempt of this round was written (its reply was lost).
+    Already,
+    /// The stream is at its cap: nothing written.
+    Full,
+    /// The stream is at its cap (its length, read first): nothing written.
+    FullAt { len: u64 },
 }
