@@ -269,7 +269,8 @@ async fn write_with_retry(
     batch: &mut Vec<Entry>,
 ) {
     let mut backoff = Duration::from_millis(100);
-    // After a failed attempt the outcome may be unknown: the next one reads the marks first.
+    // After a failed attempt the outcome may be unknown: the next one goes as the checking
+    // script ([`RETRY_ROUND`]).
     let mut retry = false;
     loop {
         let failed = write_round(redis, lengths, cfg, round_id, batch, retry).await;

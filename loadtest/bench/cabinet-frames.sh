@@ -18,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib/services.sh
+. scripts/lib/bench.sh
 
 RUNS=${1:-5}
 SHAPES=${SHAPES:-100x10 1000x1} MEASURE_S=${MEASURE_S:-10}
@@ -28,13 +29,7 @@ command -v redis-server >/dev/null 2>&1 || install_packages redis-server
 if [ -z "${NO_BUILD:-}" ]; then cargo build --release --locked -q -p gateway -p loadtest; fi
 LT=target/release/loadtest
 WORK=$(mktemp -d)
-SERVER_PID="" REDIS_PID=""
-stop_servers() {
-  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && { wait "$SERVER_PID" 2>/dev/null || true; }
-  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && while kill -0 "$REDIS_PID" 2>/dev/null; do sleep 0.05; done
-  SERVER_PID="" REDIS_PID=""
-}
-cleanup() { stop_servers || true; rm -rf "$WORK"; }
+cleanup() { bench_stop_servers || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 one_run() {
@@ -42,17 +37,11 @@ one_run() {
   local conns=${shape%x*} inflight=${shape#*x}
   PORT=$(free_port)
   if [ "$server" = gateway ]; then
-    local rport; rport=$(free_port)
-    rm -rf "$WORK/redis" && mkdir -p "$WORK/redis"
-    taskset -c 0 redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly yes \
-      --appendfsync everysec --dir "$WORK/redis" --daemonize yes --pidfile "$WORK/redis/pid" \
-      --logfile "$WORK/redis/log" >/dev/null
-    for _ in $(seq 1 50); do redis_answers "$rport" && break; sleep 0.1; done
-    REDIS_PID=$(cat "$WORK/redis/pid")
+    bench_redis 0
     cat >"$WORK/gw.toml" <<TOML
 node_id = "bench"
 [redis]
-url = "redis://127.0.0.1:$rport/"
+url = "$REDIS_URL"
 [cabinet]
 listen = "127.0.0.1:$PORT"
 [mqtt]
@@ -65,7 +54,7 @@ TOML
     RUST_LOG=warn taskset -c 0 "$GATEWAY" --config "$WORK/gw.toml" 2>"$WORK/gw.log" &
     SERVER_PID=$!
     pids=(--server-pid "$SERVER_PID" --server-pid "$REDIS_PID")
-    extra=(--load cabinet --redis-url "redis://127.0.0.1:$rport/")
+    extra=(--load cabinet --redis-url "$REDIS_URL")
   else
     taskset -c 0 "$LT" echo-server --listen "127.0.0.1:$PORT" &
     SERVER_PID=$!
@@ -75,8 +64,8 @@ TOML
   wait_port "$PORT" "$server"
   taskset -c 1 "$LT" probe --addr "127.0.0.1:$PORT" "${pids[@]}" "${extra[@]}" --conns "$conns" \
     --inflight "$inflight" --seconds "$MEASURE_S" >"$WORK/probe.json" 2>"$WORK/probe.err" \
-    || { cat "$WORK/probe.err" >&2; stop_servers; die "probe failed"; }
-  stop_servers
+    || { cat "$WORK/probe.err" >&2; bench_stop_servers; die "probe failed"; }
+  bench_stop_servers
   python3 - "$WORK/probe.json" "$server" "$run" "$shape" >>"$WORK/runs.jsonl" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))

@@ -24,6 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib/services.sh
+. scripts/lib/bench.sh
 
 RUNS=${1:-5}
 shift || true
@@ -41,25 +42,12 @@ if [ -z "${NO_BUILD:-}" ]; then cargo build --release --locked -q -p gateway -p 
 LT=target/release/loadtest
 ulimit -n 20000
 WORK=$(mktemp -d)
-SERVER_PID="" REDIS_PID=""
-stop_servers() {
-  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && { wait "$SERVER_PID" 2>/dev/null || true; }
-  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && while kill -0 "$REDIS_PID" 2>/dev/null; do sleep 0.05; done
-  SERVER_PID="" REDIS_PID=""
-}
-cleanup() { stop_servers || true; rm -rf "$WORK"; }
+cleanup() { bench_stop_servers || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 # start_gateway: a fresh Redis and gateway on core 0; sets PORT, SERVER_PID, REDIS_PID, REDIS_URL.
 start_gateway() {
-  local rport; rport=$(free_port)
-  rm -rf "$WORK/redis" && mkdir -p "$WORK/redis"
-  taskset -c 0 redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly yes \
-    --appendfsync everysec --dir "$WORK/redis" --daemonize yes --pidfile "$WORK/redis/pid" \
-    --logfile "$WORK/redis/log" >/dev/null
-  for _ in $(seq 1 50); do redis_answers "$rport" && break; sleep 0.1; done
-  REDIS_PID=$(cat "$WORK/redis/pid")
-  REDIS_URL="redis://127.0.0.1:$rport/"
+  bench_redis 0
   PORT=$(free_port)
   cat >"$WORK/gw.toml" <<TOML
 node_id = "bench"
@@ -117,9 +105,9 @@ one_run() {
     perf_pid=$!
   fi
   taskset -c 1 "$LT" probe --load "${load/paced/qos1}" --addr "127.0.0.1:$PORT" "${pids[@]}" "${redis_arg[@]}" "${args[@]}" \
-    >"$WORK/probe.json" 2>"$WORK/probe.err" || { cat "$WORK/probe.err" >&2; stop_servers; die "probe failed"; }
+    >"$WORK/probe.json" 2>"$WORK/probe.err" || { cat "$WORK/probe.err" >&2; bench_stop_servers; die "probe failed"; }
   [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
-  stop_servers
+  bench_stop_servers
   python3 - "$WORK/probe.json" "$server" "$run" "$load" >>"$WORK/runs.jsonl" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
