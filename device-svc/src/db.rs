@@ -30,6 +30,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (18, "audit_by_target", include_str!("../migrations/0018_audit_by_target.sql")),
     (19, "anomaly_lists", include_str!("../migrations/0019_anomaly_lists.sql")),
     (20, "ota_packages_and_rollouts", include_str!("../migrations/0020_ota_packages_and_rollouts.sql")),
+    (21, "weight_reports", include_str!("../migrations/0021_weight_reports.sql")),
 ];
 
 /// Longest wait for a pooled connection.

@@ -64,6 +64,9 @@ pub struct Metrics {
     pub redis_data_losses: IntCounter,
     /// `devsvc_weight_readings_persisted_total`
     pub readings_persisted: IntCounter,
+    /// `devsvc_weight_reports_duplicate_total`: reports delivered again (a redelivered entry, a
+    /// resent frame) and not stored a second time.
+    pub reports_duplicate: IntCounter,
     /// `devsvc_retention_deleted_rows_total{table}`
     pub retention_deleted: IntCounterVec,
     /// `devsvc_commands_total{outcome}`
@@ -300,6 +303,14 @@ impl Metrics {
                 &r,
                 IntCounter::new("devsvc_weight_readings_persisted_total", "Lane weight readings stored.")
                     .expect("valid"),
+            ),
+            reports_duplicate: register(
+                &r,
+                IntCounter::new(
+                    "devsvc_weight_reports_duplicate_total",
+                    "Weight reports delivered again and not stored a second time.",
+                )
+                .expect("valid"),
             ),
             retention_deleted: c(
                 "devsvc_retention_deleted_rows_total",

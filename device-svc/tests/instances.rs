@@ -123,7 +123,7 @@ async fn an_instance_killed_mid_batch_has_its_entries_taken_over_once() {
     // is stuck mid-batch, its entries pending.
     let mut locker = stack.pg().await;
     let lock = locker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE weight_readings IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    lock.batch_execute("LOCK TABLE weight_reports IN ACCESS EXCLUSIVE MODE").await.unwrap();
 
     let mut sessions = Vec::new();
     let reports_per_cabinet = 20u64;

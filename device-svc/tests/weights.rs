@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use protocol::cabinet::{LaneWeight, Message, WeightReport};
 use serde_json::Value;
 
 async fn cached(api: Api, cabinet: &str) -> Vec<(u64, u64, i64, u64)> {
@@ -84,6 +85,63 @@ async fn unstable_readings_never_move_the_cache_and_every_reading_is_stored() {
 }
 
 #[tokio::test]
+async fn a_report_delivered_twice_is_stored_once_and_a_split_door_is_stored_whole() {
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    let (id, secret) = register_cabinet(api, "cab-w-3", &[(1, 4)]).await;
+    let mut cabinet = login(stack.cabinet_addr(), &id, &secret).await;
+    let t0 = now_ms() - 30_000;
+    let pg = stack.pg().await;
+    let stored = || async {
+        let n: i64 = stack.pg().await.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
+        n
+    };
+
+    cabinet.send(report(1, 4, 500, true, t0)).await;
+    wait_until("the first report stored", WAIT, || async { (stored().await == 4).then_some(()) }).await;
+    // The same report again (a cabinet resending it), beside a new one: the new one is stored,
+    // the repeated one is counted and not stored twice.
+    cabinet.send(report(1, 4, 500, true, t0)).await;
+    cabinet.send(report(1, 4, 480, true, t0 + 300)).await;
+    // A door whose lanes come in two reports read at the same time: both are kept.
+    cabinet
+        .send(Message::WeightReport(WeightReport {
+            door_id: 1,
+            sample_time_ms: t0 + 600,
+            lanes: (1..=2).map(|lane_id| LaneWeight { lane_id, grams: 470, stable: true }).collect(),
+        }))
+        .await;
+    cabinet
+        .send(Message::WeightReport(WeightReport {
+            door_id: 1,
+            sample_time_ms: t0 + 600,
+            lanes: (3..=4).map(|lane_id| LaneWeight { lane_id, grams: 460, stable: true }).collect(),
+        }))
+        .await;
+    wait_until("every new reading stored", WAIT, || async { (stored().await == 12).then_some(()) }).await;
+    // Counted right after the rows are committed: awaited, not assumed.
+    wait_until("the repeated report counted, the new readings counted once", WAIT, || async {
+        let metrics = http(api, "GET", "/metrics", None).await.1;
+        let text = metrics.as_str().unwrap();
+        (metric(text, "devsvc_weight_reports_duplicate_total") == 1.0
+            && metric(text, "devsvc_weight_readings_persisted_total") == 12.0)
+            .then_some(())
+    })
+    .await;
+    let reports: i64 = pg.query_one("SELECT count(*) FROM weight_reports", &[]).await.unwrap().get(0);
+    assert_eq!(reports, 4, "one row per report");
+    let lanes = cached(api, "cab-w-3").await;
+    assert_eq!(lanes.iter().map(|l| l.2).collect::<Vec<_>>(), vec![470, 470, 460, 460]);
+    // A lane's history reads the lane out of each report.
+    let path = format!("/v1/cabinets/cab-w-3/doors/1/lanes/3/readings?from_ms={t0}&to_ms={}", t0 + 601);
+    let history = expect(api, "GET", &path, None, 200).await;
+    let grams: Vec<i64> = history.as_array().unwrap().iter().map(|r| r["grams"].as_i64().unwrap()).collect();
+    assert_eq!(grams, vec![500, 480, 460]);
+    svc.stop().await;
+}
+
+#[tokio::test]
 async fn readings_of_a_day_without_a_partition_are_kept_and_moved_when_it_is_created() {
     let stack = Stack::new().await;
     let svc = stack.service("svc-1").await;
@@ -93,19 +151,19 @@ async fn readings_of_a_day_without_a_partition_are_kept_and_moved_when_it_is_cre
     // gateway refuses a cabinet time that far from its clock, SPEC.md 1.7.)
     let pg = stack.pg().await;
     pg.batch_execute(
-        "INSERT INTO weight_readings (cabinet_id, door_id, lane_id, grams, stable, sample_time, received_at)
-         SELECT 'cab-w-2', 1, lane, 42, true, now() + interval '10 days', now() FROM generate_series(1, 2) lane",
+        "INSERT INTO weight_reports (cabinet_id, door_id, sample_time, lane_ids, grams, stable, received_at)
+         VALUES ('cab-w-2', 1, now() + interval '10 days', '{1,2}', '{42,42}', '{t,t}', now())",
     )
     .await
     .unwrap();
-    let n: i64 = pg.query_one("SELECT count(*) FROM weight_readings_default", &[]).await.unwrap().get(0);
-    assert_eq!(n, 2, "the default partition took them");
+    let n: i64 = pg.query_one("SELECT count(*) FROM weight_reports_default", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1, "the default partition took the report");
     svc.stop().await;
 
     // A partition past the retention period (30 days by default).
     let old_day = now_ms() / 86_400_000 - 40;
     pg.batch_execute(&format!(
-        "CREATE TABLE weight_readings_d{old_day} PARTITION OF weight_readings
+        "CREATE TABLE weight_reports_d{old_day} PARTITION OF weight_reports
            FOR VALUES FROM (to_timestamp({old_day} * 86400)) TO (to_timestamp({} * 86400))",
         old_day + 1
     ))
@@ -117,18 +175,18 @@ async fn readings_of_a_day_without_a_partition_are_kept_and_moved_when_it_is_cre
     let mut config = stack.svc_config("svc-2");
     config.weights.partitions_ahead_days = 12;
     let svc = stack.service_with(config).await;
-    let in_default: i64 = pg.query_one("SELECT count(*) FROM weight_readings_default", &[]).await.unwrap().get(0);
+    let in_default: i64 = pg.query_one("SELECT count(*) FROM weight_reports_default", &[]).await.unwrap().get(0);
     let total: i64 = pg.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
     assert_eq!((in_default, total), (0, 2));
     let partitions: i64 = pg
-        .query_one("SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent WHERE c.relname = 'weight_readings'", &[])
+        .query_one("SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhparent WHERE c.relname = 'weight_reports'", &[])
         .await
         .unwrap()
         .get(0);
     // Yesterday to 12 days ahead, plus the default partition; the expired one is gone.
     assert_eq!(partitions, 15);
     let expired = pg
-        .query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&format!("weight_readings_d{old_day}")])
+        .query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&format!("weight_reports_d{old_day}")])
         .await
         .unwrap();
     assert!(expired.is_none());

@@ -70,8 +70,8 @@ SELECT 'LSVB' || lpad(i::text, 13, '0'), 'veh:LSVB' || lpad(i::text, 13, '0'),
 INSERT INTO device_status_history (device_key, from_status, to_status, reason, epoch, node, at)
 SELECT 'cab:C0000042', 'online', 'offline', 'bench', i, 'gw-1', now() - make_interval(secs => i * 60)
   FROM generate_series(1, 200) i;
-INSERT INTO weight_readings (cabinet_id, door_id, lane_id, grams, stable, sample_time, received_at)
-SELECT 'C0000042', 1, 1, 3500 - (i / 60) * 350, true, now() - make_interval(secs => i * 5), now()
+INSERT INTO weight_reports (cabinet_id, door_id, sample_time, lane_ids, grams, stable, received_at)
+SELECT 'C0000042', 1, now() - make_interval(secs => i * 5), '{1}', ARRAY[3500 - (i / 60) * 350], '{t}', now()
   FROM generate_series(1, 17000) i;
 INSERT INTO orders (id, user_id, cabinet_id, door_id, state, lock_token, created_at, payment, amount_cents, tenant, review)
 SELECT 'o' || lpad(i::text, 9, '0'), 'u' || (i % 20000), 'C' || lpad((1 + i % $HALF)::text, 7, '0'), 1 + i % 2,

@@ -6,6 +6,8 @@
 #   loadtest/bench/device-svc.sh                 all of them (about 20 minutes)
 #   loadtest/bench/device-svc.sh weights         only the named ones: weights offline scenarios
 #   OPEN_DOORS_PER_S="100 200" loadtest/bench/device-svc.sh weights
+#   WEIGHT_CABINETS=10000 OPEN_DOORS_PER_S=1200 loadtest/bench/device-svc.sh weights   (a door is
+#            open 11 s: 5,000 cabinets of 2 doors carry at most about 900 openings a second)
 #
 # weights  cabinets -> gateway -> stream -> device service -> PostgreSQL with doors being
 #          opened for orders at OPEN_DOORS_PER_S (each open door reports 4 lanes every 300 ms
@@ -60,10 +62,11 @@ cleanup() {
 trap cleanup EXIT
 
 
-# metrics PORT: the /metrics text of the service on PORT.
+# metrics PORT: the /metrics text of the service on PORT, read with the metrics key
+# (api_parties; printf is a builtin, so the key never shows in a process list).
 metrics() {
   exec 3<>"/dev/tcp/127.0.0.1/$1"
-  printf 'GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3
+  printf 'GET /metrics HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer %s\r\n\r\n' "${IOTGW_METRICS_KEY:-}" >&3
   cat <&3
   exec 3<&-
 }
@@ -80,6 +83,17 @@ group_sum() {
   echo "$total"
 }
 redis_cpu() { redis-cli -u "$REDIS_URL" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { printf "%.6f\n", s }'; }
+# pg_cpu: CPU seconds of the PostgreSQL server's processes now running (the device service's
+# pooled connections live through a run; short-lived ones are not counted).
+pg_cpu() {
+  local hz; hz=$(getconf CLK_TCK)
+  pgrep -x postgres | while read -r p; do cat "/proc/$p/stat" 2>/dev/null; done \
+    | awk -v hz="$hz" '{ sub(/^.*\) /, ""); s += $12 + $13 } END { printf "%.3f\n", s / hz }'
+}
+# machine_cpu: "busy total" CPU seconds of the whole machine so far (/proc/stat).
+machine_cpu() {
+  awk -v hz="$(getconf CLK_TCK)" '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; printf "%.3f %.3f\n", (t - $5 - $6) / hz, t / hz }' /proc/stat
+}
 
 fresh_db() {
   PGOPTIONS="-c client_min_messages=warning" psql "$ADMIN_DB" -Xq -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB" >/dev/null
@@ -223,13 +237,14 @@ run_scenarios() {
 }
 
 run_weights() {
-  local cabinets=5000 hold=60 svc_port=18080 cab_port=17300 gw_metrics=19300
+  local cabinets=${WEIGHT_CABINETS:-5000} hold=60 svc_port=18080 cab_port=17300 gw_metrics=19300
   local rows=()
   for rate in "${RATES[@]}"; do
     fresh_db
     start_svc "$svc_port"
     register_fleet "$cabinets"
     start_gateway "$cab_port" "$gw_metrics"
+    local gw=$!
     local samples="$WORK/weights-$rate.tsv"
     : > "$samples"
     ( while kill -0 "$SVC_PID" 2>/dev/null; do
@@ -239,24 +254,30 @@ run_weights() {
       done ) &
     local sampler=$!
     local t0; t0=$(date +%s.%N)
+    local cpu0; cpu0="$(cpu_s "$SVC_PID") $(cpu_s "$gw") $(redis_cpu) $(pg_cpu) $(machine_cpu)"
     "$LT" fleet --label "devsvc-weights-$rate" --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
       --cabinet-addr "127.0.0.1:$cab_port" --cabinets "$cabinets" --ramp-per-s 2000 --hold-s "$hold" \
       --commands-per-s "$rate" --open-doors --server-pid "$SVC_PID" --max-duration-s 300 \
       --out "$WORK/fleet-$rate.json" 2>"$WORK/fleet-$rate.log"
     local t1; t1=$(date +%s.%N)
-    # Let the device service store what is still in the streams (at most two minutes).
+    # Let the device service store what is still in the streams (at most ten minutes), watched
+    # through its counter: counting the table every moment would load the server it measures.
     local sent; sent=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"]["details"]["counters"].get("weight_reports", 0) * 4)' "$WORK/fleet-$rate.json")
-    for _ in $(seq 1 1200); do
-      [ "$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM weight_readings")" -ge "$sent" ] && break
-      sleep 0.1
+    for _ in $(seq 1 3000); do
+      awk -v n="$(metric $svc_port devsvc_weight_readings_persisted_total)" -v s="$sent" 'BEGIN { exit !(n >= s) }' && break
+      sleep 0.2
     done
     local t2; t2=$(date +%s.%N)
+    local cpu1; cpu1="$(cpu_s "$SVC_PID") $(cpu_s "$gw") $(redis_cpu) $(pg_cpu) $(machine_cpu)"
     local stored; stored=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM weight_readings")
     kill "$sampler" 2>/dev/null || true
     stop_all
-    rows+=("$(python3 - "$rate" "$samples" "$WORK/fleet-$rate.json" "$t0" "$t1" "$t2" "$stored" "$cabinets" <<'PY'
+    rows+=("$(python3 - "$rate" "$samples" "$WORK/fleet-$rate.json" "$t0" "$t1" "$t2" "$stored" "$cabinets" "$cpu0" "$cpu1" <<'PY'
 import json, sys
-rate, samples, fleet, t0, t1, t2, stored, cabinets = sys.argv[1:]
+rate, samples, fleet, t0, t1, t2, stored, cabinets, cpu0, cpu1 = sys.argv[1:]
+# CPU seconds from the fleet's start until every reading was stored: device service, gateway,
+# Redis, PostgreSQL, and the machine (busy, total); the harness is the machine's remainder.
+cpu = [b - a for a, b in zip(map(float, cpu0.split()), map(float, cpu1.split()))]
 t0, t1, t2, stored = float(t0), float(t1), float(t2), int(stored)
 report = json.load(open(fleet))["results"]
 sent = report["details"]["counters"].get("weight_reports", 0) * 4
@@ -282,6 +303,12 @@ print(json.dumps({
     "drain_after_load_s": round(t2 - t1, 1),
     "stored_per_s_while_draining": round(drain_rate) if drain_rate else None,
     "commands": report["details"].get("commands", {}).get("outcomes", {}),
+    "cpu_s": {"device_svc": round(cpu[0], 1), "gateway": round(cpu[1], 1), "redis": round(cpu[2], 1),
+              "postgres": round(cpu[3], 1), "machine_busy": round(cpu[4], 1),
+              "rest_of_machine": round(cpu[4] - sum(cpu[:4]), 1)},
+    "machine_idle_share": round(1 - cpu[4] / cpu[5], 3) if cpu[5] else None,
+    "readings_per_cpu_s": {"device_svc": round(stored / max(cpu[0], 1e-3)), "postgres": round(stored / max(cpu[3], 1e-3)),
+                           "device_svc_redis_postgres": round(stored / max(cpu[0] + cpu[2] + cpu[3], 1e-3))},
 }))
 PY
 )")
