@@ -46,8 +46,12 @@ impl Consumer {
         Self { app, detector, initialised: DashSet::new() }
     }
 
-    /// Applies a batch of entries of `stream` in order. Weight reports in a row are stored
-    /// together.
+    /// Applies a batch of entries of `stream`, in order for each device. Weight reports (and
+    /// OTA reports) are gathered and stored together; another event waits for them only when it
+    /// concerns a device with some of them gathered, or many devices at once (a heartbeat
+    /// window). So a door event or command result of one cabinet does not cut the batch's
+    /// readings into small writes, while every device still sees its own entries in stream
+    /// order.
     ///
     /// # Errors
     /// Any storage error: the caller acknowledges nothing and retries the batch.
@@ -87,8 +91,10 @@ impl Consumer {
                 ota.push(ota_reports::Uplink { entry, vin: vin.clone(), kind: *kind, payload: payload.clone() });
                 continue;
             }
-            self.flush_reports(&mut reports).await?;
-            self.flush_ota(&mut ota).await?;
+            if waits_for_gathered(&event, &reports, &ota) {
+                self.flush_reports(&mut reports).await?;
+                self.flush_ota(&mut ota).await?;
+            }
             // Entry ids are unique within a stream only.
             self.apply_one(&format!("{stream}/{}", entry.id), event).await?;
         }
@@ -177,6 +183,17 @@ impl Consumer {
 }
 
 /// The cabinet's own time in a weight report or door event.
+/// Whether `event` must be applied after the weight and OTA reports gathered so far: the order
+/// that matters is per device (a door closes after the readings before it are stored), and a
+/// node-wide heartbeat window concerns every device.
+fn waits_for_gathered(event: &UpEvent, reports: &[Received], ota: &[ota_reports::Uplink]) -> bool {
+    match event.device() {
+        None => true,
+        Some(DeviceKey::Cabinet(id)) => reports.iter().any(|r| r.cabinet == id),
+        Some(DeviceKey::Vehicle(vin)) => ota.iter().any(|u| u.vin == vin),
+    }
+}
+
 fn device_time(event: &UpEvent) -> Option<u64> {
     match event {
         UpEvent::Cabinet { message: Message::WeightReport(r), .. } => Some(r.sample_time_ms),
@@ -370,4 +387,66 @@ async fn report_lag(app: &App, redis: &mut RedisConn, stream: &str, shard: u16) 
     // while `pending` still shows entries in hand.
     app.metrics.stream_lag.with_label_values(&[&shard]).set(backlog.unread.unwrap_or(0));
     app.metrics.stream_pending.with_label_values(&[&shard]).set(backlog.pending);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use protocol::cabinet::{DoorEvent, DoorState, LaneWeight, WeightReport};
+
+    use super::*;
+
+    fn door_closed(cabinet: &str) -> UpEvent {
+        UpEvent::Cabinet {
+            device: DeviceId::new(cabinet).unwrap(),
+            epoch: 1,
+            node: "gw-1".into(),
+            at_ms: 1_000,
+            seq: 1,
+            message: Message::DoorEvent(DoorEvent {
+                door_id: 1,
+                state: DoorState::Closed,
+                event_time_ms: 1_000,
+                order_id: None,
+            }),
+        }
+    }
+
+    fn gathered(cabinet: &str) -> Received {
+        Received {
+            cabinet: DeviceId::new(cabinet).unwrap(),
+            report: WeightReport {
+                door_id: 1,
+                sample_time_ms: 900,
+                lanes: vec![LaneWeight { lane_id: 1, grams: 5, stable: true }],
+            },
+            at_ms: 900,
+        }
+    }
+
+    #[test]
+    fn an_event_waits_only_for_its_own_devices_reports_or_for_all_when_node_wide() {
+        let reports = vec![gathered("cab-a"), gathered("cab-b")];
+        assert!(waits_for_gathered(&door_closed("cab-a"), &reports, &[]));
+        assert!(!waits_for_gathered(&door_closed("cab-c"), &reports, &[]));
+        let closed = |device| UpEvent::SessionClosed {
+            device,
+            epoch: 1,
+            node: "gw-1".into(),
+            at_ms: 1_000,
+            reason: "peer_closed".into(),
+        };
+        assert!(waits_for_gathered(&closed(DeviceKey::Cabinet(DeviceId::new("cab-b").unwrap())), &reports, &[]));
+        assert!(!waits_for_gathered(&closed(DeviceKey::Cabinet(DeviceId::new("cab-z").unwrap())), &reports, &[]));
+        let window = UpEvent::Heartbeats {
+            node: "gw-1".into(),
+            window_start_ms: 0,
+            window_ms: 1_000,
+            count: 0,
+            sessions: 0,
+            devices: Vec::new(),
+        };
+        assert!(waits_for_gathered(&window, &reports, &[]));
+    }
 }

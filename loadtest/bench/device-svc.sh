@@ -25,17 +25,17 @@
 #          OTA campaign (2,000 vehicles, notices at 500/s), with their end-to-end times.
 #
 # Redis: REDIS_URL, or the local one (keys under a prefix of their own, removed at the end).
-# PostgreSQL: DATABASE_URL (a server where CREATE DATABASE is allowed), or the local one; a
+# PostgreSQL: DATABASE_URL (a server where CREATE DATABASE is allowed), or a private server
+# started for the run with a deployment's settings (scripts/lib/bench.sh, bench_postgres); a
 # database of its own, dropped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # api_parties: the API keys and payment secret the harness plays the flows' parties with.
 . scripts/lib/services.sh
+. scripts/lib/bench.sh
 REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/}"
-ADMIN_DB="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 PREFIX="benchsvc$$:"
 DB="iotgw_bench_$$"
-DB_URL="${ADMIN_DB%/*}/$DB"
 OUT=loadtest/results
 RUNS=("$@")
 [ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights offline uplink purchases scenarios)
@@ -55,11 +55,14 @@ stop_all() {
 }
 cleanup() {
   stop_all
-  psql "$ADMIN_DB" -Xq -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  [ -n "${ADMIN_DB:-}" ] && psql "$ADMIN_DB" -Xq -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  bench_stop_postgres
   redis-cli -u "$REDIS_URL" --scan --pattern "${PREFIX}*" | xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+if [ -n "${DATABASE_URL:-}" ]; then ADMIN_DB=$DATABASE_URL; else bench_postgres; fi
+DB_URL="${ADMIN_DB%/*}/$DB"
 
 
 # metrics PORT: the /metrics text of the service on PORT, read with the metrics key
@@ -83,11 +86,18 @@ group_sum() {
   echo "$total"
 }
 redis_cpu() { redis-cli -u "$REDIS_URL" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ { s += $2 } END { printf "%.6f\n", s }'; }
-# pg_cpu: CPU seconds of the PostgreSQL server's processes now running (the device service's
-# pooled connections live through a run; short-lived ones are not counted).
+# pg_cpu: CPU seconds of the PostgreSQL server's processes now running: the private server's,
+# or every postgres process given DATABASE_URL (the device service's pooled connections live
+# through a run; short-lived ones are not counted).
 pg_cpu() {
-  local hz; hz=$(getconf CLK_TCK)
-  pgrep -x postgres | while read -r p; do cat "/proc/$p/stat" 2>/dev/null; done \
+  local hz pids; hz=$(getconf CLK_TCK)
+  if [ -n "$BENCH_PG_DATA" ]; then
+    local pm; pm=$(head -n 1 "$BENCH_PG_DATA/postmaster.pid")
+    pids="$pm $(pgrep -P "$pm" | tr '\n' ' ')"
+  else
+    pids=$(pgrep -x postgres | tr '\n' ' ')
+  fi
+  for p in $pids; do cat "/proc/$p/stat" 2>/dev/null; done \
     | awk -v hz="$hz" '{ sub(/^.*\) /, ""); s += $12 + $13 } END { printf "%.3f\n", s / hz }'
 }
 # machine_cpu: "busy total" CPU seconds of the whole machine so far (/proc/stat).
