@@ -4,15 +4,20 @@
 # time; results go to loadtest/results/*.json.
 #
 #   loadtest/bench/device-svc.sh                 all of them (about 20 minutes)
-#   loadtest/bench/device-svc.sh weights         only the named ones: weights offline scenarios
+#   loadtest/bench/device-svc.sh weights         only the named ones: weights stream offline ...
 #   OPEN_DOORS_PER_S="100 200" loadtest/bench/device-svc.sh weights
-#   WEIGHT_CABINETS=10000 OPEN_DOORS_PER_S=1200 loadtest/bench/device-svc.sh weights   (a door is
-#            open 11 s: 5,000 cabinets of 2 doors carry at most about 900 openings a second)
+#   CLOSED_REPORT_MS="800" loadtest/bench/device-svc.sh stream
+#   WEIGHT_CABINETS=10000 ...                    more cabinets for either (5,000 by default; a
+#            door is open 11 s, so 5,000 cabinets of 2 doors carry about 900 openings a second)
 #
 # weights  cabinets -> gateway -> stream -> device service -> PostgreSQL with doors being
-#          opened for orders at OPEN_DOORS_PER_S (each open door reports 4 lanes every 300 ms
-#          for 11 s): readings stored per second, stream lag, and whether every reading sent
-#          was stored.
+#          opened by commands at OPEN_DOORS_PER_S (each open door reports 4 lanes every 300 ms
+#          for 11 s; no order is behind an opening, so each door event is also an anomaly):
+#          readings stored per second, stream lag, CPU of each part, and whether every reading
+#          sent was stored.
+# stream   the same path with readings alone: every door of every cabinet reports its 4 stable
+#          lanes every CLOSED_REPORT_MS (1600 800 600: 25,000 to 66,700 readings a second from
+#          5,000 cabinets), no door traffic.
 # offline  100,000 cabinets behind 6 synthetic gateway nodes (30 s heartbeats), 1,000 of them
 #          going silent: CPU of the device service and Redis per second of heartbeats, and
 #          how long after its deadline each silent cabinet was marked offline.
@@ -38,8 +43,9 @@ PREFIX="benchsvc$$:"
 DB="iotgw_bench_$$"
 OUT=loadtest/results
 RUNS=("$@")
-[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights offline uplink purchases scenarios)
+[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights stream offline uplink purchases scenarios)
 read -r -a RATES <<<"${OPEN_DOORS_PER_S:-100 200 400 800}"
+read -r -a STREAM_MS <<<"${CLOSED_REPORT_MS:-1600 800 600}"
 WORK=$(mktemp -d)
 
 cargo build --release -q -p gateway -p device-svc -p loadtest
@@ -246,45 +252,46 @@ run_scenarios() {
   stop_all
 }
 
-run_weights() {
+# weights_run NAME SETTING_JSON FLEET_ARGS...: one run of the readings benchmark (a fresh
+# database, device service and gateway; the fleet with FLEET_ARGS held 60 s; then until every
+# reading sent is stored), its figures appended to ROWS as JSON with SETTING_JSON's fields.
+weights_run() {
+  local name=$1 setting=$2; shift 2
   local cabinets=${WEIGHT_CABINETS:-5000} hold=60 svc_port=18080 cab_port=17300 gw_metrics=19300
-  local rows=()
-  for rate in "${RATES[@]}"; do
-    fresh_db
-    start_svc "$svc_port"
-    register_fleet "$cabinets"
-    start_gateway "$cab_port" "$gw_metrics"
-    local gw=$!
-    local samples="$WORK/weights-$rate.tsv"
-    : > "$samples"
-    ( while kill -0 "$SVC_PID" 2>/dev/null; do
-        printf '%s\t%s\t%s\t%s\n' "$(date +%s.%N)" "$(metric $svc_port devsvc_weight_readings_persisted_total)" \
-          "$(group_sum lag)" "$(group_sum pending)" >> "$samples"
-        sleep 2
-      done ) &
-    local sampler=$!
-    local t0; t0=$(date +%s.%N)
-    local cpu0; cpu0="$(cpu_s "$SVC_PID") $(cpu_s "$gw") $(redis_cpu) $(pg_cpu) $(machine_cpu)"
-    "$LT" fleet --label "devsvc-weights-$rate" --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
-      --cabinet-addr "127.0.0.1:$cab_port" --cabinets "$cabinets" --ramp-per-s 2000 --hold-s "$hold" \
-      --commands-per-s "$rate" --open-doors --server-pid "$SVC_PID" --max-duration-s 300 \
-      --out "$WORK/fleet-$rate.json" 2>"$WORK/fleet-$rate.log"
-    local t1; t1=$(date +%s.%N)
-    # Let the device service store what is still in the streams (at most ten minutes), watched
-    # through its counter: counting the table every moment would load the server it measures.
-    local sent; sent=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"]["details"]["counters"].get("weight_reports", 0) * 4)' "$WORK/fleet-$rate.json")
-    for _ in $(seq 1 3000); do
-      awk -v n="$(metric $svc_port devsvc_weight_readings_persisted_total)" -v s="$sent" 'BEGIN { exit !(n >= s) }' && break
-      sleep 0.2
-    done
-    local t2; t2=$(date +%s.%N)
-    local cpu1; cpu1="$(cpu_s "$SVC_PID") $(cpu_s "$gw") $(redis_cpu) $(pg_cpu) $(machine_cpu)"
-    local stored; stored=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM weight_readings")
-    kill "$sampler" 2>/dev/null || true
-    stop_all
-    rows+=("$(python3 - "$rate" "$samples" "$WORK/fleet-$rate.json" "$t0" "$t1" "$t2" "$stored" "$cabinets" "$cpu0" "$cpu1" <<'PY'
+  fresh_db
+  start_svc "$svc_port"
+  register_fleet "$cabinets"
+  start_gateway "$cab_port" "$gw_metrics"
+  local gw=$!
+  local samples="$WORK/$name.tsv"
+  : > "$samples"
+  ( while kill -0 "$SVC_PID" 2>/dev/null; do
+      printf '%s\t%s\t%s\t%s\n' "$(date +%s.%N)" "$(metric $svc_port devsvc_weight_readings_persisted_total)" \
+        "$(group_sum lag)" "$(group_sum pending)" >> "$samples"
+      sleep 2
+    done ) &
+  local sampler=$!
+  local t0; t0=$(date +%s.%N)
+  local cpu0; cpu0="$(cpu_s "$SVC_PID") $(cpu_s "$gw") $(redis_cpu) $(pg_cpu) $(machine_cpu)"
+  "$LT" fleet --label "devsvc-$name" --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+    --cabinet-addr "127.0.0.1:$cab_port" --cabinets "$cabinets" --ramp-per-s 2000 --hold-s "$hold" \
+    --server-pid "$SVC_PID" --max-duration-s 300 "$@" --out "$WORK/$name.json" 2>"$WORK/$name.log"
+  local t1; t1=$(date +%s.%N)
+  # Let the device service store what is still in the streams (at most ten minutes), watched
+  # through its counter: counting the table every moment would load the server it measures.
+  local sent; sent=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"]["details"]["counters"].get("weight_reports", 0) * 4)' "$WORK/$name.json")
+  for _ in $(seq 1 3000); do
+    awk -v n="$(metric $svc_port devsvc_weight_readings_persisted_total)" -v s="$sent" 'BEGIN { exit !(n >= s) }' && break
+    sleep 0.2
+  done
+  local t2; t2=$(date +%s.%N)
+  local cpu1; cpu1="$(cpu_s "$SVC_PID") $(cpu_s "$gw") $(redis_cpu) $(pg_cpu) $(machine_cpu)"
+  local stored; stored=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM weight_readings")
+  kill "$sampler" 2>/dev/null || true
+  stop_all
+  ROWS+=("$(python3 - "$setting" "$samples" "$WORK/$name.json" "$t0" "$t1" "$t2" "$stored" "$cabinets" "$cpu0" "$cpu1" <<'PY'
 import json, sys
-rate, samples, fleet, t0, t1, t2, stored, cabinets, cpu0, cpu1 = sys.argv[1:]
+setting, samples, fleet, t0, t1, t2, stored, cabinets, cpu0, cpu1 = sys.argv[1:]
 # CPU seconds from the fleet's start until every reading was stored: device service, gateway,
 # Redis, PostgreSQL, and the machine (busy, total); the harness is the machine's remainder.
 cpu = [b - a for a, b in zip(map(float, cpu0.split()), map(float, cpu1.split()))]
@@ -301,11 +308,12 @@ peak = max(((b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(rows, rows[1:]) if b[0
 after = [r for r in rows if t1 <= r[0] <= t2]
 drain_rate = (after[-1][1] - after[0][1]) / (after[-1][0] - after[0][0]) if len(after) > 2 else None
 print(json.dumps({
-    "open_doors_per_s": int(rate),
+    **json.loads(setting),
     "cabinets": int(cabinets),
     "readings_sent": sent,
     "readings_stored": stored,
     "all_stored": stored == sent,
+    "offered_per_s_in_hold": round(sent / (t1 - t0)),
     "stored_per_s_steady": round(rate_steady),
     "stored_per_s_peak_2s": round(peak),
     "max_lag_entries": max((r[2] for r in rows), default=0),
@@ -322,9 +330,12 @@ print(json.dumps({
 }))
 PY
 )")
-    echo "weights at $rate open doors/s: ${rows[-1]}" >&2
-  done
-  python3 - "$OUT/devsvc-weights.json" "${rows[@]}" <<'PY'
+  echo "$name: ${ROWS[-1]}" >&2
+}
+
+# weights_write FILE: ROWS as FILE, with the commit and the machine.
+weights_write() {
+  python3 - "$1" "${ROWS[@]}" <<'PY'
 import json, subprocess, sys
 out, rows = sys.argv[1], [json.loads(r) for r in sys.argv[2:]]
 sh = lambda *c: subprocess.run(c, capture_output=True, text=True).stdout.strip()
@@ -337,6 +348,27 @@ json.dump({
     "results": rows,
 }, open(out, "w"), indent=2)
 PY
+}
+
+# Doors opened by commands (no order behind them: each door event is also an
+# event_without_order anomaly, with its notice and inspection check).
+run_weights() {
+  ROWS=()
+  local rate
+  for rate in "${RATES[@]}"; do
+    weights_run "weights-$rate" "{\"open_doors_per_s\": $rate}" --commands-per-s "$rate" --open-doors
+  done
+  weights_write "$OUT/devsvc-weights.json"
+}
+
+# Readings alone: every door reports its stable weights every CLOSED_REPORT_MS, no door traffic.
+run_stream() {
+  ROWS=()
+  local ms
+  for ms in "${STREAM_MS[@]}"; do
+    weights_run "stream-$ms" "{\"report_every_ms\": $ms}" --closed-report-ms "$ms"
+  done
+  weights_write "$OUT/devsvc-weights-stream.json"
 }
 
 run_offline() {
@@ -407,11 +439,12 @@ PY
 for run in "${RUNS[@]}"; do
   case "$run" in
     weights) run_weights ;;
+    stream) run_stream ;;
     offline) run_offline ;;
     scenarios) run_scenarios ;;
     uplink) run_uplink ;;
     purchases) run_purchases ;;
-    *) echo "unknown run: $run (weights offline uplink purchases scenarios)"; exit 2 ;;
+    *) echo "unknown run: $run (weights stream offline uplink purchases scenarios)"; exit 2 ;;
   esac
 done
 echo "results in $OUT/"

@@ -31,6 +31,8 @@ use crate::tls::TlsClient;
 pub struct CabinetBehaviour {
     /// Heartbeat interval (the gateway also says it at login).
     pub heartbeat: Duration,
+    /// How often a closed door's weights are reported (seed document 003: 90 s).
+    pub closed_report: Duration,
     /// Doors per cabinet.
     pub doors: u8,
     /// Lanes per door.
@@ -51,6 +53,7 @@ impl Default for CabinetBehaviour {
     fn default() -> Self {
         Self {
             heartbeat: Duration::from_secs(30),
+            closed_report: Duration::from_secs(90),
             doors: 2,
             lanes: 4,
             unit_grams: 350,
@@ -62,8 +65,7 @@ impl Default for CabinetBehaviour {
     }
 }
 
-/// Weight cadence (seed document 003).
-const CLOSED_REPORT: Duration = Duration::from_secs(90);
+/// Weight cadence while a door is open or settling (seed document 003).
 const FAST_REPORT: Duration = Duration::from_millis(300);
 const AFTER_CLOSE: Duration = Duration::from_secs(8);
 /// Scales settle this long after something moved.
@@ -86,9 +88,9 @@ impl Door {
         if self.opened_at.is_some() { DoorStatus::Open } else { DoorStatus::Closed }
     }
 
-    fn report_due(&self, now: Instant) -> bool {
+    fn report_due(&self, now: Instant, closed_every: Duration) -> bool {
         let fast = self.opened_at.is_some() || self.closed_at.is_some_and(|c| now.duration_since(c) < AFTER_CLOSE);
-        let every = if fast { FAST_REPORT } else { CLOSED_REPORT };
+        let every = if fast { FAST_REPORT } else { closed_every };
         self.last_report.is_none_or(|t| now.duration_since(t) >= every)
     }
 }
@@ -382,7 +384,7 @@ async fn serve(
                     pending.insert(seq, (e, now));
                 }
                 for door in doors.iter_mut() {
-                    if door.report_due(now) {
+                    if door.report_due(now, behaviour.closed_report) {
                         door.last_report = Some(now);
                         let stable = door.moving_until.is_none_or(|m| now >= m);
                         let lanes = door.grams.iter().enumerate().map(|(i, g)| LaneWeight {

@@ -58,6 +58,8 @@ pub struct FleetPlan {
     pub ramp_per_s: u32,
     /// Cabinet heartbeat interval, s.
     pub heartbeat_s: u64,
+    /// How often a closed door's weights are reported, ms.
+    pub closed_report_ms: u64,
     /// Cabinet login version (SPEC.md 1.7): 2, or 1 for older firmware.
     pub login_version: u8,
     /// How long to hold the fleet after it is connected, s.
@@ -161,6 +163,7 @@ async fn spawn_workers(
             source_ip,
             ramp_per_s: (plan.ramp_per_s / u32::try_from(workers).unwrap_or(1)).max(1),
             heartbeat_s: plan.heartbeat_s,
+            closed_report_ms: plan.closed_report_ms,
             login_version: plan.login_version,
             publish_per_s: plan.publish_per_s,
             credentials: plan.credentials,

@@ -110,6 +110,10 @@ struct FleetArgs {
     /// Cabinet heartbeat interval, seconds.
     #[arg(long, default_value_t = 30)]
     heartbeat_s: u64,
+    /// How often a cabinet reports a closed door's weights, ms (the seed's 90 s; shorter turns
+    /// the fleet into a steady stream of stable readings with no door traffic).
+    #[arg(long, default_value_t = 90_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    closed_report_ms: u64,
     /// Cabinet login version (SPEC.md 1.7): 2 answers the gateway's challenge; 1 simulates
     /// firmware that signs only its clock.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
@@ -204,6 +208,7 @@ impl FleetArgs {
             source_ips: self.source_ips,
             ramp_per_s: self.ramp_per_s,
             heartbeat_s: self.heartbeat_s,
+            closed_report_ms: self.closed_report_ms,
             login_version: self.login_version,
             hold_s: self.hold_s,
             commands_per_s: self.commands_per_s,

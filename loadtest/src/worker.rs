@@ -36,6 +36,9 @@ pub struct WorkerPlan {
     pub ramp_per_s: u32,
     /// Heartbeat interval, seconds.
     pub heartbeat_s: u64,
+    /// How often a closed door's weights are reported, ms.
+    #[serde(default = "default_closed_report_ms")]
+    pub closed_report_ms: u64,
     /// Cabinet login version.
     #[serde(default = "default_login_version")]
     pub login_version: u8,
@@ -75,6 +78,10 @@ impl Default for OtaVehicles {
 
 fn default_ota_step_ms() -> u64 {
     500
+}
+
+fn default_closed_report_ms() -> u64 {
+    90_000
 }
 
 fn default_login_version() -> u8 {
@@ -128,6 +135,7 @@ pub async fn run(plan: WorkerPlan) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let cab_behaviour = Arc::new(CabinetBehaviour {
         heartbeat: Duration::from_secs(plan.heartbeat_s),
+        closed_report: Duration::from_millis(plan.closed_report_ms),
         login_version: plan.login_version,
         ..CabinetBehaviour::default()
     });
