@@ -222,9 +222,10 @@ impl VendorCabinet {
         (self.login_status(seq).await, bytes)
     }
 
-    /// [`VendorCabinet::login_v1_at`] with the current time.
+    /// [`VendorCabinet::login_v1_at`] with the current time (later than any login before it in
+    /// this process, as a real cabinet's clock would be).
     pub async fn login_v1(&mut self, secret: &[u8]) -> (u8, Vec<u8>) {
-        self.login_v1_at(secret, now_ms()).await
+        self.login_v1_at(secret, testkit::login_time_ms()).await
     }
 
     /// `HELLO`; returns the `CHALLENGE`'s nonce.

@@ -9,13 +9,6 @@ use protocol::cabinet::{CabinetCodec, Flags, Frame, Login, LoginResult, Message}
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-/// Wall clock in ms since the Unix epoch.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
-}
-
 /// A cabinet speaking SPEC.md part 1 through the protocol crate's codec.
 #[derive(Debug)]
 pub struct Cabinet {
@@ -37,7 +30,7 @@ impl Cabinet {
     /// Connects and logs in; returns the client and the gateway's answer.
     pub async fn login(addr: SocketAddr, id: &DeviceId, secret: &[u8]) -> (Self, LoginResult) {
         let mut c = Self::connect(addr, id).await;
-        let login = Login::sign(id.clone(), "1.0.0", now_ms(), secret).unwrap();
+        let login = Login::sign(id.clone(), "1.0.0", crate::login_time_ms(), secret).unwrap();
         let seq = c.send(Message::Login(login)).await;
         let frame = c.recv().await.expect("login answered");
         assert_eq!(frame.seq, seq);

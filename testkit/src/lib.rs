@@ -33,6 +33,17 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
 }
 
+/// The device time for a version-1 login: the wall clock in ms, but always later than the last
+/// one this process handed out. A real cabinet's clock has moved on since its previous login;
+/// two test logins of one identity within the same millisecond would otherwise be refused
+/// `Replayed` (SPEC.md 1.7), which is the gateway right and the test wrong.
+pub fn login_time_ms() -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    let next = |last: u64| now.max(last + 1);
+    LAST.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| Some(next(last))).map_or(now, next)
+}
+
 /// This run's id: `TEST_RUN_ID` from `scripts/test`, or one made from the process id.
 pub fn run_id() -> String {
     std::env::var("TEST_RUN_ID").unwrap_or_else(|_| format!("p{}", std::process::id()))
