@@ -65,11 +65,23 @@ pub fn pool(cfg: &crate::config::PostgresConfig) -> Result<Pool, StoreError> {
         .map_err(|e| StoreError::invalid("postgres.url", e.to_string()))
 }
 
+/// How many migrations this build carries (its schema version).
+pub const MIGRATION_COUNT: usize = MIGRATIONS.len();
+
 /// Applies the migrations not yet applied. Returns how many were.
 ///
 /// # Errors
 /// Any PostgreSQL error; a failed migration is rolled back.
 pub async fn migrate(pool: &Pool) -> Result<usize, StoreError> {
+    migrate_to(pool, i32::MAX).await
+}
+
+/// Applies the migrations not yet applied up to version `last`: how a test builds the schema
+/// of an earlier release to check an upgrade. Returns how many were applied.
+///
+/// # Errors
+/// Any PostgreSQL error; a failed migration is rolled back.
+pub async fn migrate_to(pool: &Pool, last: i32) -> Result<usize, StoreError> {
     let mut client = pool.get().await?;
     client
         .batch_execute(
@@ -80,7 +92,7 @@ pub async fn migrate(pool: &Pool) -> Result<usize, StoreError> {
         )
         .await?;
     let mut applied = 0;
-    for (version, name, sql) in MIGRATIONS {
+    for (version, name, sql) in MIGRATIONS.iter().filter(|(v, _, _)| *v <= last) {
         let tx = client.transaction().await?;
         // A migration may rewrite a large table, and waits for another instance's: no limits.
         tx.batch_execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0").await?;

@@ -236,3 +236,54 @@ async fn a_reading_stamped_far_from_the_gateways_clock_never_reaches_the_cache()
     assert_eq!(counted, 1.0);
     svc.stop().await;
 }
+
+#[tokio::test]
+async fn readings_stored_before_the_upgrade_become_one_row_per_report() {
+    let db = testkit::TestDatabase::create().await;
+    let cfg = device_svc::config::PostgresConfig { url: db.url.clone(), pool_size: 1, ..Default::default() };
+    let pool = device_svc::db::pool(&cfg).unwrap();
+    // The schema before readings were stored one row per report, with a day partition and a
+    // reading that fell into the default one.
+    device_svc::db::migrate_to(&pool, 20).await.unwrap();
+    let pg = db.client().await;
+    pg.batch_execute(
+        "CREATE TABLE weight_readings_d20788 PARTITION OF weight_readings
+           FOR VALUES FROM ('2026-12-02 00:00:00+00') TO ('2026-12-03 00:00:00+00');
+         INSERT INTO weight_readings
+           SELECT 'cab-u', 1, lane, 100 * lane, lane % 2 = 0, '2026-12-02 10:00:00+00', now() FROM generate_series(4, 1, -1) lane;
+         INSERT INTO weight_readings VALUES ('cab-u', 2, 1, 7, true, '2026-12-02 10:00:00.3+00', now());
+         INSERT INTO weight_readings VALUES ('cab-u', 1, 1, 5, true, '2031-01-01 00:00:00+00', now());",
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(device_svc::db::migrate(&pool).await.unwrap(), device_svc::db::MIGRATION_COUNT - 20);
+    let rows = pg
+        .query(
+            "SELECT tableoid::regclass::text, door_id, lane_ids, grams, stable FROM weight_reports
+              ORDER BY sample_time, door_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    // (partition, door, lanes, grams, stable)
+    type Report = (String, i16, Vec<i16>, Vec<i32>, Vec<bool>);
+    let reports: Vec<Report> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
+    assert_eq!(
+        reports,
+        vec![
+            (
+                "weight_reports_d20788".into(),
+                1,
+                vec![1, 2, 3, 4],
+                vec![100, 200, 300, 400],
+                vec![false, true, false, true]
+            ),
+            ("weight_reports_d20788".into(), 2, vec![1], vec![7], vec![true]),
+            ("weight_reports_default".into(), 1, vec![1], vec![5], vec![true]),
+        ]
+    );
+    // One row per lane reading, as before, through the view.
+    let lanes: i64 = pg.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
+    assert_eq!(lanes, 6);
+}
