@@ -18,6 +18,9 @@
 # stream   the same path with readings alone: every door of every cabinet reports its 4 stable
 #          lanes every CLOSED_REPORT_MS (1600 800 600: 25,000 to 66,700 readings a second from
 #          5,000 cabinets), no door traffic.
+# combined 100,000 devices on the box (80,000 cabinets, 20,000 vehicles, 6 gateway processes):
+#          heartbeats, weights, vehicle uplinks and a purchase storm at once, with what was
+#          lost and stored (not in "all": about 15 minutes).
 # offline  100,000 cabinets behind 6 synthetic gateway nodes (30 s heartbeats), 1,000 of them
 #          going silent: CPU of the device service and Redis per second of heartbeats, and
 #          how long after its deadline each silent cabinet was marked offline.
@@ -43,7 +46,7 @@ PREFIX="benchsvc$$:"
 DB="iotgw_bench_$$"
 OUT=loadtest/results
 RUNS=("$@")
-[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights stream offline uplink purchases scenarios)
+[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights stream offline uplink purchases scenarios)  # combined: by name only
 read -r -a RATES <<<"${OPEN_DOORS_PER_S:-100 200 400 800}"
 read -r -a STREAM_MS <<<"${CLOSED_REPORT_MS:-1600 800 600}"
 WORK=$(mktemp -d)
@@ -143,10 +146,11 @@ TOML
   wait_port "$1" "a benchmark process"
 }
 
-# start_gateway CABINET_PORT METRICS_PORT [MQTT_PORT]
+# start_gateway CABINET_PORT METRICS_PORT [MQTT_PORT] [NODE_ID]
 start_gateway() {
-  cat > "$WORK/gw.toml" <<TOML
-node_id = "bench-gw"
+  local node=${4:-bench-gw}
+  cat > "$WORK/$node.toml" <<TOML
+node_id = "$node"
 key_prefix = "$PREFIX"
 [redis]
 url = "$REDIS_URL"
@@ -157,7 +161,7 @@ listen = "${3:+127.0.0.1:$3}"
 [metrics]
 listen = "127.0.0.1:$2"
 TOML
-  RUST_LOG=warn "$GW" --config "$WORK/gw.toml" >"$WORK/gw.log" 2>&1 &
+  RUST_LOG=warn "$GW" --config "$WORK/$node.toml" >"$WORK/$node.log" 2>&1 &
   PIDS+=("$!")
   wait_port "$1" "a benchmark process"
 }
@@ -371,6 +375,56 @@ run_stream() {
   weights_write "$OUT/devsvc-weights-stream.json"
 }
 
+# 100,000 devices at once: COMBINED_CABINETS cabinets and COMBINED_VEHICLES vehicles registered
+# through the API, spread over COMBINED_NODES gateway processes (the file limit allows about
+# 19,000 connections each), one device service; during the hold heartbeats every 30 s, closed
+# doors' weights every 90 s, an uplink every 10 s from each vehicle, and a purchase storm at the
+# start of the hold (COMBINED_PURCHASES doors opened for orders, weights every 300 ms while open).
+# Devices connect from 127.0.0.2..11: a source address has about 28,000 ports, and 4 of them
+# (the harness's default) run out at 100,000 devices with reconnections.
+run_combined() {
+  local cabinets=${COMBINED_CABINETS:-80000} vehicles=${COMBINED_VEHICLES:-20000} nodes=${COMBINED_NODES:-6}
+  local purchases=${COMBINED_PURCHASES:-1000} hold=${COMBINED_HOLD_S:-120} svc_port=18080 n
+  fresh_db
+  start_svc "$svc_port"
+  local addrs=() servers=()
+  for ((n = 0; n < nodes; n++)); do
+    start_gateway $((17300 + n * 100)) $((19300 + n * 100)) $((11983 + n * 100)) "bench-gw-$n"
+    servers+=(--server-pid "$!")
+    addrs+=(--cabinet-addr "127.0.0.1:$((17300 + n * 100))" --mqtt-addr "127.0.0.1:$((11983 + n * 100))")
+  done
+  local cpu0; cpu0="$(cpu_s "$SVC_PID") $(redis_cpu) $(pg_cpu) $(machine_cpu)"
+  "$LT" fleet --label devsvc-combined-100k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
+    --api "127.0.0.1:$svc_port" --seed "${addrs[@]}" --cabinets "$cabinets" --vehicles "$vehicles" \
+    --ramp-per-s 2000 --hold-s "$hold" --purchases "$purchases" --publish-per-s 0.1 "${servers[@]}" \
+    --source-ips 10 --max-duration-s 3600 --out "$WORK/combined.json" 2> >(tee "$WORK/combined.log" >&2)
+  local sent; sent=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"]["details"]["counters"].get("weight_reports", 0) * 4)' "$WORK/combined.json")
+  for _ in $(seq 1 1500); do
+    awk -v n="$(metric $svc_port devsvc_weight_readings_persisted_total)" -v s="$sent" 'BEGIN { exit !(n >= s) }' && break
+    sleep 0.2
+  done
+  local cpu1; cpu1="$(cpu_s "$SVC_PID") $(redis_cpu) $(pg_cpu) $(machine_cpu)"
+  local stored; stored=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM weight_readings")
+  local orders; orders=$(psql "$DB_URL" -XAtq -c "SELECT coalesce(json_object_agg(k, n), '{}') FROM (SELECT state || ': ' || coalesce(reason, '') k, count(*) n FROM orders GROUP BY 1) s")
+  local online; online=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM devices WHERE status = 'online'")
+  stop_all
+  python3 - "$WORK/combined.json" "$OUT/devsvc-combined-100k.json" "$sent" "$stored" "$orders" "$online" "$cpu0" "$cpu1" <<'PY'
+import json, sys
+src, out, sent, stored, orders, online, cpu0, cpu1 = sys.argv[1:]
+r = json.load(open(src))
+cpu = [b - a for a, b in zip(map(float, cpu0.split()), map(float, cpu1.split()))]
+r["results"]["device_service"] = {
+    "weight_readings_sent": int(sent), "weight_readings_stored": int(stored), "all_stored": int(stored) == int(sent),
+    "orders_by_state_and_reason": json.loads(orders), "devices_online_at_the_end": int(online),
+    "cpu_s": {"device_svc": round(cpu[0], 1), "redis": round(cpu[1], 1), "postgres": round(cpu[2], 1),
+              "machine_busy": round(cpu[3], 1)},
+    "machine_idle_share": round(1 - cpu[3] / cpu[4], 3) if cpu[4] else None,
+}
+json.dump(r, open(out, "w"), indent=2)
+print(json.dumps(r["results"]["device_service"], indent=2))
+PY
+}
+
 run_offline() {
   local devices=100000 svc_port=18081 duration=240 silent=1000 silence_after=90
   fresh_db
@@ -440,11 +494,12 @@ for run in "${RUNS[@]}"; do
   case "$run" in
     weights) run_weights ;;
     stream) run_stream ;;
+    combined) run_combined ;;
     offline) run_offline ;;
     scenarios) run_scenarios ;;
     uplink) run_uplink ;;
     purchases) run_purchases ;;
-    *) echo "unknown run: $run (weights stream offline uplink purchases scenarios)"; exit 2 ;;
+    *) echo "unknown run: $run (weights stream offline uplink purchases scenarios combined)"; exit 2 ;;
   esac
 done
 echo "results in $OUT/"
