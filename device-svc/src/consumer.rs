@@ -182,7 +182,6 @@ impl Consumer {
     }
 }
 
-/// The cabinet's own time in a weight report or door event.
 /// Whether `event` must be applied after the weight and OTA reports gathered so far: the order
 /// that matters is per device (a door closes after the readings before it are stored), and a
 /// node-wide heartbeat window concerns every device.
@@ -194,6 +193,7 @@ fn waits_for_gathered(event: &UpEvent, reports: &[Received], ota: &[ota_reports:
     }
 }
 
+/// The cabinet's own time in a weight report or door event.
 fn device_time(event: &UpEvent) -> Option<u64> {
     match event {
         UpEvent::Cabinet { message: Message::WeightReport(r), .. } => Some(r.sample_time_ms),

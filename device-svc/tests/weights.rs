@@ -105,20 +105,15 @@ async fn a_report_delivered_twice_is_stored_once_and_a_split_door_is_stored_whol
     cabinet.send(report(1, 4, 500, true, t0)).await;
     cabinet.send(report(1, 4, 480, true, t0 + 300)).await;
     // A door whose lanes come in two reports read at the same time: both are kept.
-    cabinet
-        .send(Message::WeightReport(WeightReport {
+    let part = |lanes: std::ops::RangeInclusive<u8>, grams| {
+        Message::WeightReport(WeightReport {
             door_id: 1,
             sample_time_ms: t0 + 600,
-            lanes: (1..=2).map(|lane_id| LaneWeight { lane_id, grams: 470, stable: true }).collect(),
-        }))
-        .await;
-    cabinet
-        .send(Message::WeightReport(WeightReport {
-            door_id: 1,
-            sample_time_ms: t0 + 600,
-            lanes: (3..=4).map(|lane_id| LaneWeight { lane_id, grams: 460, stable: true }).collect(),
-        }))
-        .await;
+            lanes: lanes.map(|lane_id| LaneWeight { lane_id, grams, stable: true }).collect(),
+        })
+    };
+    cabinet.send(part(1..=2, 470)).await;
+    cabinet.send(part(3..=4, 460)).await;
     wait_until("every new reading stored", WAIT, || async { (stored().await == 12).then_some(()) }).await;
     // Counted right after the rows are committed: awaited, not assumed.
     wait_until("the repeated report counted, the new readings counted once", WAIT, || async {

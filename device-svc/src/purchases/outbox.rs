@@ -55,9 +55,9 @@ pub async fn enqueue(tx: &Transaction<'_>, stream: &str, idem_key: &str, payload
     Ok(n == 1)
 }
 
-/// Publishes up to a batch of each kind of row: those never published, and settlements published more
-/// than `purchases.settlement_resend_s` ago and still unconfirmed. Returns how many were
-/// published.
+/// Publishes up to a batch of each kind of row: those never published, and settlements
+/// published more than `purchases.settlement_resend_s` ago and still unconfirmed. Returns how
+/// many were published.
 ///
 /// The batch is claimed for [`LEASE`] in one short statement, published with no transaction
 /// open (Redis is never waited on while PostgreSQL rows are locked), then marked published. A
