@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use dashmap::DashSet;
 use protocol::DeviceId;
-use protocol::bus::{DeviceKey, HeartbeatSeen, UpEvent};
+use protocol::bus::{DeviceKey, UpEvent};
 use protocol::cabinet::Message;
 use redis::streams::StreamId;
 use redis_conn::RedisConn;
@@ -21,7 +21,7 @@ use crate::dead_letters;
 use crate::error::StoreError;
 use crate::offline::{Detector, Window};
 use crate::purchases;
-use crate::status::{self, Event};
+use crate::sessions::{SessionChange, SessionEntry};
 use crate::vehicles;
 use crate::vehicles::ota::reports as ota_reports;
 use crate::weights::{self, Received};
@@ -46,12 +46,13 @@ impl Consumer {
         Self { app, detector, initialised: DashSet::new() }
     }
 
-    /// Applies a batch of entries of `stream`, in order for each device. Weight reports (and
-    /// OTA reports) are gathered and stored together; another event waits for them only when it
-    /// concerns a device with some of them gathered, or many devices at once (a heartbeat
-    /// window). So a door event or command result of one cabinet does not cut the batch's
-    /// readings into small writes, while every device still sees its own entries in stream
-    /// order.
+    /// Applies a batch of entries of `stream`, in order for each device. Weight reports, OTA
+    /// reports and session opens and closes are gathered, each kind applied as a set
+    /// ([`crate::sessions`]); another entry waits for them only when it concerns a device with
+    /// something gathered, or many devices at once (a heartbeat window). So a door event or
+    /// command result of one cabinet does not cut the batch's readings or logins into small
+    /// writes, while every device still sees its own entries in stream order (a device's
+    /// gathered entries are all of one kind: gathering another kind applies them first).
     ///
     /// # Errors
     /// Any storage error: the caller acknowledges nothing and retries the batch.
@@ -60,6 +61,7 @@ impl Consumer {
         // OTA reports of the batch, in order, applied in one transaction: only the order per
         // vehicle matters, and nothing else in a batch touches their rows.
         let mut ota: Vec<ota_reports::Uplink> = Vec::new();
+        let mut sessions: Vec<SessionEntry> = Vec::new();
         for entry in entries {
             let fields = bulk_fields(entry.map.clone());
             let event = match UpEvent::from_fields(&fields) {
@@ -79,6 +81,20 @@ impl Consumer {
                 self.count(event.label(), "clock_skew");
                 continue;
             }
+            if let Some(session) = session_entry(stream, &entry.id, &event) {
+                if gathered_in(&session.device, &reports, &ota) {
+                    self.flush_reports(&mut reports).await?;
+                    self.flush_ota(&mut ota).await?;
+                }
+                sessions.push(session);
+                continue;
+            }
+            if !sessions.is_empty()
+                && let Some(device) = event.device()
+                && sessions.iter().any(|s| s.device == device)
+            {
+                self.flush_sessions(&mut sessions).await?;
+            }
             if let UpEvent::Cabinet { device, at_ms, message: Message::WeightReport(report), .. } = event {
                 reports.push(Received { cabinet: device, report, at_ms });
                 self.count("weight_report", "applied");
@@ -92,14 +108,32 @@ impl Consumer {
                 continue;
             }
             if waits_for_gathered(&event, &reports, &ota) {
+                self.flush_sessions(&mut sessions).await?;
                 self.flush_reports(&mut reports).await?;
                 self.flush_ota(&mut ota).await?;
             }
             // Entry ids are unique within a stream only.
             self.apply_one(&format!("{stream}/{}", entry.id), event).await?;
         }
+        self.flush_sessions(&mut sessions).await?;
         self.flush_reports(&mut reports).await?;
         self.flush_ota(&mut ota).await
+    }
+
+    async fn flush_sessions(&self, sessions: &mut Vec<SessionEntry>) -> Result<(), StoreError> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let results = crate::sessions::apply(&self.app, &self.detector, sessions).await?;
+        for (s, result) in sessions.iter().zip(results) {
+            let label = match s.change {
+                SessionChange::Opened { .. } => "open",
+                SessionChange::Closed { .. } => "close",
+            };
+            self.count(label, result);
+        }
+        sessions.clear();
+        Ok(())
     }
 
     async fn flush_ota(&self, ota: &mut Vec<ota_reports::Uplink>) -> Result<(), StoreError> {
@@ -134,25 +168,8 @@ impl Consumer {
     async fn apply_one(&self, entry: &str, event: UpEvent) -> Result<(), StoreError> {
         let label = event.label();
         let result = match event {
-            UpEvent::SessionOpened { device, epoch, node, info, at_ms } => {
-                let result = self.status(&device, Event::Opened { epoch, node: node.clone(), info }).await?;
-                if let (DeviceKey::Vehicle(vin), "applied") = (&device, result) {
-                    vehicles::on_connected(&self.app, vin).await?;
-                }
-                if result != "unknown_device" {
-                    self.detector.opened(entry, &node, HeartbeatSeen { device, at_ms, epoch }).await?;
-                }
-                result
-            }
-            UpEvent::SessionClosed { device, epoch, reason, node, at_ms } => {
-                let deferred = reason == "idle_timeout"
-                    && matches!(device, DeviceKey::Cabinet(_))
-                    && !self
-                        .detector
-                        .idle_close_applies(&node, HeartbeatSeen { device: device.clone(), at_ms, epoch })
-                        .await?;
-                if deferred { "deferred" } else { self.status(&device, Event::Closed { epoch, reason }).await? }
-            }
+            // Gathered and applied as sets (`flush_sessions`); never reaches here.
+            UpEvent::SessionOpened { .. } | UpEvent::SessionClosed { .. } => "ignored",
             UpEvent::Heartbeats { node, window_start_ms, window_ms, count, sessions, devices } => {
                 let window =
                     Window { node: &node, start_ms: window_start_ms, window_ms, count, sessions, devices: &devices };
@@ -170,27 +187,42 @@ impl Consumer {
         self.count(label, result);
         Ok(())
     }
-
-    async fn status(&self, device: &DeviceKey, event: Event) -> Result<&'static str, StoreError> {
-        match status::apply(&self.app, device, &event).await {
-            Ok(Some(_)) => Ok("applied"),
-            Ok(None) => Ok("unchanged"),
-            // A device deleted from the registry after it logged in: nothing to update.
-            Err(StoreError::NotFound(_)) => Ok("unknown_device"),
-            Err(e) => Err(e),
-        }
-    }
 }
 
 /// Whether `event` must be applied after the weight and OTA reports gathered so far: the order
 /// that matters is per device (a door closes after the readings before it are stored), and a
 /// node-wide heartbeat window concerns every device.
 fn waits_for_gathered(event: &UpEvent, reports: &[Received], ota: &[ota_reports::Uplink]) -> bool {
-    match event.device() {
-        None => true,
-        Some(DeviceKey::Cabinet(id)) => reports.iter().any(|r| r.cabinet == id),
-        Some(DeviceKey::Vehicle(vin)) => ota.iter().any(|u| u.vin == vin),
+    event.device().is_none_or(|device| gathered_in(&device, reports, ota))
+}
+
+/// Whether `device` has weight or OTA reports among those gathered.
+fn gathered_in(device: &DeviceKey, reports: &[Received], ota: &[ota_reports::Uplink]) -> bool {
+    match device {
+        DeviceKey::Cabinet(id) => reports.iter().any(|r| &r.cabinet == id),
+        DeviceKey::Vehicle(vin) => ota.iter().any(|u| &u.vin == vin),
     }
+}
+
+/// The session open or close `event` is, gathered as such (`id` is its stream entry's).
+fn session_entry(stream: &str, id: &str, event: &UpEvent) -> Option<SessionEntry> {
+    let (device, epoch, node, at_ms, change) = match event {
+        UpEvent::SessionOpened { device, epoch, node, at_ms, info } => {
+            (device, epoch, node, at_ms, SessionChange::Opened { info: info.clone() })
+        }
+        UpEvent::SessionClosed { device, epoch, node, at_ms, reason } => {
+            (device, epoch, node, at_ms, SessionChange::Closed { reason: reason.clone() })
+        }
+        _ => return None,
+    };
+    Some(SessionEntry {
+        entry: format!("{stream}/{id}"),
+        device: device.clone(),
+        epoch: *epoch,
+        node: node.clone(),
+        at_ms: *at_ms,
+        change,
+    })
 }
 
 /// The cabinet's own time in a weight report or door event.

@@ -6,7 +6,8 @@
 //! - [`db`]: the PostgreSQL pool and the migrations in `migrations/`;
 //! - [`registry`]: products, cabinets, doors, lanes, vehicles, credentials;
 //! - [`fleet`]: devices, cabinets and vehicles as filtered pages, by [`listing`]'s keyset cursors;
-//! - [`status`]: epoch-fenced status changes and their history;
+//! - [`status`]: epoch-fenced status changes and their history; [`sessions`]: logins and session
+//!   ends applied in sets;
 //! - [`offline`]: deadline-ordered, exactly-once offline detection guarded by node health;
 //! - [`weights`]: readings into PostgreSQL, stable weights into the Redis cache;
 //! - [`retention`]: operational logs deleted past their age;
@@ -40,6 +41,7 @@ pub mod redis_loss;
 pub mod registry;
 pub mod retention;
 pub mod secret;
+pub mod sessions;
 pub mod status;
 pub mod trim;
 pub mod vehicles;

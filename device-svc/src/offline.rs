@@ -54,11 +54,17 @@ redis.call('EXPIRE', KEYS[1], 86400)
 return 1
 ";
 
-/// A login counts once as a sign of life. ARGV: second.
-const APPLY_LOGIN: &str = r"
-if not redis.call('SET', KEYS[2], 1, 'NX', 'EX', 3600) then return 0 end
-redis.call('HINCRBY', KEYS[1], 'r:' .. ARGV[1], 1)
-return 1
+/// Each login of one node counts once as a sign of life. KEYS: the node's health, then one
+/// mark per login (its stream entry); ARGV: the second of each login.
+const APPLY_LOGINS: &str = r"
+local counted = 0
+for i = 2, #KEYS do
+  if redis.call('SET', KEYS[i], 1, 'NX', 'EX', 3600) then
+    redis.call('HINCRBY', KEYS[1], 'r:' .. ARGV[i - 1], 1)
+    counted = counted + 1
+  end
+end
+return counted
 ";
 
 /// Moves deadlines forward (never back) and records the last heartbeat of each device.
@@ -159,13 +165,7 @@ pub async fn last_seen_many(
         .collect();
     let mut con = app.redis.clone();
     // The shards' keys lie in different Redis Cluster slots.
-    let seen: Vec<Option<String>> = con
-        .query_each(cmds)
-        .await?
-        .into_iter()
-        .map(redis::from_redis_value)
-        .collect::<Result<_, _>>()
-        .map_err(redis::RedisError::from)?;
+    let seen: Vec<Option<String>> = con.query_each_as(cmds).await?;
     Ok(devices
         .iter()
         .zip(seen)
@@ -212,7 +212,7 @@ pub struct Health {
 pub struct Detector {
     app: Arc<App>,
     apply_window: Script,
-    apply_login: Script,
+    apply_logins: Script,
     seen: Script,
     reseed: Script,
     claim: Script,
@@ -237,7 +237,7 @@ impl Detector {
         Self {
             app,
             apply_window: Script::new(APPLY_WINDOW),
-            apply_login: Script::new(APPLY_LOGIN),
+            apply_logins: Script::new(APPLY_LOGINS),
             seen: Script::new(SEEN),
             reseed: Script::new(RESEED),
             claim: Script::new(CLAIM),
@@ -280,22 +280,35 @@ impl Detector {
         self.record_seen(window.node, window.devices).await
     }
 
-    /// Starts the clock of a cabinet that just logged in, so that one that never sends a
-    /// heartbeat is judged too, and counts the login as a sign of life of its node. (Vehicles
-    /// send no heartbeats: MQTT keep-alive is the gateway's to enforce, and its end arrives as a
-    /// session close.)
+    /// Starts the clock of each cabinet that just logged in, so that one that never sends a
+    /// heartbeat is judged too, and counts each login as a sign of life of its node (once per
+    /// stream entry, however often it is delivered). `logins` are (entry, node, login); vehicles
+    /// among them are skipped (they send no heartbeats: MQTT keep-alive is the gateway's to
+    /// enforce, and its end arrives as a session close). One script call per node and one per
+    /// deadline shard, whatever the number of logins.
     ///
     /// # Errors
-    /// Any Redis error; the caller retries the entry.
-    pub async fn opened(&self, entry_id: &str, node: &str, seen: HeartbeatSeen) -> Result<(), StoreError> {
-        if !matches!(seen.device, DeviceKey::Cabinet(_)) {
-            return Ok(());
+    /// Any Redis error; the caller retries the entries.
+    pub async fn opened(&self, logins: &[(&str, &str, HeartbeatSeen)]) -> Result<(), StoreError> {
+        let mut by_node: HashMap<&str, Vec<(&str, &HeartbeatSeen)>> = HashMap::new();
+        for (entry, node, seen) in logins {
+            if matches!(seen.device, DeviceKey::Cabinet(_)) {
+                by_node.entry(node).or_default().push((entry, seen));
+            }
         }
         let mut con = self.app.redis.clone();
-        let health = health_key(&self.app.keys, node);
-        let dedup = format!("{health}:entry:{entry_id}");
-        let _: i64 = self.apply_login.key(&health).key(&dedup).arg(seen.at_ms / 1000).invoke_async(&mut con).await?;
-        self.record_seen(node, &[seen]).await
+        for (node, logins) in by_node {
+            let health = health_key(&self.app.keys, node);
+            let mut inv = self.apply_logins.prepare_invoke();
+            inv.key(&health);
+            for (entry, seen) in &logins {
+                inv.key(format!("{health}:entry:{entry}")).arg(seen.at_ms / 1000);
+            }
+            let _: i64 = inv.invoke_async(&mut con).await?;
+            let seen: Vec<HeartbeatSeen> = logins.into_iter().map(|(_, s)| s.clone()).collect();
+            self.record_seen(node, &seen).await?;
+        }
+        Ok(())
     }
 
     /// Gives every cabinet PostgreSQL holds connected a deadline again if it has none, as if it

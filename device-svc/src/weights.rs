@@ -194,6 +194,8 @@ async fn cache_stable(app: &App, batch: &[Received]) -> Result<(), StoreError> {
 /// Marks cabinets initialised once every configured door has a stable weight cached (the
 /// seed's "first connection -> pending initialisation -> online after the initial weights").
 /// `known` remembers the cabinets already initialised, so the check costs nothing afterwards.
+/// A batch's cabinets are checked together (one query, one Redis round trip, one status
+/// transaction), as a login wave brings thousands of first reports a second.
 ///
 /// # Errors
 /// Any storage error.
@@ -201,30 +203,55 @@ pub async fn check_initialised(app: &App, batch: &[Received], known: &DashSet<De
     let mut candidates: Vec<&DeviceId> = batch.iter().map(|r| &r.cabinet).filter(|c| !known.contains(*c)).collect();
     candidates.sort();
     candidates.dedup();
-    for cabinet in candidates {
-        let key = DeviceKey::Cabinet(cabinet.clone());
-        let client = app.pg.get().await?;
-        let Some(row) = client
-            .query_opt(
-                "SELECT d.initialised, (SELECT array_agg(door_id) FROM doors WHERE cabinet_id = $2)
-                   FROM devices d WHERE d.key = $1",
-                &[&key.to_string(), &cabinet.as_str()],
-            )
-            .await?
-        else {
-            continue;
-        };
-        if row.get::<_, bool>(0) {
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<String> = candidates.iter().map(|c| DeviceKey::Cabinet((*c).clone()).to_string()).collect();
+    let ids: Vec<&str> = candidates.iter().map(|c| c.as_str()).collect();
+    let rows = app
+        .pg
+        .get()
+        .await?
+        .query(
+            "SELECT u.id, d.initialised, (SELECT array_agg(door_id) FROM doors WHERE cabinet_id = u.id)
+               FROM unnest($1::text[], $2::text[]) AS u(key, id) JOIN devices d ON d.key = u.key",
+            &[&keys, &ids],
+        )
+        .await?;
+    let by_id: HashMap<&str, &DeviceId> = candidates.iter().map(|c| (c.as_str(), *c)).collect();
+    // Cabinets not initialised yet, with their doors.
+    let mut pending: Vec<(&DeviceId, Vec<i16>)> = Vec::new();
+    for row in &rows {
+        let Some(&cabinet) = by_id.get(row.get::<_, &str>(0)) else { continue };
+        if row.get::<_, bool>(1) {
             known.insert(cabinet.clone());
-            continue;
+        } else {
+            pending.push((cabinet, row.get::<_, Option<Vec<i16>>>(2).unwrap_or_default()));
         }
-        let doors: Vec<i16> = row.get::<_, Option<Vec<i16>>>(1).unwrap_or_default();
-        let cached = current(app, cabinet.as_str()).await?;
-        let complete = !doors.is_empty() && doors.iter().all(|d| cached.iter().any(|w| i16::from(w.door_id) == *d));
-        if complete {
-            status::apply(app, &key, &Event::Initialised).await?;
-            known.insert(cabinet.clone());
-        }
+    }
+    let reads = pending
+        .iter()
+        .map(|(cabinet, _)| {
+            let mut read = redis::cmd("HGETALL");
+            read.arg(cache_key(app, cabinet.as_str()));
+            read
+        })
+        .collect();
+    let cached: Vec<HashMap<String, String>> = app.redis.clone().query_each_as(reads).await?;
+    let complete: Vec<&DeviceId> = pending
+        .iter()
+        .zip(&cached)
+        .filter(|((_, doors), fields)| {
+            let cached = lanes_of(fields);
+            !doors.is_empty() && doors.iter().all(|d| cached.iter().any(|w| i16::from(w.door_id) == *d))
+        })
+        .map(|((cabinet, _), _)| *cabinet)
+        .collect();
+    let events: Vec<(DeviceKey, Event)> =
+        complete.iter().map(|c| (DeviceKey::Cabinet((*c).clone()), Event::Initialised)).collect();
+    status::apply_many(app, &events).await?;
+    for cabinet in complete {
+        known.insert(cabinet.clone());
     }
     Ok(())
 }
@@ -237,6 +264,11 @@ pub async fn current(app: &App, cabinet: &str) -> Result<Vec<LaneWeight>, StoreE
     let mut con = app.redis.clone();
     let fields: HashMap<String, String> =
         redis::cmd("HGETALL").arg(cache_key(app, cabinet)).query_async(&mut con).await?;
+    Ok(lanes_of(&fields))
+}
+
+/// The lanes of a cabinet's cache hash (`door:lane` -> `grams sample_ms`), by door and lane.
+fn lanes_of(fields: &HashMap<String, String>) -> Vec<LaneWeight> {
     let mut lanes: Vec<LaneWeight> = fields
         .iter()
         .filter_map(|(field, value)| {
@@ -251,7 +283,7 @@ pub async fn current(app: &App, cabinet: &str) -> Result<Vec<LaneWeight>, StoreE
         })
         .collect();
     lanes.sort_by_key(|l| (l.door_id, l.lane_id));
-    Ok(lanes)
+    lanes
 }
 
 /// A lane's readings between `from_ms` and `to_ms`, oldest first, at most `limit`.

@@ -234,13 +234,7 @@ async fn close_as(stack: &Stack, device: &protocol::bus::DeviceKey, node: &str, 
         at_ms: now_ms(),
         reason: reason.into(),
     };
-    let _: String = redis::cmd("XADD")
-        .arg(stack.keys.upstream(device.shard(4)))
-        .arg("*")
-        .arg(event.to_fields().unwrap())
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    write_up(stack, &event).await;
 }
 
 #[tokio::test]
@@ -282,6 +276,104 @@ async fn an_idle_close_marks_a_cabinet_offline_only_when_its_node_is_healthy() {
     for b in fleet {
         b.close().await;
     }
+    svc.stop().await;
+}
+
+/// Writes `event` to its device's upstream shard, as a gateway would.
+async fn write_up(stack: &Stack, event: &protocol::bus::UpEvent) {
+    let mut con = stack.redis.clone();
+    let device = event.device().unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(stack.keys.upstream(device.shard(4)))
+        .arg("*")
+        .arg(event.to_fields().unwrap())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+}
+
+/// A login wave's session entries are applied as sets: written while no instance reads, they
+/// arrive in one batch, and the result is what one entry at a time gives (each device's
+/// entries in order, repeats and late entries changing nothing, an unknown device counted).
+#[tokio::test]
+async fn session_entries_read_together_apply_as_one_at_a_time_would() {
+    use protocol::bus::{DeviceKey, UpEvent};
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    let (a, _) = register_cabinet(api, "cab-wave-a", &[(1, 1)]).await;
+    let (b, _) = register_cabinet(api, "cab-wave-b", &[(1, 1)]).await;
+    svc.stop().await;
+
+    let (a, b) = (DeviceKey::Cabinet(a), DeviceKey::Cabinet(b));
+    let unknown = DeviceKey::Cabinet(protocol::DeviceId::new("cab-wave-nobody").unwrap());
+    let at = now_ms();
+    let open = |device: &DeviceKey, epoch| UpEvent::SessionOpened {
+        device: device.clone(),
+        epoch,
+        node: format!("gw-{epoch}"),
+        at_ms: at + epoch,
+        info: "fw-1".into(),
+    };
+    let close = |device: &DeviceKey, epoch| UpEvent::SessionClosed {
+        device: device.clone(),
+        epoch,
+        node: format!("gw-{epoch}"),
+        at_ms: at + epoch,
+        reason: "peer_closed".into(),
+    };
+    for event in [open(&a, 1), open(&b, 1), close(&a, 1), open(&a, 2), open(&unknown, 1), open(&b, 1), close(&b, 0)] {
+        write_up(&stack, &event).await;
+    }
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    let entries = |text: &str, result: &str, kind: &str| {
+        metric(text, &format!("devsvc_stream_entries_total{{result=\"{result}\",type=\"{kind}\"}}"))
+    };
+    let text = wait_until("every session entry applied", WAIT, || async {
+        let text = http(api, "GET", "/metrics", None).await.1.as_str().unwrap_or("").to_owned();
+        let n = |result, kind| entries(&text, result, kind);
+        (n("applied", "open") + n("unchanged", "open") + n("unknown_device", "open") == 5.0
+            && n("applied", "close") + n("unchanged", "close") == 2.0)
+            .then_some(text)
+    })
+    .await;
+    let n = |result, kind| entries(&text, result, kind);
+    assert_eq!((n("applied", "open"), n("unchanged", "open"), n("unknown_device", "open")), (3.0, 1.0, 1.0));
+    assert_eq!((n("applied", "close"), n("unchanged", "close")), (1.0, 1.0));
+
+    let row = stack
+        .pg()
+        .await
+        .query_one("SELECT status, status_epoch, node, info FROM devices WHERE key = $1", &[&a.to_string()])
+        .await
+        .unwrap();
+    let row: (String, i64, Option<String>, Option<String>) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(row, ("pending_init".into(), 2, Some("gw-2".into()), Some("fw-1".into())));
+    let history = expect(api, "GET", &format!("/v1/devices/{a}/history"), None, 200).await;
+    let path: Vec<(&str, &str, u64)> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|h| (h["from"].as_str().unwrap(), h["to"].as_str().unwrap(), h["epoch"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        path,
+        [("registered", "pending_init", 1), ("pending_init", "offline", 1), ("offline", "pending_init", 2)]
+    );
+    let history = expect(api, "GET", &format!("/v1/devices/{b}/history"), None, 200).await;
+    assert_eq!(history.as_array().unwrap().len(), 1, "{history}");
+
+    // Each login started its cabinet's offline clock, the latest login winning.
+    let mut con = stack.redis.clone();
+    let seen: String = redis::cmd("HGET")
+        .arg(format!("{}{{hb:{}}}:seen", stack.keys.prefix(), a.shard(4)))
+        .arg(a.to_string())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(seen, format!("{} 2 gw-2", at + 2));
     svc.stop().await;
 }
 

@@ -21,6 +21,10 @@
 # combined 100,000 devices on the box (80,000 cabinets, 20,000 vehicles, 6 gateway processes):
 #          heartbeats, weights, vehicle uplinks and a purchase storm at once, with what was
 #          lost and stored (not in "all": about 15 minutes).
+# logins   a login wave: LOGIN_CABINETS cabinets (36,000) log in over 2 gateways at LOGIN_RAMP_PER_S
+#          (4,000), are held 30 s, then all leave: how fast the device service applies their
+#          session opens and closes (entries per second, backlog, time until all applied after
+#          the last login or leave) and its, PostgreSQL's and Redis's CPU per login.
 # offline  100,000 cabinets behind 6 synthetic gateway nodes (30 s heartbeats), 1,000 of them
 #          going silent: CPU of the device service and Redis per second of heartbeats, and
 #          how long after its deadline each silent cabinet was marked offline.
@@ -46,7 +50,7 @@ PREFIX="benchsvc$$:"
 DB="iotgw_bench_$$"
 OUT=loadtest/results
 RUNS=("$@")
-[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights stream offline uplink purchases scenarios)  # combined: by name only
+[ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights stream logins offline uplink purchases scenarios)  # combined: by name only
 read -r -a RATES <<<"${OPEN_DOORS_PER_S:-100 200 400 800}"
 read -r -a STREAM_MS <<<"${CLOSED_REPORT_MS:-1600 800 600}"
 WORK=$(mktemp -d)
@@ -425,6 +429,87 @@ print(json.dumps(r["results"]["device_service"], indent=2))
 PY
 }
 
+# metric_where PORT NAME LABEL: the sum of NAME's samples whose labels contain LABEL
+# (for example 'type="open"').
+metric_where() {
+  metrics "$1" | awk -v n="$2" -v l="$3" 'index($1, n "{") == 1 && index($1, l) { s += $NF } END { printf "%.0f\n", s + 0 }'
+}
+
+# A login wave and the leave after it, through real gateways, and how the device service keeps
+# up with the session events they write (see the header).
+run_logins() {
+  local cabinets=${LOGIN_CABINETS:-36000} ramp=${LOGIN_RAMP_PER_S:-4000} svc_port=18080 n
+  fresh_db
+  start_svc "$svc_port"
+  register_fleet "$cabinets"
+  local addrs=() servers=()
+  for n in 0 1; do
+    start_gateway $((17300 + n * 100)) $((19300 + n * 100)) "" "bench-gw-$n"
+    servers+=(--server-pid "$!")
+    addrs+=(--cabinet-addr "127.0.0.1:$((17300 + n * 100))")
+  done
+  local samples="$WORK/logins.tsv"
+  : > "$samples"
+  # time, opens applied, closes applied (any result), entries not yet read, CPU of the parts
+  ( while kill -0 "$SVC_PID" 2>/dev/null; do
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date +%s.%N)" \
+        "$(metric_where $svc_port devsvc_stream_entries_total 'type="open"')" \
+        "$(metric_where $svc_port devsvc_stream_entries_total 'type="close"')" "$(group_sum lag)" \
+        "$(cpu_s "$SVC_PID")" "$(pg_cpu)" "$(redis_cpu)" >> "$samples"
+      sleep 0.25
+    done ) &
+  local sampler=$!
+  "$LT" fleet --label devsvc-logins --redis-url "$REDIS_URL" --key-prefix "$PREFIX" "${addrs[@]}" \
+    --cabinets "$cabinets" --ramp-per-s "$ramp" --hold-s 30 "${servers[@]}" --source-ips 4 \
+    --max-duration-s 600 --out "$WORK/logins.json" 2>"$WORK/logins.log"
+  local left; left=$(date +%s.%N)
+  for _ in $(seq 1 2400); do
+    [ "$(metric_where $svc_port devsvc_stream_entries_total 'type="close"')" -ge "$cabinets" ] && break
+    sleep 0.25
+  done
+  sleep 1
+  kill "$sampler" 2>/dev/null || true
+  stop_all
+  python3 - "$WORK/logins.json" "$samples" "$cabinets" "$left" "$OUT/devsvc-logins.json" <<'PY'
+import json, sys
+report, samples, n, left, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+r = json.load(open(report))
+rows = [tuple(map(float, l.split("\t"))) for l in open(samples) if l.count("\t") == 6]
+t0 = rows[0][0]
+def first(col, at_least):
+    return next((row for row in rows if row[col] >= at_least), None)
+def wave(col, start_row, end_row):
+    if start_row is None or end_row is None:
+        return None
+    span = end_row[0] - start_row[0]
+    events = end_row[col] - start_row[col]
+    return {
+        "applied": int(end_row[col]),
+        "seconds": round(span, 2),
+        "applied_per_s": round(events / span) if span > 0 else None,
+        "device_svc_us_per_event": round((end_row[4] - start_row[4]) / events * 1e6, 1) if events else None,
+        "postgres_us_per_event": round((end_row[5] - start_row[5]) / events * 1e6, 1) if events else None,
+        "redis_us_per_event": round((end_row[6] - start_row[6]) / events * 1e6, 1) if events else None,
+    }
+opens = wave(1, first(1, 1), first(1, n))
+first_open = first(1, 1)
+all_open = first(1, n)
+closes = wave(2, first(2, 1), first(2, n))
+all_closed = first(2, n)
+r["results"]["device_service"] = {
+    "opens": opens,
+    "opens_all_applied_after_first_s": round(all_open[0] - first_open[0], 2) if all_open and first_open else None,
+    "ramp_s": r["results"]["ramp_s"],
+    "opens_behind_the_ramp_s": round(all_open[0] - first_open[0] - r["results"]["ramp_s"], 2) if all_open and first_open else None,
+    "closes": closes,
+    "closes_all_applied_after_the_fleet_left_s": round(all_closed[0] - left, 2) if all_closed else None,
+    "max_unread_entries": int(max(row[3] for row in rows)),
+}
+json.dump(r, open(out, "w"), indent=2)
+print(json.dumps(r["results"]["device_service"], indent=2))
+PY
+}
+
 run_offline() {
   local devices=100000 svc_port=18081 duration=240 silent=1000 silence_after=90
   fresh_db
@@ -496,10 +581,11 @@ for run in "${RUNS[@]}"; do
     stream) run_stream ;;
     combined) run_combined ;;
     offline) run_offline ;;
+    logins) run_logins ;;
     scenarios) run_scenarios ;;
     uplink) run_uplink ;;
     purchases) run_purchases ;;
-    *) echo "unknown run: $run (weights stream offline uplink purchases scenarios combined)"; exit 2 ;;
+    *) echo "unknown run: $run (weights stream logins offline uplink purchases scenarios combined)"; exit 2 ;;
   esac
 done
 echo "results in $OUT/"

@@ -287,6 +287,18 @@ impl RedisConn {
             }
         }
     }
+
+    /// [`query_each`](Self::query_each), each reply converted to `T`.
+    ///
+    /// # Errors
+    /// The first Redis error, or a reply that is not a `T`.
+    pub async fn query_each_as<T: redis::FromRedisValue>(&mut self, cmds: Vec<Cmd>) -> RedisResult<Vec<T>> {
+        self.query_each(cmds)
+            .await?
+            .into_iter()
+            .map(|v| redis::from_redis_value(v).map_err(redis::RedisError::from))
+            .collect()
+    }
 }
 
 impl ConnectionLike for RedisConn {

@@ -540,23 +540,34 @@ async fn activate(
     Ok(inserted.is_some())
 }
 
-/// The car connected: if its current QR id was confirmed and still lives, the code goes down
-/// again (it may have missed it while offline; a second copy is harmless).
+/// Cars connected: for each whose current QR id was confirmed and still lives, the code goes
+/// down again (it may have missed it while offline; a second copy is harmless). The current QR
+/// ids of all of them are read in one round trip.
 ///
 /// # Errors
 /// Redis errors.
-pub async fn on_connected(app: &Arc<App>, vin: &Vin) -> Result<(), StoreError> {
+pub async fn on_connected(app: &Arc<App>, vins: &[&Vin]) -> Result<(), StoreError> {
     let mut con = app.redis.clone();
-    let current: Option<String> = redis::cmd("GET").arg(current_key(app, vin)).query_async(&mut con).await?;
-    let Some(qr_id) = current else { return Ok(()) };
-    let (state, code, exp): (Option<String>, Option<String>, Option<u64>) =
-        redis::cmd("HMGET").arg(qr_key(app, &qr_id)).arg(&["state", "code", "exp"]).query_async(&mut con).await?;
-    if let (Some("confirmed"), Some(code), Some(exp)) = (state.as_deref(), code, exp)
-        && exp > now_ms()
-    {
-        let attempts = app.config.vehicles.connect_send_attempts;
-        let payload = ActivationCode { qr_id, code, expires_at_ms: exp };
-        downlink::send_in_background(app, vin.clone(), DownlinkKind::ActivationCode, payload, attempts);
+    let reads = vins
+        .iter()
+        .map(|vin| {
+            let mut get = redis::cmd("GET");
+            get.arg(current_key(app, vin));
+            get
+        })
+        .collect();
+    let current: Vec<Option<String>> = con.query_each_as(reads).await?;
+    for (vin, qr_id) in vins.iter().zip(current) {
+        let Some(qr_id) = qr_id else { continue };
+        let (state, code, exp): (Option<String>, Option<String>, Option<u64>) =
+            redis::cmd("HMGET").arg(qr_key(app, &qr_id)).arg(&["state", "code", "exp"]).query_async(&mut con).await?;
+        if let (Some("confirmed"), Some(code), Some(exp)) = (state.as_deref(), code, exp)
+            && exp > now_ms()
+        {
+            let attempts = app.config.vehicles.connect_send_attempts;
+            let payload = ActivationCode { qr_id, code, expires_at_ms: exp };
+            downlink::send_in_background(app, (*vin).clone(), DownlinkKind::ActivationCode, payload, attempts);
+        }
     }
     Ok(())
 }

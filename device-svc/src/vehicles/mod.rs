@@ -83,11 +83,14 @@ fn invalid(app: &App, step: &str) -> &'static str {
     "invalid"
 }
 
-/// A vehicle connected: sends it what waited for it.
+/// Vehicles connected: sends each what waited for it.
 ///
 /// # Errors
 /// Storage errors.
-pub async fn on_connected(app: &Arc<App>, vin: &Vin) -> Result<(), StoreError> {
-    activation::on_connected(app, vin).await?;
-    ota::push::on_connected(app, vin).await
+pub async fn on_connected(app: &Arc<App>, vins: &[&Vin]) -> Result<(), StoreError> {
+    if vins.is_empty() {
+        return Ok(());
+    }
+    activation::on_connected(app, vins).await?;
+    ota::push::on_connected(app, vins).await
 }

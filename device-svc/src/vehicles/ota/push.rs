@@ -370,17 +370,19 @@ pub async fn run(app: Arc<App>, stop: CancellationToken) {
     while sends.join_next().await.is_some() {}
 }
 
-/// A vehicle connected: its notices waiting for a connection become due now.
+/// Vehicles connected: their notices waiting for a connection become due now (one statement
+/// for all of them).
 ///
 /// # Errors
 /// PostgreSQL errors.
-pub async fn on_connected(app: &App, vin: &Vin) -> Result<(), StoreError> {
+pub async fn on_connected(app: &App, vins: &[&Vin]) -> Result<(), StoreError> {
+    let vins: Vec<&str> = vins.iter().map(|v| v.as_str()).collect();
     let client = app.pg.get().await?;
     let n = client
         .execute(
             "UPDATE ota_task_vehicles SET due_at = now()
-              WHERE vin = $1 AND due_at IS NULL AND (state = 'pending' OR (state = 'cancelled' AND NOT cancel_sent))",
-            &[&vin.as_str()],
+              WHERE vin = ANY($1) AND due_at IS NULL AND (state = 'pending' OR (state = 'cancelled' AND NOT cancel_sent))",
+            &[&vins],
         )
         .await?;
     if n > 0 {
