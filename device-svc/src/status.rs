@@ -199,6 +199,7 @@ struct RowColumns<'a> {
     reason: Vec<&'a str>,
     node: Vec<Option<&'a str>>,
     info: Vec<Option<&'a str>>,
+    initialised: Vec<bool>,
 }
 
 /// Applies `events` as [`apply`] would one after the other, in one transaction: each device's
@@ -272,7 +273,10 @@ pub async fn apply_many(app: &App, events: &[(DeviceKey, Event)]) -> Result<Vec<
         d.last_reason.clone_from(&reason);
         outcomes.push(Outcome::Changed(Change { from, to, reason }));
     }
-    let initialised: Vec<&String> = devices.iter().filter(|(_, d)| d.initialised_now).map(|(k, _)| k).collect();
+    // A row whose status changes takes its `initialised` flag in the same update (a first
+    // login's initialisation is one new row version, not two); the rare other one on its own.
+    let initialised: Vec<&String> =
+        devices.iter().filter(|(_, d)| d.initialised_now && !d.changed).map(|(k, _)| k).collect();
     if !initialised.is_empty() {
         tx.execute("UPDATE devices SET initialised = true WHERE key = ANY($1)", &[&initialised]).await?;
     }
@@ -285,15 +289,17 @@ pub async fn apply_many(app: &App, events: &[(DeviceKey, Event)]) -> Result<Vec<
         rows.reason.push(&d.last_reason);
         rows.node.push(d.node.as_deref());
         rows.info.push(d.info.as_deref());
+        rows.initialised.push(d.initialised_now);
     }
     if !rows.key.is_empty() {
         tx.execute(
             "UPDATE devices d SET status = u.status, status_epoch = u.epoch, status_reason = u.reason,
-                    status_changed_at = now(), node = COALESCE(u.node, d.node), info = COALESCE(u.info, d.info)
-               FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[])
-                    AS u(key, status, epoch, reason, node, info)
+                    status_changed_at = now(), node = COALESCE(u.node, d.node), info = COALESCE(u.info, d.info),
+                    initialised = d.initialised OR u.initialised
+               FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::bool[])
+                    AS u(key, status, epoch, reason, node, info, initialised)
               WHERE d.key = u.key",
-            &[&rows.key, &rows.status, &rows.epoch, &rows.reason, &rows.node, &rows.info],
+            &[&rows.key, &rows.status, &rows.epoch, &rows.reason, &rows.node, &rows.info, &rows.initialised],
         )
         .await?;
         tx.execute(
