@@ -184,6 +184,15 @@ INSERT INTO device_credentials (device_key, secret)
 SQL
 }
 
+# pg_statements: with BENCH_PG_STATEMENTS=1 (scripts/lib/bench.sh), the statements PostgreSQL
+# spent most time on during the run, printed.
+pg_statements() {
+  [ -n "${BENCH_PG_STATEMENTS:-}" ] || return 0
+  psql "$DB_URL" -Xq -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements" \
+    -c "SELECT calls, round(total_exec_time) AS ms, rows, left(regexp_replace(query, '\s+', ' ', 'g'), 110) AS query
+          FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15" || true
+}
+
 # cpu_s PID: CPU seconds (user + system) the process has used.
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f\n", ($14 + $15) / hz }' "/proc/$1/stat"; }
 
@@ -398,6 +407,13 @@ run_combined() {
     addrs+=(--cabinet-addr "127.0.0.1:$((17300 + n * 100))" --mqtt-addr "127.0.0.1:$((11983 + n * 100))")
   done
   local cpu0; cpu0="$(cpu_s "$SVC_PID") $(redis_cpu) $(pg_cpu) $(machine_cpu)"
+  # The device service's backlog (upstream entries not yet read) every 2 s: what a door event
+  # written now waits behind.
+  ( while kill -0 "$SVC_PID" 2>/dev/null; do
+      printf '%s\t%s\n' "$(date +%s.%N)" "$(group_sum lag)" >> "$WORK/backlog.tsv"
+      sleep 2
+    done ) &
+  local sampler=$!
   "$LT" fleet --label devsvc-combined-100k --redis-url "$REDIS_URL" --key-prefix "$PREFIX" \
     --api "127.0.0.1:$svc_port" --seed "${addrs[@]}" --cabinets "$cabinets" --vehicles "$vehicles" \
     --ramp-per-s 2000 --hold-s "$hold" --purchases "$purchases" --publish-per-s 0.1 "${servers[@]}" \
@@ -411,14 +427,31 @@ run_combined() {
   local stored; stored=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM weight_readings")
   local orders; orders=$(psql "$DB_URL" -XAtq -c "SELECT coalesce(json_object_agg(k, n), '{}') FROM (SELECT state || ': ' || coalesce(reason, '') k, count(*) n FROM orders GROUP BY 1) s")
   local online; online=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM devices WHERE status = 'online'")
+  # How long orders took to each step, by how they ended.
+  local steps; steps=$(psql "$DB_URL" -XAtq -c "SELECT coalesce(json_object_agg(k, v), '{}') FROM (
+      SELECT state || ': ' || coalesce(reason, '') k, json_build_object('orders', count(*),
+        'authorised_s', round(avg(extract(epoch FROM authorised_at - created_at))::numeric, 1),
+        'door_open_s', round(avg(extract(epoch FROM door_open_at - created_at))::numeric, 1),
+        'door_closed_s', round(avg(extract(epoch FROM door_closed_at - created_at))::numeric, 1),
+        'finished_s', round(avg(extract(epoch FROM finished_at - created_at))::numeric, 1)) v
+      FROM orders GROUP BY 1) s")
+  kill "$sampler" 2>/dev/null || true
   stop_all
-  python3 - "$WORK/combined.json" "$OUT/devsvc-combined-100k.json" "$sent" "$stored" "$orders" "$online" "$cpu0" "$cpu1" <<'PY'
+  python3 - "$WORK/combined.json" "$OUT/devsvc-combined-100k.json" "$sent" "$stored" "$orders" "$online" "$cpu0" "$cpu1" \
+    "$steps" "$WORK/backlog.tsv" <<'PY'
 import json, sys
-src, out, sent, stored, orders, online, cpu0, cpu1 = sys.argv[1:]
+src, out, sent, stored, orders, online, cpu0, cpu1, steps, backlog = sys.argv[1:]
 r = json.load(open(src))
 cpu = [b - a for a, b in zip(map(float, cpu0.split()), map(float, cpu1.split()))]
+samples = [tuple(map(float, l.split("\t"))) for l in open(backlog) if l.count("\t") == 1]
+peak = max(samples, key=lambda s: s[1], default=(0, 0))
 r["results"]["device_service"] = {
-    "weight_readings_sent": int(sent), "weight_readings_stored": int(stored), "all_stored": int(stored) == int(sent),
+    # A report sent as its cabinet was disconnecting may be stored without the harness counting it.
+    "weight_readings_sent": int(sent), "weight_readings_stored": int(stored), "all_stored": int(stored) >= int(sent),
+    "order_steps_s_by_outcome": json.loads(steps),
+    "backlog_peak_entries": int(peak[1]),
+    "backlog_peak_after_start_s": round(peak[0] - samples[0][0], 1) if samples else None,
+    "backlog_cleared_after_start_s": next((round(t - samples[0][0], 1) for t, n in samples if t > peak[0] and n < 1000), None),
     "orders_by_state_and_reason": json.loads(orders), "devices_online_at_the_end": int(online),
     "cpu_s": {"device_svc": round(cpu[0], 1), "redis": round(cpu[1], 1), "postgres": round(cpu[2], 1),
               "machine_busy": round(cpu[3], 1)},
@@ -469,6 +502,7 @@ run_logins() {
   done
   sleep 1
   kill "$sampler" 2>/dev/null || true
+  pg_statements
   stop_all
   python3 - "$WORK/logins.json" "$samples" "$cabinets" "$left" "$OUT/devsvc-logins.json" <<'PY'
 import json, sys

@@ -33,7 +33,8 @@ BENCH_PG_DATA=""
 # WAL), so a run measures neither a throwaway test server nor a shared server's own settings
 # (the machine's server on 5432 runs with autovacuum off, which a queue table like the outbox
 # does not survive). Sets ADMIN_DB (a URL where CREATE DATABASE is allowed); bench_stop_postgres
-# stops it.
+# stops it. BENCH_PG_STATEMENTS=1 loads pg_stat_statements, for runs that report which
+# statements PostgreSQL spent its time on.
 bench_postgres() {
   pg_bin || die "PostgreSQL server binaries not found under /usr/lib/postgresql"
   local port; port=$(free_port)
@@ -43,7 +44,7 @@ bench_postgres() {
   as_pg_user "$PG_BIN/initdb" -D "$BENCH_PG_DATA" -U postgres --auth=trust -E UTF8 >"$WORK/initdb.log" 2>&1 \
     || die "initdb failed (log: $WORK/initdb.log)"
   as_pg_user "$PG_BIN/pg_ctl" -D "$BENCH_PG_DATA" -l "$WORK/postgres.log" -w -t 30 \
-    -o "-p $port -k $WORK -c listen_addresses=127.0.0.1 -c shared_buffers=1GB -c max_wal_size=4GB -c max_connections=200" \
+    -o "-p $port -k $WORK -c listen_addresses=127.0.0.1 -c shared_buffers=1GB -c max_wal_size=4GB -c max_connections=200${BENCH_PG_STATEMENTS:+ -c shared_preload_libraries=pg_stat_statements}" \
     start >/dev/null || die "PostgreSQL did not start (log: $WORK/postgres.log)"
   ADMIN_DB="postgres://postgres@127.0.0.1:$port/postgres"
 }
