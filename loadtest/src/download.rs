@@ -237,6 +237,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_cut_download_resumes_to_the_same_digest_and_a_tampered_one_is_caught() {
+        // Where requests are cut is random; seeded (this thread's generator: the test runs on
+        // one), so that the run is the same every time. Unseeded, one run in ten cut nothing.
+        fastrand::seed(1);
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
         let digest = hex::encode(Sha256::digest(&data));
         let addr = serve(data.clone()).await;
