@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use dashmap::DashSet;
 use protocol::DeviceId;
-use protocol::bus::{DeviceKey, UpEvent};
+use protocol::bus::UpEvent;
 use protocol::cabinet::Message;
 use redis::streams::StreamId;
 use redis_conn::RedisConn;
@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::dead_letters;
 use crate::error::StoreError;
+use crate::gather::{Gathered, Rank};
 use crate::offline::{Detector, Window};
 use crate::purchases;
 use crate::sessions::{SessionChange, SessionEntry};
@@ -47,21 +48,15 @@ impl Consumer {
     }
 
     /// Applies a batch of entries of `stream`, in order for each device. Weight reports, OTA
-    /// reports and session opens and closes are gathered, each kind applied as a set
-    /// ([`crate::sessions`]); another entry waits for them only when it concerns a device with
-    /// something gathered, or many devices at once (a heartbeat window). So a door event or
-    /// command result of one cabinet does not cut the batch's readings or logins into small
-    /// writes, while every device still sees its own entries in stream order (a device's
-    /// gathered entries are all of one kind: gathering another kind applies them first).
+    /// reports and session opens and closes are gathered and applied as sets, one statement or
+    /// transaction per kind ([`crate::gather`] says when an entry waits for them). So a door
+    /// event or command result of one cabinet does not cut the batch's readings or logins into
+    /// small writes, while every device still sees its own entries in stream order.
     ///
     /// # Errors
     /// Any storage error: the caller acknowledges nothing and retries the batch.
     pub async fn apply(&self, stream: &str, entries: &[StreamId]) -> Result<(), StoreError> {
-        let mut reports: Vec<Received> = Vec::new();
-        // OTA reports of the batch, in order, applied in one transaction: only the order per
-        // vehicle matters, and nothing else in a batch touches their rows.
-        let mut ota: Vec<ota_reports::Uplink> = Vec::new();
-        let mut sessions: Vec<SessionEntry> = Vec::new();
+        let mut gathered = Gathered::default();
         for entry in entries {
             let fields = bulk_fields(entry.map.clone());
             let event = match UpEvent::from_fields(&fields) {
@@ -82,21 +77,15 @@ impl Consumer {
                 continue;
             }
             if let Some(session) = session_entry(stream, &entry.id, &event) {
-                if gathered_in(&session.device, &reports, &ota) {
-                    self.flush_reports(&mut reports).await?;
-                    self.flush_ota(&mut ota).await?;
+                if gathered.must_apply_before_gathering(&session.device, Rank::Session) {
+                    self.apply_gathered(&mut gathered).await?;
                 }
-                sessions.push(session);
+                gathered.push_session(session);
                 continue;
             }
-            if !sessions.is_empty()
-                && let Some(device) = event.device()
-                && sessions.iter().any(|s| s.device == device)
-            {
-                self.flush_sessions(&mut sessions).await?;
-            }
             if let UpEvent::Cabinet { device, at_ms, message: Message::WeightReport(report), .. } = event {
-                reports.push(Received { cabinet: device, report, at_ms });
+                // Reports rank last: they never wait for what is gathered.
+                gathered.push_report(Received { cabinet: device, report, at_ms });
                 self.count("weight_report", "applied");
                 continue;
             }
@@ -104,47 +93,57 @@ impl Consumer {
                 && vehicles::is_ota_report(*kind)
             {
                 let entry = format!("{stream}/{}", entry.id);
-                ota.push(ota_reports::Uplink { entry, vin: vin.clone(), kind: *kind, payload: payload.clone() });
+                gathered.push_ota(ota_reports::Uplink {
+                    entry,
+                    vin: vin.clone(),
+                    kind: *kind,
+                    payload: payload.clone(),
+                });
                 continue;
             }
-            if waits_for_gathered(&event, &reports, &ota) {
-                self.flush_sessions(&mut sessions).await?;
-                self.flush_reports(&mut reports).await?;
-                self.flush_ota(&mut ota).await?;
+            if gathered.must_apply_before(event.device().as_ref()) {
+                self.apply_gathered(&mut gathered).await?;
             }
             // Entry ids are unique within a stream only.
             self.apply_one(&format!("{stream}/{}", entry.id), event).await?;
         }
-        self.flush_sessions(&mut sessions).await?;
-        self.flush_reports(&mut reports).await?;
-        self.flush_ota(&mut ota).await
+        self.apply_gathered(&mut gathered).await
     }
 
-    async fn flush_sessions(&self, sessions: &mut Vec<SessionEntry>) -> Result<(), StoreError> {
+    /// Applies what is gathered, in [`Rank`] order: sessions, then weight reports, then OTA
+    /// reports.
+    async fn apply_gathered(&self, gathered: &mut Gathered) -> Result<(), StoreError> {
+        self.flush_sessions(&gathered.sessions).await?;
+        self.flush_reports(&gathered.reports).await?;
+        self.flush_ota(&gathered.ota).await?;
+        gathered.clear();
+        Ok(())
+    }
+
+    async fn flush_sessions(&self, sessions: &[SessionEntry]) -> Result<(), StoreError> {
         if sessions.is_empty() {
             return Ok(());
         }
         let results = crate::sessions::apply(&self.app, &self.detector, sessions).await?;
         for (s, result) in sessions.iter().zip(results) {
-            let label = match s.change {
-                SessionChange::Opened { .. } => "open",
-                SessionChange::Closed { .. } => "close",
-            };
-            self.count(label, result);
+            self.count(s.change.label(), result);
         }
-        sessions.clear();
+        self.set_applied("session", sessions.len());
         Ok(())
     }
 
-    async fn flush_ota(&self, ota: &mut Vec<ota_reports::Uplink>) -> Result<(), StoreError> {
+    async fn flush_ota(&self, ota: &[ota_reports::Uplink]) -> Result<(), StoreError> {
+        if ota.is_empty() {
+            return Ok(());
+        }
         for result in ota_reports::apply_batch(&self.app, ota).await? {
             self.count("veh", result);
         }
-        ota.clear();
+        self.set_applied("ota_report", ota.len());
         Ok(())
     }
 
-    async fn flush_reports(&self, reports: &mut Vec<Received>) -> Result<(), StoreError> {
+    async fn flush_reports(&self, reports: &[Received]) -> Result<(), StoreError> {
         if reports.is_empty() {
             return Ok(());
         }
@@ -156,12 +155,17 @@ impl Consumer {
         cabinets.sort_unstable();
         cabinets.dedup();
         purchases::settlement::weights_arrived(&self.app, &cabinets).await?;
-        reports.clear();
+        self.set_applied("weight_report", reports.len());
         Ok(())
     }
 
     fn count(&self, kind: &str, result: &str) {
         self.app.metrics.stream_entries.with_label_values(&[kind, result]).inc();
+    }
+
+    /// Counts a set of `kind` applied (`devsvc_stream_set_entries`).
+    fn set_applied(&self, kind: &str, entries: usize) {
+        self.app.metrics.stream_sets.with_label_values(&[kind]).observe(entries as f64);
     }
 
     /// Applies one entry other than a weight report; `entry` is `stream/id`, unique.
@@ -186,21 +190,6 @@ impl Consumer {
         };
         self.count(label, result);
         Ok(())
-    }
-}
-
-/// Whether `event` must be applied after the weight and OTA reports gathered so far: the order
-/// that matters is per device (a door closes after the readings before it are stored), and a
-/// node-wide heartbeat window concerns every device.
-fn waits_for_gathered(event: &UpEvent, reports: &[Received], ota: &[ota_reports::Uplink]) -> bool {
-    event.device().is_none_or(|device| gathered_in(&device, reports, ota))
-}
-
-/// Whether `device` has weight or OTA reports among those gathered.
-fn gathered_in(device: &DeviceKey, reports: &[Received], ota: &[ota_reports::Uplink]) -> bool {
-    match device {
-        DeviceKey::Cabinet(id) => reports.iter().any(|r| &r.cabinet == id),
-        DeviceKey::Vehicle(vin) => ota.iter().any(|u| &u.vin == vin),
     }
 }
 
@@ -425,60 +414,26 @@ async fn report_lag(app: &App, redis: &mut RedisConn, stream: &str, shard: u16) 
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use protocol::cabinet::{DoorEvent, DoorState, LaneWeight, WeightReport};
+    use protocol::bus::DeviceKey;
 
     use super::*;
 
-    fn door_closed(cabinet: &str) -> UpEvent {
-        UpEvent::Cabinet {
-            device: DeviceId::new(cabinet).unwrap(),
-            epoch: 1,
-            node: "gw-1".into(),
-            at_ms: 1_000,
-            seq: 1,
-            message: Message::DoorEvent(DoorEvent {
-                door_id: 1,
-                state: DoorState::Closed,
-                event_time_ms: 1_000,
-                order_id: None,
-            }),
-        }
-    }
-
-    fn gathered(cabinet: &str) -> Received {
-        Received {
-            cabinet: DeviceId::new(cabinet).unwrap(),
-            report: WeightReport {
-                door_id: 1,
-                sample_time_ms: 900,
-                lanes: vec![LaneWeight { lane_id: 1, grams: 5, stable: true }],
-            },
-            at_ms: 900,
-        }
-    }
-
     #[test]
-    fn an_event_waits_only_for_its_own_devices_reports_or_for_all_when_node_wide() {
-        let reports = vec![gathered("cab-a"), gathered("cab-b")];
-        assert!(waits_for_gathered(&door_closed("cab-a"), &reports, &[]));
-        assert!(!waits_for_gathered(&door_closed("cab-c"), &reports, &[]));
-        let closed = |device| UpEvent::SessionClosed {
-            device,
+    fn a_gathered_session_is_counted_under_its_entrys_type() {
+        let device = DeviceKey::Cabinet(DeviceId::new("cab-a").unwrap());
+        let opened = UpEvent::SessionOpened {
+            device: device.clone(),
             epoch: 1,
             node: "gw-1".into(),
-            at_ms: 1_000,
-            reason: "peer_closed".into(),
+            at_ms: 1,
+            info: "fw".into(),
         };
-        assert!(waits_for_gathered(&closed(DeviceKey::Cabinet(DeviceId::new("cab-b").unwrap())), &reports, &[]));
-        assert!(!waits_for_gathered(&closed(DeviceKey::Cabinet(DeviceId::new("cab-z").unwrap())), &reports, &[]));
-        let window = UpEvent::Heartbeats {
-            node: "gw-1".into(),
-            window_start_ms: 0,
-            window_ms: 1_000,
-            count: 0,
-            sessions: 0,
-            devices: Vec::new(),
-        };
-        assert!(waits_for_gathered(&window, &reports, &[]));
+        let closed =
+            UpEvent::SessionClosed { device, epoch: 1, node: "gw-1".into(), at_ms: 2, reason: "peer_closed".into() };
+        for event in [opened, closed] {
+            let session = session_entry("up", "1-0", &event).unwrap();
+            assert_eq!(session.change.label(), event.label());
+            assert_eq!(session.entry, "up/1-0");
+        }
     }
 }

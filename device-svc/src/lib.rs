@@ -32,6 +32,7 @@ pub mod db;
 pub mod dead_letters;
 pub mod error;
 pub mod fleet;
+pub mod gather;
 pub mod http;
 pub mod listing;
 pub mod metrics;

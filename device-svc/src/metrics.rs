@@ -54,6 +54,8 @@ pub struct Metrics {
     pub stream_pending: IntGaugeVec,
     /// `devsvc_stream_entries_total{type,result}`
     pub stream_entries: IntCounterVec,
+    /// `devsvc_stream_set_entries{type}`: entries per set the consumer applied at once.
+    pub stream_sets: HistogramVec,
     /// `devsvc_stream_claimed_entries_total`
     pub claimed: IntCounter,
     /// `devsvc_stream_trimmed_entries_total`: upstream entries removed once every consumer
@@ -274,6 +276,18 @@ impl Metrics {
                 "devsvc_stream_entries_total",
                 "Upstream entries processed, by type and result.",
                 &["type", "result"],
+            ),
+            stream_sets: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "devsvc_stream_set_entries",
+                        "Upstream entries per set applied at once (session, weight_report, ota_report).",
+                    )
+                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0]),
+                    &["type"],
+                )
+                .expect("valid"),
             ),
             claimed: register(
                 &r,

@@ -54,6 +54,17 @@ pub enum SessionChange {
     },
 }
 
+impl SessionChange {
+    /// The entry type's label in `devsvc_stream_entries_total`, as [`protocol::bus::UpEvent::label`]
+    /// gives it for the entry this change came from.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SessionChange::Opened { .. } => "open",
+            SessionChange::Closed { .. } => "close",
+        }
+    }
+}
+
 impl SessionEntry {
     fn seen(&self) -> HeartbeatSeen {
         HeartbeatSeen { device: self.device.clone(), at_ms: self.at_ms, epoch: self.epoch }

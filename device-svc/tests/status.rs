@@ -377,6 +377,72 @@ async fn session_entries_read_together_apply_as_one_at_a_time_would() {
     svc.stop().await;
 }
 
+/// Each cabinet of a login wave sends its weights right after its login. Read in one batch,
+/// the logins still apply as one set and the reports as another (sessions first, so each
+/// cabinet's order holds): a report no longer cuts the logins gathered before it into sets of
+/// one. The cabinets' first stable reports then initialise them.
+#[tokio::test]
+async fn logins_each_followed_by_its_reports_apply_as_one_set_of_each() {
+    use protocol::bus::{DeviceKey, UpEvent};
+    use protocol::cabinet::{LaneWeight, Message, WeightReport};
+    let stack = Stack::new().await;
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    // Three cabinets of one shard, so their entries come in one read.
+    let shard = |id: &str| DeviceKey::Cabinet(protocol::DeviceId::new(id).unwrap()).shard(4);
+    let ids: Vec<String> =
+        (0..).map(|n| format!("cab-set-{n}")).filter(|id| shard(id) == shard("cab-set-0")).take(3).collect();
+    let mut cabinets = Vec::new();
+    for id in &ids {
+        cabinets.push(DeviceKey::Cabinet(register_cabinet(api, id, &[(1, 1)]).await.0));
+    }
+    svc.stop().await;
+
+    let at = now_ms();
+    for device in &cabinets {
+        let DeviceKey::Cabinet(id) = device else { unreachable!() };
+        let open = UpEvent::SessionOpened {
+            device: device.clone(),
+            epoch: 1,
+            node: "gw-1".into(),
+            at_ms: at,
+            info: "fw-1".into(),
+        };
+        let report = UpEvent::Cabinet {
+            device: id.clone(),
+            epoch: 1,
+            node: "gw-1".into(),
+            at_ms: at,
+            seq: 1,
+            message: Message::WeightReport(WeightReport {
+                door_id: 1,
+                sample_time_ms: at,
+                lanes: vec![LaneWeight { lane_id: 1, grams: 500, stable: true }],
+            }),
+        };
+        write_up(&stack, &open).await;
+        write_up(&stack, &report).await;
+    }
+    let svc = stack.service("svc-1").await;
+    let api = stack.api(svc.addr);
+    let sets = |text: &str, kind: &str, part: &str| {
+        metric(text, &format!("devsvc_stream_set_entries_{part}{{type=\"{kind}\"}}"))
+    };
+    let text = wait_until("the logins and reports applied", WAIT, || async {
+        let text = http(api, "GET", "/metrics", None).await.1.as_str().unwrap_or("").to_owned();
+        (sets(&text, "session", "sum") == 3.0 && sets(&text, "weight_report", "sum") == 3.0).then_some(text)
+    })
+    .await;
+    let sets = |kind: &str, part: &str| sets(&text, kind, part);
+    assert_eq!((sets("session", "count"), sets("session", "sum")), (1.0, 3.0), "the three logins in one set");
+    assert_eq!((sets("weight_report", "count"), sets("weight_report", "sum")), (1.0, 3.0), "the reports in one");
+    assert_eq!(metric(&text, "devsvc_stream_entries_total{result=\"applied\",type=\"open\"}"), 3.0);
+    for device in &cabinets {
+        assert_eq!(expect(api, "GET", &format!("/v1/devices/{device}"), None, 200).await["status"], "online");
+    }
+    svc.stop().await;
+}
+
 /// A group's backlog (the `devsvc_stream_*` gauges) is 0 once its cursor is at the stream's
 /// last entry, even when Redis's `lag` counter says otherwise: a restart from the append-only
 /// file leaves that counter behind (here set behind by hand, as the restart left it).

@@ -436,6 +436,7 @@ run_combined() {
         'finished_s', round(avg(extract(epoch FROM finished_at - created_at))::numeric, 1)) v
       FROM orders GROUP BY 1) s")
   kill "$sampler" 2>/dev/null || true
+  pg_statements
   stop_all
   python3 - "$WORK/combined.json" "$OUT/devsvc-combined-100k.json" "$sent" "$stored" "$orders" "$online" "$cpu0" "$cpu1" \
     "$steps" "$WORK/backlog.tsv" <<'PY'
