@@ -269,24 +269,35 @@ pub async fn create_cabinet(app: &App, c: &NewCabinet) -> Result<Issued, StoreEr
         &[&id.as_str(), &key, &c.name, &c.location],
     )
     .await?;
-    for d in &c.doors {
-        let door = i16::from(d.door_id);
-        tx.execute("INSERT INTO doors (cabinet_id, door_id) VALUES ($1, $2)", &[&id.as_str(), &door]).await?;
-        for l in &d.lanes {
-            let r = tx
-                .execute(
-                    "INSERT INTO lanes (cabinet_id, door_id, lane_id, product_id, restock_threshold, price_cents)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[&id.as_str(), &door, &i16::from(l.lane_id), &l.product_id, &l.restock_threshold, &l.price_cents],
-                )
-                .await;
-            if let Err(e) = r {
-                if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) {
-                    return Err(StoreError::invalid("product_id", format!("unknown product {:?}", l.product_id)));
-                }
-                return Err(e.into());
-            }
+    // Doors and lanes in one statement each: a fleet registered through the API (80,000
+    // cabinets of 8 lanes) spent most of its database time on one INSERT per lane.
+    let doors: Vec<i16> = c.doors.iter().map(|d| i16::from(d.door_id)).collect();
+    tx.execute(
+        "INSERT INTO doors (cabinet_id, door_id) SELECT $1, d FROM unnest($2::int2[]) AS d",
+        &[&id.as_str(), &doors],
+    )
+    .await?;
+    let lanes: Vec<(i16, &LaneConfig)> =
+        c.doors.iter().flat_map(|d| d.lanes.iter().map(|l| (i16::from(d.door_id), l))).collect();
+    let lane_doors: Vec<i16> = lanes.iter().map(|(d, _)| *d).collect();
+    let lane_ids: Vec<i16> = lanes.iter().map(|(_, l)| i16::from(l.lane_id)).collect();
+    let products: Vec<Option<&str>> = lanes.iter().map(|(_, l)| l.product_id.as_deref()).collect();
+    let thresholds: Vec<i32> = lanes.iter().map(|(_, l)| l.restock_threshold).collect();
+    let prices: Vec<Option<i64>> = lanes.iter().map(|(_, l)| l.price_cents).collect();
+    let inserted = tx
+        .execute(
+            "INSERT INTO lanes (cabinet_id, door_id, lane_id, product_id, restock_threshold, price_cents)
+             SELECT $1, d, l, p, t, c FROM unnest($2::int2[], $3::int2[], $4::text[], $5::int4[], $6::int8[])
+                                        AS u(d, l, p, t, c)",
+            &[&id.as_str(), &lane_doors, &lane_ids, &products, &thresholds, &prices],
+        )
+        .await;
+    if let Err(e) = inserted {
+        if e.code() == Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION) {
+            drop(tx);
+            return Err(unknown_product(&client, &products).await);
         }
+        return Err(e.into());
     }
     tx.execute("INSERT INTO device_credentials (device_key, secret) VALUES ($1, $2)", &[&key, &secret]).await?;
     crate::auth::audit::commit(tx).await?;
@@ -294,6 +305,25 @@ pub async fn create_cabinet(app: &App, c: &NewCabinet) -> Result<Issued, StoreEr
     drop(client);
     mirror_one(app, &key, CredentialChangeKind::Registered).await;
     Ok(Issued { device: key, secret: hex::encode(&secret), token: None, generation: 1 })
+}
+
+/// The error naming the first of `products` that is not in the catalogue (a lane insert broke
+/// the foreign key: the transaction is gone, so this asks on its own).
+async fn unknown_product(client: &tokio_postgres::Client, products: &[Option<&str>]) -> StoreError {
+    let unknown = client
+        .query_opt(
+            "SELECT p FROM unnest($1::text[]) WITH ORDINALITY AS u(p, n)
+              WHERE p IS NOT NULL AND NOT EXISTS (SELECT 1 FROM products WHERE id = p) ORDER BY n LIMIT 1",
+            &[&products],
+        )
+        .await;
+    match unknown {
+        Ok(row) => {
+            let name: Option<String> = row.map(|r| r.get(0));
+            StoreError::invalid("product_id", format!("unknown product {name:?}"))
+        }
+        Err(e) => e.into(),
+    }
 }
 
 /// A cabinet's configuration.
