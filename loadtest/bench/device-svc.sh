@@ -36,6 +36,9 @@
 #          (1,000 doors opened for orders at once), an activation wave (1,000 vehicles), an
 #          OTA campaign (2,000 vehicles, notices at 500/s), with their end-to-end times.
 #
+# UPSTREAM_SHARDS (4, the default of both services): the upstream shards the gateways write and
+# the device service reads, one reader each, e.g. UPSTREAM_SHARDS=16 loadtest/bench/device-svc.sh combined.
+#
 # Redis: REDIS_URL, or the local one (keys under a prefix of their own, removed at the end).
 # PostgreSQL: DATABASE_URL (a server where CREATE DATABASE is allowed), or a private server
 # started for the run with a deployment's settings (scripts/lib/bench.sh, bench_postgres); a
@@ -49,6 +52,7 @@ REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/}"
 PREFIX="benchsvc$$:"
 DB="iotgw_bench_$$"
 OUT=loadtest/results
+SHARDS="${UPSTREAM_SHARDS:-4}"
 RUNS=("$@")
 [ "${#RUNS[@]}" -gt 0 ] || RUNS=(weights stream logins offline uplink purchases scenarios)  # combined: by name only
 read -r -a RATES <<<"${OPEN_DOORS_PER_S:-100 200 400 800}"
@@ -92,7 +96,7 @@ metric() { metrics "$1" | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s +=
 # streams (XINFO GROUPS): `lag` (not yet read) or `pending` (read, not yet acknowledged).
 group_sum() {
   local s total=0 n
-  for s in 0 1 2 3; do
+  for ((s = 0; s < SHARDS; s++)); do
     n=$(redis-cli -u "$REDIS_URL" xinfo groups "${PREFIX}up:$s" 2>/dev/null | awk -v f="$1" 'prev == f { print; exit } { prev = $0 }')
     total=$((total + ${n:-0}))
   done
@@ -142,6 +146,8 @@ ${3:-}
 # The harness's parties send bursts (a storm polls its orders): measure the service, not the
 # per-key rate limit.
 rate_per_s = 0
+[streams]
+shards = $SHARDS
 TOML
   api_parties "$SVC" "$DB_URL" bench
   RUST_LOG=warn "$SVC" --config "$WORK/svc.toml" >"$WORK/svc.log" 2>&1 &
@@ -164,6 +170,8 @@ listen = "127.0.0.1:$1"
 listen = "${3:+127.0.0.1:$3}"
 [metrics]
 listen = "127.0.0.1:$2"
+[upstream]
+shards = $SHARDS
 TOML
   RUST_LOG=warn "$GW" --config "$WORK/$node.toml" >"$WORK/$node.log" 2>&1 &
   PIDS+=("$!")
@@ -441,9 +449,9 @@ run_combined() {
   pg_statements
   stop_all
   python3 - "$WORK/combined.json" "$OUT/devsvc-combined-100k.json" "$sent" "$stored" "$orders" "$online" "$cpu0" "$cpu1" \
-    "$steps" "$WORK/backlog.tsv" "$sets" <<'PY'
+    "$steps" "$WORK/backlog.tsv" "$sets" "$SHARDS" <<'PY'
 import json, re, sys
-src, out, sent, stored, orders, online, cpu0, cpu1, steps, backlog, sets = sys.argv[1:]
+src, out, sent, stored, orders, online, cpu0, cpu1, steps, backlog, sets, shards = sys.argv[1:]
 by_kind = {}
 for name, value in (l.split() for l in sets.splitlines() if l.strip()):
     m = re.match(r'devsvc_stream_set_entries_(count|sum)\{type="([a-z_]+)"\}', name)
@@ -461,7 +469,7 @@ r["results"]["device_service"] = {
     "backlog_peak_after_start_s": round(peak[0] - samples[0][0], 1) if samples else None,
     "backlog_cleared_after_start_s": next((round(t - samples[0][0], 1) for t, n in samples if t > peak[0] and n < 1000), None),
     "orders_by_state_and_reason": json.loads(orders), "devices_online_at_the_end": int(online),
-    "applied_in_sets": by_kind,
+    "applied_in_sets": by_kind, "upstream_shards": int(shards),
     "cpu_s": {"device_svc": round(cpu[0], 1), "redis": round(cpu[1], 1), "postgres": round(cpu[2], 1),
               "machine_busy": round(cpu[3], 1)},
     "machine_idle_share": round(1 - cpu[3] / cpu[4], 3) if cpu[4] else None,
