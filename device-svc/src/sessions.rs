@@ -8,8 +8,9 @@
 //! like weight reports, and applies a set at once: every status change in one transaction
 //! ([`status::apply_many`]), every login's deadline and sign of life in one script call per node
 //! ([`Detector::opened`]), every connected vehicle's waiting notices in one statement
-//! ([`vehicles::on_connected`]). Each device still sees its own entries in stream order: the
-//! consumer applies the set before any other entry of a device in it.
+//! ([`vehicles::on_connected`]). Each device still sees its own entries in stream order: sets
+//! are applied sessions first, then reports, and the consumer applies them before any entry that
+//! would have to go before something of its device already gathered ([`crate::gather`]).
 
 use std::sync::Arc;
 
