@@ -371,9 +371,10 @@ async fn pushes_are_paced_fleet_wide_and_sent_once_by_two_instances() {
     for car in &mut cars {
         car.next(DownlinkKind::OtaNotify).await;
     }
-    // Six notices at two per second need at least three budget seconds: the first and the
-    // last acknowledgement are more than a second apart. A vehicle holds its notice before the
-    // service records the PUBACK, so wait for every row's record.
+    // Six notices at two per second: the bucket holds two, the other four come one per 500 ms,
+    // so the last is sent at least two seconds after the first. The recorded times are the
+    // PUBACKs', which may lag their sends; a second of that leeway stays. A vehicle holds its
+    // notice before the service records the PUBACK, so wait for every row's record.
     let rows = poll_until("every push recorded", Duration::from_secs(10), Duration::from_millis(50), || async {
         let rows = vehicles(api, &id).await;
         rows.values().all(|r| r["pushed_ms"].is_u64()).then_some(rows)

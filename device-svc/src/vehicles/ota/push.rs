@@ -4,7 +4,8 @@
 //!
 //! 1. starts the scheduled tasks whose start time has come;
 //! 2. sends upgrade notices (and cancel notices) that are due, at most `ota.push_rate_per_s`
-//!    per second across every instance (a counter per second in Redis hands out the budget);
+//!    per second across every instance (a token bucket in Redis hands out the budget, so a
+//!    burst never exceeds one second's worth, not even across the turn of a second);
 //! 3. marks vehicles silent past their phase's limit `timed_out`, with a failure row and an
 //!    operator notice;
 //! 4. finishes running tasks with no vehicle left to follow.
@@ -32,16 +33,31 @@ use crate::error::StoreError;
 use crate::purchases::outbox;
 use crate::vehicles::downlink;
 
-/// Takes up to `ARGV[1]` from this second's budget of `ARGV[2]`; returns how many it got.
-const TAKE_BUDGET: &str = r"
+/// The fleet-wide push budget: a token bucket in one Redis hash, refilled at `ARGV[2]` per
+/// second on Redis's own clock (one clock for every instance) and holding at most one second's
+/// worth. `ARGV[1]` > 0 takes up to that many whole tokens and returns how many it got;
+/// `ARGV[1]` < 0 puts that many back (unused grants). Tokens are counted in thousandths so the
+/// arithmetic stays in integers. A missing key (expired, or lost with Redis) is a full bucket.
+const BUDGET: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate = tonumber(ARGV[2])
+local full = rate * 1000
+local b = redis.call('HMGET', KEYS[1], 'milli', 'at')
+local milli = tonumber(b[1]) or full
+local at = tonumber(b[2]) or now
+if now > at then milli = math.min(full, milli + (now - at) * rate) end
 local want = tonumber(ARGV[1])
-local used = redis.call('INCRBY', KEYS[1], want)
-if used == want then redis.call('PEXPIRE', KEYS[1], 2000) end
-local room = tonumber(ARGV[2]) - (used - want)
-if room < 0 then room = 0 end
-if room > want then room = want end
-if room < want then redis.call('DECRBY', KEYS[1], want - room) end
-return room
+local got = 0
+if want > 0 then
+  got = math.min(want, math.floor(milli / 1000))
+  milli = milli - got * 1000
+else
+  milli = math.min(full, milli - want * 1000)
+end
+redis.call('HSET', KEYS[1], 'milli', milli, 'at', math.max(now, at))
+redis.call('PEXPIRE', KEYS[1], 2000)
+return got
 ";
 
 /// Rows marked timed out per poll.
@@ -49,28 +65,27 @@ const TIMEOUT_BATCH: i64 = 500;
 /// How long a claimed row is left to its instance before another may take it, seconds.
 const LEASE_S: f64 = 60.0;
 
-fn budget_key(app: &App) -> String {
-    let second = crate::app::now_ms() / 1000;
-    format!("{}ota:push:{{{second}}}", app.keys.prefix())
-}
-
-/// Takes up to `want` pushes from this second's fleet-wide budget.
-async fn take_budget(app: &App, want: u32) -> Result<u32, StoreError> {
+/// Runs the budget script: `delta` > 0 takes, < 0 gives back; returns the tokens granted.
+async fn budget(app: &App, delta: i64) -> Result<u32, StoreError> {
     let mut con = app.redis.clone();
-    let got: u32 = Script::new(TAKE_BUDGET)
-        .key(budget_key(app))
-        .arg(want)
+    let got: u32 = Script::new(BUDGET)
+        .key(format!("{}ota:push:budget", app.keys.prefix()))
+        .arg(delta)
         .arg(app.config.ota.push_rate_per_s)
         .invoke_async(&mut con)
         .await?;
     Ok(got)
 }
 
+/// Takes up to `want` pushes from the fleet-wide budget.
+async fn take_budget(app: &App, want: u32) -> Result<u32, StoreError> {
+    budget(app, i64::from(want)).await
+}
+
 /// Returns unused budget (claimed fewer rows than granted).
 async fn give_back(app: &App, n: u32) -> Result<(), StoreError> {
     if n > 0 {
-        let mut con = app.redis.clone();
-        let _: i64 = redis::cmd("DECRBY").arg(budget_key(app)).arg(n).query_async(&mut con).await?;
+        budget(app, -i64::from(n)).await?;
     }
     Ok(())
 }
