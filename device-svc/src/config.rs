@@ -161,6 +161,10 @@ pub struct StreamsConfig {
     pub departed_after_ms: u64,
     /// A cabinet time further than this from the gateway's receive time is not trusted, s.
     pub max_clock_skew_s: u64,
+    /// PostgreSQL connections the shards' readers may hold at once; the rest of
+    /// `postgres.pool_size` stays for the API and the background drivers. `None`: half the
+    /// pool, at least one ([`Config::stream_pg_connections`]).
+    pub pg_connections: Option<usize>,
 }
 
 /// `[heartbeat]`
@@ -503,6 +507,7 @@ impl Default for StreamsConfig {
             claim_interval_ms: 5000,
             departed_after_ms: 3_600_000,
             max_clock_skew_s: 300,
+            pg_connections: None,
         }
     }
 }
@@ -774,7 +779,18 @@ impl Config {
         if self.weights.retention_days == 0 || self.postgres.pool_size == 0 {
             return bad("weights.retention_days and postgres.pool_size must be positive");
         }
+        if self.streams.pg_connections.is_some_and(|n| n == 0 || n >= self.postgres.pool_size) {
+            return bad("streams.pg_connections must be positive and below postgres.pool_size");
+        }
         Ok(self)
+    }
+
+    /// How many PostgreSQL connections the stream readers may hold at once:
+    /// `streams.pg_connections`, or half of `postgres.pool_size` (at least one). However many
+    /// shards an instance reads, the API and the drivers keep the rest of the pool.
+    #[must_use]
+    pub fn stream_pg_connections(&self) -> usize {
+        self.streams.pg_connections.unwrap_or(self.postgres.pool_size / 2).max(1)
     }
 }
 
@@ -796,6 +812,22 @@ mod tests {
         c.heartbeat.offline_after_s = 10;
         assert!(c.clone().validate().is_err());
         assert!(Config::from_toml("[heartbeat]\nintervall_s = 3").is_err());
+    }
+
+    #[test]
+    fn stream_readers_leave_part_of_the_pool_to_the_api() {
+        let mut c = Config { instance_id: "svc-1".into(), ..Config::default() };
+        c.streams.shards = 64;
+        assert_eq!(c.clone().validate().expect("valid").stream_pg_connections(), 8, "half of 16");
+        c.postgres.pool_size = 1;
+        assert_eq!(c.stream_pg_connections(), 1, "at least one");
+        c.postgres.pool_size = 16;
+        c.streams.pg_connections = Some(16);
+        assert!(c.clone().validate().is_err(), "the whole pool");
+        c.streams.pg_connections = Some(0);
+        assert!(c.clone().validate().is_err());
+        c.streams.pg_connections = Some(15);
+        assert_eq!(c.validate().expect("valid").stream_pg_connections(), 15);
     }
 
     #[test]

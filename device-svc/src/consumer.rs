@@ -14,6 +14,7 @@ use protocol::bus::UpEvent;
 use protocol::cabinet::Message;
 use redis::streams::StreamId;
 use redis_conn::RedisConn;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
@@ -39,12 +40,16 @@ pub struct Consumer {
     detector: Arc<Detector>,
     /// Cabinets known to be initialised (no further checks needed).
     initialised: DashSet<DeviceId>,
+    /// The readers' share of the PostgreSQL pool: one permit per batch being applied, so
+    /// however many shards are read, the API and the drivers keep the rest of the pool.
+    pg_share: Semaphore,
 }
 
 impl Consumer {
     /// A consumer for `app`.
     pub fn new(app: Arc<App>, detector: Arc<Detector>) -> Self {
-        Self { app, detector, initialised: DashSet::new() }
+        let pg_share = Semaphore::new(app.config.stream_pg_connections());
+        Self { app, detector, initialised: DashSet::new(), pg_share }
     }
 
     /// Applies a batch of entries of `stream`, in order for each device. Weight reports, OTA
@@ -275,7 +280,14 @@ enum Applied {
 async fn apply_retrying(consumer: &Consumer, stream: &str, entries: &[StreamId], stop: &CancellationToken) -> Applied {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match consumer.apply(stream, entries).await {
+        let applied = {
+            let waited = tokio::time::Instant::now();
+            // Never closed; held for the attempt only, not through the pause after a failure.
+            let Ok(_share) = consumer.pg_share.acquire().await else { return Applied::Stopped };
+            consumer.app.metrics.stream_pg_wait.inc_by(waited.elapsed().as_secs_f64());
+            consumer.apply(stream, entries).await
+        };
+        match applied {
             Ok(()) => return Applied::Yes,
             Err(e) if dead_letters::is_poison(&e) => return Applied::Poison(e),
             Err(e) => {

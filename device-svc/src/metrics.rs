@@ -56,6 +56,9 @@ pub struct Metrics {
     pub stream_entries: IntCounterVec,
     /// `devsvc_stream_set_entries{type}`: entries per set the consumer applied at once.
     pub stream_sets: HistogramVec,
+    /// `devsvc_stream_pg_wait_seconds_total`: time the shards' readers waited for their share
+    /// of the PostgreSQL pool (`streams.pg_connections`).
+    pub stream_pg_wait: prometheus::Counter,
     /// `devsvc_stream_claimed_entries_total`
     pub claimed: IntCounter,
     /// `devsvc_stream_trimmed_entries_total`: upstream entries removed once every consumer
@@ -286,6 +289,14 @@ impl Metrics {
                     )
                     .buckets(vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0]),
                     &["type"],
+                )
+                .expect("valid"),
+            ),
+            stream_pg_wait: register(
+                &r,
+                prometheus::Counter::new(
+                    "devsvc_stream_pg_wait_seconds_total",
+                    "Time the upstream readers waited for their share of PostgreSQL connections (streams.pg_connections).",
                 )
                 .expect("valid"),
             ),
