@@ -114,8 +114,7 @@ async fn the_happy_path_with_a_second_scanner_a_wrong_code_and_repeated_reports(
     assert_eq!(activations_stored(&stack).await, 1);
     assert_eq!(step(api, &qr, "cancel", "u-1", 409).await["error"], "already_reported");
     assert_eq!(expect(api, "GET", &format!("/v1/activations/{qr}"), None, 200).await["state"], "activated");
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    let text = metrics.as_str().unwrap();
+    let text = &metrics_text(api).await;
     assert_eq!(metric(text, "devsvc_activation_seconds_count"), 1.0);
     assert_eq!(metric(text, "devsvc_activation_steps_total{result=\"wrong_code\",step=\"report\"}"), 1.0);
     svc.stop().await;
@@ -295,8 +294,8 @@ async fn a_poison_entry_is_set_aside_and_its_shard_moves_on() {
     assert_eq!(expect(api, "GET", &older, None, 200).await, serde_json::json!([]), "paged back past the only one");
     assert_eq!(letters[0]["kind"], "veh");
     assert!(letters[0]["error"].as_str().unwrap().contains("PostgreSQL"), "{}", letters[0]);
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    assert_eq!(metric(metrics.as_str().unwrap(), "devsvc_dead_letters_total{type=\"veh\"}"), 1.0);
+    let metrics = metrics_text(api).await;
+    assert_eq!(metric(&metrics, "devsvc_dead_letters_total{type=\"veh\"}"), 1.0);
 
     // Replayed, it is appended again and, still poison, set aside again as a new entry; the first
     // is marked replayed and cannot be replayed twice.

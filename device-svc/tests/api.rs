@@ -99,8 +99,8 @@ async fn registry_round_trips_and_rejects_bad_input_by_field() {
     expect(api, "GET", "/v1/cabinets/ghost/weights", None, 404).await;
 
     assert_eq!(http(api, "GET", "/healthz", None).await.0, 200);
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    assert!(metrics.as_str().unwrap().contains("devsvc_weight_readings_persisted_total"), "{metrics}");
+    let metrics = metrics_text(api).await;
+    assert!(&metrics.contains("devsvc_weight_readings_persisted_total"), "{metrics}");
     svc.stop().await;
 }
 
@@ -276,8 +276,8 @@ async fn idle_and_half_sent_connections_cannot_hold_the_api() {
     let read = tokio::time::timeout(WAIT, half.read_to_end(&mut rest)).await.expect("closed, not held");
     assert!(read.is_ok());
     assert!(!String::from_utf8_lossy(&rest).contains("200 OK"), "a half-sent request is never served");
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    assert!(metric(metrics.as_str().unwrap(), "devsvc_http_connections_open") <= 3.0);
+    let metrics = metrics_text(api).await;
+    assert!(metric(&metrics, "devsvc_http_connections_open") <= 3.0);
     svc.stop().await;
 }
 
@@ -347,8 +347,7 @@ async fn every_answer_is_counted_by_route_pattern_method_and_status() {
     assert_eq!(anonymous, 401);
     let (unrouted, _) = http(api, "GET", "/v1/no-such-route-here", None).await;
     assert_eq!(unrouted, 404);
-    let text = http(api, "GET", "/metrics", None).await.1;
-    let text = text.as_str().unwrap();
+    let text = &metrics_text(api).await;
     let count = |name: &str, labels: &[&str]| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|want| l.contains(want)))

@@ -81,8 +81,7 @@ async fn a_connected_cabinet_answers_and_others_are_not_connected_or_time_out() 
     let e = expect(api, "POST", "/v1/devices/veh:LSVAU2180N2183294/commands", Some(huge), 400).await;
     assert_eq!(e["field"], "payload", "a downlink over 128 KiB");
 
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    let text = metrics.as_str().unwrap();
+    let text = &metrics_text(api).await;
     assert_eq!(metric(text, "devsvc_commands_total{outcome=\"answered\"}"), 1.0);
     assert_eq!(metric(text, "devsvc_commands_total{outcome=\"timed_out\"}"), 1.0);
     assert_eq!(metric(text, "devsvc_commands_total{outcome=\"not_connected\"}"), 1.0);
@@ -237,8 +236,8 @@ async fn after_redis_lost_everything_commands_route_and_logins_work_within_secon
         let device = expect(api, "GET", &format!("/v1/devices/cab:{id}"), None, 200).await;
         assert_eq!(device["status"], "pending_init", "{device}");
     }
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    assert!(metric(metrics.as_str().unwrap(), "devsvc_redis_data_losses_total") >= 1.0);
+    let metrics = metrics_text(api).await;
+    assert!(metric(&metrics, "devsvc_redis_data_losses_total") >= 1.0);
     svc.stop().await;
 }
 
@@ -303,8 +302,8 @@ async fn what_a_redis_crash_lost_is_written_back_and_what_survived_is_kept() {
         (answer.status == protocol::cabinet::LoginStatus::Accepted).then_some(())
     })
     .await;
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    assert!(metric(metrics.as_str().unwrap(), "devsvc_redis_data_losses_total") >= 1.0);
+    let metrics = metrics_text(api).await;
+    assert!(metric(&metrics, "devsvc_redis_data_losses_total") >= 1.0);
     svc.stop().await;
 }
 
@@ -353,8 +352,8 @@ async fn a_vehicle_command_is_answered_with_the_vehicles_own_result() {
 
     // The other id and the repeat were consumed and counted as going nowhere.
     wait_until("the unmatched results counted", WAIT, || async {
-        let text = http(api, "GET", "/metrics", None).await.1;
-        let ignored = metric(text.as_str()?, "devsvc_stream_entries_total{result=\"ignored\",type=\"veh\"}");
+        let text = metrics_text(api).await;
+        let ignored = metric(&text, "devsvc_stream_entries_total{result=\"ignored\",type=\"veh\"}");
         (ignored >= 2.0).then_some(())
     })
     .await;

@@ -463,8 +463,7 @@ async fn forged_replayed_stale_or_mismatched_callbacks_change_nothing() {
     assert_eq!((code, e["error"].as_str()), (409, Some("replayed")), "{e}");
     wait_order(api, &id, "door_open").await;
 
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    let text = metrics.as_str().unwrap();
+    let text = &metrics_text(api).await;
     for result in
         ["unsigned", "bad_signature", "unknown_provider", "stale", "amount_mismatch", "replayed", "authorised"]
     {

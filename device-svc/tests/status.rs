@@ -99,8 +99,8 @@ async fn a_silent_cabinet_alone_goes_offline_within_a_second_of_its_deadline() {
     }
     // Let the node's intake window fill with a healthy share before one cabinet goes silent.
     wait_until("a healthy node", WAIT, || async {
-        let text = http(api, "GET", "/metrics", None).await.1;
-        (metric(text.as_str().unwrap_or(""), "devsvc_node_healthy{node=\"gw-a\"}") == 1.0).then_some(())
+        let text = metrics_text(api).await;
+        (metric(&text, "devsvc_node_healthy{node=\"gw-a\"}") == 1.0).then_some(())
     })
     .await;
 
@@ -135,9 +135,8 @@ async fn a_node_below_its_heartbeat_share_marks_nobody_offline_until_it_recovers
         let (id, secret) = register_cabinet(api, &format!("cab-node-{n}"), &[(1, 1)]).await;
         fleet.push(Beating::start(login(stack.cabinet_addr(), &id, &secret).await));
     }
-    let metrics = || async { http(api, "GET", "/metrics", None).await.1.as_str().unwrap_or("").to_owned() };
     wait_until("a healthy node", WAIT, || async {
-        (metric(&metrics().await, "devsvc_node_healthy{node=\"gw-a\"}") == 1.0).then_some(())
+        (metric(&metrics_text(api).await, "devsvc_node_healthy{node=\"gw-a\"}") == 1.0).then_some(())
     })
     .await;
 
@@ -153,13 +152,13 @@ async fn a_node_below_its_heartbeat_share_marks_nobody_offline_until_it_recovers
     .await;
     assert_eq!(alert["node"], "gw-a");
     wait_until("suppressed decisions for every cabinet", Duration::from_secs(20), || async {
-        (metric(&metrics().await, "devsvc_offline_suppressed_total{node=\"gw-a\"}") >= 10.0).then_some(())
+        (metric(&metrics_text(api).await, "devsvc_offline_suppressed_total{node=\"gw-a\"}") >= 10.0).then_some(())
     })
     .await;
     let pg = stack.pg().await;
     let offline: i64 = pg.query_one("SELECT count(*) FROM devices WHERE status = 'offline'", &[]).await.unwrap().get(0);
     assert_eq!(offline, 0, "nobody behind a node below its share is marked offline");
-    assert_eq!(metric(&metrics().await, "devsvc_node_healthy{node=\"gw-a\"}"), 0.0);
+    assert_eq!(metric(&metrics_text(api).await, "devsvc_node_healthy{node=\"gw-a\"}"), 0.0);
 
     // Intake recovers for all but one: that one is judged again and goes offline, alone.
     for b in &fleet[1..] {
@@ -250,9 +249,8 @@ async fn an_idle_close_marks_a_cabinet_offline_only_when_its_node_is_healthy() {
     for b in &fleet {
         wait_status(api, &format!("cab:{}", b.id), "pending_init").await;
     }
-    let metrics = || async { http(api, "GET", "/metrics", None).await.1.as_str().unwrap_or("").to_owned() };
     wait_until("a healthy node", WAIT, || async {
-        (metric(&metrics().await, "devsvc_node_healthy{node=\"gw-a\"}") == 1.0).then_some(())
+        (metric(&metrics_text(api).await, "devsvc_node_healthy{node=\"gw-a\"}") == 1.0).then_some(())
     })
     .await;
 
@@ -261,7 +259,7 @@ async fn an_idle_close_marks_a_cabinet_offline_only_when_its_node_is_healthy() {
     let first = protocol::bus::DeviceKey::Cabinet(fleet[0].id.clone());
     close_as(&stack, &first, "gw-stalled", "idle_timeout").await;
     wait_until("the close deferred", WAIT, || async {
-        (metric(&metrics().await, "devsvc_stream_entries_total{result=\"deferred\",type=\"close\"}") == 1.0)
+        (metric(&metrics_text(api).await, "devsvc_stream_entries_total{result=\"deferred\",type=\"close\"}") == 1.0)
             .then_some(())
     })
     .await;
@@ -331,7 +329,7 @@ async fn session_entries_read_together_apply_as_one_at_a_time_would() {
         metric(text, &format!("devsvc_stream_entries_total{{result=\"{result}\",type=\"{kind}\"}}"))
     };
     let text = wait_until("every session entry applied", WAIT, || async {
-        let text = http(api, "GET", "/metrics", None).await.1.as_str().unwrap_or("").to_owned();
+        let text = metrics_text(api).await;
         let n = |result, kind| entries(&text, result, kind);
         (n("applied", "open") + n("unchanged", "open") + n("unknown_device", "open") == 5.0
             && n("applied", "close") + n("unchanged", "close") == 2.0)
@@ -429,7 +427,7 @@ async fn logins_each_followed_by_its_reports_apply_as_one_set_of_each() {
         metric(text, &format!("devsvc_stream_set_entries_{part}{{type=\"{kind}\"}}"))
     };
     let text = wait_until("the logins and reports applied", WAIT, || async {
-        let text = http(api, "GET", "/metrics", None).await.1.as_str().unwrap_or("").to_owned();
+        let text = metrics_text(api).await;
         (sets(&text, "session", "sum") == 3.0 && sets(&text, "weight_report", "sum") == 3.0).then_some(text)
     })
     .await;

@@ -92,8 +92,7 @@ async fn the_attacks_found_are_refused_recorded_and_counted() {
     assert_eq!(rows.len(), attacks.len(), "{trail}");
     assert!(rows.iter().all(|r| r["outcome"] == "forbidden" && r["role"] == "viewer"), "{trail}");
     assert_eq!(rows.last().unwrap()["target"], "/v1/devices/cab:cab-t-1/commands");
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    let text = metrics.as_str().unwrap();
+    let text = &metrics_text(api).await;
     assert_eq!(metric(text, "devsvc_api_auth_total{result=\"missing\"}"), attacks.len() as f64);
     assert_eq!(metric(text, "devsvc_api_auth_total{result=\"forbidden\"}"), 2.0 * attacks.len() as f64);
 
@@ -118,8 +117,8 @@ async fn the_attacks_found_are_refused_recorded_and_counted() {
         (Some(&*format!("key:{operator_id}")), Some("ok"))
     );
     assert_eq!(row["request_id"], request_id);
-    let text = http(api, "GET", "/metrics", None).await.1;
-    assert!(metric(text.as_str().unwrap(), "devsvc_audit_rows_total{written=\"in_transaction\"}") >= 1.0);
+    let text = metrics_text(api).await;
+    assert!(metric(&text, "devsvc_audit_rows_total{written=\"in_transaction\"}") >= 1.0);
     svc.stop().await;
 }
 

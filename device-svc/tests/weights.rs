@@ -79,8 +79,8 @@ async fn unstable_readings_never_move_the_cache_and_every_reading_is_stored() {
     let e = expect(api, "GET", "/v1/cabinets/cab-w-1/doors/1/lanes/2/readings?from_ms=5&to_ms=4", None, 400).await;
     assert_eq!(e["field"], "from_ms");
 
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    assert_eq!(metric(metrics.as_str().unwrap(), "devsvc_weight_readings_persisted_total"), sent as f64);
+    let metrics = metrics_text(api).await;
+    assert_eq!(metric(&metrics, "devsvc_weight_readings_persisted_total"), sent as f64);
     svc.stop().await;
 }
 
@@ -117,8 +117,7 @@ async fn a_report_delivered_twice_is_stored_once_and_a_split_door_is_stored_whol
     wait_until("every new reading stored", WAIT, || async { (stored().await == 12).then_some(()) }).await;
     // Counted right after the rows are committed: awaited, not assumed.
     wait_until("the repeated report counted, the new readings counted once", WAIT, || async {
-        let metrics = http(api, "GET", "/metrics", None).await.1;
-        let text = metrics.as_str().unwrap();
+        let text = &metrics_text(api).await;
         (metric(text, "devsvc_weight_reports_duplicate_total") == 1.0
             && metric(text, "devsvc_weight_readings_persisted_total") == 12.0)
             .then_some(())
@@ -225,9 +224,8 @@ async fn a_reading_stamped_far_from_the_gateways_clock_never_reaches_the_cache()
     assert_eq!(lanes, vec![(1, 1, 990, now)], "the far reading was neither cached nor allowed to shadow the cache");
     let stored: i64 = stack.pg().await.query_one("SELECT count(*) FROM weight_readings", &[]).await.unwrap().get(0);
     assert_eq!(stored, 1);
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    let counted =
-        metric(metrics.as_str().unwrap(), "devsvc_stream_entries_total{result=\"clock_skew\",type=\"weight_report\"}");
+    let metrics = metrics_text(api).await;
+    let counted = metric(&metrics, "devsvc_stream_entries_total{result=\"clock_skew\",type=\"weight_report\"}");
     assert_eq!(counted, 1.0);
     svc.stop().await;
 }

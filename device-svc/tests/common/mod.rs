@@ -361,6 +361,16 @@ impl Beating {
     }
 }
 
+/// The service's `/metrics` text, read with the tests' metrics key.
+///
+/// # Panics
+/// When `/metrics` does not answer 200 with text.
+pub async fn metrics_text(api: Api) -> String {
+    let (status, body) = http(api, "GET", "/metrics", None).await;
+    assert_eq!(status, 200, "/metrics answered {body}");
+    body.as_str().expect("/metrics is text").to_owned()
+}
+
 /// The value of a metric line `name{labels}` in `/metrics` output (summed over matches).
 pub fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines()
