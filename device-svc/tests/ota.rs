@@ -145,11 +145,8 @@ async fn every_validation_rule_refuses_with_its_reason_and_the_lists_are_managed
 
     expect(api, "DELETE", &format!("/v1/ota/lists/blacklist/{}", vin(2)), None, 204).await;
     expect(api, "DELETE", &format!("/v1/ota/lists/blacklist/{}", vin(2)), None, 404).await;
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    assert_eq!(
-        metric(metrics.as_str().unwrap(), "devsvc_ota_validation_rejections_total{reason=\"blacklisted\"}"),
-        1.0
-    );
+    let metrics = metrics_text(api).await;
+    assert_eq!(metric(&metrics, "devsvc_ota_validation_rejections_total{reason=\"blacklisted\"}"), 1.0);
     svc.stop().await;
 }
 
@@ -263,15 +260,25 @@ async fn notices_reach_online_and_reconnecting_vehicles_and_reports_only_move_fo
     .await;
     assert_eq!(t["counts"], json!({"success": 1, "rolled_back": 1}));
 
-    // Nonsense is counted and stored nowhere; a report for a task the vehicle is not in is stored.
+    // Nonsense is counted and stored nowhere; so is a report for a task the vehicle is not in
+    // (it is the vehicle's last report: once it is counted, the others are applied).
     car_b.publish(UplinkKind::OtaStatus, json!({"task_id": 5, "status": "exploded"})).await;
     car_b
         .publish(UplinkKind::OtaDownloadProgress, json!({"task_id": id, "percent": 140, "bytes_done": 1, "ts_ms": 1}))
         .await;
     status(&mut car_b, "t-unknown", "waiting", json!({})).await;
-    reports_applied(&stack, 18).await;
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    let text = metrics.as_str().unwrap();
+    let text = &wait_until("the unknown task's report counted", WAIT, || async {
+        let text = metrics_text(api).await;
+        (metric(&text, "devsvc_ota_reports_total{kind=\"ota_status\",result=\"unknown_task\"}") == 1.0).then_some(text)
+    })
+    .await;
+    let kept = stack
+        .pg()
+        .await
+        .query_one("SELECT count(*) FILTER (WHERE task_id = 't-unknown'), count(*) FROM ota_reports", &[])
+        .await
+        .unwrap();
+    assert_eq!((kept.get::<_, i64>(0), kept.get::<_, i64>(1)), (0, 17), "the 17 reports of the task, nothing else");
     assert_eq!(metric(text, "devsvc_ota_reports_total{kind=\"ota_status\",result=\"invalid\"}"), 1.0);
     assert_eq!(metric(text, "devsvc_ota_reports_total{kind=\"ota_download_progress\",result=\"invalid\"}"), 1.0);
     assert_eq!(metric(text, "devsvc_ota_reports_total{kind=\"ota_status\",result=\"unknown_task\"}"), 1.0);
@@ -344,8 +351,7 @@ async fn silent_vehicles_time_out_wrong_versions_fail_and_cancel_spares_started_
     let failures = expect(api, "GET", &format!("/v1/ota/tasks/{id}/failures"), None, 200).await;
     assert_eq!(failures.as_array().unwrap().len(), 2, "{failures}");
     expect(api, "POST", &format!("/v1/ota/tasks/{id}/cancel"), None, 200).await;
-    let metrics = http(api, "GET", "/metrics", None).await.1;
-    let text = metrics.as_str().unwrap();
+    let text = &metrics_text(api).await;
     assert_eq!(metric(text, "devsvc_ota_timeouts_total{phase=\"downloading\"}"), 1.0);
     assert_eq!(metric(text, "devsvc_ota_pushes_total{kind=\"cancel\",outcome=\"delivered\"}"), 1.0);
     svc.stop().await;
@@ -438,7 +444,8 @@ async fn a_batch_folds_in_order_each_report_seeing_the_state_the_previous_left()
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let expected = [(1, "applied"), (2, "applied"), (3, "stale"), (4, "applied"), (5, "stale"), (7, "unknown_task")];
+    // The report about a task the vehicle is not in is counted, not kept.
+    let expected = [(1, "applied"), (2, "applied"), (3, "stale"), (4, "applied"), (5, "stale")];
     let expected: Vec<(String, String)> =
         expected.iter().map(|(n, a)| (format!("up:0/1-{n}"), (*a).to_owned())).collect();
     assert_eq!(stored, expected, "stored once each, with its result");
@@ -447,7 +454,7 @@ async fn a_batch_folds_in_order_each_report_seeing_the_state_the_previous_left()
     let again = apply_batch(&svc.app, &batch).await.unwrap();
     assert_eq!(
         again,
-        ["duplicate", "duplicate", "duplicate", "duplicate", "duplicate", "duplicate", "invalid", "duplicate"]
+        ["duplicate", "duplicate", "duplicate", "duplicate", "duplicate", "duplicate", "invalid", "unknown_task"]
     );
     svc.stop().await;
 }

@@ -1,8 +1,8 @@
 //! Reports from vehicles (SPEC.md 2.3): download progress, upgrade progress, status changes.
 //!
-//! Every report is stored as received (`ota_reports`, keyed by its stream entry, so a
-//! redelivered entry stores and changes nothing), then folded into the vehicle's row in the
-//! same transaction, under the row's lock:
+//! Every report about a task the vehicle is in is stored as received (`ota_reports`, keyed by
+//! its stream entry, so a redelivered entry stores and changes nothing), then folded into the
+//! vehicle's row in the same transaction, under the row's lock:
 //! - progress only grows (`GREATEST`); the ECU being flashed follows the newest report by the
 //!   car's clock; a progress report implies its phase (downloading, upgrading) if the vehicle
 //!   is behind it;
@@ -14,6 +14,9 @@
 //! - `failed`, `rolled_back` (and the driver's `timed_out`) record a failure row and an
 //!   operator notice (stream `P notices`, type `ota_failure`);
 //! - every applied report moves the silence deadline of the vehicle's phase.
+//!
+//! A report about any other task is counted `unknown_task` and not kept, so a vehicle cannot
+//! fill the table with them.
 
 use std::collections::HashMap;
 
@@ -96,10 +99,10 @@ pub struct Uplink {
 /// the thousand during a campaign), in order. Returns each report's result, also counted by
 /// kind: `applied`, `stale`, `duplicate`, `unknown_task` or `invalid`.
 ///
-/// The batch costs three statements plus one per report folded: every report is stored by one
-/// multi-row insert, the vehicles' rows are locked by one select (in key order, so two
-/// instances never wait on each other crosswise), and the results are written back by one
-/// update. Reports of one vehicle fold in order, each seeing the state the previous one left.
+/// The batch costs three statements plus one per report folded: the vehicles' rows are locked
+/// by one select (in key order, so two instances never wait on each other crosswise), the
+/// reports about them are stored by one multi-row insert, and the results are written back by
+/// one update. A batch of reports about no task of theirs costs the select alone. Reports of one vehicle fold in order, each seeing the state the previous one left.
 ///
 /// # Errors
 /// Storage errors: nothing of the batch is stored, and the caller applies it again.
@@ -110,15 +113,27 @@ pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static s
     let parsed: Vec<Option<Report>> = uplinks.iter().map(|u| Report::parse(u.kind, &u.payload)).collect();
     let mut client = app.pg.get().await?;
     let tx = client.transaction().await?;
-    let ids = store(&tx, uplinks, &parsed).await?;
-    let mut rows = lock_rows(&tx, uplinks, &parsed, &ids).await?;
+    let keys: Vec<Option<(String, String)>> = uplinks
+        .iter()
+        .zip(&parsed)
+        .map(|(u, report)| report.as_ref().map(|r| (r.task_id().to_owned(), u.vin.to_string())))
+        .collect();
+    let mut rows = lock_rows(&tx, &keys).await?;
+    // Only a report about a (task, vehicle) pair that exists is kept: one about a task the
+    // vehicle is not in changes nothing, and storing it would let any vehicle fill the table.
+    let known: Vec<bool> = keys.iter().map(|k| k.as_ref().is_some_and(|k| rows.contains_key(k))).collect();
+    let ids = store(&tx, uplinks, &parsed, &known).await?;
     let mut results = Vec::with_capacity(uplinks.len());
     let mut stored: Vec<(i64, &'static str)> = Vec::with_capacity(uplinks.len());
     let mut failures = false;
-    for ((u, report), id) in uplinks.iter().zip(&parsed).zip(&ids) {
-        let Some(report) = report else {
+    for (((u, report), key), id) in uplinks.iter().zip(&parsed).zip(&keys).zip(&ids) {
+        let (Some(report), Some(key)) = (report, key) else {
             tracing::info!(vin = %u.vin, kind = u.kind.as_str(), "invalid OTA report");
             results.push("invalid");
+            continue;
+        };
+        let Some(row) = rows.get_mut(key) else {
+            results.push("unknown_task");
             continue;
         };
         let Some(id) = id else {
@@ -126,30 +141,26 @@ pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static s
             continue;
         };
         let raw: Value = serde_json::from_slice(&u.payload).unwrap_or(Value::Null);
-        let result = match rows.get_mut(&(report.task_id().to_owned(), u.vin.to_string())) {
-            None => "unknown_task",
-            Some(row) => {
-                let (result, now) = fold(app, &tx, &u.vin, report, row, &raw).await?;
-                // Only a re-push (compensation) moves a vehicle back to pending: its attempt
-                // was raised, and a later report of the old attempt in this batch is stale.
-                if now == VehicleState::Pending && row.state != VehicleState::Pending {
-                    row.attempt += 1;
-                }
-                row.state = now;
-                result
-            }
-        };
+        let (result, now) = fold(app, &tx, &u.vin, report, row, &raw).await?;
+        // Only a re-push (compensation) moves a vehicle back to pending: its attempt was
+        // raised, and a later report of the old attempt in this batch is stale.
+        if now == VehicleState::Pending && row.state != VehicleState::Pending {
+            row.attempt += 1;
+        }
+        row.state = now;
         failures |= result == "applied" && matches!(report, Report::Status(s) if s.status >= OtaStatus::Success);
         stored.push((*id, result));
         results.push(result);
     }
-    let (ids, applied): (Vec<i64>, Vec<&str>) = stored.into_iter().unzip();
-    tx.execute(
-        "UPDATE ota_reports r SET applied = u.result FROM UNNEST($1::bigint[], $2::text[]) AS u(id, result)
-          WHERE r.id = u.id",
-        &[&ids, &applied],
-    )
-    .await?;
+    if !stored.is_empty() {
+        let (ids, applied): (Vec<i64>, Vec<&str>) = stored.into_iter().unzip();
+        tx.execute(
+            "UPDATE ota_reports r SET applied = u.result FROM UNNEST($1::bigint[], $2::text[]) AS u(id, result)
+              WHERE r.id = u.id",
+            &[&ids, &applied],
+        )
+        .await?;
+    }
     tx.commit().await?;
     for (u, result) in uplinks.iter().zip(&results) {
         app.metrics.ota_reports.with_label_values(&[u.kind.as_str(), result]).inc();
@@ -160,16 +171,20 @@ pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static s
     Ok(results)
 }
 
-/// Stores every valid report as received, in one statement. Returns each report's row id;
-/// `None` for an invalid report and for an entry stored before (a redelivery, or the same
-/// entry earlier in the batch).
+/// Stores every valid report of a `known` (task, vehicle) pair as received, in one statement.
+/// Returns each report's row id; `None` for a report not stored and for an entry stored before
+/// (a redelivery, or the same entry earlier in the batch).
 async fn store(
     tx: &Transaction<'_>,
     uplinks: &[Uplink],
     parsed: &[Option<Report>],
+    known: &[bool],
 ) -> Result<Vec<Option<i64>>, StoreError> {
+    if !known.contains(&true) {
+        return Ok(vec![None; uplinks.len()]);
+    }
     let mut columns: [Vec<&str>; 5] = Default::default();
-    for (u, report) in uplinks.iter().zip(parsed) {
+    for ((u, report), _) in uplinks.iter().zip(parsed).zip(known).filter(|(_, known)| **known) {
         // A report that parsed is valid UTF-8 JSON.
         let (Some(report), Ok(payload)) = (report, std::str::from_utf8(&u.payload)) else { continue };
         for (column, value) in
@@ -191,25 +206,20 @@ async fn store(
     // An entry twice in one batch is stored once: its first occurrence takes the id, a later one
     // is a duplicate like any redelivery.
     let mut ids: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(uplinks.iter().zip(parsed).map(|(u, report)| report.as_ref().and_then(|_| ids.remove(&u.entry))).collect())
+    Ok(uplinks.iter().zip(known).map(|(u, known)| known.then(|| ids.remove(&u.entry)).flatten()).collect())
 }
 
-/// Locks the rows of every (task, vehicle) the batch's newly stored reports are about, in key
-/// order (duplicates fold nothing and lock nothing); returns their state and target version. A
-/// pair without a row (a task the vehicle is not in) is absent.
+/// Locks the rows of every (task, vehicle) pair the batch's valid reports are about, in key
+/// order; returns their state and target version. A pair without a row (a task the vehicle is
+/// not in) is absent.
 async fn lock_rows(
     tx: &Transaction<'_>,
-    uplinks: &[Uplink],
-    parsed: &[Option<Report>],
-    ids: &[Option<i64>],
+    keys: &[Option<(String, String)>],
 ) -> Result<HashMap<(String, String), Row>, StoreError> {
-    let (tasks, vins): (Vec<&str>, Vec<&str>) = uplinks
-        .iter()
-        .zip(parsed)
-        .zip(ids)
-        .filter(|(_, id)| id.is_some())
-        .filter_map(|((u, report), _)| report.as_ref().map(|r| (r.task_id(), u.vin.as_str())))
-        .unzip();
+    let (tasks, vins): (Vec<&str>, Vec<&str>) = keys.iter().flatten().map(|(t, v)| (t.as_str(), v.as_str())).unzip();
+    if tasks.is_empty() {
+        return Ok(HashMap::new());
+    }
     let rows = tx
         .query(
             "SELECT v.task_id, v.vin, v.state, t.version, v.attempt FROM ota_task_vehicles v JOIN ota_tasks t ON t.id = v.task_id
