@@ -446,17 +446,24 @@ run_combined() {
   kill "$sampler" 2>/dev/null || true
   # How many entries the consumer applied together, by kind: sets (count) and entries (sum).
   local sets; sets=$(metrics $svc_port | awk '/^devsvc_stream_set_entries_(count|sum)\{/ { print $1, $NF }')
+  # What the device service's commands (the storm's door opens and queries) came to, by outcome.
+  local commands; commands=$(metrics $svc_port | awk '/^devsvc_commands_total\{/ { print $1, $NF }')
   pg_statements
   stop_all
   python3 - "$WORK/combined.json" "$OUT/devsvc-combined-100k.json" "$sent" "$stored" "$orders" "$online" "$cpu0" "$cpu1" \
-    "$steps" "$WORK/backlog.tsv" "$sets" "$SHARDS" <<'PY'
+    "$steps" "$WORK/backlog.tsv" "$sets" "$SHARDS" "$commands" <<'PY'
 import json, re, sys
-src, out, sent, stored, orders, online, cpu0, cpu1, steps, backlog, sets, shards = sys.argv[1:]
+src, out, sent, stored, orders, online, cpu0, cpu1, steps, backlog, sets, shards, commands = sys.argv[1:]
 by_kind = {}
 for name, value in (l.split() for l in sets.splitlines() if l.strip()):
     m = re.match(r'devsvc_stream_set_entries_(count|sum)\{type="([a-z_]+)"\}', name)
     if m:
         by_kind.setdefault(m.group(2), {})["sets" if m.group(1) == "count" else "entries"] = int(float(value))
+outcomes = {}
+for name, value in (l.split() for l in commands.splitlines() if l.strip()):
+    m = re.match(r'devsvc_commands_total\{outcome="([a-z_]+)"\}', name)
+    if m:
+        outcomes[m.group(1)] = int(float(value))
 r = json.load(open(src))
 cpu = [b - a for a, b in zip(map(float, cpu0.split()), map(float, cpu1.split()))]
 samples = [tuple(map(float, l.split("\t"))) for l in open(backlog) if l.count("\t") == 1]
@@ -469,7 +476,7 @@ r["results"]["device_service"] = {
     "backlog_peak_after_start_s": round(peak[0] - samples[0][0], 1) if samples else None,
     "backlog_cleared_after_start_s": next((round(t - samples[0][0], 1) for t, n in samples if t > peak[0] and n < 1000), None),
     "orders_by_state_and_reason": json.loads(orders), "devices_online_at_the_end": int(online),
-    "applied_in_sets": by_kind, "upstream_shards": int(shards),
+    "applied_in_sets": by_kind, "upstream_shards": int(shards), "commands_by_outcome": outcomes,
     "cpu_s": {"device_svc": round(cpu[0], 1), "redis": round(cpu[1], 1), "postgres": round(cpu[2], 1),
               "machine_busy": round(cpu[3], 1)},
     "machine_idle_share": round(1 - cpu[3] / cpu[4], 3) if cpu[4] else None,
