@@ -16,10 +16,14 @@ use crate::cabinet::now_ms;
 use crate::fleet_ids::{cabinet_id, vin};
 use crate::stats::{Summary, new_histogram, summarize};
 
-/// Orders in flight at once during a storm (each holds one HTTP poll loop).
-const STORM_CONCURRENCY: usize = 256;
-/// How often the harness looks at a running order.
+/// Orders one storm places, at most (each holds one HTTP poll loop); a larger storm is cut.
+const STORM_MAX: usize = 5000;
+/// How often the harness looks at a running order, at least; with many orders at once, less
+/// often, so that polls come to at most [`POLLS_PER_S`] (the service's own transition times
+/// give the durations, so the poll period does not change them).
 const POLL: Duration = Duration::from_millis(500);
+/// The storm's polls per second, at most.
+const POLLS_PER_S: u32 = 500;
 /// How long one order may take before the harness gives up on it.
 const ORDER_LIMIT: Duration = Duration::from_secs(120);
 
@@ -37,18 +41,20 @@ pub struct PurchaseStorm {
     pub order_to_door_open: Summary,
 }
 
-/// Opens `orders` doors at once (cabinet `i % cabinets`, door `1 + i / cabinets`), each for a
-/// different shopper: sign the shopper's deduction contract, create, authorise, then follow
-/// the order to its end.
+/// Opens `orders` doors at once (cabinet `i % cabinets`, door `1 + i / cabinets`; at most
+/// [`STORM_MAX`]), each for a different shopper: sign the shopper's deduction contract, create,
+/// authorise, then follow the order to its end. Every order is placed at the start, so none
+/// waits for an earlier one to finish.
 pub async fn purchase_storm(api: Api, cabinets: usize, doors: u8, orders: usize) -> PurchaseStorm {
     let doors = usize::from(doors.max(1));
-    let n = orders.min(cabinets * doors);
+    let n = orders.min(cabinets * doors).min(STORM_MAX);
+    let poll = POLL.max(Duration::from_secs(1) * u32::try_from(n).unwrap_or(u32::MAX) / POLLS_PER_S);
     let mut settled = new_histogram();
     let mut opened = new_histogram();
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
     let mut runs = futures_util::stream::iter(0..n)
-        .map(|i| async move { one_order(api, i, cabinets).await })
-        .buffer_unordered(STORM_CONCURRENCY);
+        .map(|i| async move { one_order(api, i, cabinets, poll).await })
+        .buffer_unordered(n.max(1));
     while let Some((outcome, to_open, to_end)) = runs.next().await {
         if let Some(d) = to_open {
             let _ = opened.record(micros(d));
@@ -67,7 +73,12 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
 
-async fn one_order(api: Api, i: usize, cabinets: usize) -> (String, Option<Duration>, Option<Duration>) {
+async fn one_order(
+    api: Api,
+    i: usize,
+    cabinets: usize,
+    poll: Duration,
+) -> (String, Option<Duration>, Option<Duration>) {
     let cabinet = cabinet_id(i % cabinets);
     let door = 1 + i / cabinets;
     let user = format!("lt-shopper-{i}-{}", now_ms());
@@ -97,7 +108,7 @@ async fn one_order(api: Api, i: usize, cabinets: usize) -> (String, Option<Durat
     // Follow the order; its own transition times (the service's clock) give the durations, so
     // how often the harness looks does not change them.
     while started.elapsed() < ORDER_LIMIT {
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll).await;
         let Ok((200, o)) = api.call("GET", &format!("/v1/orders/{id}"), None).await else { continue };
         let state = o["state"].as_str().unwrap_or_default();
         if ["settled", "cancelled", "abnormal"].contains(&state) {
