@@ -214,15 +214,27 @@ ensure_test_tools() {
 redis_cluster_up() {
   command -v redis-server >/dev/null 2>&1 || install_packages redis-server
   services_tmpdir
-  local port dir nodes=() urls=()
+  local port dir nodes=() urls=() started
+  # The cluster bus listens on port + 10000. Both stay below the kernel's ephemeral range, where
+  # an outgoing connection of the tests may hold the port between the check and the bind.
+  local low span
+  low=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  span=$(( low - 10000 - 20000 )); [ "$span" -gt 100 ] || span=12000
   for _ in 1 2 3; do
-    # The cluster bus listens on port + 10000: keep both free.
-    for _ in $(seq 1 50); do port=$(( 20000 + RANDOM % 12000 )); port_open "$port" || port_open $((port + 10000)) || break; done
-    dir="$SERVICES_DIR/cluster-$port" && mkdir -p "$dir"
-    redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" \
-      --cluster-node-timeout 2000 --save '' --appendonly no --daemonize yes --dir "$dir" \
-      --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null || die "failed to start a cluster node"
-    for _ in $(seq 1 50); do redis_answers "$port" && break; sleep 0.1; done
+    started=0
+    for _ in 1 2 3 4 5; do
+      for _ in $(seq 1 50); do port=$(( 20000 + RANDOM % span )); port_open "$port" || port_open $((port + 10000)) || break; done
+      dir="$SERVICES_DIR/cluster-$port" && mkdir -p "$dir"
+      redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" \
+        --cluster-node-timeout 2000 --save '' --appendonly no --daemonize yes --dir "$dir" \
+        --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null || continue
+      for _ in $(seq 1 50); do redis_answers "$port" && break; sleep 0.1; done
+      if [ -s "$dir/redis.pid" ] && redis_answers "$port"; then started=1 && break; fi
+      # Taken after all (or too slow to start): stop what may run there and try another port.
+      if [ -s "$dir/redis.pid" ]; then kill "$(cat "$dir/redis.pid")" 2>/dev/null || true; fi
+      say "a cluster node did not start on port $port ($(tail -n 1 "$dir/redis.log" 2>/dev/null)); trying another"
+    done
+    [ "$started" = 1 ] || die "failed to start a cluster node"
     STARTED_CLUSTER_PIDS+=("$(cat "$dir/redis.pid")")
     nodes+=("127.0.0.1:$port") urls+=("redis://127.0.0.1:$port/")
   done
@@ -248,9 +260,15 @@ services_up() {
 services_down() {
   local pid
   for pid in "${STARTED_CLUSTER_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # Gone before their directories are removed (a node still saving its nodes.conf would
+  # leave a file behind and fail the removal).
+  for pid in "${STARTED_CLUSTER_PIDS[@]}"; do
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  done
   STARTED_CLUSTER_PIDS=()
   if [ -n "$STARTED_REDIS_PID" ]; then
     kill "$STARTED_REDIS_PID" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$STARTED_REDIS_PID" 2>/dev/null || break; sleep 0.1; done
     STARTED_REDIS_PID=""
   fi
   if [ -n "$STARTED_PG_DATA" ]; then
