@@ -210,7 +210,7 @@ run_uplink() {
   start_svc "$svc_port"
   start_gateway "$cab_port" "$gw_metrics" "$mqtt_port"
   local gw=$!
-  # Registered through the API (vehicles need rows for their reports to be applied).
+  # Registered through the API (vehicles need rows for their reports to be stored).
   "$LT" fleet --label uplink-seed --redis-url "$REDIS_URL" --key-prefix "$PREFIX" --mqtt-addr "127.0.0.1:$mqtt_port" \
     --api "127.0.0.1:$svc_port" --seed --vehicles "$vehicles" --hold-s 1 --out "$WORK/seed.json" 2>/dev/null
   local c0; c0=$(cpu_s "$gw")
@@ -219,16 +219,13 @@ run_uplink() {
     --publish-per-s "$rate" --server-pid "$gw" --max-duration-s 300 --out "$WORK/uplink.json" 2>"$WORK/uplink.log"
   local c1; c1=$(cpu_s "$gw")
   local acked; acked=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"]["details"]["counters"].get("uplinks_acked", 0))' "$WORK/uplink.json")
-  # What the device service had applied when the fleet stopped: it kept pace if that is all.
-  # The reports name a task the vehicles are not in, so they are counted
-  # (devsvc_ota_reports_total{result="unknown_task"}), not stored.
-  applied() { metric "$svc_port" devsvc_ota_reports_total | awk '{ printf "%d\n", $1 }'; }
-  local n0; n0=$(applied)
+  # What the device service had stored when the fleet stopped: it kept pace if that is all.
+  local n0; n0=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM ota_reports")
   for _ in $(seq 1 1200); do
-    [ "$(applied)" -ge "$acked" ] && break
+    [ "$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM ota_reports")" -ge "$acked" ] && break
     sleep 0.1
   done
-  local stored; stored=$(applied)
+  local stored; stored=$(psql "$DB_URL" -XAtq -c "SELECT count(*) FROM ota_reports")
   python3 - "$WORK/uplink.json" "$c0" "$c1" "$stored" "$OUT/devsvc-uplink.json" "$n0" <<'PY'
 import json, sys
 report, c0, c1, stored, out = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -241,10 +238,10 @@ run_s = r["results"]["ramp_s"] + d["hold_s"] + 5
 cpu_per_s = (c1 - c0) / run_s
 r["results"]["forwarding"] = {
     "uplinks_acked": acked,
-    "applied_by_device_service": stored,
-    "all_applied": stored >= acked,
-    "applied_when_the_fleet_stopped": stored_at_stop,
-    "reports_applied_per_s_during_the_run": round(stored_at_stop / run_s),
+    "stored_by_device_service": stored,
+    "all_stored": stored >= acked,
+    "stored_when_the_fleet_stopped": stored_at_stop,
+    "reports_stored_per_s_during_the_run": round(stored_at_stop / run_s),
     "uplinks_acked_per_s_in_hold": d["uplinks_acked_per_s_in_hold"],
     "gateway_cpu_s": round(c1 - c0, 3),
     "gateway_cores_busy": round(cpu_per_s, 3),

@@ -1,8 +1,8 @@
 //! Reports from vehicles (SPEC.md 2.3): download progress, upgrade progress, status changes.
 //!
-//! Every report about a task the vehicle is in is stored as received (`ota_reports`, keyed by
-//! its stream entry, so a redelivered entry stores and changes nothing), then folded into the
-//! vehicle's row in the same transaction, under the row's lock:
+//! Every report is stored as received (`ota_reports`, keyed by its stream entry, so a
+//! redelivered entry stores and changes nothing), then folded into the vehicle's row in the
+//! same transaction, under the row's lock:
 //! - progress only grows (`GREATEST`); the ECU being flashed follows the newest report by the
 //!   car's clock; a progress report implies its phase (downloading, upgrading) if the vehicle
 //!   is behind it;
@@ -15,8 +15,8 @@
 //!   operator notice (stream `P notices`, type `ota_failure`);
 //! - every applied report moves the silence deadline of the vehicle's phase.
 //!
-//! A report about any other task is counted `unknown_task` and not kept, so a vehicle cannot
-//! fill the table with them.
+//! A report about a task the vehicle is not in folds nothing: it is stored with the result
+//! `unknown_task` in the same insert, with no update after it.
 
 use std::collections::HashMap;
 
@@ -101,8 +101,8 @@ pub struct Uplink {
 ///
 /// The batch costs three statements plus one per report folded: the vehicles' rows are locked
 /// by one select (in key order, so two instances never wait on each other crosswise), the
-/// reports about them are stored by one multi-row insert, and the results are written back by
-/// one update. A batch of reports about no task of theirs costs the select alone. Reports of one vehicle fold in order, each seeing the state the previous one left.
+/// reports are stored by one multi-row insert, and the results are written back by one update.
+/// A batch of reports about no task of theirs costs the select and the insert. Reports of one vehicle fold in order, each seeing the state the previous one left.
 ///
 /// # Errors
 /// Storage errors: nothing of the batch is stored, and the caller applies it again.
@@ -119,8 +119,8 @@ pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static s
         .map(|(u, report)| report.as_ref().map(|r| (r.task_id().to_owned(), u.vin.to_string())))
         .collect();
     let mut rows = lock_rows(&tx, &keys).await?;
-    // Only a report about a (task, vehicle) pair that exists is kept: one about a task the
-    // vehicle is not in changes nothing, and storing it would let any vehicle fill the table.
+    // A report about a task the vehicle is not in folds nothing: it is stored with that result
+    // at once, and costs no update afterwards.
     let known: Vec<bool> = keys.iter().map(|k| k.as_ref().is_some_and(|k| rows.contains_key(k))).collect();
     let ids = store(&tx, uplinks, &parsed, &known).await?;
     let mut results = Vec::with_capacity(uplinks.len());
@@ -132,12 +132,12 @@ pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static s
             results.push("invalid");
             continue;
         };
-        let Some(row) = rows.get_mut(key) else {
-            results.push("unknown_task");
-            continue;
-        };
         let Some(id) = id else {
             results.push("duplicate");
+            continue;
+        };
+        let Some(row) = rows.get_mut(key) else {
+            results.push(UNKNOWN_TASK);
             continue;
         };
         let raw: Value = serde_json::from_slice(&u.payload).unwrap_or(Value::Null);
@@ -171,42 +171,44 @@ pub async fn apply_batch(app: &App, uplinks: &[Uplink]) -> Result<Vec<&'static s
     Ok(results)
 }
 
-/// Stores every valid report of a `known` (task, vehicle) pair as received, in one statement.
-/// Returns each report's row id; `None` for a report not stored and for an entry stored before
-/// (a redelivery, or the same entry earlier in the batch).
+/// The result of a report about a task the vehicle is not in.
+const UNKNOWN_TASK: &str = "unknown_task";
+
+/// Stores every valid report as received, in one statement: a report of a `known` (task,
+/// vehicle) pair with its result still to be written, any other with `unknown_task` already.
+/// Returns each report's row id; `None` for an invalid report and for an entry stored before (a
+/// redelivery, or the same entry earlier in the batch).
 async fn store(
     tx: &Transaction<'_>,
     uplinks: &[Uplink],
     parsed: &[Option<Report>],
     known: &[bool],
 ) -> Result<Vec<Option<i64>>, StoreError> {
-    if !known.contains(&true) {
-        return Ok(vec![None; uplinks.len()]);
-    }
-    let mut columns: [Vec<&str>; 5] = Default::default();
-    for ((u, report), _) in uplinks.iter().zip(parsed).zip(known).filter(|(_, known)| **known) {
+    let mut columns: [Vec<&str>; 6] = Default::default();
+    for ((u, report), known) in uplinks.iter().zip(parsed).zip(known) {
         // A report that parsed is valid UTF-8 JSON.
         let (Some(report), Ok(payload)) = (report, std::str::from_utf8(&u.payload)) else { continue };
+        let applied = if *known { "" } else { UNKNOWN_TASK };
         for (column, value) in
-            columns.iter_mut().zip([&u.entry, report.task_id(), u.vin.as_str(), u.kind.as_str(), payload])
+            columns.iter_mut().zip([&u.entry, report.task_id(), u.vin.as_str(), u.kind.as_str(), payload, applied])
         {
             column.push(value);
         }
     }
-    let [entries, tasks, vins, kinds, payloads] = &columns;
+    let [entries, tasks, vins, kinds, payloads, applied] = &columns;
     let rows = tx
         .query(
             "INSERT INTO ota_reports (entry, task_id, vin, kind, payload, applied)
-             SELECT e, t, v, k, p::jsonb, '' FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-                 AS r(e, t, v, k, p)
+             SELECT e, t, v, k, p::jsonb, a
+               FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS r(e, t, v, k, p, a)
              ON CONFLICT (entry) DO NOTHING RETURNING entry, id",
-            &[entries, tasks, vins, kinds, payloads],
+            &[entries, tasks, vins, kinds, payloads, applied],
         )
         .await?;
     // An entry twice in one batch is stored once: its first occurrence takes the id, a later one
     // is a duplicate like any redelivery.
     let mut ids: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(uplinks.iter().zip(known).map(|(u, known)| known.then(|| ids.remove(&u.entry)).flatten()).collect())
+    Ok(uplinks.iter().zip(parsed).map(|(u, report)| report.as_ref().and_then(|_| ids.remove(&u.entry))).collect())
 }
 
 /// Locks the rows of every (task, vehicle) pair the batch's valid reports are about, in key
