@@ -102,7 +102,8 @@ pub struct Uplink {
 /// The batch costs three statements plus one per report folded: the vehicles' rows are locked
 /// by one select (in key order, so two instances never wait on each other crosswise), the
 /// reports are stored by one multi-row insert, and the results are written back by one update.
-/// A batch of reports about no task of theirs costs the select and the insert. Reports of one vehicle fold in order, each seeing the state the previous one left.
+/// A batch of reports about no task of theirs costs the select and the insert. Reports of one
+/// vehicle fold in order, each seeing the state the previous one left.
 ///
 /// # Errors
 /// Storage errors: nothing of the batch is stored, and the caller applies it again.
