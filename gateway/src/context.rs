@@ -58,7 +58,8 @@ pub struct Ctx {
     pub upstream: Arc<Upstream>,
     /// Command replies.
     pub replies: StreamWriter,
-    /// For the few direct Redis operations sessions make (kicks, MQTT session state).
+    /// For the few direct Redis operations sessions make (kicks, MQTT session state); calls
+    /// made by many sessions at once leave together (`RedisConn::coalesced`).
     pub redis: RedisConn,
     /// Cancelled when the node starts draining: sessions move their devices away.
     pub drain: CancellationToken,

@@ -125,6 +125,10 @@ impl Gateway {
         let keys = Keys::new(config.key_prefix.clone());
         let target = RedisTarget::from_config(&config.redis.url, &config.redis.cluster_urls);
         let redis = RedisConn::open(&target, None).await?;
+        // The sessions' own calls (credentials, the map claim and release, kicks, MQTT session
+        // state) are many, small and independent: sent together across sessions, a login wave
+        // costs Redis and this node a write and a read per batch, not per call.
+        let sessions_redis = redis.coalesced();
         // The blocking command read gets a connection of its own.
         let block = Duration::from_millis(config.commands.block_ms);
         let command_redis = RedisConn::open(&target, Some(block + Duration::from_secs(3))).await?;
@@ -158,7 +162,7 @@ impl Gateway {
 
         let node = config.node_id.clone();
         let registry = Arc::new(Registry::new(
-            redis.clone(),
+            sessions_redis.clone(),
             keys.clone(),
             node.clone(),
             Duration::from_millis(config.redis.node_ttl_ms),
@@ -183,7 +187,7 @@ impl Gateway {
             metrics.clone(),
         ));
         let credentials = Credentials::new(
-            redis.clone(),
+            sessions_redis.clone(),
             keys.clone(),
             Duration::from_secs(config.auth.cache_ttl_s),
             Duration::from_secs(config.auth.negative_cache_ttl_s),
@@ -197,7 +201,7 @@ impl Gateway {
             credentials,
             upstream: Arc::clone(&upstream),
             replies: reply_writer,
-            redis: redis.clone(),
+            redis: sessions_redis.clone(),
             drain: shutdown.child_token(),
             config,
         });

@@ -5,6 +5,7 @@
 //! callers retry or buffer), never a process restart. Connections are made lazily, so a service
 //! starts and holds connections while Redis is still down.
 
+pub mod coalesce;
 pub mod run_marker;
 
 use std::time::Duration;
@@ -189,6 +190,8 @@ pub enum RedisConn {
     Single(ConnectionManager),
     /// A Redis Cluster.
     Cluster(ClusterConnection),
+    /// Either of the above, its calls from many tasks sent together ([`coalesce`]).
+    Coalesced(Box<coalesce::Coalesced>),
 }
 
 impl std::fmt::Debug for RedisConn {
@@ -196,6 +199,7 @@ impl std::fmt::Debug for RedisConn {
         f.write_str(match self {
             RedisConn::Single(_) => "RedisConn::Single",
             RedisConn::Cluster(_) => "RedisConn::Cluster",
+            RedisConn::Coalesced(_) => "RedisConn::Coalesced",
         })
     }
 }
@@ -258,6 +262,26 @@ impl RedisConn {
 }
 
 impl RedisConn {
+    /// This connection with its calls from many tasks sent together ([`coalesce`]): for
+    /// many small independent calls, such as those of logins. Starts the funnel task on the
+    /// current Tokio runtime.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    #[must_use]
+    pub fn coalesced(&self) -> Self {
+        RedisConn::Coalesced(Box::new(coalesce::Coalesced::new(self.clone())))
+    }
+
+    /// Whether this is a Redis Cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        match self {
+            RedisConn::Single(_) => false,
+            RedisConn::Cluster(_) => true,
+            RedisConn::Coalesced(c) => c.inner().is_cluster(),
+        }
+    }
+
     /// Runs `cmds`, whose keys may lie in several Redis Cluster slots, in one round trip: one
     /// pipeline on a single server; on a cluster, every command at once on the multiplexed
     /// connection (a cluster pipeline must keep to one slot). Not atomic on either; the replies
@@ -285,6 +309,8 @@ impl RedisConn {
                 .await;
                 replies.into_iter().collect()
             }
+            // A batch already: no need to wait for others.
+            RedisConn::Coalesced(c) => Box::pin(c.inner().clone().query_each(cmds)).await,
         }
     }
 
@@ -306,6 +332,7 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.req_packed_command(cmd),
             RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Coalesced(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -318,6 +345,7 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Coalesced(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -325,6 +353,7 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.get_db(),
             RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Coalesced(c) => c.get_db(),
         }
     }
 }

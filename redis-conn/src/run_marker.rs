@@ -48,13 +48,12 @@ impl RunMarker {
         let candidate = format!("{}/{}", self.candidate, self.checks);
         let previous: Option<String> =
             redis::cmd("SET").arg(&self.key).arg(&candidate).arg("NX").arg("GET").query_async(redis).await?;
-        let server = match redis {
-            // Through a cluster `INFO` has no one server to answer for; the marker alone decides.
-            RedisConn::Cluster(_) => None,
-            RedisConn::Single(_) => {
-                let info: String = redis::cmd("INFO").arg("server").query_async(redis).await?;
-                run_id(&info)
-            }
+        // Through a cluster `INFO` has no one server to answer for; the marker alone decides.
+        let server = if redis.is_cluster() {
+            None
+        } else {
+            let info: String = redis::cmd("INFO").arg("server").query_async(redis).await?;
+            run_id(&info)
         };
         let now = previous.unwrap_or(candidate);
         let marker_changed = self.seen.replace(now.clone()).is_some_and(|before| before != now);
