@@ -304,7 +304,8 @@ async fn apply_retrying(consumer: &Consumer, stream: &str, entries: &[StreamId],
 }
 
 /// Sets one entry aside, retrying while PostgreSQL cannot take it; `false` when stopping first
-/// (the batch is then not acknowledged: the entry is only acknowledged once it is stored).
+/// (the batch is then not acknowledged: the entry is only acknowledged once it is stored). Each
+/// attempt holds a connection of the readers' share, as an apply does.
 async fn set_aside(
     consumer: &Consumer,
     stream: &str,
@@ -314,7 +315,12 @@ async fn set_aside(
 ) -> bool {
     let fields = bulk_fields(entry.map.clone());
     let mut backoff = Duration::from_millis(100);
-    while let Err(e) = dead_letters::set_aside(&consumer.app, stream, &entry.id, &fields, error).await {
+    loop {
+        let stored = {
+            let Ok(_share) = consumer.pg_share.acquire().await else { return false };
+            dead_letters::set_aside(&consumer.app, stream, &entry.id, &fields, error).await
+        };
+        let Err(e) = stored else { return true };
         tracing::warn!(error = %e, "failed to set an upstream entry aside; retrying");
         if stop.is_cancelled() {
             return false;
@@ -322,7 +328,6 @@ async fn set_aside(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    true
 }
 
 /// Consumes shard `shard` until `stop`: first this instance's own unacknowledged entries (a
