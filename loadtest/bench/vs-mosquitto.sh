@@ -20,7 +20,8 @@
 # PROFILE=DIR records the gateway's profile during each gateway run (perf, cpu-clock, call
 # graphs) into DIR/LOAD-RUN.data, read with `perf report -i DIR/LOAD-RUN.data`.
 # Mosquitto is Debian's, without persistence or authentication, logging off. Results:
-# loadtest/results/vs-mosquitto.json (every run and the summary).
+# loadtest/results/vs-mosquitto.json (every run and the summary, the commit checked out, the
+# gateway binary measured (GATEWAY, default this checkout's release build) and the CPU model).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib/services.sh
@@ -128,7 +129,8 @@ for load in "${LOADS[@]}"; do
 done
 
 mkdir -p loadtest/results
-python3 - "$WORK/runs.jsonl" "$(nproc)" "$(git rev-parse --short HEAD)" <<'PY' | tee loadtest/results/vs-mosquitto.json
+CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+python3 - "$WORK/runs.jsonl" "$(nproc)" "$(git rev-parse --short HEAD)" "$GATEWAY" "$CPU_MODEL" <<'PY' | tee loadtest/results/vs-mosquitto.json
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
 def stat(v):
@@ -157,5 +159,6 @@ for load, keys in headline.items():
     if g and m:
         k = keys[0]
         summary[f"{load}/ratio gateway over mosquitto ({k}, medians)"] = g[k]["median"] / m[k]["median"]
-print(json.dumps({"commit": sys.argv[3], "cores": int(sys.argv[2]), "summary": summary, "runs": runs}, indent=1))
+print(json.dumps({"commit": sys.argv[3], "gateway_binary": sys.argv[4], "cpu_model": sys.argv[5], "cores": int(sys.argv[2]),
+                  "summary": summary, "runs": runs}, indent=1))
 PY
