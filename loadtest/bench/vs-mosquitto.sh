@@ -19,6 +19,10 @@
 #        connection of the server (and of the gateway's Redis).
 # PROFILE=DIR records the gateway's profile during each gateway run (perf, cpu-clock, call
 # graphs) into DIR/LOAD-RUN.data, read with `perf report -i DIR/LOAD-RUN.data`.
+# COUNT=1 counts, over each whole probe, the servers' system calls and context switches
+# (`perf stat`) and the gateway's Redis commands (`INFO commandstats`, which also holds the
+# probe's credential writes: one HSET per device); the summary gives them per operation.
+# perf attached costs CPU: take CPU figures from runs without COUNT.
 # Mosquitto is Debian's, without persistence or authentication, logging off. Results:
 # loadtest/results/vs-mosquitto.json (every run and the summary, the commit checked out, the
 # gateway binary measured (GATEWAY, default this checkout's release build) and the CPU model).
@@ -41,6 +45,8 @@ command -v mosquitto >/dev/null 2>&1 || install_packages mosquitto
 [ "$(nproc)" -ge 2 ] || die "needs two cores: the server on one, the probe on the other"
 if [ -z "${NO_BUILD:-}" ]; then cargo build --release --locked -q -p gateway -p loadtest; fi
 LT=target/release/loadtest
+COUNT_EVENTS=context-switches,syscalls:sys_enter_read,syscalls:sys_enter_write,syscalls:sys_enter_writev
+COUNT_EVENTS+=,syscalls:sys_enter_recvfrom,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait
 ulimit -n 20000
 WORK=$(mktemp -d)
 cleanup() { bench_stop_servers || true; rm -rf "$WORK"; }
@@ -105,14 +111,48 @@ one_run() {
     perf record -q -e cpu-clock -F 1999 -g -p "$SERVER_PID" -o "$PROFILE/$load-$run.data" 2>/dev/null &
     perf_pid=$!
   fi
+  local stat_pids=()
+  rm -f "$WORK/server.stat" "$WORK/redis.stat" "$WORK/commandstats"
+  if [ -n "${COUNT:-}" ]; then
+    perf stat -x, -e "$COUNT_EVENTS" -p "$SERVER_PID" -o "$WORK/server.stat" 2>/dev/null &
+    stat_pids+=($!)
+    if [ "$server" = gateway ]; then
+      perf stat -x, -e "$COUNT_EVENTS" -p "$REDIS_PID" -o "$WORK/redis.stat" 2>/dev/null &
+      stat_pids+=($!)
+      redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+    fi
+  fi
   taskset -c 1 "$LT" probe --load "${load/paced/qos1}" --addr "127.0.0.1:$PORT" "${pids[@]}" "${redis_arg[@]}" "${args[@]}" \
     >"$WORK/probe.json" 2>"$WORK/probe.err" || { cat "$WORK/probe.err" >&2; bench_stop_servers; die "probe failed"; }
   [ -n "$perf_pid" ] && { kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; }
+  if [ ${#stat_pids[@]} -gt 0 ]; then
+    kill -INT "${stat_pids[@]}"
+    wait "${stat_pids[@]}" 2>/dev/null || true
+    [ "$server" != gateway ] || redis-cli -p "$REDIS_PORT" INFO commandstats >"$WORK/commandstats"
+  fi
   bench_stop_servers
-  python3 - "$WORK/probe.json" "$server" "$run" "$load" >>"$WORK/runs.jsonl" <<'PY'
-import json, sys
+  python3 - "$WORK/probe.json" "$server" "$run" "$load" "$WORK" >>"$WORK/runs.jsonl" <<'PY'
+import json, os, sys
 d = json.load(open(sys.argv[1]))
 d["server"], d["run"], d["load"] = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+work = sys.argv[5]
+def perf_counts(path):
+    # `perf stat -x,` lines: value,unit,event,...
+    out = {}
+    for line in open(path):
+        f = line.strip().split(",")
+        if len(f) > 2 and f[0].isdigit():
+            out[f[2].replace("syscalls:sys_enter_", "")] = int(f[0])
+    return out
+counts = {}
+for name in ("server", "redis"):
+    if os.path.exists(f"{work}/{name}.stat"):
+        counts[name] = perf_counts(f"{work}/{name}.stat")
+if os.path.exists(f"{work}/commandstats"):
+    counts["redis_commands"] = {l.split(":")[0].removeprefix("cmdstat_"): int(l.split("calls=")[1].split(",")[0])
+                                for l in open(f"{work}/commandstats") if l.startswith("cmdstat_")}
+if counts:
+    d["counts"] = counts
 print(json.dumps(d))
 PY
   say "$server $load run $run: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["report"]; print({k: r[k] for k in r if k.endswith(("per_op","per_s","per_conn_after_ramp","per_conn_after_hold"))}, "idle", round(r.get("cpu", r.get("ramp_cpu", {})).get("machine_idle_share", 0), 3))' "$WORK/probe.json")"
@@ -154,6 +194,18 @@ for load, keys in headline.items():
             out[name] = stat([r.get(k) if isinstance(k, str) else (r.get(k[0]) or {}).get(k[1]) for r in rs])
         if server == "gateway" and load == "idle":
             out["rss_per_conn_each_after_ramp (gateway, redis)"] = [stat([r["rss_per_conn_each_after_ramp"][i] for r in rs]) for i in (0, 1)]
+        counted = [r for r in runs if r["load"] == load and r["server"] == server and "counts" in r]
+        if counted:
+            # Per operation: connections (churn), acknowledged publishes (qos1, paced), held
+            # connections (idle).
+            def ops(r):
+                rep = r["report"]
+                return rep.get("total") or rep.get("acked") or rep.get("held") or 1
+            per_op = {}
+            for part in ("server", "redis", "redis_commands"):
+                names = sorted({k for r in counted for k in r["counts"].get(part, {})})
+                per_op[part] = {k: stat([r["counts"].get(part, {}).get(k, 0) / ops(r) for r in counted]) for k in names}
+            out["counts_per_op"] = per_op
         summary[f"{load}/{server}"] = out
     g, m = summary.get(f"{load}/gateway"), summary.get(f"{load}/mosquitto")
     if g and m:
