@@ -168,6 +168,16 @@ impl Consumer {
         self.app.metrics.stream_entries.with_label_values(&[kind, result]).inc();
     }
 
+    /// Waits for a connection of the readers' share of the pool (`streams.pg_connections`),
+    /// counting the wait (`devsvc_stream_pg_wait_seconds_total`). `None` only if the share
+    /// were closed, which it never is.
+    async fn pg_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let waited = tokio::time::Instant::now();
+        let permit = self.pg_share.acquire().await.ok();
+        self.app.metrics.stream_pg_wait.inc_by(waited.elapsed().as_secs_f64());
+        permit
+    }
+
     /// Counts a set of `kind` applied (`devsvc_stream_set_entries`).
     fn set_applied(&self, kind: &str, entries: usize) {
         self.app.metrics.stream_sets.with_label_values(&[kind]).observe(entries as f64);
@@ -281,10 +291,8 @@ async fn apply_retrying(consumer: &Consumer, stream: &str, entries: &[StreamId],
     let mut backoff = Duration::from_millis(100);
     loop {
         let applied = {
-            let waited = tokio::time::Instant::now();
-            // Never closed; held for the attempt only, not through the pause after a failure.
-            let Ok(_share) = consumer.pg_share.acquire().await else { return Applied::Stopped };
-            consumer.app.metrics.stream_pg_wait.inc_by(waited.elapsed().as_secs_f64());
+            // Held for the attempt only, not through the pause after a failure.
+            let Some(_share) = consumer.pg_turn().await else { return Applied::Stopped };
             consumer.apply(stream, entries).await
         };
         match applied {
@@ -317,7 +325,7 @@ async fn set_aside(
     let mut backoff = Duration::from_millis(100);
     loop {
         let stored = {
-            let Ok(_share) = consumer.pg_share.acquire().await else { return false };
+            let Some(_share) = consumer.pg_turn().await else { return false };
             dead_letters::set_aside(&consumer.app, stream, &entry.id, &fields, error).await
         };
         let Err(e) = stored else { return true };
