@@ -20,8 +20,9 @@
 # PROFILE=DIR records the gateway's profile during each gateway run (perf, cpu-clock, call
 # graphs) into DIR/LOAD-RUN.data, read with `perf report -i DIR/LOAD-RUN.data`.
 # COUNT=1 counts, over each whole probe, the servers' system calls and context switches
-# (`perf stat`) and the gateway's Redis commands (`INFO commandstats`, which also holds the
-# probe's credential writes: one HSET per device); the summary gives them per operation.
+# (`perf stat`) and the gateway's Redis commands and Redis's time in each (`INFO commandstats`,
+# which also holds the probe's credential writes: one HSET per device); the summary gives them
+# per operation.
 # perf attached costs CPU: take CPU figures from runs without COUNT.
 # Mosquitto is Debian's, without persistence or authentication, logging off. Results:
 # loadtest/results/vs-mosquitto.json (every run and the summary, the commit checked out, the
@@ -149,8 +150,12 @@ for name in ("server", "redis"):
     if os.path.exists(f"{work}/{name}.stat"):
         counts[name] = perf_counts(f"{work}/{name}.stat")
 if os.path.exists(f"{work}/commandstats"):
-    counts["redis_commands"] = {l.split(":")[0].removeprefix("cmdstat_"): int(l.split("calls=")[1].split(",")[0])
-                                for l in open(f"{work}/commandstats") if l.startswith("cmdstat_")}
+    stats = [l for l in open(f"{work}/commandstats") if l.startswith("cmdstat_")]
+    field = lambda line, name: int(line.split(f"{name}=")[1].split(",")[0])
+    name = lambda line: line.split(":")[0].removeprefix("cmdstat_")
+    counts["redis_commands"] = {name(l): field(l, "calls") for l in stats}
+    # Redis's time in each command, us (a script's includes the commands it calls).
+    counts["redis_command_us"] = {name(l): field(l, "usec") for l in stats}
 if counts:
     d["counts"] = counts
 print(json.dumps(d))
@@ -202,7 +207,7 @@ for load, keys in headline.items():
                 rep = r["report"]
                 return rep.get("total") or rep.get("acked") or rep.get("held") or 1
             per_op = {}
-            for part in ("server", "redis", "redis_commands"):
+            for part in ("server", "redis", "redis_commands", "redis_command_us"):
                 names = sorted({k for r in counted for k in r["counts"].get(part, {})})
                 per_op[part] = {k: stat([r["counts"].get(part, {}).get(k, 0) / ops(r) for r in counted]) for k in names}
             out["counts_per_op"] = per_op
